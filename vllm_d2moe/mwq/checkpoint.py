@@ -249,6 +249,13 @@ class MWQCheckpoint:
                 total += self.read_sections(layer, expert, 0, len(entry.layout.sections) - 1).numel()
         return total
 
+    def __getstate__(self):
+        # Sent to vLLM's worker processes: file descriptors and locks are reopened there.
+        return {"model_dir": str(self.model_dir)}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_dir"])
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -256,4 +263,5 @@ class MWQCheckpoint:
             self._fds.clear()
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_fds"):
+            self.close()

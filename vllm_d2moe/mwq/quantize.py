@@ -146,6 +146,33 @@ class MWQTensor:
             planes=tuple((b[:, bytes_], s[:, groups]) for b, s in self.planes),
         )
 
+    def map_tensors(self, fn) -> "MWQTensor":
+        """The same tensor with ``fn`` applied to every stored array (copy, move, ...)."""
+        return replace(
+            self,
+            base_bits=fn(self.base_bits),
+            base_scale=fn(self.base_scale),
+            base_zero=fn(self.base_zero),
+            planes=tuple((fn(b), fn(s)) for b, s in self.planes),
+        )
+
+    @staticmethod
+    def cat_rows(top: "MWQTensor", bottom: "MWQTensor") -> "MWQTensor":
+        """Stack two quantized matrices with equal columns and widths (e.g. gate over up)."""
+        if top.shape[1] != bottom.shape[1] or top.bits != bottom.bits:
+            raise MWQError(f"cannot stack {top.shape}@{top.bits}b over {bottom.shape}@{bottom.bits}b")
+        return MWQTensor(
+            shape=(top.shape[0] + bottom.shape[0], top.shape[1]),
+            group_size=top.group_size,
+            base_bits=torch.cat([top.base_bits, bottom.base_bits], dim=1),
+            base_scale=torch.cat([top.base_scale, bottom.base_scale]),
+            base_zero=torch.cat([top.base_zero, bottom.base_zero]),
+            planes=tuple(
+                (torch.cat([tb, bb]), torch.cat([ts, bs]))
+                for (tb, ts), (bb, bs) in zip(top.planes, bottom.planes)
+            ),
+        )
+
     @property
     def nbytes(self) -> int:
         tensors = [self.base_bits, self.base_scale, self.base_zero]

@@ -1,0 +1,92 @@
+"""``QuantizationConfig`` for d2moe checkpoints, registered with vLLM as ``d2moe``.
+
+Options are keys of the checkpoint's ``quantization_config`` and can be
+overridden at start-up, e.g.
+``--hf-overrides '{"quantization_config": {"quant_method": "d2moe", "bits": 4}}'``.
+The expert layout itself comes from the checkpoint's ``d2moe/index.json``.
+"""
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+
+from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
+
+# Keys the converter writes to describe the checkpoint (informational here).
+_DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
+# Runtime options a user may set.
+_OPTION_KEYS = {"bits"}
+
+
+@register_quantization_config(QUANT_METHOD)
+class D2MoEConfig(QuantizationConfig):
+    """MWQ experts served at a chosen width; every other layer stays unquantized."""
+
+    def __init__(self, bits: int | None = None):
+        super().__init__()
+        if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
+            raise ValueError(f"d2moe option 'bits' must be an integer in [1, 8], got {bits!r}")
+        self.requested_bits = bits
+        self.checkpoint: MWQCheckpoint | None = None
+
+    def __repr__(self) -> str:
+        return f"D2MoEConfig(bits={self.requested_bits})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @classmethod
+    def get_config_filenames(cls) -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "D2MoEConfig":
+        unknown = set(config) - _DESCRIPTIVE_KEYS - _OPTION_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown d2moe quantization_config option(s) {sorted(unknown)}; "
+                f"options are {sorted(_OPTION_KEYS)}"
+            )
+        return cls(bits=config.get("bits"))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
+        """Open the checkpoint's expert index and check the options against it.
+
+        vLLM calls this while building its config in the launching process, so
+        a bad option fails there, before any worker starts.
+        """
+        self.checkpoint = MWQCheckpoint(model_name)
+        if self.requested_bits is not None:
+            self.checkpoint.spec.check_width(self.requested_bits, "d2moe option 'bits'")
+
+    @property
+    def serving_bits(self) -> int:
+        """The width experts are served at: the option, else the widest stored width."""
+        return self.requested_bits or self.checkpoint.spec.max_bits
+
+    def get_quant_method(
+        self, layer: torch.nn.Module, prefix: str
+    ) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()
+        if isinstance(layer, RoutedExperts):
+            from vllm_d2moe.vllm_glue.moe_method import D2MoEMethod
+
+            return D2MoEMethod(self, layer.moe_config)
+        return None

@@ -1,0 +1,126 @@
+"""Shared, session-scoped fixtures: tiny models of every supported architecture,
+their d2moe conversions, and vLLM engine runs over them.
+
+vLLM engines take ~30 s each to start here, so every engine a test needs is
+declared up front and all of them run once per session in one subprocess
+(``vllm_d2moe.testing.engine_runs``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_d2moe.testing.engine_runs import Run
+
+PROMPTS = [
+    "def parse_args(argv):\n",
+    "import json\n\nclass",
+    "The parser reads",
+    "return self.",
+]
+GROUP_SIZE = 64
+# vLLM reserves its CPU KV cache up front; keep it small on this 24 GB machine.
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class Report:
+    """Numbers tests report (not assert) for the terminal summary."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+
+_REPORT = Report()
+
+
+@pytest.fixture(scope="session")
+def report() -> Report:
+    return _REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT.lines:
+        terminalreporter.section("d2moe measurements")
+        for line in _REPORT.lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def model_zoo(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """``{arch: {"hf": dir, "d2moe": dir}}`` for every supported tiny architecture."""
+    from vllm_d2moe.converters.convert import convert
+    from vllm_d2moe.mwq.quantize import MWQSpec
+    from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS, make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    zoo = {}
+    for arch in SUPPORTED_TINY_ARCHS:
+        hf = make_tiny_model(arch, root / arch)
+        d2moe = convert(hf, root / f"{arch}-d2moe", MWQSpec(2, 8, GROUP_SIZE), progress=False)
+        zoo[arch] = {"hf": hf, "d2moe": d2moe}
+    return zoo
+
+
+def run_engines(runs: list[Run], workdir: Path, extra_env: dict | None = None) -> tuple[dict, str]:
+    """Run ``runs`` in a fresh process; return (results by run name, combined log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec, out = workdir / "runs.json", workdir / "results.json"
+    spec.write_text(json.dumps([r.__dict__ for r in runs]))
+    env = {**os.environ, **ENGINE_ENV, **(extra_env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_d2moe.testing.engine_runs", str(spec), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log = proc.stdout + proc.stderr
+    (workdir / "engines.log").write_text(log)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"engine runner failed (exit {proc.returncode}):\n{log[-4000:]}")
+    return json.loads(out.read_text()), log
+
+
+def vocab_size(model_dir: Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
+@pytest.fixture(scope="session")
+def engine_results(model_zoo, tmp_path_factory) -> dict:
+    """Greedy outputs (with full log-prob vectors) of every engine the serving tests compare."""
+    runs = []
+    for arch, dirs in model_zoo.items():
+        logprobs = vocab_size(dirs["hf"])
+        runs.append(Run(f"{arch}/unquantized", str(dirs["hf"]), PROMPTS, logprobs=logprobs))
+        runs.append(
+            Run(f"{arch}/d2moe-8", str(dirs["d2moe"]), PROMPTS, quantization="d2moe", logprobs=logprobs)
+        )
+    mixtral = str(model_zoo["mixtral"]["d2moe"])
+    logprobs = vocab_size(mixtral)
+    runs += [
+        Run(
+            "mixtral/d2moe-2",
+            mixtral,
+            PROMPTS,
+            hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 2}},
+            logprobs=logprobs,
+        ),
+        # No --quantization flag: detected from config.json; torch.compile on.
+        Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False),
+        Run(
+            "mixtral/bits-out-of-range",
+            mixtral,
+            PROMPTS,
+            quantization="d2moe",
+            hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 1}},
+        ),
+    ]
+    results, _ = run_engines(runs, tmp_path_factory.mktemp("engines"))
+    return results

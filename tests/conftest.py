@@ -100,7 +100,8 @@ def engine_results(model_zoo, tmp_path_factory) -> dict:
         logprobs = vocab_size(dirs["hf"])
         runs.append(Run(f"{arch}/unquantized", str(dirs["hf"]), PROMPTS, logprobs=logprobs))
         runs.append(
-            Run(f"{arch}/d2moe-8", str(dirs["d2moe"]), PROMPTS, quantization="d2moe", logprobs=logprobs)
+            Run(f"{arch}/d2moe-8", str(dirs["d2moe"]), PROMPTS, quantization="d2moe",
+                logprobs=logprobs, score_against=f"{arch}/unquantized")
         )
     mixtral = str(model_zoo["mixtral"]["d2moe"])
     logprobs = vocab_size(mixtral)
@@ -111,6 +112,7 @@ def engine_results(model_zoo, tmp_path_factory) -> dict:
             PROMPTS,
             hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 2}},
             logprobs=logprobs,
+            score_against="mixtral/unquantized",
         ),
         # No --quantization flag: detected from config.json; torch.compile on.
         Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False),

@@ -2,9 +2,13 @@
 
 ``python -m vllm_d2moe.testing.engine_runs RUNS.json OUT.json``: ``RUNS.json``
 is a list of runs (keys of :class:`Run`); ``OUT.json`` gets, per run, the
-generated token ids and text of every prompt, the full log-probability
-vector of each generated position when ``logprobs`` is set, and the error
-message if the engine failed. Tests share engines this way: vLLM spawns
+prompt and generated token ids and the text of every prompt, the full
+log-probability vector of each generated position when ``logprobs`` is set,
+and the error message if the engine failed. A run with ``score_against`` set
+also scores the earlier run's generated tokens under its own model (teacher
+forcing: each position predicted from the *same* prefix), so two models can
+be compared position by position without one early difference derailing the
+rest of the sequence. Tests share engines this way: vLLM spawns
 its workers, so engines must start from a ``__main__`` module, and one
 process that starts several engines pays vLLM's import once.
 """
@@ -30,9 +34,14 @@ class Run:
     enable_expert_parallel: bool = False
     dtype: str = "float32"
     max_model_len: int = 512
+    score_against: str | None = None  # name of an earlier run in the same file
 
 
-def run_engine(run: Run) -> dict:
+def _logprob_vectors(positions) -> list[dict[str, float]]:
+    return [{str(tok): lp.logprob for tok, lp in position.items()} for position in positions]
+
+
+def run_engine(run: Run, earlier: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -55,18 +64,37 @@ def run_engine(run: Run) -> dict:
         results = []
         for out in outputs:
             completion = out.outputs[0]
-            record = {"token_ids": list(completion.token_ids), "text": completion.text}
+            record = {
+                "prompt_token_ids": list(out.prompt_token_ids),
+                "token_ids": list(completion.token_ids),
+                "text": completion.text,
+            }
             if run.logprobs:
-                record["logprobs"] = [
-                    {str(tok): lp.logprob for tok, lp in position.items()}
-                    for position in completion.logprobs
-                ]
+                record["logprobs"] = _logprob_vectors(completion.logprobs)
             results.append(record)
+        if run.score_against:
+            for record, reference in zip(results, earlier[run.score_against]["outputs"]):
+                record["teacher_forced_logprobs"] = score_continuation(llm, reference, run.logprobs or 1)
         return {"outputs": results}
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def score_continuation(llm, reference: dict, logprobs: int) -> list[dict[str, float]]:
+    """Log-prob vectors this model gives each of ``reference``'s generated positions."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = reference["prompt_token_ids"]
+    scored = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt + reference["token_ids"])],
+        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=logprobs),
+        use_tqdm=False,
+    )[0]
+    # prompt_logprobs[i] is the distribution of token i given tokens < i.
+    return _logprob_vectors(scored.prompt_logprobs[len(prompt) :])
 
 
 def main(runs_path: str, out_path: str) -> None:
@@ -75,7 +103,7 @@ def main(runs_path: str, out_path: str) -> None:
     results = {}
     for run in runs:
         try:
-            results[run.name] = {"run": asdict(run), **run_engine(run)}
+            results[run.name] = {"run": asdict(run), **run_engine(run, results)}
         except Exception as e:  # recorded so one failed engine doesn't hide the others
             traceback.print_exc()
             results[run.name] = {"run": asdict(run), "error": f"{type(e).__name__}: {e}"}

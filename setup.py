@@ -13,6 +13,7 @@ setup(
         "vllm_d2moe.mwq",
         "vllm_d2moe.vllm_glue",
         "vllm_d2moe.reference",
+        "vllm_d2moe.testing",
         "vllm_d2moe.kernels",
         "vllm_d2moe.converters",
     ],

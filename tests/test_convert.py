@@ -1,0 +1,284 @@
+"""`d2moe convert` and `d2moe inspect` on tiny random models of every supported architecture."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_d2moe import cli
+from vllm_d2moe.converters.architectures import ConversionError, architecture
+from vllm_d2moe.converters.convert import convert
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
+from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, dequantize, quantize
+from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS, make_tiny_model
+
+SPEC = MWQSpec(min_bits=2, max_bits=8, group_size=64)
+
+
+def load_all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def config_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of the single-file checkpoint ``src`` whose tensors went through ``edit(dict)``."""
+    shutil.copytree(src, dst)
+    tensors = load_all_tensors(src)
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """``tiny_source(arch, **kwargs)``: a tiny HF model directory, built once per argument set."""
+    cache = {}
+
+    def build(arch: str, **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model(arch, tmp_path_factory.mktemp(arch) / "hf", **kwargs)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def tiny_converted(tiny_source):
+    cache = {}
+
+    def build(arch: str) -> Path:
+        if arch not in cache:
+            src = tiny_source(arch)
+            cache[arch] = convert(src, src.parent / "d2moe", SPEC, progress=False)
+        return cache[arch]
+
+    return build
+
+
+@pytest.fixture(scope="module", params=SUPPORTED_TINY_ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def test_experts_round_trip_at_every_width(arch, tiny_source, tiny_converted):
+    src, dst = tiny_source(arch), tiny_converted(arch)
+    source, config = load_all_tensors(src), config_of(src)
+    desc = architecture(arch)
+    ckpt = MWQCheckpoint(dst)
+    assert sorted(ckpt.layers) == desc.moe_layers(config)
+    for layer, entry in ckpt.layers.items():
+        assert entry.num_experts == desc.num_experts(config)
+        for expert in range(entry.num_experts):
+            weight = {
+                p: source[desc.per_expert_name(layer, expert, p)] for p in ("gate", "up", "down")
+            }
+            expected = {
+                "gate_up": quantize(torch.cat([weight["gate"], weight["up"]]), SPEC),
+                "down": quantize(weight["down"], SPEC),
+            }
+            for bits in SPEC.widths:
+                stored = ckpt.read_expert(layer, expert, bits)
+                for proj, q in expected.items():
+                    assert torch.equal(dequantize(stored[proj]), dequantize(q.truncate(bits))), (
+                        f"layer {layer} expert {expert} {proj} at {bits} bits"
+                    )
+
+
+def test_dense_tensors_are_byte_identical(arch, tiny_source, tiny_converted):
+    src, dst = tiny_source(arch), tiny_converted(arch)
+    desc = architecture(arch)
+    source = load_all_tensors(src)
+    dense = {name: t for name, t in source.items() if desc.classify(name) is None}
+    copied = load_all_tensors(dst)
+    assert copied.keys() == dense.keys()
+    for name, t in dense.items():
+        assert copied[name].dtype == t.dtype and copied[name].shape == t.shape, name
+        assert raw_bytes(copied[name]) == raw_bytes(t), name
+
+
+def test_config_and_tokenizer(arch, tiny_source, tiny_converted):
+    src, dst = tiny_source(arch), tiny_converted(arch)
+    config, source_config = config_of(dst), config_of(src)
+    quant = config.pop("quantization_config")
+    assert config == source_config
+    assert quant["quant_method"] == "d2moe"
+    assert (quant["min_bits"], quant["max_bits"], quant["group_size"]) == (2, 8, 64)
+    assert MWQCheckpoint(dst).source["model_type"] == arch
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(dst).bos_token == "<s>"
+
+
+def test_fused_expert_layout_converts_like_per_expert(tiny_source, tiny_converted, tmp_path):
+    """transformers 5 can save experts fused ([E, 2I, H] / [E, H, I]); the result must not change."""
+    src = tiny_source("mixtral")
+    fused = tmp_path / "fused"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(fused, save_original_format=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, fused / name)
+    with safe_open(fused / "model.safetensors", "pt") as f:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()
+    dst = convert(fused, tmp_path / "d2moe", SPEC, progress=False)
+    reference = tiny_converted("mixtral")
+    for entry in MWQCheckpoint(reference).layers.values():
+        assert (dst / EXPERTS_DIR / entry.file).read_bytes() == (
+            reference / EXPERTS_DIR / entry.file
+        ).read_bytes()
+
+
+def test_sharded_source_keeps_an_index(tiny_source, tmp_path):
+    src = tiny_source("qwen3_moe", max_shard_size="200KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    dst = convert(src, tmp_path / "d2moe", SPEC, progress=False)
+    weight_map = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    dense = {n for n in load_all_tensors(src) if architecture("qwen3_moe").classify(n) is None}
+    assert weight_map.keys() == dense
+    for name, file in weight_map.items():
+        with safe_open(dst / file, "pt") as f:
+            assert name in f.keys()
+    assert MWQCheckpoint(dst).verify() > 0
+
+
+def test_inspect_prints_layout_and_verifies(tiny_converted, capsys):
+    dst = tiny_converted("mixtral")
+    assert cli.main(["inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    layout = MWQCheckpoint(dst).layers[0].layout
+    assert "layers 0-1: 8 experts, gate_up [512, 128], down [128, 256]" in out
+    assert "widths 2-8 bits, group size 64" in out
+    for bits in SPEC.widths:
+        assert f"{layout.nbytes(bits):,}" in out
+        assert f"  {bits} bits: {2 * 8 * layout.nbytes(bits):,}" in out
+    # 2 base bits + fp16 scale and zero per 64 weights; +1 bit + fp16 scale per plane.
+    assert " 2.500" in out and " 10.000" in out
+    assert f"checksums: ok ({2 * 8 * layout.blob_nbytes:,} bytes verified)" in out
+
+
+def test_corrupt_expert_byte_is_caught(tiny_converted, tmp_path, capsys):
+    dst = shutil.copytree(tiny_converted("olmoe"), tmp_path / "corrupt")
+    path, offset, _ = MWQCheckpoint(dst).expert_extent(1, 3)
+    data = bytearray(Path(path).read_bytes())
+    data[offset + 1] ^= 0x10
+    Path(path).write_bytes(data)
+
+    ckpt = MWQCheckpoint(dst)
+    with pytest.raises(CheckpointError, match=Path(path).name):
+        ckpt.verify()
+    with pytest.raises(CheckpointError, match="layer 1 expert 3"):
+        ckpt.read_expert(1, 3, SPEC.min_bits)
+    ckpt.read_expert(1, 2, SPEC.max_bits)  # its neighbours are intact
+
+    assert cli.main(["inspect", str(dst)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_unsupported_model_type(tiny_source, tmp_path):
+    src = shutil.copytree(tiny_source("olmoe"), tmp_path / "llama")
+    config = config_of(src)
+    config["model_type"] = "llama"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ConversionError, match="'llama'.*supported: deepseek_v2, .*mixtral, olmoe, qwen2_moe"
+    ):
+        convert(src, tmp_path / "out", SPEC, progress=False)
+
+
+def test_missing_expert_tensor_is_named(tiny_source, tmp_path):
+    name = "model.layers.1.mlp.experts.5.up_proj.weight"
+    src = edited_copy(tiny_source("olmoe"), tmp_path / "src", lambda t: t.pop(name))
+    with pytest.raises(ConversionError, match=f"{name} .*missing"):
+        convert(src, tmp_path / "out", SPEC, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_misshapen_and_surplus_expert_tensors_are_named(tiny_source, tmp_path):
+    name = "model.layers.0.mlp.experts.2.down_proj.weight"
+    src = edited_copy(
+        tiny_source("olmoe"),
+        tmp_path / "src",
+        lambda t: t.update({name: t[name][:, :64].contiguous()}),
+    )
+    with pytest.raises(ConversionError, match=f"{name} .*shape \\[128, 64\\]"):
+        convert(src, tmp_path / "out", SPEC, progress=False)
+
+    surplus = "model.layers.0.mlp.experts.8.gate_proj.weight"
+    src = edited_copy(
+        tiny_source("olmoe"), tmp_path / "src2", lambda t: t.update({surplus: t[name].clone()})
+    )
+    with pytest.raises(ConversionError, match=f"{surplus} does not fit the config: 8 experts"):
+        convert(src, tmp_path / "out", SPEC, progress=False)
+
+
+def test_group_size_must_divide_the_weights(tiny_source, tmp_path):
+    with pytest.raises(MWQError, match=r"model\.layers\.0\..*group size 48 does not divide"):
+        convert(tiny_source("olmoe"), tmp_path / "out", MWQSpec(2, 4, 48), progress=False)
+
+
+def test_checkpoint_without_safetensors(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (src / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConversionError, match="no safetensors weights.*pytorch_model.bin"):
+        convert(src, tmp_path / "out", SPEC, progress=False)
+
+
+def test_failure_midway_leaves_destination_untouched(tiny_source, tmp_path):
+    """A NaN in the last expert fails quantization after the first layer was written."""
+    name = "model.layers.1.mlp.experts.7.down_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][0, 0] = float("nan")
+
+    src = edited_copy(tiny_source("olmoe"), tmp_path / "src", poison)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    with pytest.raises(MWQError, match=f"{name}: contains NaN"):
+        convert(src, out / "new", SPEC, progress=False)
+    assert list(out.iterdir()) == []
+
+    existing = out / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("previous conversion")
+    with pytest.raises(MWQError):
+        convert(src, existing, SPEC, overwrite=True, progress=False)
+    assert list(out.iterdir()) == [existing]
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_cli_convert_refuses_existing_destination_unless_overwrite(tiny_source, tmp_path, capsys):
+    src, dst = tiny_source("olmoe"), tmp_path / "out"
+    dst.mkdir()
+    args = [
+        "convert",
+        str(src),
+        str(dst),
+        "--min-bits",
+        "3",
+        "--max-bits",
+        "4",
+        "--group-size",
+        "128",
+    ]
+    assert cli.main(args) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert MWQCheckpoint(dst).spec == MWQSpec(3, 4, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

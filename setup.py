@@ -13,6 +13,8 @@ setup(
         "vllm_d2moe.mwq",
         "vllm_d2moe.vllm_glue",
         "vllm_d2moe.reference",
+        "vllm_d2moe.eval",
+        "vllm_d2moe.eval.zero_shot",
         "vllm_d2moe.testing",
         "vllm_d2moe.kernels",
         "vllm_d2moe.converters",

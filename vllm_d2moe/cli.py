@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "serve": ("vllm_d2moe.serve", "run vLLM's OpenAI server (takes exactly `vllm serve`'s arguments)"),
     "demo": ("vllm_d2moe.demo", "build, convert and serve the embedded default model"),
     "train-reference": ("vllm_d2moe.reference.train", "train the project's reference MoE model"),
+    "eval": ("vllm_d2moe.eval.harness", "held-out perplexity/KL of MWQ widths and baselines through vLLM"),
 }
 
 

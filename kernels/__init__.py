@@ -1,20 +1,61 @@
-"""MWQ expert kernels. Each backend module provides ``NAME`` and
-``expert_mlp(x, gate_up, down) -> float32 [n, hidden]``; :func:`select_backend`
-picks one per process."""
+"""MWQ expert kernels, one module per backend, and the one place a backend is chosen.
 
+A backend module provides ``NAME`` and::
+
+    grouped_mlp(x, gate_up, down, segments, out) -> None
+
+``x [pairs, hidden]`` (any float dtype) holds the inputs of the layer call's
+(token, expert) pairs sorted by segment, ``gate_up`` / ``down`` are the layer's
+:class:`vllm_d2moe.experts.StackedProjection`, ``segments`` an
+:class:`vllm_d2moe.experts.ExpertSegments`; every row of ``out [pairs, hidden]``
+(float32) is written with ``down(silu(gate(x)) * up(x))`` at its segment's
+expert and width. A backend that needs set-up in the process (a build, an
+import) also provides ``load()``, which raises with the reason when it cannot run.
+
+Backends: ``reference`` (pure torch, the ground truth of the tests),
+``cpu_bitplanes`` (x86-64 AVX2 C++, built at first use), ``triton_mwq`` (CUDA).
+"""
+
+import functools
+import importlib
 import logging
+import os
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
+# Names a backend explicitly (tests, benchmarks, debugging); errors are then not masked.
+BACKEND_ENV = "D2MOE_KERNEL"
+_BY_DEVICE = {"cuda": "triton_mwq", "cpu": "cpu_bitplanes"}
 
+
+def load_backend(name: str) -> ModuleType:
+    """Import backend ``name`` and run its ``load()``; raises if it cannot run here."""
+    module = importlib.import_module(f"{__name__}.{name}")
+    if hasattr(module, "load"):
+        module.load()
+    return module
+
+
+@functools.cache
 def select_backend(device_type: str) -> ModuleType:
     """The kernel backend for ``device_type``, chosen once per process with the reason logged."""
-    from vllm_d2moe.kernels import reference
-
-    logger.info(
-        "d2moe: expert kernel backend %r on %s (the only backend built so far)",
-        reference.NAME,
-        device_type,
-    )
-    return reference
+    if forced := os.environ.get(BACKEND_ENV):
+        backend = load_backend(forced)
+        logger.info("d2moe: expert kernel backend %r on %s (set by %s)", backend.NAME, device_type, BACKEND_ENV)
+        return backend
+    reference = load_backend("reference")
+    name = _BY_DEVICE.get(device_type)
+    if name is None:
+        logger.warning("d2moe: no fused MWQ kernel for device %r; using %r", device_type, reference.NAME)
+        return reference
+    try:
+        backend = load_backend(name)
+    except Exception as e:  # a failed build or import must not stop serving
+        logger.warning(
+            "d2moe: MWQ kernel backend %r is unavailable on %s (%s: %s); using the slower %r",
+            name, device_type, type(e).__name__, e, reference.NAME,
+        )
+        return reference
+    logger.info("d2moe: expert kernel backend %r on %s (the fused kernel for this platform)", backend.NAME, device_type)
+    return backend

@@ -17,3 +17,9 @@ def expert_mlp(x: torch.Tensor, gate_up: MWQTensor, down: MWQTensor) -> torch.Te
     h = x.float() @ dequantize(gate_up).T
     gate, up = h.chunk(2, dim=-1)
     return (F.silu(gate) * up) @ dequantize(down).T
+
+
+def grouped_mlp(x, gate_up, down, segments, out) -> None:
+    """Every segment's expert MLP, one :func:`expert_mlp` call per segment (see ``kernels/__init__.py``)."""
+    for expert, bits, start, end in zip(segments.experts, segments.bits, segments.starts, segments.starts[1:]):
+        out[start:end] = expert_mlp(x[start:end], gate_up.expert(expert, bits), down.expert(expert, bits))

@@ -45,17 +45,131 @@ def shard_expert(
     return ExpertWeights(gate_up_part, down.narrow_cols(start, part).map_tensors(torch.Tensor.contiguous))
 
 
-class LayerExperts:
-    """Resident expert weights of one layer at a width ``bits``, indexed by local expert id."""
+@dataclass(frozen=True)
+class StackedProjection:
+    """One projection of every expert of a layer, resident in one set of tensors.
 
-    def __init__(self, experts: list[ExpertWeights], bits: int, backend: ModuleType):
-        self.experts = experts
-        self.bits = bits
-        self.backend = backend
+    The fields of the experts' :class:`MWQTensor` stacked on a leading expert
+    dimension, with the same bit packing, so kernels reach any (expert, width)
+    by offsets alone and one launch can cover several experts::
+
+        base_bits   uint8   [experts, min_bits, rows, ceil(cols / 8)]
+        base_scale  float16 [experts, rows, groups]
+        base_zero   float16 [experts, rows, groups]
+        plane_bits  uint8   [experts, residual planes, rows, ceil(cols / 8)]
+        plane_scale float16 [experts, residual planes, rows, groups]
+    """
+
+    shape: tuple[int, int]
+    group_size: int
+    base_bits: torch.Tensor
+    base_scale: torch.Tensor
+    base_zero: torch.Tensor
+    plane_bits: torch.Tensor
+    plane_scale: torch.Tensor
+
+    @staticmethod
+    def allocate(like: MWQTensor, experts: int, device: torch.device | str) -> "StackedProjection":
+        """Uninitialised room for ``experts`` tensors shaped like ``like``."""
+        rows, cols = like.shape
+        packed = like.base_bits.shape[-1]
+        groups = like.base_scale.shape[-1]
+        planes = len(like.planes)
+
+        def empty(*shape, dtype):
+            return torch.empty(experts, *shape, dtype=dtype, device=device)
+
+        return StackedProjection(
+            shape=like.shape,
+            group_size=like.group_size,
+            base_bits=empty(like.min_bits, rows, packed, dtype=torch.uint8),
+            base_scale=empty(rows, groups, dtype=like.base_scale.dtype),
+            base_zero=empty(rows, groups, dtype=like.base_zero.dtype),
+            plane_bits=empty(planes, rows, packed, dtype=torch.uint8),
+            plane_scale=empty(planes, rows, groups, dtype=like.base_scale.dtype),
+        )
+
+    def store(self, expert: int, t: MWQTensor) -> None:
+        if t.shape != self.shape or t.bits != self.bits or t.group_size != self.group_size:
+            raise MWQError(
+                f"expert {expert}: {t.shape}@{t.bits}b (group {t.group_size}) does not match the "
+                f"layer's {self.shape}@{self.bits}b (group {self.group_size})"
+            )
+        self.base_bits[expert].copy_(t.base_bits)
+        self.base_scale[expert].copy_(t.base_scale)
+        self.base_zero[expert].copy_(t.base_zero)
+        for j, (bits, scale) in enumerate(t.planes):
+            self.plane_bits[expert, j].copy_(bits)
+            self.plane_scale[expert, j].copy_(scale)
+
+    @property
+    def min_bits(self) -> int:
+        return self.base_bits.shape[1]
+
+    @property
+    def bits(self) -> int:
+        return self.min_bits + self.plane_bits.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.base_bits.shape[0]
+
+    def expert(self, expert: int, bits: int | None = None) -> MWQTensor:
+        """Expert ``expert`` at width ``bits`` (default: all resident planes), as views."""
+        bits = self.bits if bits is None else bits
+        if not self.min_bits <= bits <= self.bits:
+            raise MWQError(f"width {bits} is outside the resident [{self.min_bits}, {self.bits}]")
+        return MWQTensor(
+            shape=self.shape,
+            group_size=self.group_size,
+            base_bits=self.base_bits[expert],
+            base_scale=self.base_scale[expert],
+            base_zero=self.base_zero[expert],
+            planes=tuple(
+                (self.plane_bits[expert, j], self.plane_scale[expert, j])
+                for j in range(bits - self.min_bits)
+            ),
+        )
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The stacked tensors in declaration order (how compiled kernels take them)."""
+        return [self.base_bits, self.base_scale, self.base_zero, self.plane_bits, self.plane_scale]
 
     @property
     def nbytes(self) -> int:
-        return sum(e.gate_up.nbytes + e.down.nbytes for e in self.experts)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class ExpertSegments:
+    """(token, expert) pairs sorted by (expert, width): segment ``i`` is rows
+    ``starts[i] : starts[i + 1]`` of the gathered inputs, computed by expert
+    ``experts[i]`` at width ``bits[i]``."""
+
+    experts: tuple[int, ...]
+    bits: tuple[int, ...]
+    starts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+
+class LayerExperts:
+    """Resident expert weights of one layer at a width ``bits``, indexed by local expert id."""
+
+    def __init__(self, gate_up: StackedProjection, down: StackedProjection, bits: int, backend: ModuleType):
+        self.gate_up = gate_up
+        self.down = down
+        self.bits = bits
+        self.backend = backend
+        self.experts = [
+            ExpertWeights(gate_up.expert(e), down.expert(e)) for e in range(gate_up.num_experts)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
 
     def forward(
         self,
@@ -66,30 +180,28 @@ class LayerExperts:
     ) -> torch.Tensor:
         """Weighted sum of expert outputs; ``local_ids`` of -1 (experts on other ranks) are skipped.
 
-        Pairs are grouped by (expert, width) so that each segment is one
-        kernel call over all its tokens.
+        Pairs are sorted by (expert, width) and the backend computes all the
+        resulting segments in one call.
         """
         top_k = local_ids.shape[1]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         flat_ids = local_ids.reshape(-1).long()
-        flat_widths = widths.reshape(-1).long()
-        keep = flat_ids >= 0
-        if not keep.any():
+        pairs = torch.nonzero(flat_ids >= 0).squeeze(1)
+        if pairs.numel() == 0:
             return out.to(x.dtype)
-        keys = flat_ids * 16 + flat_widths
-        pairs = torch.nonzero(keep).squeeze(1)
-        order = pairs[torch.argsort(keys[pairs], stable=True)]
-        segment_keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
-        flat_weights = topk_weights.reshape(-1).float()
-        start = 0
-        for key, count in zip(segment_keys.tolist(), counts.tolist()):
-            idx = order[start : start + count]
-            start += count
-            expert, bits = divmod(key, 16)
-            weights = self.experts[expert].truncate(bits)
-            tokens = idx // top_k
-            y = self.backend.expert_mlp(x[tokens], weights.gate_up, weights.down)
-            out.index_add_(0, tokens, y * flat_weights[idx].unsqueeze(1))
+        keys = flat_ids[pairs] * 16 + widths.reshape(-1)[pairs].long()
+        sort = torch.argsort(keys, stable=True)
+        order = pairs[sort]
+        segment_keys, counts = torch.unique_consecutive(keys[sort], return_counts=True)
+        experts, bits = zip(*(divmod(k, 16) for k in segment_keys.tolist()))
+        starts = (0, *torch.cumsum(counts, 0).tolist())
+        tokens = order // top_k
+        y = torch.empty(order.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+        self.backend.grouped_mlp(
+            x[tokens], self.gate_up, self.down, ExpertSegments(experts, bits, starts), y
+        )
+        y *= topk_weights.reshape(-1)[order].float().unsqueeze(1)
+        out.index_add_(0, tokens, y)
         return out.to(x.dtype)
 
 
@@ -103,14 +215,19 @@ def load_layer_experts(
     backend: ModuleType,
     device: torch.device | str = "cpu",
 ) -> LayerExperts:
-    """Read this rank's experts (``global_ids``, in local order) of ``layer`` at width ``bits``."""
-    experts = []
-    for e in global_ids:
-        tensors = checkpoint.read_expert(layer, e, bits)
-        weights = shard_expert(tensors, tp_rank, tp_size)
-        if device != "cpu":
-            weights = ExpertWeights(
-                *(t.map_tensors(lambda a: a.to(device)) for t in (weights.gate_up, weights.down))
-            )
-        experts.append(weights)
-    return LayerExperts(experts, bits, backend)
+    """Read this rank's experts (``global_ids``, in local order) of ``layer`` at width ``bits``.
+
+    Each expert is copied into the layer's stacked tensors as it is read, so
+    loading holds one layer plus one expert at most.
+    """
+    if not global_ids:
+        raise MWQError(f"layer {layer}: no experts assigned to this rank")
+    gate_up = down = None
+    for local, e in enumerate(global_ids):
+        weights = shard_expert(checkpoint.read_expert(layer, e, bits), tp_rank, tp_size)
+        if gate_up is None:
+            gate_up = StackedProjection.allocate(weights.gate_up, len(global_ids), device)
+            down = StackedProjection.allocate(weights.down, len(global_ids), device)
+        gate_up.store(local, weights.gate_up)
+        down.store(local, weights.down)
+    return LayerExperts(gate_up, down, bits, backend)

@@ -1,0 +1,151 @@
+"""Every MWQ kernel backend gets the same tests against a float64 ground truth.
+
+Ground truth: the float32 weights of ``dequantize`` (the MWQ formula),
+multiplied in float64; the pure-torch reference backend is checked against it
+like the others. Tolerance, for float32 accumulation over at most a few hundred
+inputs: ``|got - want| <= 1e-4 * |want| + 1e-4 * max|want|`` (relative to the
+output scale). Outputs are pre-filled with NaN, so a row a backend forgets to
+write fails. Inputs are fresh random draws per test.
+
+The Triton backend runs compiled on a CUDA device when there is one, otherwise
+under ``TRITON_INTERPRET=1`` on CPU tensors; the variable must be set both
+when the module is imported (``@triton.jit`` picks the interpreter then) and
+while it runs, so the fixture sets it for the Triton tests only.
+"""
+
+import importlib
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_d2moe import kernels
+from vllm_d2moe.experts import ExpertSegments, LayerExperts, StackedProjection
+from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor, dequantize, quantize
+
+BACKENDS = ["reference", "cpu_bitplanes", "triton_mwq"]
+RTOL = ATOL_OF_SCALE = 1e-4
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    """(backend module, device its tensors live on)."""
+    name = request.param
+    if name == "cpu_bitplanes" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the CPU backend needs AVX2")
+    if name != "triton_mwq":
+        yield kernels.load_backend(name), torch.device("cpu")
+        return
+    if torch.cuda.is_available():
+        yield kernels.load_backend(name), torch.device("cuda")
+        return
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")
+        module = kernels.load_backend(name)
+        if type(module._mwq_matmul_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("triton_mwq was imported for a GPU earlier in this process")
+        yield module, torch.device("cpu")
+
+
+def random_layer(spec: MWQSpec, experts: int, hidden: int, inter: int, device) -> tuple:
+    def stacked(rows, cols):
+        tensors = [quantize(torch.randn(rows, cols) * 0.05, spec) for _ in range(experts)]
+        s = StackedProjection.allocate(tensors[0], experts, device)
+        for e, t in enumerate(tensors):
+            s.store(e, t)
+        return s
+
+    return stacked(2 * inter, hidden), stacked(hidden, inter)
+
+
+def float64_mlp(x: torch.Tensor, gate_up: MWQTensor, down: MWQTensor) -> torch.Tensor:
+    h = x.cpu().double() @ dequantize(gate_up.map_tensors(torch.Tensor.cpu)).double().T
+    gate, up = h.chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ dequantize(down.map_tensors(torch.Tensor.cpu)).double().T
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert not got.isnan().any(), "rows left unwritten (still NaN)"
+    torch.testing.assert_close(
+        got.cpu().double(), want, rtol=RTOL, atol=ATOL_OF_SCALE * want.abs().max().item()
+    )
+
+
+# (spec, hidden, intermediate, segments as (expert, width, tokens)): several widths,
+# group sizes that are odd multiples of 8 or not multiples of 8 at all, inputs that
+# are not a multiple of 8, ragged and empty segments, one token and many tokens.
+CASES = {
+    "g32-all-widths": (MWQSpec(2, 8, 32), 64, 96,
+                       [(0, 2, 1), (0, 8, 3), (1, 3, 2), (1, 4, 4), (2, 5, 5), (2, 6, 17), (0, 7, 1)]),
+    "g24-ragged": (MWQSpec(1, 5, 24), 48, 72, [(2, 1, 3), (0, 5, 1), (1, 3, 0), (1, 4, 9)]),
+    "g12-unaligned": (MWQSpec(3, 6, 12), 36, 24, [(0, 3, 1), (1, 6, 2), (2, 4, 6)]),
+    "one-width": (MWQSpec(4, 4, 16), 32, 16, [(1, 4, 1), (0, 4, 2)]),
+    "many-tokens": (MWQSpec(2, 4, 64), 128, 64, [(1, 3, 70), (0, 4, 1)]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_mlp_matches_float64(backend, case):
+    module, device = backend
+    spec, hidden, inter, plan = CASES[case]
+    gate_up, down = random_layer(spec, 3, hidden, inter, device)
+    starts = [0]
+    for _, _, tokens in plan:
+        starts.append(starts[-1] + tokens)
+    segments = ExpertSegments(
+        tuple(e for e, _, _ in plan), tuple(b for _, b, _ in plan), tuple(starts)
+    )
+    x = torch.randn(starts[-1], hidden, device=device)
+    out = torch.full((starts[-1], hidden), float("nan"), device=device)
+    module.grouped_mlp(x, gate_up, down, segments, out)
+    want = torch.cat([
+        float64_mlp(x[a:b], gate_up.expert(e, bits), down.expert(e, bits))
+        for (e, bits, _), a, b in zip(plan, starts, starts[1:])
+    ])
+    assert_close(out, want)
+
+
+def test_layer_forward_mixes_experts_widths_and_ranks(backend):
+    """LayerExperts.forward: routing weights, experts of other ranks (-1), a different width per pair."""
+    module, device = backend
+    spec, tokens, top_k = MWQSpec(2, 6, 16), 11, 3
+    gate_up, down = random_layer(spec, 4, 48, 32, device)
+    layer = LayerExperts(gate_up, down, spec.max_bits, module)
+    x = torch.randn(tokens, 48, device=device)
+    ids = torch.randint(-1, 4, (tokens, top_k), device=device)
+    widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), device=device, dtype=torch.int8)
+    weights = torch.rand(tokens, top_k, device=device)
+    got = layer.forward(x, weights, ids, widths)
+    want = torch.zeros(tokens, 48, dtype=torch.float64)
+    for t in range(tokens):
+        for k in range(top_k):
+            e, bits = int(ids[t, k]), int(widths[t, k])
+            if e >= 0:
+                want[t] += float(weights[t, k]) * float64_mlp(
+                    x[t : t + 1], gate_up.expert(e, bits), down.expert(e, bits)
+                )[0]
+    assert got.dtype == x.dtype
+    assert_close(got, want)
+
+
+def test_cpu_dispatch_uses_the_fused_kernel_and_logs_why(caplog, monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="vllm_d2moe.kernels"):
+        chosen = kernels.select_backend.__wrapped__("cpu")
+    expected = "cpu-bitplanes-avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "torch-reference"
+    assert chosen.NAME == expected
+    assert chosen.NAME in caplog.text
+
+
+def test_failed_build_falls_back_to_the_reference_with_the_reason(caplog, monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+
+    def broken_load():
+        raise RuntimeError("g++ not found")
+
+    monkeypatch.setattr(importlib.import_module("vllm_d2moe.kernels.cpu_bitplanes"), "load", broken_load)
+    with caplog.at_level(logging.INFO, logger="vllm_d2moe.kernels"):
+        chosen = kernels.select_backend.__wrapped__("cpu")
+    assert chosen.NAME == "torch-reference"
+    assert "g++ not found" in caplog.text

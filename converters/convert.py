@@ -30,7 +30,7 @@ from vllm_d2moe.converters.architectures import (
     ConversionError,
     architecture,
 )
-from vllm_d2moe.mwq.checkpoint import CheckpointError, CheckpointWriter
+from vllm_d2moe.mwq.checkpoint import CheckpointError, CheckpointWriter, read_safetensors_header
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, quantize
 
 SINGLE_FILE = "model.safetensors"
@@ -83,13 +83,10 @@ class ExpertSource:
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header and the file offset where its tensor data starts."""
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(length)), 8 + length
-    except (OSError, struct.error, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+        return read_safetensors_header(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
 
 
 def _source_files(src: Path) -> tuple[list[str], bool]:

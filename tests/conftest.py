@@ -98,7 +98,10 @@ def engine_results(model_zoo, tmp_path_factory) -> dict:
     runs = []
     for arch, dirs in model_zoo.items():
         logprobs = vocab_size(dirs["hf"])
-        runs.append(Run(f"{arch}/unquantized", str(dirs["hf"]), PROMPTS, logprobs=logprobs))
+        runs.append(
+            Run(f"{arch}/unquantized", str(dirs["hf"]), PROMPTS, logprobs=logprobs,
+                score_against=f"{arch}/unquantized")
+        )
         runs.append(
             Run(f"{arch}/d2moe-8", str(dirs["d2moe"]), PROMPTS, quantization="d2moe",
                 logprobs=logprobs, score_against=f"{arch}/unquantized")

@@ -9,7 +9,7 @@ import torch
 from vllm_d2moe.testing.engine_runs import Run
 from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS
 
-from conftest import PROMPTS, run_engines
+from conftest import PROMPTS, run_engines, vocab_size
 
 
 def outputs(results: dict, name: str) -> list[dict]:
@@ -28,14 +28,16 @@ def _vectors(position: dict[str, float]) -> torch.Tensor:
     return torch.tensor([position[t] for t in sorted(position, key=int)], dtype=torch.float64)
 
 
+def _scored_positions(quantized: list[dict], ref: list[dict]):
+    """Pairs of next-token log-prob vectors of both models at the reference's generated
+    positions, both computed by the same (prefill) path from the same prefix."""
+    for q, r in zip(quantized, ref):
+        yield from zip(q["teacher_forced_logprobs"], r["teacher_forced_logprobs"])
+
+
 def teacher_forced_agreement(quantized: list[dict], ref: list[dict]) -> float:
-    """Share of the reference's greedy positions where the quantized model, given the
-    same prefix, picks the same token."""
-    hits = [
-        int(max(scored, key=scored.get)) == token
-        for q, r in zip(quantized, ref)
-        for scored, token in zip(q["teacher_forced_logprobs"], r["token_ids"])
-    ]
+    """Share of positions where both models' greedy choice, given the same prefix, agree."""
+    hits = [max(sq, key=sq.get) == max(sr, key=sr.get) for sq, sr in _scored_positions(quantized, ref)]
     return sum(hits) / len(hits)
 
 
@@ -43,8 +45,7 @@ def logprob_relative_error(quantized: list[dict], ref: list[dict]) -> float:
     """Mean relative L2 error of the full next-token log-prob vectors, same prefixes."""
     errors = [
         (torch.linalg.norm(_vectors(sq) - _vectors(sr)) / torch.linalg.norm(_vectors(sr))).item()
-        for q, r in zip(quantized, ref)
-        for sq, sr in zip(q["teacher_forced_logprobs"], r["logprobs"])
+        for sq, sr in _scored_positions(quantized, ref)
     ]
     return sum(errors) / len(errors)
 
@@ -94,3 +95,22 @@ def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
     results, log = run_engines([Run("corrupt", str(corrupt), PROMPTS[:1], quantization="d2moe")], tmp_path)
     assert "error" in results["corrupt"]
     assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7" in log
+
+
+def test_tensor_parallel_2_matches_single_process(model_zoo, engine_results, report, tmp_path):
+    """TP=2 (vLLM's mp backend, one core per rank): each rank loads its slice of every
+    plane and scale; the per-position distributions must equal the single-process run."""
+    ref = outputs(engine_results, "mixtral/unquantized")
+    single = outputs(engine_results, "mixtral/d2moe-8")
+    model = str(model_zoo["mixtral"]["d2moe"])
+    continuations = [{k: o[k] for k in ("prompt_token_ids", "token_ids")} for o in ref]
+    run = Run("tp2", model, PROMPTS, quantization="d2moe", tensor_parallel_size=2,
+              logprobs=vocab_size(model), score_continuations=continuations)
+    results, log = run_engines([run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    tp2 = outputs(results, "tp2")
+    agreement = teacher_forced_agreement(tp2, single)
+    error = logprob_relative_error(tp2, single)
+    report.add(f"mixtral      width 8, TP=2 vs TP=1: greedy agreement {agreement:.1%}, "
+               f"log-prob relative error {error:.2e}")
+    assert agreement == 1.0
+    assert error < 1e-4

@@ -43,6 +43,12 @@ def expert_tensor_name(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _crc(data) -> int:
     return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
 
@@ -77,6 +83,8 @@ class CheckpointWriter:
 
     def write_layer(self, layer: int, experts: list[dict[str, MWQTensor]]) -> None:
         """Store one layer's experts, each ``{"gate_up": MWQTensor, "down": MWQTensor}``."""
+        if not experts:
+            raise ValueError(f"MoE layer {layer} has no experts to write")
         hidden, intermediate = experts[0]["down"].shape
         layout = ExpertLayout(self.spec, hidden, intermediate)
         blobs, crcs = {}, []
@@ -85,7 +93,10 @@ class CheckpointWriter:
             blobs[expert_tensor_name(layer, e)] = blob
             crcs.append(section_checksums(layout, blob))
         file = f"experts-layer-{layer:03d}.safetensors"
-        save_file(blobs, str(self.model_dir / EXPERTS_DIR / file))
+        path = self.model_dir / EXPERTS_DIR / file
+        save_file(blobs, str(path))
+        # safetensors creates files owner-only; a served model must be readable like its other files.
+        os.chmod(path, 0o666 & ~_umask())
         self.layers[layer] = {
             "hidden": hidden,
             "intermediate": intermediate,
@@ -116,15 +127,19 @@ class CheckpointWriter:
         }
 
 
-def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute ``(offset, nbytes)`` of each tensor in a safetensors file."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the file offset where its tensor data starts."""
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            return json.loads(f.read(header_len)), 8 + header_len
     except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    base = 8 + header_len
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute ``(offset, nbytes)`` of each tensor in a safetensors file."""
+    header, base = read_safetensors_header(path)
     return {
         name: (base + meta["data_offsets"][0], meta["data_offsets"][1] - meta["data_offsets"][0])
         for name, meta in header.items()

@@ -5,9 +5,10 @@ is a list of runs (keys of :class:`Run`); ``OUT.json`` gets, per run, the
 prompt and generated token ids and the text of every prompt, the full
 log-probability vector of each generated position when ``logprobs`` is set,
 and the error message if the engine failed. A run with ``score_against`` set
-also scores the earlier run's generated tokens under its own model (teacher
-forcing: each position predicted from the *same* prefix), so two models can
-be compared position by position without one early difference derailing the
+also scores the generated tokens of that run (an earlier one, or itself)
+under its own model (teacher forcing: each position predicted from the *same*
+prefix, in one prefill), so two models scored against the same run can be
+compared position by position without one early difference derailing the
 rest of the sequence. Tests share engines this way: vLLM spawns
 its workers, so engines must start from a ``__main__`` module, and one
 process that starts several engines pays vLLM's import once.
@@ -34,7 +35,9 @@ class Run:
     enable_expert_parallel: bool = False
     dtype: str = "float32"
     max_model_len: int = 512
-    score_against: str | None = None  # name of an earlier run in the same file
+    score_against: str | None = None  # name of this run or an earlier one in the same file
+    # or the continuations to score given directly: [{"prompt_token_ids", "token_ids"}, ...]
+    score_continuations: list[dict] | None = None
 
 
 def _logprob_vectors(positions) -> list[dict[str, float]]:
@@ -72,8 +75,11 @@ def run_engine(run: Run, earlier: dict) -> dict:
             if run.logprobs:
                 record["logprobs"] = _logprob_vectors(completion.logprobs)
             results.append(record)
+        references = run.score_continuations
         if run.score_against:
-            for record, reference in zip(results, earlier[run.score_against]["outputs"]):
+            references = results if run.score_against == run.name else earlier[run.score_against]["outputs"]
+        if references:
+            for record, reference in zip(results, references):
                 record["teacher_forced_logprobs"] = score_continuation(llm, reference, run.logprobs or 1)
         return {"outputs": results}
     finally:

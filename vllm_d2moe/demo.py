@@ -69,6 +69,7 @@ def run(args) -> int:
     prompts = args.prompts or DEFAULT_PROMPTS
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM, SamplingParams
 
     for bits in widths:

@@ -37,10 +37,14 @@ struct Projection {
   int64_t rows, cols, row_bytes, groups, group_size;
   int min_bits, planes;                              // planes == width
   const uint8_t* bits[kMaxPlanes];                   // plane i (base planes first), row 0
-  const at::Half* base_scale;                        // [rows, groups]
-  const at::Half* base_zero;                         // [rows, groups]
-  const at::Half* residual_scale[kMaxPlanes];        // residual plane j: [rows, groups]
+  const uint16_t* base_scale;                        // float16 [rows, groups]
+  const uint16_t* base_zero;                         // float16 [rows, groups]
+  const uint16_t* residual_scale[kMaxPlanes];        // residual plane j: float16 [rows, groups]
 };
+
+// float16 read as raw bits and converted with F16C (at::Half converts in software).
+const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // Stacked tensors (see vllm_d2moe/experts.py: StackedProjection):
 // base_bits [E, min_bits, rows, row_bytes], base_scale/base_zero [E, rows, groups],
@@ -67,31 +71,34 @@ Projection view_projection(const std::vector<at::Tensor>& t, int64_t expert, int
     p.bits[i] = base_bits.data_ptr<uint8_t>() + (expert * p.min_bits + i) * plane_bytes;
   for (int j = 0; j < width - p.min_bits; ++j) {
     p.bits[p.min_bits + j] = plane_bits.data_ptr<uint8_t>() + (expert * plane_bits.size(1) + j) * plane_bytes;
-    p.residual_scale[j] = plane_scale.data_ptr<at::Half>() + (expert * plane_bits.size(1) + j) * scales;
+    p.residual_scale[j] = half_bits(plane_scale) + (expert * plane_bits.size(1) + j) * scales;
   }
-  p.base_scale = base_scale.data_ptr<at::Half>() + expert * scales;
-  p.base_zero = base_zero.data_ptr<at::Half>() + expert * scales;
+  p.base_scale = half_bits(base_scale) + expert * scales;
+  p.base_zero = half_bits(base_zero) + expert * scales;
   return p;
 }
 
+// Coefficients of the planes of group (row, group): weight = offset + sum_i coef[i] * bit_i.
+// B is the width when known at compile time (the vector path), else kMaxPlanes with p.planes used.
+template <int B>
 struct GroupCoefs {
-  float coef[kMaxPlanes];
+  float coef[B];
   float offset;
-};
-
-inline GroupCoefs group_coefs(const Projection& p, int64_t row, int64_t group) {
-  GroupCoefs k;
-  const int64_t at = row * p.groups + group;
-  const float s = p.base_scale[at], z = p.base_zero[at];
-  k.offset = -s * z;
-  for (int i = 0; i < p.min_bits; ++i) k.coef[i] = s * float(1 << i);
-  for (int i = p.min_bits; i < p.planes; ++i) {
-    const float a = p.residual_scale[i - p.min_bits][at];
-    k.coef[i] = 2 * a;
-    k.offset -= a;
+  GroupCoefs(const Projection& p, int64_t row, int64_t group) {
+    const int64_t at = row * p.groups + group;
+    const float s = half_to_float(p.base_scale[at]);
+    offset = -s * half_to_float(p.base_zero[at]);
+    for (int i = 0; i < B && i < p.planes; ++i) {
+      if (i < p.min_bits) {
+        coef[i] = s * float(1 << i);
+      } else {
+        const float a = half_to_float(p.residual_scale[i - p.min_bits][at]);
+        coef[i] = 2 * a;
+        offset -= a;
+      }
+    }
   }
-  return k;
-}
+};
 
 // ---------------------------------------------------------------- AVX2 path (group_size % 8 == 0)
 
@@ -109,7 +116,7 @@ template <int B>
 struct VecCoefs {
   __m256 coef[B];
   __m256 offset;
-  explicit VecCoefs(const GroupCoefs& k) {
+  explicit VecCoefs(const GroupCoefs<B>& k) {
     for (int i = 0; i < B; ++i) coef[i] = _mm256_set1_ps(k.coef[i]);
     offset = _mm256_set1_ps(k.offset);
   }
@@ -129,14 +136,19 @@ template <int B>
   }
 }
 
+// The 0/1 lanes of byte `s` of `word`. The row's byte offset (byte * 32) takes two
+// integer operations instead of three: integer work bounds this loop.
+[[gnu::always_inline]] inline __m256 bit_lanes(uint64_t word, int s) {
+  const uint64_t offset = s == 0 ? (word << 5) & 0x1FE0 : (word >> (8 * s - 5)) & 0x1FE0;
+  return _mm256_load_ps(reinterpret_cast<const float*>(reinterpret_cast<const char*>(kBitLanes.lanes) + offset));
+}
+
 // The eight weights of byte `s` of the loaded words; two partial sums halve the FMA chain.
 template <int B>
 [[gnu::always_inline]] inline __m256 weights8(const VecCoefs<B>& k, const uint64_t* words, int s) {
   __m256 even = k.offset, odd = _mm256_setzero_ps();
-  for (int i = 0; i < B; i += 2)
-    even = _mm256_fmadd_ps(k.coef[i], _mm256_load_ps(kBitLanes.lanes[(words[i] >> (8 * s)) & 255]), even);
-  for (int i = 1; i < B; i += 2)
-    odd = _mm256_fmadd_ps(k.coef[i], _mm256_load_ps(kBitLanes.lanes[(words[i] >> (8 * s)) & 255]), odd);
+  for (int i = 0; i < B; i += 2) even = _mm256_fmadd_ps(k.coef[i], bit_lanes(words[i], s), even);
+  for (int i = 1; i < B; i += 2) odd = _mm256_fmadd_ps(k.coef[i], bit_lanes(words[i], s), odd);
   return _mm256_add_ps(even, odd);
 }
 
@@ -147,7 +159,7 @@ template <int B, typename Step>
   for (int i = 0; i < B; ++i) row_bits[i] = p.bits[i] + row * p.row_bytes;
   const int64_t bytes_per_group = p.group_size / 8;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const VecCoefs<B> k(group_coefs(p, row, g));
+    const VecCoefs<B> k(GroupCoefs<B>(p, row, g));
     const int64_t end = (g + 1) * bytes_per_group;
     for (int64_t byte = g * bytes_per_group; byte < end; byte += 8) {
       uint64_t words[B];
@@ -198,7 +210,7 @@ void dequantize_rows_avx2(const Projection& p, int64_t r0, int64_t r1, float* ds
 void dequantize_rows_scalar(const Projection& p, int64_t r0, int64_t r1, float* dst) {
   for (int64_t r = r0; r < r1; ++r, dst += p.cols) {
     for (int64_t g = 0; g < p.groups; ++g) {
-      const GroupCoefs k = group_coefs(p, r, g);
+      const GroupCoefs<kMaxPlanes> k(p, r, g);
       for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; ++c) {
         float w = k.offset;
         for (int i = 0; i < p.planes; ++i) w += k.coef[i] * float((p.bits[i][r * p.row_bytes + (c >> 3)] >> (c & 7)) & 1);

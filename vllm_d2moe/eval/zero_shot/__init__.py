@@ -1,2 +1,2 @@
-"""A zero-shot next-line multiple-choice task built from the corpus's test split,
+"""A zero-shot next-lines multiple-choice task built from the corpus's test split,
 for the lm-eval harness (``python -m vllm_d2moe.eval.zero_shot OUT_DIR``)."""

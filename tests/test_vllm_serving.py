@@ -97,20 +97,24 @@ def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
     assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7" in log
 
 
-def test_tensor_parallel_2_matches_single_process(model_zoo, engine_results, report, tmp_path):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "tp2-ep"])
+def test_two_ranks_match_single_process(model_zoo, engine_results, report, tmp_path, expert_parallel):
     """TP=2 (vLLM's mp backend, one core per rank): each rank loads its slice of every
-    plane and scale; the per-position distributions must equal the single-process run."""
+    plane and scale; with expert parallelism each rank instead holds half the experts.
+    Either way the per-position distributions must equal the single-process run."""
     ref = outputs(engine_results, "mixtral/unquantized")
     single = outputs(engine_results, "mixtral/d2moe-8")
     model = str(model_zoo["mixtral"]["d2moe"])
     continuations = [{k: o[k] for k in ("prompt_token_ids", "token_ids")} for o in ref]
-    run = Run("tp2", model, PROMPTS, quantization="d2moe", tensor_parallel_size=2,
-              logprobs=vocab_size(model), score_continuations=continuations)
-    results, log = run_engines([run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    tp2 = outputs(results, "tp2")
-    agreement = teacher_forced_agreement(tp2, single)
-    error = logprob_relative_error(tp2, single)
-    report.add(f"mixtral      width 8, TP=2 vs TP=1: greedy agreement {agreement:.1%}, "
+    run = Run("two-ranks", model, PROMPTS, quantization="d2moe", tensor_parallel_size=2,
+              enable_expert_parallel=expert_parallel, logprobs=vocab_size(model),
+              score_continuations=continuations)
+    results, _ = run_engines([run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    two_ranks = outputs(results, "two-ranks")
+    agreement = teacher_forced_agreement(two_ranks, single)
+    error = logprob_relative_error(two_ranks, single)
+    mode = "TP=2+EP" if expert_parallel else "TP=2"
+    report.add(f"mixtral      width 8, {mode} vs one process: greedy agreement {agreement:.1%}, "
                f"log-prob relative error {error:.2e}")
     assert agreement == 1.0
     assert error < 1e-4

@@ -54,7 +54,9 @@ def run_engine(run: Run, earlier: dict) -> dict:
         enforce_eager=run.enforce_eager,
         tensor_parallel_size=run.tensor_parallel_size,
         enable_expert_parallel=run.enable_expert_parallel,
-        distributed_executor_backend="mp" if run.tensor_parallel_size > 1 else None,
+        # One process per rank only when there are ranks: "uni" skips spawning
+        # (and re-importing vLLM in) a worker, a third of an engine's start-up here.
+        distributed_executor_backend="mp" if run.tensor_parallel_size > 1 else "uni",
         dtype=run.dtype,
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,

@@ -7,6 +7,9 @@ with a shape-only fake implementation it is a single node in the graph. Layers
 are looked up by an integer id assigned when their weights are loaded.
 """
 
+import itertools
+import weakref
+
 import torch
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -14,13 +17,17 @@ from vllm_d2moe.experts import LayerExperts
 from vllm_d2moe.width_selection import select_widths
 
 _LIBRARY = torch.library.Library("d2moe", "FRAGMENT")
-_LAYERS: list[LayerExperts] = []
+# Weak: the layer's quantization method owns its experts, so they are freed with
+# the model even when several engines run in one process.
+_LAYERS: "weakref.WeakValueDictionary[int, LayerExperts]" = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count()
 
 
 def register_layer(experts: LayerExperts) -> int:
     """Make a layer's experts callable from the op; returns its id."""
-    _LAYERS.append(experts)
-    return len(_LAYERS) - 1
+    layer_id = next(_NEXT_ID)
+    _LAYERS[layer_id] = experts
+    return layer_id
 
 
 def _moe_experts(

@@ -38,6 +38,7 @@ class D2MoEMethod(FusedMoEMethodBase):
     def __init__(self, quant_config, moe: FusedMoEConfig):
         super().__init__(moe)
         self.quant_config = quant_config
+        self.experts = None  # this rank's LayerExperts, set after loading
         self.layer_id: int | None = None
 
     def create_weights(
@@ -105,6 +106,7 @@ class D2MoEMethod(FusedMoEMethodBase):
                 f"{experts.experts[0].down.shape[1]} per rank, vLLM expects "
                 f"{self.intermediate_size_per_partition}"
             )
+        self.experts = experts
         self.layer_id = register_layer(experts)
         logger.debug(
             "d2moe: %s holds %d experts at %d bits (%.1f MiB)",

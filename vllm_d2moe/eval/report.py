@@ -65,7 +65,9 @@ def build_report(
     reference = scores.get(REFERENCE)
     rows = []
     for v in variants:
-        row = {**asdict(v), **engines.get(v.name, {"error": "not run"})}
+        # Checkpoint paths are left out: all but the source live in a temporary work directory.
+        row = {key: value for key, value in asdict(v).items() if key != "model"}
+        row.update(engines.get(v.name, {"error": "not run"}))
         if v.name in scores:
             s = scores[v.name]
             row.update(perplexity=s.perplexity, kl=s.mean_kl, top1_agreement=s.top1_agreement)

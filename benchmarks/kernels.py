@@ -17,7 +17,7 @@ Weights are random bit planes / integers with plausible scales: speed does not
 depend on the values. Writes ``benchmarks/results/kernels.json`` and
 ``kernels.png``, prints the table and the issue's targets.
 
-    python benchmarks/kernels.py [--tokens 1 8 64] [--reps 25] [--pool-mb 64]
+    python benchmarks/kernels.py [--tokens 1 8 64] [--reps 25] [--pool-mb 64] [--threads 2]
 """
 
 import argparse
@@ -172,8 +172,10 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--pool-mb", type=float, default=64.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     bandwidth = read_bandwidth_gbps()
     load_at_start = os.getloadavg()

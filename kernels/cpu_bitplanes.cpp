@@ -1,6 +1,7 @@
-// MWQ expert MLP on x86-64 CPUs with AVX2: dequantize-and-multiply straight
-// from the packed bit planes, never holding more than a tile of float weights.
-// Why this design, and its measured speed: see cpu_bitplanes.py.
+// MWQ expert MLP on x86-64 CPUs with AVX2: weights rebuilt eight at a time in
+// a register from bit-plane pairs, multiplied straight into the tokens; never
+// more than a 32-row tile of float weights. Why this design, and its speed:
+// cpu_bitplanes.py.
 //
 // Every width is "b binary planes with per-group coefficients plus a per-group
 // offset" (vllm_d2moe/mwq/quantize.py):
@@ -8,8 +9,11 @@
 //   base planes i < min_bits:  coef_i = s * 2^i
 //   residual plane j:          coef   = 2 * a_j
 //   offset = -s * z - sum_j a_j
-// Eight weights (one byte of each plane) are rebuilt in a ymm register with one
-// table load and one FMA per plane, then multiplied into the tokens.
+// The planes are resident in pairs (plane 2p, 2p + 1), each column's two bits
+// side by side, so eight columns of a pair are one 16-bit field: broadcast,
+// shift lane l right by 2l, and an in-lane permute of the group's 4-entry
+// codebook {0, c_2p, c_2p+1, c_2p + c_2p+1} yields their contribution. An odd
+// last plane is a chunk of one bit per column (its codebook ignores bit 1).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,78 +22,96 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <utility>
 #include <cstdint>
-#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace d2moe_cpu {
 namespace {
 
 constexpr int kMaxPlanes = 8;
-// Up to this many tokens the weights are rebuilt in registers per token
-// block; above it a tile of rows is rebuilt once and multiplied by GEMM.
-constexpr int64_t kRegisterTokens = 4;
+constexpr int kMaxChunks = kMaxPlanes / 2;
+// Up to kRegisterTokens tokens the weights are rebuilt in registers once per block of
+// kTokenBlock tokens; above it a tile of rows is rebuilt once and multiplied by torch's
+// GEMM (measured at width 4: 8 tokens take 0.65x the tile path's time; at 16 they are even).
+constexpr int64_t kTokenBlock = 4;
+constexpr int64_t kRegisterTokens = 8;
 constexpr int64_t kTileRows = 32;
-
-// One expert's projection at one width, viewed inside the layer's stacked tensors.
-struct Projection {
-  int64_t rows, cols, row_bytes, groups, group_size;
-  int min_bits, planes;                              // planes == width
-  const uint8_t* bits[kMaxPlanes];                   // plane i (base planes first), row 0
-  const uint16_t* base_scale;                        // float16 [rows, groups]
-  const uint16_t* base_zero;                         // float16 [rows, groups]
-  const uint16_t* residual_scale[kMaxPlanes];        // residual plane j: float16 [rows, groups]
-};
+// Rows per thread at least this many plane-bits, so a small projection does
+// not pay a thread wake-up and barrier for microseconds of work.
+constexpr int64_t kBitsPerThread = int64_t(1) << 20;
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
 const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// Stacked tensors (see vllm_d2moe/experts.py: StackedProjection):
-// base_bits [E, min_bits, rows, row_bytes], base_scale/base_zero [E, rows, groups],
-// plane_bits [E, planes, rows, row_bytes], plane_scale [E, planes, rows, groups].
-Projection view_projection(const std::vector<at::Tensor>& t, int64_t expert, int64_t width,
-                           int64_t cols, int64_t group_size) {
-  const at::Tensor &base_bits = t[0], &base_scale = t[1], &base_zero = t[2];
-  const at::Tensor &plane_bits = t[3], &plane_scale = t[4];
+// One expert's projection at one width, viewed inside the layer's resident tensors.
+struct Projection {
+  int64_t rows, cols, groups, group_size;
+  int min_bits, planes;                          // planes == width
+  int chunks;                                    // chunks holding planes [0, width)
+  const uint8_t* chunk_bits[kMaxChunks];         // chunk c, row 0
+  int64_t chunk_row_bytes[kMaxChunks];
+  int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
+  const uint16_t* base_scale;                    // float16 [rows, groups]
+  const uint16_t* base_zero;                     // float16 [rows, groups]
+  const uint16_t* residual_scale[kMaxPlanes];    // residual plane j: float16 [rows, groups]
+
+  // Bit `plane` of column `col` in row `row`.
+  int bit(int plane, int64_t row, int64_t col) const {
+    const int c = plane / 2;
+    const int64_t at = chunk_planes[c] * col + plane % 2;
+    return (chunk_bits[c][row * chunk_row_bytes[c] + at / 8] >> (at % 8)) & 1;
+  }
+};
+
+// Resident tensors (kernels/cpu_bitplanes.py, PlanePairs): chunks[c] uint8 [E, rows, row bytes],
+// base_scale / base_zero float16 [E, rows, groups], plane_scale float16 [E, residual planes, rows, groups].
+Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales,
+                           int64_t min_bits, int64_t expert, int64_t width, int64_t cols, int64_t group_size) {
+  const at::Tensor &base_scale = scales[0], &base_zero = scales[1], &plane_scale = scales[2];
   Projection p;
-  p.min_bits = base_bits.size(1);
-  p.rows = base_bits.size(2);
-  p.row_bytes = base_bits.size(3);
+  p.rows = base_scale.size(1);
   p.cols = cols;
   p.group_size = group_size;
-  p.groups = cols / group_size;
-  p.planes = width;
-  TORCH_CHECK(group_size > 0 && cols % group_size == 0 && base_scale.size(2) == p.groups &&
-                  p.row_bytes == (cols + 7) / 8,
-              "stacked tensors do not describe a [", p.rows, ", ", cols, "] projection in groups of ", group_size);
-  TORCH_CHECK(p.min_bits <= width && width <= p.min_bits + plane_bits.size(1) && width <= kMaxPlanes,
-              "width ", width, " is outside the resident planes");
-  const int64_t plane_bytes = p.rows * p.row_bytes, scales = p.rows * p.groups;
-  for (int i = 0; i < p.min_bits; ++i)
-    p.bits[i] = base_bits.data_ptr<uint8_t>() + (expert * p.min_bits + i) * plane_bytes;
-  for (int j = 0; j < width - p.min_bits; ++j) {
-    p.bits[p.min_bits + j] = plane_bits.data_ptr<uint8_t>() + (expert * plane_bits.size(1) + j) * plane_bytes;
-    p.residual_scale[j] = half_bits(plane_scale) + (expert * plane_bits.size(1) + j) * scales;
+  p.groups = base_scale.size(2);
+  p.min_bits = int(min_bits);
+  p.planes = int(width);
+  p.chunks = int((width + 1) / 2);
+  const int64_t resident = min_bits + plane_scale.size(1);
+  TORCH_CHECK(group_size > 0 && p.groups * group_size == cols, "scales do not describe ", cols,
+              " columns in groups of ", group_size);
+  TORCH_CHECK(min_bits <= width && width <= resident && width <= kMaxPlanes && int64_t(chunks.size()) == (resident + 1) / 2,
+              "width ", width, " is outside the resident planes [", min_bits, ", ", resident, "]");
+  for (int c = 0; c < p.chunks; ++c) {
+    p.chunk_planes[c] = int(std::min<int64_t>(2, resident - 2 * c));
+    p.chunk_row_bytes[c] = chunks[c].size(2);
+    TORCH_CHECK(p.chunk_row_bytes[c] == (p.chunk_planes[c] * cols + 7) / 8 && chunks[c].size(1) == p.rows,
+                "chunk ", c, " does not hold ", p.chunk_planes[c], " bits per column of [", p.rows, ", ", cols, "]");
+    p.chunk_bits[c] = chunks[c].data_ptr<uint8_t>() + expert * p.rows * p.chunk_row_bytes[c];
   }
-  p.base_scale = half_bits(base_scale) + expert * scales;
-  p.base_zero = half_bits(base_zero) + expert * scales;
+  const int64_t matrix = p.rows * p.groups;
+  p.base_scale = half_bits(base_scale) + expert * matrix;
+  p.base_zero = half_bits(base_zero) + expert * matrix;
+  for (int j = 0; j < width - min_bits; ++j)
+    p.residual_scale[j] = half_bits(plane_scale) + (expert * plane_scale.size(1) + j) * matrix;
   return p;
 }
 
-// Coefficients of the planes of group (row, group): weight = offset + sum_i coef[i] * bit_i.
-// B is the width when known at compile time (the vector path), else kMaxPlanes with p.planes used.
-template <int B>
+// Coefficients of the planes of group (row, group): weight = offset + sum_i coef[i] * bit_i;
+// coef[i] = 0 for planes past the width. P: planes the caller reads (a compile-time bound).
+template <int P>
 struct GroupCoefs {
-  float coef[B];
+  float coef[P];
   float offset;
   GroupCoefs(const Projection& p, int64_t row, int64_t group) {
     const int64_t at = row * p.groups + group;
     const float s = half_to_float(p.base_scale[at]);
     offset = -s * half_to_float(p.base_zero[at]);
-    for (int i = 0; i < B && i < p.planes; ++i) {
-      if (i < p.min_bits) {
+    for (int i = 0; i < P; ++i) {
+      if (i >= p.planes) {
+        coef[i] = 0;
+      } else if (i < p.min_bits) {
         coef[i] = s * float(1 << i);
       } else {
         const float a = half_to_float(p.residual_scale[i - p.min_bits][at]);
@@ -102,77 +124,58 @@ struct GroupCoefs {
 
 // ---------------------------------------------------------------- AVX2 path (group_size % 8 == 0)
 
-// BIT_LANES[v][l] = bit l of v, as a float: one byte of a plane becomes eight 0/1 lanes.
-struct BitLanes {
-  alignas(64) float lanes[256][8];
-  BitLanes() {
-    for (int v = 0; v < 256; ++v)
-      for (int l = 0; l < 8; ++l) lanes[v][l] = float((v >> l) & 1);
-  }
-};
-const BitLanes kBitLanes;
-
-template <int B>
-struct VecCoefs {
-  __m256 coef[B];
-  __m256 offset;
-  explicit VecCoefs(const GroupCoefs<B>& k) {
-    for (int i = 0; i < B; ++i) coef[i] = _mm256_set1_ps(k.coef[i]);
-    offset = _mm256_set1_ps(k.offset);
-  }
+// The chunks a width reads, known at compile time: NC chunks of two bits per column,
+// the last of LAST (1 when the resident width is odd and it is the last plane).
+template <int NC, int LAST>
+struct Chunks {
+  static constexpr int count = NC;
+  static constexpr int bits_per_column(int c) { return c == NC - 1 ? LAST : 2; }
 };
 
-// Plane bytes [byte, byte + n) of every plane of a row, little-endian in one word per plane:
-// one load per plane per 64 weights instead of one per 8.
-template <int B>
-[[gnu::always_inline]] inline void load_words(const uint8_t* const* row_bits, int64_t byte, int n, uint64_t* words) {
-  for (int i = 0; i < B; ++i) {
-    if (n == 8) {
-      std::memcpy(&words[i], row_bits[i] + byte, 8);
-    } else {
-      words[i] = 0;
-      for (int b = 0; b < n; ++b) words[i] |= uint64_t(row_bits[i][byte + b]) << (8 * b);
+// The 4-entry codebook of each chunk, repeated in both 128-bit halves for vpermilps;
+// the offset rides on chunk 0.
+template <class L>
+struct Codebooks {
+  __m256 entries[L::count];
+  Codebooks(const Projection& p, int64_t row, int64_t group) {
+    const GroupCoefs<2 * L::count> k(p, row, group);
+    const __m256 bit0 = _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1), bit1 = _mm256_setr_ps(0, 0, 1, 1, 0, 0, 1, 1);
+    for (int c = 0; c < L::count; ++c) {
+      const __m256 low = _mm256_mul_ps(_mm256_set1_ps(k.coef[2 * c]), bit0);
+      entries[c] = _mm256_fmadd_ps(_mm256_set1_ps(k.coef[2 * c + 1]), bit1, low);
     }
+    entries[0] = _mm256_add_ps(entries[0], _mm256_set1_ps(k.offset));
   }
-}
+};
 
-// The 0/1 lanes of byte `s` of `word`. The row's byte offset (byte * 32) takes two
-// integer operations instead of three: integer work bounds this loop.
-[[gnu::always_inline]] inline __m256 bit_lanes(uint64_t word, int s) {
-  const uint64_t offset = s == 0 ? (word << 5) & 0x1FE0 : (word >> (8 * s - 5)) & 0x1FE0;
-  return _mm256_load_ps(reinterpret_cast<const float*>(reinterpret_cast<const char*>(kBitLanes.lanes) + offset));
-}
-
-// The eight weights of byte `s` of the loaded words; two partial sums halve the FMA chain.
-template <int B>
-[[gnu::always_inline]] inline __m256 weights8(const VecCoefs<B>& k, const uint64_t* words, int s) {
-  __m256 even = k.offset, odd = _mm256_setzero_ps();
-  for (int i = 0; i < B; i += 2) even = _mm256_fmadd_ps(k.coef[i], bit_lanes(words[i], s), even);
-  for (int i = 1; i < B; i += 2) odd = _mm256_fmadd_ps(k.coef[i], bit_lanes(words[i], s), odd);
-  return _mm256_add_ps(even, odd);
+// The eight weights of columns [8 * block, 8 * block + 8) of a row (`row_bits`: each
+// chunk's row). Each chunk's bits for them are read as one 32-bit word, which may run up
+// to 3 bytes past the row: resident chunks carry 4 bytes of slack at the end.
+template <class L>
+[[gnu::always_inline]] inline __m256 weights8(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t block) {
+  __m256 w = _mm256_setzero_ps();
+  for (int c = 0; c < L::count; ++c) {
+    const int n = L::bits_per_column(c);
+    const __m256i lane_shift = _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n);
+    const float* field = reinterpret_cast<const float*>(row_bits[c] + n * block);
+    const __m256i codes = _mm256_srlv_epi32(_mm256_castps_si256(_mm256_broadcast_ss(field)), lane_shift);
+    const __m256 part = _mm256_permutevar_ps(cb.entries[c], codes);
+    w = c == 0 ? part : _mm256_add_ps(w, part);
+  }
+  return w;
 }
 
 // Calls step(weights, first column) for every eight weights of row `row`, group by group.
-template <int B, typename Step>
+template <class L, typename Step>
 [[gnu::always_inline]] inline void for_each_weights8(const Projection& p, int64_t row, Step&& step) {
-  const uint8_t* row_bits[B];
-  for (int i = 0; i < B; ++i) row_bits[i] = p.bits[i] + row * p.row_bytes;
-  const int64_t bytes_per_group = p.group_size / 8;
+  const uint8_t* row_bits[L::count];
+  for (int c = 0; c < L::count; ++c) row_bits[c] = p.chunk_bits[c] + row * p.chunk_row_bytes[c];
+  const int64_t blocks_per_group = p.group_size / 8;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const VecCoefs<B> k(GroupCoefs<B>(p, row, g));
-    const int64_t end = (g + 1) * bytes_per_group;
-    for (int64_t byte = g * bytes_per_group; byte < end; byte += 8) {
-      uint64_t words[B];
-      if (end - byte >= 8) {
-        load_words<B>(row_bits, byte, 8, words);
-#pragma GCC unroll 8
-        for (int s = 0; s < 8; ++s) step(weights8<B>(k, words, s), 8 * (byte + s));
-      } else {
-        const int n = int(end - byte);
-        load_words<B>(row_bits, byte, n, words);
-        for (int s = 0; s < n; ++s) step(weights8<B>(k, words, s), 8 * (byte + s));
-      }
-    }
+    const Codebooks<L> cb(p, row, g);
+#pragma GCC unroll 4
+    for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block)
+      step(weights8<L>(cb, row_bits, block), 8 * block);
   }
 }
 
@@ -184,12 +187,12 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // out[t, r] = sum_c W[r, c] x[t, c] for TT tokens and rows [r0, r1), weights rebuilt in registers.
-template <int B, int TT>
+template <class L, int TT>
 void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     __m256 acc[TT], spare = _mm256_setzero_ps();
     for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-    for_each_weights8<B>(p, r, [&](__m256 w, int64_t col) {
+    for_each_weights8<L>(p, r, [&](__m256 w, int64_t col) {
       for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * p.cols + col), acc[t]);
       // A single token alternates two accumulators so consecutive FMAs do not wait on each other.
       if constexpr (TT == 1) std::swap(acc[0], spare);
@@ -199,10 +202,10 @@ void register_rows(const Projection& p, const float* x, float* out, int64_t r0, 
   }
 }
 
-template <int B>
+template <class L>
 void dequantize_rows_avx2(const Projection& p, int64_t r0, int64_t r1, float* dst) {
   for (int64_t r = r0; r < r1; ++r, dst += p.cols)
-    for_each_weights8<B>(p, r, [&](__m256 w, int64_t col) { _mm256_storeu_ps(dst + col, w); });
+    for_each_weights8<L>(p, r, [&](__m256 w, int64_t col) { _mm256_storeu_ps(dst + col, w); });
 }
 
 // ---------------------------------------------------------------- any group size
@@ -213,7 +216,7 @@ void dequantize_rows_scalar(const Projection& p, int64_t r0, int64_t r1, float* 
       const GroupCoefs<kMaxPlanes> k(p, r, g);
       for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; ++c) {
         float w = k.offset;
-        for (int i = 0; i < p.planes; ++i) w += k.coef[i] * float((p.bits[i][r * p.row_bytes + (c >> 3)] >> (c & 7)) & 1);
+        for (int i = 0; i < p.planes; ++i) w += k.coef[i] * float(p.bit(i, r, c));
         dst[c] = w;
       }
     }
@@ -222,57 +225,61 @@ void dequantize_rows_scalar(const Projection& p, int64_t r0, int64_t r1, float* 
 
 // ---------------------------------------------------------------- dispatch
 
-template <template <int> class F, typename... Args>
-void with_planes(int planes, Args&&... args) {
-  switch (planes) {
-    case 1: F<1>::run(args...); break;
-    case 2: F<2>::run(args...); break;
-    case 3: F<3>::run(args...); break;
-    case 4: F<4>::run(args...); break;
-    case 5: F<5>::run(args...); break;
-    case 6: F<6>::run(args...); break;
-    case 7: F<7>::run(args...); break;
-    case 8: F<8>::run(args...); break;
-    default: TORCH_CHECK(false, "unsupported width ", planes);
+// Calls F<Chunks<chunks, last>>::run(args...): the chunk shape as template arguments.
+template <template <class> class F, typename... Args>
+void with_chunks(const Projection& p, Args&&... args) {
+  const int last = p.chunk_planes[p.chunks - 1];
+  switch (p.chunks * 2 + last - 1) {
+    case 2: F<Chunks<1, 1>>::run(p, args...); break;
+    case 3: F<Chunks<1, 2>>::run(p, args...); break;
+    case 4: F<Chunks<2, 1>>::run(p, args...); break;
+    case 5: F<Chunks<2, 2>>::run(p, args...); break;
+    case 6: F<Chunks<3, 1>>::run(p, args...); break;
+    case 7: F<Chunks<3, 2>>::run(p, args...); break;
+    case 8: F<Chunks<4, 1>>::run(p, args...); break;
+    case 9: F<Chunks<4, 2>>::run(p, args...); break;
+    default: TORCH_CHECK(false, "unsupported plane pairs: ", p.chunks, " chunks, last of ", last);
   }
 }
 
-template <int B>
+template <class L>
 struct RegisterRows {
   static void run(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1) {
     switch (tokens) {
-      case 1: register_rows<B, 1>(p, x, out, r0, r1); break;
-      case 2: register_rows<B, 2>(p, x, out, r0, r1); break;
-      case 3: register_rows<B, 3>(p, x, out, r0, r1); break;
-      case 4: register_rows<B, 4>(p, x, out, r0, r1); break;
-      default: TORCH_CHECK(false, "register path takes at most 4 tokens");
+      case 1: register_rows<L, 1>(p, x, out, r0, r1); break;
+      case 2: register_rows<L, 2>(p, x, out, r0, r1); break;
+      case 3: register_rows<L, 3>(p, x, out, r0, r1); break;
+      case 4: register_rows<L, 4>(p, x, out, r0, r1); break;
+      default: TORCH_CHECK(false, "register blocks hold at most ", kTokenBlock, " tokens");
     }
   }
 };
 
-template <int B>
+template <class L>
 struct DequantizeRows {
-  static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_avx2<B>(p, r0, r1, dst); }
+  static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_avx2<L>(p, r0, r1, dst); }
 };
 
 // out [tokens, rows] = x [tokens, cols] @ W^T, rows split across torch's intra-op threads.
 void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const int64_t tokens = x.size(0);
   const bool vector_groups = p.group_size % 8 == 0;
+  const int64_t grain = std::max<int64_t>(1, kBitsPerThread / (p.cols * p.planes));
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (vector_groups && tokens <= kRegisterTokens) {
-    at::parallel_for(0, p.rows, 1, [&](int64_t r0, int64_t r1) {
-      with_planes<RegisterRows>(p.planes, p, xp, tokens, op, r0, r1);
+    at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t t = 0; t < tokens; t += kTokenBlock)
+        with_chunks<RegisterRows>(p, xp + t * p.cols, std::min(kTokenBlock, tokens - t), op + t * p.rows, r0, r1);
     });
     return;
   }
-  at::parallel_for(0, p.rows, kTileRows, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, p.rows, std::max(grain, kTileRows), [&](int64_t r0, int64_t r1) {
     at::Tensor tile = at::empty({kTileRows, p.cols}, x.options());
     for (int64_t start = r0; start < r1; start += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - start);
       if (vector_groups)
-        with_planes<DequantizeRows>(p.planes, p, start, start + n, tile.data_ptr<float>());
+        with_chunks<DequantizeRows>(p, start, start + n, tile.data_ptr<float>());
       else
         dequantize_rows_scalar(p, start, start + n, tile.data_ptr<float>());
       out.narrow(1, start, n).copy_(at::mm(x, tile.narrow(0, 0, n).t()));
@@ -280,21 +287,24 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   });
 }
 
-void check_projection(const std::vector<at::Tensor>& t, const char* name) {
-  TORCH_CHECK(t.size() == 5, name, ": expected 5 stacked tensors");
-  const at::ScalarType types[5] = {at::kByte, at::kHalf, at::kHalf, at::kByte, at::kHalf};
-  for (int i = 0; i < 5; ++i)
-    TORCH_CHECK(t[i].device().is_cpu() && t[i].is_contiguous() && t[i].scalar_type() == types[i], name,
-                ": stacked tensor ", i, " must be a contiguous CPU tensor of ", types[i]);
+void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales, const char* name) {
+  TORCH_CHECK(!chunks.empty() && scales.size() == 3, name, ": expected plane pairs and 3 scale tensors");
+  for (const auto& t : chunks)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte && t.dim() == 3, name,
+                ": plane pairs must be contiguous uint8 CPU tensors [experts, rows, bytes]");
+  for (const auto& t : scales)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kHalf, name,
+                ": scales must be contiguous float16 CPU tensors");
 }
 
 // Expert MLP of every segment: out[first:end] = down(silu(gate(x)) * up(x)) over x[first:end].
 // segments: int64 [n, 4] rows of (expert, width, first pair, end pair).
-void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::vector<at::Tensor>& gate_up,
-                  const std::vector<at::Tensor>& down, int64_t group_size, at::Tensor out) {
-  check_projection(gate_up, "gate_up");
-  check_projection(down, "down");
-  const int64_t hidden = down[0].size(2), inter = gate_up[0].size(2) / 2;
+void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::vector<at::Tensor>& gate_up_chunks,
+                  const std::vector<at::Tensor>& gate_up_scales, const std::vector<at::Tensor>& down_chunks,
+                  const std::vector<at::Tensor>& down_scales, int64_t min_bits, int64_t group_size, at::Tensor out) {
+  check_projection(gate_up_chunks, gate_up_scales, "gate_up");
+  check_projection(down_chunks, down_scales, "down");
+  const int64_t hidden = down_scales[0].size(1), inter = gate_up_scales[0].size(1) / 2;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden,
               "x must be contiguous float32 [pairs, ", hidden, "]");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
@@ -305,14 +315,15 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
   const int64_t* s = table.data_ptr<int64_t>();
   for (int64_t i = 0; i < table.size(0); ++i) {
     const int64_t expert = s[4 * i], width = s[4 * i + 1], first = s[4 * i + 2], end = s[4 * i + 3];
-    TORCH_CHECK(0 <= expert && expert < gate_up[0].size(0) && 0 <= first && first <= end && end <= x.size(0),
+    TORCH_CHECK(0 <= expert && expert < gate_up_scales[0].size(0) && 0 <= first && first <= end && end <= x.size(0),
                 "segment ", i, " is out of range");
     if (first == end) continue;
     const at::Tensor xs = x.narrow(0, first, end - first);
     at::Tensor h = at::empty({end - first, 2 * inter}, x.options());
-    linear(view_projection(gate_up, expert, width, hidden, group_size), xs, h);
+    linear(view_projection(gate_up_chunks, gate_up_scales, min_bits, expert, width, hidden, group_size), xs, h);
     const at::Tensor act = at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
-    linear(view_projection(down, expert, width, inter, group_size), act, out.narrow(0, first, end - first));
+    linear(view_projection(down_chunks, down_scales, min_bits, expert, width, inter, group_size), act,
+           out.narrow(0, first, end - first));
   }
 }
 
@@ -320,6 +331,8 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
 }  // namespace d2moe_cpu
 
 TORCH_LIBRARY(d2moe_cpu, m) {
-  m.def("moe_segments(Tensor x, Tensor segments, Tensor[] gate_up, Tensor[] down, int group_size, Tensor(a!) out) -> ()",
-        &d2moe_cpu::moe_segments);
+  m.def(
+      "moe_segments(Tensor x, Tensor segments, Tensor[] gate_up_chunks, Tensor[] gate_up_scales, "
+      "Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size, Tensor(a!) out) -> ()",
+      &d2moe_cpu::moe_segments);
 }

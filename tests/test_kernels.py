@@ -48,15 +48,21 @@ def backend(request):
         yield module, torch.device("cpu")
 
 
-def random_layer(spec: MWQSpec, experts: int, hidden: int, inter: int, device) -> tuple:
-    def stacked(rows, cols):
-        tensors = [quantize(torch.randn(rows, cols) * 0.05, spec) for _ in range(experts)]
-        s = StackedProjection.allocate(tensors[0], experts, device)
-        for e, t in enumerate(tensors):
-            s.store(e, t)
-        return s
+def random_stacked(spec: MWQSpec, experts: int, rows: int, cols: int, device) -> StackedProjection:
+    tensors = [quantize(torch.randn(rows, cols) * 0.05, spec) for _ in range(experts)]
+    stacked = StackedProjection.allocate(tensors[0], experts, device)
+    for e, t in enumerate(tensors):
+        stacked.store(e, t)
+    return stacked
 
-    return stacked(2 * inter, hidden), stacked(hidden, inter)
+
+def random_layer(spec: MWQSpec, experts: int, hidden: int, inter: int, device) -> tuple:
+    return random_stacked(spec, experts, 2 * inter, hidden, device), random_stacked(spec, experts, hidden, inter, device)
+
+
+def resident(module, projection):
+    """What LayerExperts keeps for ``module``: its prepared layout, or the stacked tensors."""
+    return module.prepare(projection) if hasattr(module, "prepare") else projection
 
 
 def float64_mlp(x: torch.Tensor, gate_up: MWQTensor, down: MWQTensor) -> torch.Tensor:
@@ -98,7 +104,7 @@ def test_grouped_mlp_matches_float64(backend, case):
     )
     x = torch.randn(starts[-1], hidden, device=device)
     out = torch.full((starts[-1], hidden), float("nan"), device=device)
-    module.grouped_mlp(x, gate_up, down, segments, out)
+    module.grouped_mlp(x, resident(module, gate_up), resident(module, down), segments, out)
     want = torch.cat([
         float64_mlp(x[a:b], gate_up.expert(e, bits), down.expert(e, bits))
         for (e, bits, _), a, b in zip(plan, starts, starts[1:])
@@ -127,6 +133,25 @@ def test_layer_forward_mixes_experts_widths_and_ranks(backend):
                 )[0]
     assert got.dtype == x.dtype
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("min_bits,max_bits,cols", [(2, 8, 48), (1, 4, 20), (3, 7, 13), (4, 4, 8)])
+def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols):
+    """A backend's resident layout gives back every width's planes and scales bit for bit."""
+    module, device = backend
+    if not hasattr(module, "prepare"):
+        pytest.skip(f"{module.NAME} keeps the stacked tensors")
+    stacked = random_stacked(MWQSpec(min_bits, max_bits, cols), 2, 5, cols, device)
+    prepared = module.prepare(stacked)
+    assert prepared.nbytes <= stacked.nbytes + 8 * len(stacked.tensors)
+    for e in range(2):
+        for bits in range(min_bits, max_bits + 1):
+            want, got = stacked.expert(e, bits), prepared.expert(e, bits)
+            assert got.shape == want.shape and got.bits == bits
+            assert torch.equal(got.base_bits, want.base_bits)
+            assert torch.equal(got.base_scale, want.base_scale) and torch.equal(got.base_zero, want.base_zero)
+            for (gb, gs), (wb, ws) in zip(got.planes, want.planes, strict=True):
+                assert torch.equal(gb, wb) and torch.equal(gs, ws)
 
 
 def test_cpu_dispatch_uses_the_fused_kernel_and_logs_why(caplog, monkeypatch):

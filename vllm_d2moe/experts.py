@@ -6,6 +6,7 @@ expert-parallel slicing included), and :meth:`LayerExperts.forward` runs the
 tokens routed to each (expert, width) segment through the kernel backend.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -155,17 +156,36 @@ class ExpertSegments:
         return len(self.experts)
 
 
+class _ExpertViews(Sequence):
+    """``LayerExperts.experts``: each local expert at full width, built on access."""
+
+    def __init__(self, gate_up, down):
+        self.gate_up, self.down = gate_up, down
+
+    def __len__(self) -> int:
+        return self.gate_up.num_experts
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        if not -len(self) <= expert < len(self):
+            raise IndexError(expert)
+        return ExpertWeights(self.gate_up.expert(expert % len(self)), self.down.expert(expert % len(self)))
+
+
 class LayerExperts:
-    """Resident expert weights of one layer at a width ``bits``, indexed by local expert id."""
+    """Resident expert weights of one layer at a width ``bits``, indexed by local expert id.
+
+    A backend with a ``prepare`` hook keeps each projection in its own resident
+    layout (built here, once); it replaces the stacked tensors, so memory stays
+    at the packed bytes.
+    """
 
     def __init__(self, gate_up: StackedProjection, down: StackedProjection, bits: int, backend: ModuleType):
-        self.gate_up = gate_up
-        self.down = down
+        prepare = getattr(backend, "prepare", None)
+        self.gate_up = prepare(gate_up) if prepare else gate_up
+        self.down = prepare(down) if prepare else down
         self.bits = bits
         self.backend = backend
-        self.experts = [
-            ExpertWeights(gate_up.expert(e), down.expert(e)) for e in range(gate_up.num_experts)
-        ]
+        self.experts = _ExpertViews(self.gate_up, self.down)
 
     @property
     def nbytes(self) -> int:

@@ -9,8 +9,9 @@ model's distributions are kept in memory (``windows x window x vocab`` float32:
 512 MiB for 16,384 tokens of an 8,192-token vocabulary) and every later model
 is compared with them position by position.
 
-vLLM spawns its engine processes, so engines must start from a ``__main__``
-module: :func:`score_with_vllm` runs ``python -m vllm_d2moe.eval.scoring
+Engines run in a fresh process (vLLM may spawn helpers, which needs a
+``__main__`` module, and its start-up state is not meant to be reused):
+:func:`score_with_vllm` runs ``python -m vllm_d2moe.eval.scoring
 JOB.json OUT_DIR`` and the engines run one after another in that process
 (vLLM is imported once). ``OUT_DIR`` gets ``scores.npz`` (``NAME/nll``,
 ``NAME/kl``, ``NAME/top1``, each ``[windows, window]``) and ``engines.json``
@@ -101,6 +102,8 @@ def _start_engine(variant: Variant, dtype: str, window: int):
         hf_overrides=variant.hf_overrides or None,
         dtype=dtype,
         enforce_eager=True,
+        # No worker process: spawning one re-imports vLLM, a third of an engine's start-up here.
+        distributed_executor_backend="uni",
         max_model_len=window + 2,  # the window's window + 1 tokens and the one generated token
         max_logprobs=-1,
         enable_prefix_caching=False,
@@ -179,6 +182,8 @@ def score_with_vllm(
     (work_dir / "scoring-job.json").write_text(json.dumps(job, indent=1))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB reserved per engine; vLLM's default is larger
+    # The engine core runs in the scoring process instead of a spawned one (faster start-up).
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_d2moe.eval.scoring", str(work_dir / "scoring-job.json"), str(work_dir)],
         env=env,

@@ -25,7 +25,11 @@ import torch
 
 from vllm_d2moe.converters.architectures import architecture
 from vllm_d2moe.converters.convert import convert
-from vllm_d2moe.eval.fake_quant import int8_fake_quantize, rtn_fake_quantize, write_fake_quantized
+from vllm_d2moe.eval.fake_quant import (
+    int8_fake_quantize,
+    rtn_fake_quantize,
+    write_fake_quantized,
+)
 from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import SCALE_DTYPE, MWQSpec

@@ -24,4 +24,10 @@ setup(
         "vllm_d2moe.kernels": "kernels",
         "vllm_d2moe.converters": "converters",
     },
+    # The embedded reference model (used by `d2moe demo`) and the CPU kernel's
+    # C++ source, compiled at first use.
+    package_data={
+        "vllm_d2moe": ["assets/reference-small/*"],
+        "vllm_d2moe.kernels": ["*.cpp"],
+    },
 )

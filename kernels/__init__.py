@@ -51,7 +51,7 @@ def select_backend(device_type: str) -> ModuleType:
         return reference
     try:
         backend = load_backend(name)
-    except Exception as e:  # a failed build or import must not stop serving
+    except Exception as e:  # noqa: BLE001 (a failed build or import must not stop serving)
         logger.warning(
             "d2moe: MWQ kernel backend %r is unavailable on %s (%s: %s); using the slower %r",
             name, device_type, type(e).__name__, e, reference.NAME,

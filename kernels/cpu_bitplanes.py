@@ -1,46 +1,54 @@
 """Fused MWQ expert MLP for x86-64 CPUs with AVX2 (C++ in ``cpu_bitplanes.cpp``).
 
 Every MWQ width is "b binary planes with per-group coefficients plus a
-per-group offset", so the kernel rebuilds eight float32 weights at a time in a
-register (one 32-byte table load turning a plane byte into eight 0/1 lanes and
-one FMA per plane) and multiplies them straight into the tokens; no float copy
-of the expert exists. Up to 4 tokens the rebuilt weights go straight into
-per-token accumulators; above that a tile of 32 rows is rebuilt once into a
-scratch buffer and multiplied with torch's GEMM. Rows are split across torch's
-own intra-op (OpenMP) threads with ``at::parallel_for``, so both cores work and
-no second thread pool competes with torch's. The extension is compiled at
-first use (about 30 s) and cached in torch's extensions directory
-(``~/.cache/torch_extensions``); if it cannot be built the dispatcher logs why
-and serves with the reference.
+per-group offset". At load (:func:`prepare`) the planes are re-laid in pairs,
+each column's two bits side by side (:class:`PlanePairs`: same bytes, the
+MWQ tensors stay recoverable bit for bit). The kernel then rebuilds eight
+float32 weights in a register with, per plane pair, one broadcast of a 16-bit
+field, one per-lane shift and one in-lane permute (``vpermilps``) of the
+group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``, and multiplies them
+straight into the tokens; no float copy of the expert exists. Up to 8 tokens
+the rebuilt weights feed per-token accumulators (in blocks of 4); above that a
+32-row tile is rebuilt once and multiplied with torch's GEMM. Rows are split
+across torch's own intra-op (OpenMP) threads with ``at::parallel_for`` (small
+projections stay on one thread), so both cores work and no second thread pool
+competes with torch's. The extension compiles at first use (about 30 s) into
+torch's extensions directory (``~/.cache/torch_extensions``); if it cannot be
+built the dispatcher logs why and serves with the reference.
 
-Chosen by measurement (2026-11-24, this 2-core AMD EPYC (Zen 3) VM, one thread,
-per-thread CPU time to discount the other jobs on the machine; whole expert MLP,
-hidden 2048, intermediate 1408, group 128, 1 token):
+Chosen by measurement (2026-11-24, this 2-core AMD EPYC (Zen 3) VM; one
+thread, per-thread CPU time to discount the other jobs sharing the machine;
+whole expert MLP, hidden 2048, intermediate 1408, group 128, 1 token, weights
+rotating through a 64 MB pool; ``benchmarks/results/kernels-1thread.json``):
 
-==========================================  =======  =======  =======
-                                             width 2  width 4  width 8
-==========================================  =======  =======  =======
-this kernel (C++ AVX2, bit-plane tables)     1.10 ms  1.75 ms  3.7 ms
-numba, same tables over x (byte LUT)         3.0 ms   6.1 ms   12.8 ms
-numba, per-weight loop                       49 ms    118 ms   164 ms
-bf16 ``F.linear`` / int8 weight-only        1.75 ms / 0.75 ms (any width)
-==========================================  =======  =======  =======
+=================================================  =======  =======  =======
+                                                    width 2  width 4  width 8
+=================================================  =======  =======  =======
+this kernel: plane pairs, 4-entry codebooks         0.98 ms  1.30 ms  2.63 ms
+C++, planes as stored: a 0/1 lane table + FMA/plane 1.10 ms  1.75 ms  3.7 ms
+numba, the same sums as byte lookup tables over x   3.0 ms   6.1 ms   12.8 ms
+numba, one weight at a time                         49 ms    118 ms   164 ms
+torch reference (dequantizes every call)            69 ms    218 ms   350 ms
+bf16 ``F.linear`` / int8 / int4 weight-only         1.90 / 1.29 / 1.28 ms (any width)
+=================================================  =======  =======  =======
 
-numba was 3x slower at best, has no float16 arrays (scales would need a
-float32 copy) and runs its own thread pool beside torch's (its two-thread runs
-were slower than one thread here). Torch's int8/int4 weight-only kernels cannot
-run MWQ exactly: a width-b weight is ``s (q - z) + sum_j a_j (+-1)`` with
-arbitrary float16 residual scales ``a_j``, not an integer code times one scale,
-so any conversion to them re-quantizes.
+(The second to fourth rows were timed on one expert called repeatedly, warm in
+the L3 cache, which favours them.) The plane-as-stored kernel spends about a cycle per plane per eight weights on
+data-dependent table loads and the integer work to index them; pairs with
+codebooks halve the lookups and need no data-dependent loads. Three-plane
+chunks with 8-entry ``vpermps`` codebooks measured 1.4x slower than pairs at
+width 4 (``vpermps`` issues at about one per 1.4 cycles here, ``vpermilps``
+faster). numba was 3x slower at best, has no float16 arrays and runs its own
+thread pool beside torch's (its two-thread runs were slower than one thread
+here). Torch's int8/int4 weight-only kernels cannot run MWQ exactly: a width-b
+weight is ``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual
+scales ``a_j``, not an integer code times one scale.
 
-What bounds it: about one cycle per plane per eight weights (the data-dependent
-table loads and the integer work to index them), so the time grows with the
-width while the bytes read stay far below the memory bandwidth. At width 8
-that is several times torch's int8 kernel, which needs one conversion per eight
-weights. ``benchmarks/kernels.py`` measures it against bf16/int8/int4 with both
-cores. A layout that interleaves three planes per column at load and looks up
-per-group 8-entry codebooks with ``vpermps`` measured about 2.5x fewer cycles
-per plane in isolation; it is the next step if width 8 must reach int8 speed.
+What bounds it: compute, one codebook lookup per plane pair per eight weights,
+so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
+memory bandwidth. At width 8 that is about twice torch's int8 kernel (which
+converts each int8 weight once). An odd width reads its pair's second plane
+too (coefficient zero): 1/b more bytes.
 """
 
 import platform

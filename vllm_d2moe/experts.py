@@ -8,6 +8,7 @@ tokens routed to each (expert, width) segment through the kernel backend.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from types import ModuleType
 
 import torch
@@ -72,7 +73,7 @@ class StackedProjection:
     @staticmethod
     def allocate(like: MWQTensor, experts: int, device: torch.device | str) -> "StackedProjection":
         """Uninitialised room for ``experts`` tensors shaped like ``like``."""
-        rows, cols = like.shape
+        rows = like.shape[0]
         packed = like.base_bits.shape[-1]
         groups = like.base_scale.shape[-1]
         planes = len(like.planes)
@@ -205,21 +206,19 @@ class LayerExperts:
         """
         top_k = local_ids.shape[1]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        flat_ids = local_ids.reshape(-1).long()
-        pairs = torch.nonzero(flat_ids >= 0).squeeze(1)
-        if pairs.numel() == 0:
+        # Experts of other ranks (-1) get negative keys and sort first.
+        keys = local_ids.reshape(-1).long() * 16 + widths.reshape(-1).long()
+        sorted_keys, order = torch.sort(keys, stable=True)
+        segment_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        runs = [(k, n) for k, n in zip(segment_keys.tolist(), counts.tolist()) if k >= 0]
+        if not runs:
             return out.to(x.dtype)
-        keys = flat_ids[pairs] * 16 + widths.reshape(-1)[pairs].long()
-        sort = torch.argsort(keys, stable=True)
-        order = pairs[sort]
-        segment_keys, counts = torch.unique_consecutive(keys[sort], return_counts=True)
-        experts, bits = zip(*(divmod(k, 16) for k in segment_keys.tolist()))
-        starts = (0, *torch.cumsum(counts, 0).tolist())
+        order = order[order.numel() - sum(n for _, n in runs) :]
+        experts, bits = zip(*(divmod(k, 16) for k, _ in runs))
+        segments = ExpertSegments(experts, bits, tuple(accumulate((n for _, n in runs), initial=0)))
         tokens = order // top_k
         y = torch.empty(order.numel(), x.shape[1], dtype=torch.float32, device=x.device)
-        self.backend.grouped_mlp(
-            x[tokens], self.gate_up, self.down, ExpertSegments(experts, bits, starts), y
-        )
+        self.backend.grouped_mlp(x[tokens], self.gate_up, self.down, segments, y)
         y *= topk_weights.reshape(-1)[order].float().unsqueeze(1)
         out.index_add_(0, tokens, y)
         return out.to(x.dtype)

@@ -83,7 +83,7 @@ def test_fake_quantized_checkpoint_replaces_only_routed_experts(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-    """The tiny preset, 100 steps on 1 MB of text (~30 s): enough for quantization to show."""
+    """The tiny preset, 100 steps on 1 MB of text (30-50 s): enough for quantization to show."""
     tiny = train.PRESETS["tiny"]
     preset = replace(tiny, train_tokens=100 * tiny.tokens_per_step, warmup_steps=10, train_chars=1_000_000)
     out = tmp_path_factory.mktemp("reference") / "tiny"

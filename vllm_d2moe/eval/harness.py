@@ -14,12 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_d2moe.converters.architectures import ConversionError
 from vllm_d2moe.eval.crosscheck import transformers_perplexity
 from vllm_d2moe.eval.heldout import heldout_windows
 from vllm_d2moe.eval.report import Setup, build_report, write_report
 from vllm_d2moe.eval.scoring import score_with_vllm
 from vllm_d2moe.eval.variants import METHODS, build_variants, model_dtype
-from vllm_d2moe.mwq.quantize import MWQSpec
+from vllm_d2moe.mwq.checkpoint import CheckpointError
+from vllm_d2moe.mwq.quantize import MWQError, MWQSpec
 
 
 def add_arguments(parser) -> None:
@@ -53,6 +55,7 @@ def command_line(args) -> str:
 
 def evaluate(args, work_dir: Path) -> int:
     widths = sorted(set(args.widths))
+    MWQSpec(widths[0], widths[-1], args.group_size)  # rejects bad widths before any work
     dtype = model_dtype(args.model)
     windows = heldout_windows(args.model, args.split, args.tokens, args.window, args.corpus_dir)
     print(f"d2moe eval: {windows.shape[0]} windows of {args.window} tokens; writing checkpoints", flush=True)
@@ -73,7 +76,11 @@ def evaluate(args, work_dir: Path) -> int:
 
 
 def run(args) -> int:
-    if args.work_dir:
-        return evaluate(args, args.work_dir)
-    with tempfile.TemporaryDirectory(prefix="d2moe-eval-") as tmp:
-        return evaluate(args, Path(tmp))
+    try:
+        if args.work_dir:
+            return evaluate(args, args.work_dir)
+        with tempfile.TemporaryDirectory(prefix="d2moe-eval-") as tmp:
+            return evaluate(args, Path(tmp))
+    except (ConversionError, MWQError, CheckpointError, OSError, RuntimeError, ValueError) as e:
+        print(f"d2moe eval: error: {e}", file=sys.stderr)
+        return 1

@@ -284,7 +284,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{tokens} token{'s' if tokens > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"expert {HIDDEN}x{INTER}, group {GROUP}, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    fig.suptitle(f"expert {HIDDEN}x{INTER}, group {GROUP}, {threads} thread{'s' if threads > 1 else ''}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -6,11 +6,17 @@ A backend module provides ``NAME`` and::
 
 ``x [pairs, hidden]`` (any float dtype) holds the inputs of the layer call's
 (token, expert) pairs sorted by segment, ``gate_up`` / ``down`` are the layer's
-:class:`vllm_d2moe.experts.StackedProjection`, ``segments`` an
-:class:`vllm_d2moe.experts.ExpertSegments`; every row of ``out [pairs, hidden]``
-(float32) is written with ``down(silu(gate(x)) * up(x))`` at its segment's
-expert and width. A backend that needs set-up in the process (a build, an
-import) also provides ``load()``, which raises with the reason when it cannot run.
+resident projections, ``segments`` an :class:`vllm_d2moe.experts.ExpertSegments`;
+every row of ``out [pairs, hidden]`` (float32) is written with
+``down(silu(gate(x)) * up(x))`` at its segment's expert and width.
+
+Optional hooks: ``prepare(projection)`` turns a layer's
+:class:`vllm_d2moe.experts.StackedProjection` into the backend's own resident
+layout once at load (it replaces the stacked tensors, must keep the bytes
+about the same and give back each expert's ``MWQTensor`` through
+``.expert(e, bits)``); without it the stacked tensors are resident. ``load()``
+does per-process set-up (a build, an import) and raises with the reason when
+the backend cannot run.
 
 Backends: ``reference`` (pure torch, the ground truth of the tests),
 ``cpu_bitplanes`` (x86-64 AVX2 C++, built at first use), ``triton_mwq`` (CUDA).

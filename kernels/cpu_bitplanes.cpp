@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -327,6 +328,62 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
   }
 }
 
+// ---------------------------------------------------------------- resident layout
+
+// first, second: uint8 [..., plane bytes] (bit c of a row = column c); pairs: uint8 [..., pair bytes]
+// with column c's bits at 2c (first) and 2c + 1 (second).
+void check_pairing(const at::Tensor& first, const at::Tensor& second, const at::Tensor& pairs) {
+  for (const auto* t : {&first, &second, &pairs})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte, "bit planes must be contiguous uint8 CPU tensors");
+  TORCH_CHECK(first.sizes() == second.sizes() && pairs.numel() / pairs.size(-1) == first.numel() / first.size(-1) &&
+                  (pairs.size(-1) + 1) / 2 == first.size(-1),
+              "pair rows must hold two planes' rows");
+}
+
+// Four plane bytes (32 columns) of two planes at a time: their bits interleaved by pdep.
+constexpr uint64_t kEven = 0x5555555555555555ull, kOdd = 0xAAAAAAAAAAAAAAAAull;
+
+void pair_planes(const at::Tensor& first, const at::Tensor& second, at::Tensor pairs) {
+  check_pairing(first, second, pairs);
+  const int64_t rows = first.numel() / first.size(-1), plane_bytes = first.size(-1), pair_bytes = pairs.size(-1);
+  const uint8_t *a = first.data_ptr<uint8_t>(), *b = second.data_ptr<uint8_t>();
+  uint8_t* out = pairs.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t *ar = a + r * plane_bytes, *br = b + r * plane_bytes;
+      uint8_t* o = out + r * pair_bytes;
+      for (int64_t k = 0; k < plane_bytes; k += 4) {
+        const int64_t n = std::min<int64_t>(4, plane_bytes - k);  // plane bytes in this step
+        uint32_t wa = 0, wb = 0;
+        std::memcpy(&wa, ar + k, n);
+        std::memcpy(&wb, br + k, n);
+        const uint64_t both = _pdep_u64(wa, kEven) | _pdep_u64(wb, kOdd);
+        std::memcpy(o + 2 * k, &both, std::min<int64_t>(2 * n, pair_bytes - 2 * k));  // the rest is padding
+      }
+    }
+  });
+}
+
+void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second) {
+  check_pairing(first, second, pairs);
+  const int64_t rows = first.numel() / first.size(-1), plane_bytes = first.size(-1), pair_bytes = pairs.size(-1);
+  const uint8_t* in = pairs.data_ptr<uint8_t>();
+  uint8_t *a = first.data_ptr<uint8_t>(), *b = second.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* i = in + r * pair_bytes;
+      for (int64_t k = 0; k < plane_bytes; k += 4) {
+        const int64_t n = std::min<int64_t>(4, plane_bytes - k);
+        uint64_t both = 0;
+        std::memcpy(&both, i + 2 * k, std::min<int64_t>(2 * n, pair_bytes - 2 * k));
+        const uint32_t wa = uint32_t(_pext_u64(both, kEven)), wb = uint32_t(_pext_u64(both, kOdd));
+        std::memcpy(a + r * plane_bytes + k, &wa, n);
+        std::memcpy(b + r * plane_bytes + k, &wb, n);
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace d2moe_cpu
 
@@ -335,4 +392,6 @@ TORCH_LIBRARY(d2moe_cpu, m) {
       "moe_segments(Tensor x, Tensor segments, Tensor[] gate_up_chunks, Tensor[] gate_up_scales, "
       "Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size, Tensor(a!) out) -> ()",
       &d2moe_cpu::moe_segments);
+  m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
+  m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
 }

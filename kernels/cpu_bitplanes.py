@@ -57,7 +57,6 @@ from dataclasses import dataclass
 import torch
 import torch.utils.cpp_extension
 
-from vllm_d2moe.mwq.bitpack import pack_bits, unpack_bits
 from vllm_d2moe.mwq.quantize import MWQTensor
 
 NAME = "cpu-bitplanes-avx2"
@@ -89,18 +88,20 @@ class PlanePairs:
 
     @staticmethod
     def from_stacked(p) -> "PlanePairs":
-        rows, cols = p.shape
+        load()
         planes = [p.base_bits[:, i] for i in range(p.min_bits)]
         planes += [p.plane_bits[:, j] for j in range(p.plane_bits.shape[1])]
         chunks = []
         for first in range(0, len(planes), 2):
             pair = planes[first : first + 2]
-            row_bytes = (len(pair) * cols + 7) // 8
-            size = p.num_experts * rows * row_bytes
-            chunk = torch.zeros(size + _SLACK, dtype=torch.uint8)[:size].view(p.num_experts, rows, row_bytes)
-            for e in range(p.num_experts):  # one expert at a time bounds the unpacked copy
-                bits = torch.stack([unpack_bits(plane[e], cols) for plane in pair], dim=-1)
-                chunk[e] = pack_bits(bits.reshape(rows, -1))
+            row_bytes = (len(pair) * p.shape[1] + 7) // 8
+            size = p.num_experts * p.shape[0] * row_bytes
+            chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(p.num_experts, p.shape[0], row_bytes)
+            for e in range(p.num_experts):  # one expert's plane is contiguous
+                if len(pair) == 2:
+                    torch.ops.d2moe_cpu.pair_planes(pair[0][e], pair[1][e], chunk[e])
+                else:
+                    chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
         return PlanePairs(p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale)
 
@@ -119,13 +120,17 @@ class PlanePairs:
 
     def expert(self, expert: int, bits: int | None = None) -> MWQTensor:
         """Expert ``expert`` at width ``bits`` (default: all resident planes), planes unpaired (a copy)."""
+        load()
         bits = self.bits if bits is None else bits
-        cols = self.shape[1]
+        plane_bytes = (self.shape[1] + 7) // 8
         planes = []
-        for index, chunk in enumerate(self.chunks):
-            n = min(2, self.bits - 2 * index)
-            paired = unpack_bits(chunk[expert], n * cols).view(self.shape[0], cols, n)
-            planes += [pack_bits(paired[..., j]) for j in range(n)]
+        for chunk in self.chunks[: (bits + 1) // 2]:
+            if chunk.shape[-1] == plane_bytes:  # a lone last plane
+                planes.append(chunk[expert].clone())
+                continue
+            first, second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
+            torch.ops.d2moe_cpu.unpair_planes(chunk[expert], first, second)
+            planes += [first, second]
         planes = planes[:bits]
         return MWQTensor(
             shape=self.shape,

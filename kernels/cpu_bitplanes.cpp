@@ -33,11 +33,12 @@ namespace {
 constexpr int kMaxPlanes = 8;
 constexpr int kMaxChunks = kMaxPlanes / 2;
 // Up to kRegisterTokens tokens the weights are rebuilt in registers once per block of
-// kTokenBlock tokens; above it a tile of rows is rebuilt once and multiplied by torch's
-// GEMM (measured at width 4: 8 tokens take 0.65x the tile path's time; at 16 they are even).
+// kTokenBlock tokens; above it a tile of kTileRows rows (1 MB of float32 at 2048 columns)
+// is rebuilt once and multiplied by torch's GEMM (measured at width 4: 8 tokens take 0.65x
+// the tile path's time; at 16 they are even).
 constexpr int64_t kTokenBlock = 4;
 constexpr int64_t kRegisterTokens = 8;
-constexpr int64_t kTileRows = 32;
+constexpr int64_t kTileRows = 128;
 // Rows per thread at least this many plane-bits, so a small projection does
 // not pay a thread wake-up and barrier for microseconds of work.
 constexpr int64_t kBitsPerThread = int64_t(1) << 20;
@@ -275,17 +276,22 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
     });
     return;
   }
-  at::parallel_for(0, p.rows, std::max(grain, kTileRows), [&](int64_t r0, int64_t r1) {
-    at::Tensor tile = at::empty({kTileRows, p.cols}, x.options());
-    for (int64_t start = r0; start < r1; start += kTileRows) {
-      const int64_t n = std::min(kTileRows, r1 - start);
+  // Tiles one after another: the rebuild is split across threads, then torch's GEMM
+  // runs with its own threads. (A GEMM called inside at::parallel_for nests OpenMP
+  // regions, which ran 100x slower on this loaded 2-core machine.)
+  at::Tensor tile = at::empty({kTileRows, p.cols}, x.options());
+  float* tp = tile.data_ptr<float>();
+  for (int64_t start = 0; start < p.rows; start += kTileRows) {
+    const int64_t n = std::min(kTileRows, p.rows - start);
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
       if (vector_groups)
-        with_chunks<DequantizeRows>(p, start, start + n, tile.data_ptr<float>());
+        with_chunks<DequantizeRows>(p, start + r0, start + r1, tp + r0 * p.cols);
       else
-        dequantize_rows_scalar(p, start, start + n, tile.data_ptr<float>());
-      out.narrow(1, start, n).copy_(at::mm(x, tile.narrow(0, 0, n).t()));
-    }
-  });
+        dequantize_rows_scalar(p, start + r0, start + r1, tp + r0 * p.cols);
+    });
+    at::Tensor columns = out.narrow(1, start, n);  // a strided view BLAS writes in place
+    at::mm_out(columns, x, tile.narrow(0, 0, n).t());
+  }
 }
 
 void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales, const char* name) {

@@ -8,9 +8,9 @@ output scale). Outputs are pre-filled with NaN, so a row a backend forgets to
 write fails. Inputs are fresh random draws per test.
 
 The Triton backend runs compiled on a CUDA device when there is one, otherwise
-under ``TRITON_INTERPRET=1`` on CPU tensors; the variable must be set both
-when the module is imported (``@triton.jit`` picks the interpreter then) and
-while it runs, so the fixture sets it for the Triton tests only.
+under ``TRITON_INTERPRET=1`` on CPU tensors. The variable must hold from the
+first import of triton on (vLLM, imported by other tests, loads it without), so
+those cases run in a fresh process started by ``test_triton_backend_interpreted``.
 """
 
 import importlib

@@ -22,9 +22,6 @@ class ExpertWeights:
     gate_up: MWQTensor  # [2 * intermediate_per_rank, hidden]
     down: MWQTensor  # [hidden, intermediate_per_rank]
 
-    def truncate(self, bits: int) -> "ExpertWeights":
-        return ExpertWeights(self.gate_up.truncate(bits), self.down.truncate(bits))
-
 
 def shard_expert(
     tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int
@@ -153,9 +150,6 @@ class ExpertSegments:
     bits: tuple[int, ...]
     starts: tuple[int, ...]
 
-    def __len__(self) -> int:
-        return len(self.experts)
-
 
 class _ExpertViews(Sequence):
     """``LayerExperts.experts``: each local expert at full width, built on access."""
@@ -237,7 +231,8 @@ def load_layer_experts(
     """Read this rank's experts (``global_ids``, in local order) of ``layer`` at width ``bits``.
 
     Each expert is copied into the layer's stacked tensors as it is read, so
-    loading holds one layer plus one expert at most.
+    loading holds one layer plus one expert (and, while a backend's ``prepare``
+    runs, its copy of the layer).
     """
     if not global_ids:
         raise MWQError(f"layer {layer}: no experts assigned to this rank")

@@ -115,8 +115,11 @@ def _matmul(x, projection, blocks, out, gated: bool) -> None:
     rows, cols = projection.shape
     n = rows // 2 if gated else rows
     grid = (blocks.shape[0], triton.cdiv(n, BLOCK_N))
+    plane_bits, plane_scale = projection.plane_bits, projection.plane_scale
+    if plane_bits.numel() == 0:  # no residual planes: never read, but the launcher wants a real pointer
+        plane_bits, plane_scale = projection.base_bits, projection.base_scale
     _mwq_matmul_kernel[grid](
-        x, out, blocks, *projection.tensors,
+        x, out, blocks, projection.base_bits, projection.base_scale, projection.base_zero, plane_bits, plane_scale,
         cols, n, rows, projection.base_bits.shape[-1], projection.base_scale.shape[-1],
         projection.group_size, projection.plane_bits.shape[1],
         MIN_BITS=projection.min_bits, GATED=gated, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,

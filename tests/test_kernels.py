@@ -145,7 +145,7 @@ def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols
         pytest.skip(f"{module.NAME} keeps the stacked tensors")
     stacked = random_stacked(MWQSpec(min_bits, max_bits, cols), 2, 5, cols, device)
     prepared = module.prepare(stacked)
-    assert prepared.nbytes <= stacked.nbytes + 8 * len(stacked.tensors)
+    assert prepared.nbytes <= 1.01 * stacked.nbytes + 64  # about the packed bytes
     for e in range(2):
         for bits in range(min_bits, max_bits + 1):
             want, got = stacked.expert(e, bits), prepared.expert(e, bits)

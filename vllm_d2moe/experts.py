@@ -131,13 +131,9 @@ class StackedProjection:
         )
 
     @property
-    def tensors(self) -> list[torch.Tensor]:
-        """The stacked tensors in declaration order (how compiled kernels take them)."""
-        return [self.base_bits, self.base_scale, self.base_zero, self.plane_bits, self.plane_scale]
-
-    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        tensors = [self.base_bits, self.base_scale, self.base_zero, self.plane_bits, self.plane_scale]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)

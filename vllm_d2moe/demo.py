@@ -83,7 +83,9 @@ def run(args) -> int:
             max_model_len=512,
             seed=0,
         )
-        outputs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
+        # Greedy, with a repetition penalty: a model this small loops without one.
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.3)
+        outputs = llm.generate(prompts, params)
         for prompt, out in zip(prompts, outputs):
             print(f"--- {prompt!r}\n{prompt}{out.outputs[0].text}")
         llm.llm_engine.engine_core.shutdown()

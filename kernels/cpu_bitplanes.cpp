@@ -150,21 +150,22 @@ struct Codebooks {
   }
 };
 
-// The eight weights of columns [8 * block, 8 * block + 8) of a row (`row_bits`: each
-// chunk's row). Each chunk's bits for them are read as one 32-bit word, which may run up
-// to 3 bytes past the row: resident chunks carry 4 bytes of slack at the end.
+// The weights of columns [8 * block, 8 * block + 16) of a row (`row_bits`: each chunk's
+// row), eight per register. Each chunk's bits for them are one 32-bit word (at one or two
+// bits per column), which may run up to 3 bytes past the row: resident chunks carry 4
+// bytes of slack at the end.
 template <class L>
-[[gnu::always_inline]] inline __m256 weights8(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t block) {
-  __m256 w = _mm256_setzero_ps();
+[[gnu::always_inline]] inline void weights16(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t block,
+                                             __m256& first, __m256& second) {
   for (int c = 0; c < L::count; ++c) {
     const int n = L::bits_per_column(c);
-    const __m256i lane_shift = _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n);
-    const float* field = reinterpret_cast<const float*>(row_bits[c] + n * block);
-    const __m256i codes = _mm256_srlv_epi32(_mm256_castps_si256(_mm256_broadcast_ss(field)), lane_shift);
-    const __m256 part = _mm256_permutevar_ps(cb.entries[c], codes);
-    w = c == 0 ? part : _mm256_add_ps(w, part);
+    const __m256i shift = _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n);
+    const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(row_bits[c] + n * block)));
+    const __m256 a = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, shift));
+    const __m256 b = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(8 * n))));
+    first = c == 0 ? a : _mm256_add_ps(first, a);
+    second = c == 0 ? b : _mm256_add_ps(second, b);
   }
-  return w;
 }
 
 // Calls step(weights, first column) for every eight weights of row `row`, group by group.
@@ -175,9 +176,19 @@ template <class L, typename Step>
   const int64_t blocks_per_group = p.group_size / 8;
   for (int64_t g = 0; g < p.groups; ++g) {
     const Codebooks<L> cb(p, row, g);
-#pragma GCC unroll 4
-    for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block)
-      step(weights8<L>(cb, row_bits, block), 8 * block);
+    const int64_t end = (g + 1) * blocks_per_group;
+    int64_t block = g * blocks_per_group;
+    __m256 first, second;
+#pragma GCC unroll 2
+    for (; block + 2 <= end; block += 2) {
+      weights16<L>(cb, row_bits, block, first, second);
+      step(first, 8 * block);
+      step(second, 8 * block + 8);
+    }
+    if (block < end) {  // an odd number of blocks per group
+      weights16<L>(cb, row_bits, block, first, second);
+      step(first, 8 * block);
+    }
   }
 }
 

@@ -24,12 +24,12 @@ rotating through a 64 MB pool; ``benchmarks/results/kernels-1thread.json``):
 =================================================  =======  =======  =======
                                                     width 2  width 4  width 8
 =================================================  =======  =======  =======
-this kernel: plane pairs, 4-entry codebooks         0.98 ms  1.30 ms  2.63 ms
+this kernel: plane pairs, 4-entry codebooks         0.89 ms  1.20 ms  2.30 ms
 C++, planes as stored: a 0/1 lane table + FMA/plane 1.10 ms  1.75 ms  3.7 ms
 numba, the same sums as byte lookup tables over x   3.0 ms   6.1 ms   12.8 ms
 numba, one weight at a time                         49 ms    118 ms   164 ms
-torch reference (dequantizes every call)            69 ms    218 ms   350 ms
-bf16 ``F.linear`` / int8 / int4 weight-only         1.90 / 1.29 / 1.28 ms (any width)
+torch reference (dequantizes every call)            46 ms    135 ms   279 ms
+bf16 ``F.linear`` / int8 / int4 weight-only         1.87 / 1.21 / 1.28 ms (any width)
 =================================================  =======  =======  =======
 
 (The second to fourth rows were timed on one expert called repeatedly, warm in
@@ -46,8 +46,8 @@ scales ``a_j``, not an integer code times one scale.
 
 What bounds it: compute, one codebook lookup per plane pair per eight weights,
 so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
-memory bandwidth. At width 8 that is about twice torch's int8 kernel (which
-converts each int8 weight once). An odd width reads its pair's second plane
+memory bandwidth (4 GB/s of the 10-18 GB/s one core reads). At width 8 that is
+1.9x torch's int8 kernel (which converts each int8 weight once). An odd width reads its pair's second plane
 too (coefficient zero): 1/b more bytes.
 """
 

@@ -4,10 +4,10 @@ Every MWQ width is "b binary planes with per-group coefficients plus a
 per-group offset". At load (:func:`prepare`) the planes are re-laid in pairs,
 each column's two bits side by side (:class:`PlanePairs`: same bytes, the
 MWQ tensors stay recoverable bit for bit). The kernel then rebuilds eight
-float32 weights in a register with, per plane pair, one broadcast of a 16-bit
-field, one per-lane shift and one in-lane permute (``vpermilps``) of the
-group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``, and multiplies them
-straight into the tokens; no float copy of the expert exists. Up to 8 tokens
+float32 weights in a register with, per plane pair, a per-lane shift of one
+broadcast 32-bit word (sixteen columns' bits) and an in-lane permute
+(``vpermilps``) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``,
+and multiplies them straight into the tokens; no float copy of the expert exists. Up to 8 tokens
 the rebuilt weights feed per-token accumulators (in blocks of 4); above that a
 32-row tile is rebuilt once and multiplied with torch's GEMM. Rows are split
 across torch's own intra-op (OpenMP) threads with ``at::parallel_for`` (small

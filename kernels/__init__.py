@@ -14,9 +14,12 @@ Optional hooks: ``prepare(projection)`` turns a layer's
 :class:`vllm_d2moe.experts.StackedProjection` into the backend's own resident
 layout once at load (it replaces the stacked tensors, must keep the bytes
 about the same and give back each expert's ``MWQTensor`` through
-``.expert(e, bits)``); without it the stacked tensors are resident. ``load()``
-does per-process set-up (a build, an import) and raises with the reason when
-the backend cannot run.
+``.expert(e, bits)``); without it the stacked tensors are resident.
+``layer_forward(x, topk_weights, local_ids, widths, gate_up, down)`` returns
+what :meth:`vllm_d2moe.experts.LayerExperts.forward` would (grouping, gather
+and weighted sum included), for a backend that does all of it in one call.
+``load()`` does per-process set-up (a build, an import) and raises with the
+reason when the backend cannot run.
 
 Backends: ``reference`` (pure torch, the ground truth of the tests),
 ``cpu_bitplanes`` (x86-64 AVX2 C++, built at first use), ``triton_mwq`` (CUDA).

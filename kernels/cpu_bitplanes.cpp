@@ -315,16 +315,40 @@ void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<a
                 ": scales must be contiguous float16 CPU tensors");
 }
 
+// A layer's resident projections (kernels/cpu_bitplanes.py, PlanePairs) as the ops receive them.
+struct Layer {
+  const std::vector<at::Tensor>&gate_up_chunks, &gate_up_scales, &down_chunks, &down_scales;
+  int64_t min_bits, group_size, hidden, inter;
+
+  Layer(const std::vector<at::Tensor>& gate_up_chunks, const std::vector<at::Tensor>& gate_up_scales,
+        const std::vector<at::Tensor>& down_chunks, const std::vector<at::Tensor>& down_scales, int64_t min_bits,
+        int64_t group_size)
+      : gate_up_chunks(gate_up_chunks), gate_up_scales(gate_up_scales), down_chunks(down_chunks),
+        down_scales(down_scales), min_bits(min_bits), group_size(group_size) {
+    check_projection(gate_up_chunks, gate_up_scales, "gate_up");
+    check_projection(down_chunks, down_scales, "down");
+    hidden = down_scales[0].size(1);
+    inter = gate_up_scales[0].size(1) / 2;
+  }
+
+  // out [n, hidden] = down(silu(gate(x)) * up(x)) for x [n, hidden], both contiguous float32.
+  void mlp(const at::Tensor& x, int64_t expert, int64_t width, const at::Tensor& out) const {
+    TORCH_CHECK(0 <= expert && expert < gate_up_scales[0].size(0), "expert ", expert, " is not resident");
+    at::Tensor h = at::empty({x.size(0), 2 * inter}, x.options());
+    linear(view_projection(gate_up_chunks, gate_up_scales, min_bits, expert, width, hidden, group_size), x, h);
+    const at::Tensor act = at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
+    linear(view_projection(down_chunks, down_scales, min_bits, expert, width, inter, group_size), act, out);
+  }
+};
+
 // Expert MLP of every segment: out[first:end] = down(silu(gate(x)) * up(x)) over x[first:end].
 // segments: int64 [n, 4] rows of (expert, width, first pair, end pair).
 void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::vector<at::Tensor>& gate_up_chunks,
                   const std::vector<at::Tensor>& gate_up_scales, const std::vector<at::Tensor>& down_chunks,
                   const std::vector<at::Tensor>& down_scales, int64_t min_bits, int64_t group_size, at::Tensor out) {
-  check_projection(gate_up_chunks, gate_up_scales, "gate_up");
-  check_projection(down_chunks, down_scales, "down");
-  const int64_t hidden = down_scales[0].size(1), inter = gate_up_scales[0].size(1) / 2;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden,
-              "x must be contiguous float32 [pairs, ", hidden, "]");
+  const Layer layer(gate_up_chunks, gate_up_scales, down_chunks, down_scales, min_bits, group_size);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == layer.hidden,
+              "x must be contiguous float32 [pairs, ", layer.hidden, "]");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
               "out must be contiguous float32 shaped like x");
   TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(1) == 4,
@@ -333,16 +357,52 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
   const int64_t* s = table.data_ptr<int64_t>();
   for (int64_t i = 0; i < table.size(0); ++i) {
     const int64_t expert = s[4 * i], width = s[4 * i + 1], first = s[4 * i + 2], end = s[4 * i + 3];
-    TORCH_CHECK(0 <= expert && expert < gate_up_scales[0].size(0) && 0 <= first && first <= end && end <= x.size(0),
-                "segment ", i, " is out of range");
-    if (first == end) continue;
-    const at::Tensor xs = x.narrow(0, first, end - first);
-    at::Tensor h = at::empty({end - first, 2 * inter}, x.options());
-    linear(view_projection(gate_up_chunks, gate_up_scales, min_bits, expert, width, hidden, group_size), xs, h);
-    const at::Tensor act = at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
-    linear(view_projection(down_chunks, down_scales, min_bits, expert, width, inter, group_size), act,
-           out.narrow(0, first, end - first));
+    TORCH_CHECK(0 <= first && first <= end && end <= x.size(0), "segment ", i, " is out of range");
+    if (first < end) layer.mlp(x.narrow(0, first, end - first), expert, width, out.narrow(0, first, end - first));
   }
+}
+
+// The routed sum of one layer call, as LayerExperts.forward computes it with torch ops:
+// out[t] = sum_k topk_weights[t, k] * mlp_{local_ids[t, k] at widths[t, k]}(x[t]), skipping ids < 0.
+// Grouping, gathering and the weighted scatter stay here: on small models the torch ops
+// for them cost more than the experts.
+at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
+                       const at::Tensor& widths, const std::vector<at::Tensor>& gate_up_chunks,
+                       const std::vector<at::Tensor>& gate_up_scales, const std::vector<at::Tensor>& down_chunks,
+                       const std::vector<at::Tensor>& down_scales, int64_t min_bits, int64_t group_size) {
+  const Layer layer(gate_up_chunks, gate_up_scales, down_chunks, down_scales, min_bits, group_size);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == layer.hidden, "x must be [tokens, ", layer.hidden, "]");
+  TORCH_CHECK(local_ids.dim() == 2 && local_ids.size(0) == x.size(0) && local_ids.sizes() == widths.sizes() &&
+                  local_ids.sizes() == topk_weights.sizes(),
+              "local_ids, widths and topk_weights must be [tokens, top_k]");
+  const int64_t tokens = x.size(0), top_k = local_ids.size(1), hidden = layer.hidden;
+  const at::Tensor ids = local_ids.to(at::kLong).contiguous(), bits = widths.to(at::kLong).contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous(), xf = x.to(at::kFloat).contiguous();
+  const int64_t *id = ids.data_ptr<int64_t>(), *bit = bits.data_ptr<int64_t>();
+  const auto key = [&](int64_t pair) { return id[pair] * 16 + bit[pair]; };
+  std::vector<int64_t> pairs;
+  for (int64_t pair = 0; pair < tokens * top_k; ++pair)
+    if (id[pair] >= 0) pairs.push_back(pair);
+  std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+
+  at::Tensor out = at::zeros({tokens, hidden}, xf.options());
+  float* o = out.data_ptr<float>();
+  const float *xp = xf.data_ptr<float>(), *w = weights.data_ptr<float>();
+  for (size_t first = 0, end; first < pairs.size(); first = end) {
+    for (end = first + 1; end < pairs.size() && key(pairs[end]) == key(pairs[first]);) ++end;
+    const int64_t n = int64_t(end - first);
+    at::Tensor xs = at::empty({n, hidden}, xf.options()), ys = at::empty({n, hidden}, xf.options());
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(xs.data_ptr<float>() + i * hidden, xp + pairs[first + i] / top_k * hidden, hidden * sizeof(float));
+    layer.mlp(xs, id[pairs[first]], bit[pairs[first]], ys);
+    const float* y = ys.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = o + pairs[first + i] / top_k * hidden;
+      const float weight = w[pairs[first + i]];
+      for (int64_t c = 0; c < hidden; ++c) row[c] += weight * y[i * hidden + c];
+    }
+  }
+  return out.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------- resident layout
@@ -409,6 +469,10 @@ TORCH_LIBRARY(d2moe_cpu, m) {
       "moe_segments(Tensor x, Tensor segments, Tensor[] gate_up_chunks, Tensor[] gate_up_scales, "
       "Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size, Tensor(a!) out) -> ()",
       &d2moe_cpu::moe_segments);
+  m.def(
+      "moe_forward(Tensor x, Tensor topk_weights, Tensor local_ids, Tensor widths, Tensor[] gate_up_chunks, "
+      "Tensor[] gate_up_scales, Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size) -> Tensor",
+      &d2moe_cpu::moe_forward);
   m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
   m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
 }

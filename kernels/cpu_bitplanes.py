@@ -163,15 +163,25 @@ def prepare(projection) -> PlanePairs:
     return PlanePairs.from_stacked(projection)
 
 
+def _layer_args(gate_up: PlanePairs, down: PlanePairs) -> list:
+    return [
+        list(gate_up.chunks), [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale],
+        list(down.chunks), [down.base_scale, down.base_zero, down.plane_scale],
+        gate_up.min_bits, gate_up.group_size,
+    ]
+
+
 def grouped_mlp(x, gate_up: PlanePairs, down: PlanePairs, segments, out) -> None:
     """See ``kernels/__init__.py``; ``out`` must be contiguous float32."""
     load()
     table = torch.tensor(
         [segments.experts, segments.bits, segments.starts[:-1], segments.starts[1:]], dtype=torch.int64
     ).T.contiguous()
-    torch.ops.d2moe_cpu.moe_segments(
-        x.float().contiguous(), table,
-        list(gate_up.chunks), [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale],
-        list(down.chunks), [down.base_scale, down.base_zero, down.plane_scale],
-        gate_up.min_bits, gate_up.group_size, out,
-    )
+    torch.ops.d2moe_cpu.moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
+
+
+def layer_forward(x, topk_weights, local_ids, widths, gate_up: PlanePairs, down: PlanePairs) -> torch.Tensor:
+    """See ``kernels/__init__.py``: grouping, gather and weighted scatter in the same C++ call
+    (on the reference model the dozen torch ops for them cost more than its small experts)."""
+    load()
+    return torch.ops.d2moe_cpu.moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))

@@ -137,6 +137,16 @@ def test_layer_forward_mixes_experts_widths_and_ranks(backend):
     assert_close(got, want)
 
 
+def test_layer_forward_without_local_experts_is_zero(backend):
+    module, device = backend
+    spec = MWQSpec(2, 3, 16)
+    layer = LayerExperts(*random_layer(spec, 2, 32, 16, device), spec.max_bits, module)
+    ids = torch.full((3, 2), -1, device=device)
+    out = layer.forward(torch.randn(3, 32, device=device), torch.rand(3, 2, device=device), ids,
+                        torch.full((3, 2), 3, device=device, dtype=torch.int8))
+    assert torch.equal(out.cpu(), torch.zeros(3, 32))
+
+
 @pytest.mark.parametrize("min_bits,max_bits,cols", [(2, 8, 48), (1, 4, 20), (3, 7, 13), (4, 4, 8)])
 def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols):
     """A backend's resident layout gives back every width's planes and scales bit for bit."""

@@ -192,8 +192,10 @@ class LayerExperts:
         """Weighted sum of expert outputs; ``local_ids`` of -1 (experts on other ranks) are skipped.
 
         Pairs are sorted by (expert, width) and the backend computes all the
-        resulting segments in one call.
+        resulting segments in one call, or the whole sum when it has ``layer_forward``.
         """
+        if hasattr(self.backend, "layer_forward"):
+            return self.backend.layer_forward(x, topk_weights, local_ids, widths, self.gate_up, self.down)
         top_k = local_ids.shape[1]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         # Experts of other ranks (-1) get negative keys and sort first.

@@ -62,7 +62,10 @@ from vllm_d2moe.mwq.quantize import MWQTensor
 NAME = "cpu-bitplanes-avx2"
 
 _SOURCE = __file__.removesuffix(".py") + ".cpp"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2"]  # every AVX2 CPU (Haswell, Zen on) has FMA, F16C, BMI2
+# Every AVX2 CPU (Haswell, Zen on) has FMA, F16C and BMI2. Without -fopenmp the
+# at::parallel_for in ATen's headers compiles to a serial loop; the OpenMP runtime
+# it links is the libgomp.so.1 torch has already loaded.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
 _SLACK = 4  # the kernel reads each eight columns' bits as one 32-bit word
 _loaded = False
 
@@ -153,7 +156,8 @@ def load() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
         raise RuntimeError(f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}")
     torch.utils.cpp_extension.load(
-        name="d2moe_cpu_bitplanes", sources=[_SOURCE], extra_cflags=_FLAGS, is_python_module=False
+        name="d2moe_cpu_bitplanes", sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        is_python_module=False,
     )
     _loaded = True
 

@@ -70,6 +70,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 # Wall time by default; with one thread, the thread's CPU time discounts the moments
 # other processes on a shared machine hold the core (it cannot see parallel work).
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+STATS = {"ms": "median", "ms_min": "fastest call"}
 
 
 class Method:
@@ -218,7 +219,7 @@ def main():
             print(f"{tokens:>6}  {m.name:<26}{width:>5}  {ms:8.3f}  {row['ms_min']:8.3f}  "
                   f"{m.nbytes / 2**20:8.2f}  {row['gbps']:6.1f}")
 
-    targets = check_targets(rows, bandwidth)
+    targets = [t for stat in STATS for t in check_targets(rows, bandwidth, stat)]
     print("\n" + "\n".join(t["line"] for t in targets))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -236,8 +237,9 @@ def main():
     print(f"\nwrote {args.out / args.name}.json and .png")
 
 
-def check_targets(rows: list[dict], bandwidth: float) -> list[dict]:
-    """The issue's decode targets: width <= 4 no slower than bf16, width 8 within 1.2x of int8."""
+def check_targets(rows: list[dict], bandwidth: float, stat: str) -> list[dict]:
+    """The issue's decode targets (width <= 4 no slower than bf16, width 8 within 1.2x of
+    int8), judged on ``stat`` ("ms": median, "ms_min": fastest call)."""
     at1 = {(r["method"], r["width"]): r for r in rows if r["tokens"] == 1}
     if not at1:
         return []
@@ -250,21 +252,24 @@ def check_targets(rows: list[dict], bandwidth: float) -> list[dict]:
         else:
             continue
         got = at1[("MWQ fused CPU", bits)]
-        ratio = got["ms"] / base["ms"]
+        ratio = got[stat] / base[stat]
         ok = ratio <= limit
         floor_ms = got["bytes"] / bandwidth / 1e6
-        line = (f"1 token, width {bits}: {got['ms']:.3f} ms = {ratio:.2f}x {base['method']} "
-                f"({base['ms']:.3f} ms), target <= {limit}x: {'met' if ok else 'MISSED'}")
+        gbps = got["bytes"] / got[stat] / 1e6
+        line = (f"1 token, width {bits} ({STATS[stat]}): {got[stat]:.3f} ms = {ratio:.2f}x {base['method']} "
+                f"({base[stat]:.3f} ms), target <= {limit}x: {'met' if ok else 'MISSED'}")
         if not ok:
             line += (f"; it reads {got['bytes'] / 2**20:.1f} MiB, {floor_ms:.3f} ms at the measured "
-                     f"{bandwidth:.1f} GB/s, and runs at {got['gbps']:.1f} GB/s: bound by compute "
+                     f"{bandwidth:.1f} GB/s, and runs at {gbps:.1f} GB/s: bound by compute "
                      f"({(bits + 1) // 2} codebook lookups per 8 weights), not by bytes")
-        targets.append({"tokens": 1, "width": bits, "baseline": base["method"], "ratio": ratio,
-                        "limit": limit, "met": ok, "floor_ms": floor_ms, "line": line})
+        targets.append({"tokens": 1, "width": bits, "baseline": base["method"], "statistic": stat,
+                        "ratio": ratio, "limit": limit, "met": ok, "floor_ms": floor_ms, "line": line})
     return targets
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """ms per call against width, one panel per token count; the fastest call of each method
+    (the least disturbed on a shared machine; the JSON has medians too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,14 +280,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, tokens in zip(axes[0], token_counts):
         mine = [r for r in rows if r["tokens"] == tokens]
         for name, style in (("MWQ fused CPU", "o-"), ("MWQ torch reference", "s:")):
-            pts = sorted((r["width"], r["ms"]) for r in mine if r["method"] == name)
+            pts = sorted((r["width"], r["ms_min"]) for r in mine if r["method"] == name)
             if pts:
                 ax.plot(*zip(*pts), style, label=name)
         for r, color in zip([r for r in mine if r["width"] is None], ("C2", "C3", "C4")):
-            ax.axhline(r["ms"], color=color, linestyle="--", label=r["method"])
+            ax.axhline(r["ms_min"], color=color, linestyle="--", label=r["method"])
         ax.set_yscale("log")
         ax.set_xlabel("MWQ width (bits)")
-        ax.set_ylabel("ms per expert MLP call")
+        ax.set_ylabel("ms per expert MLP call (fastest call)")
         ax.set_title(f"{tokens} token{'s' if tokens > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -9,6 +9,7 @@ the unquantized perplexity with transformers (``crosscheck``); write
 Exit status 1 if an engine failed or vLLM and transformers disagree.
 """
 
+import importlib.util
 import shlex
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def command_line(args) -> str:
 
 
 def evaluate(args, work_dir: Path) -> int:
+    if importlib.util.find_spec("matplotlib") is None:  # needed for the plot, at the very end
+        raise RuntimeError('matplotlib is not installed: pip install -e ".[eval]"')
     widths = sorted(set(args.widths))
     MWQSpec(widths[0], widths[-1], args.group_size)  # rejects bad widths before any work
     dtype = model_dtype(args.model)

@@ -98,32 +98,62 @@ def baseline_methods(pool_mb: float) -> list[Method]:
     methods = []
 
     n = pool_size(2 * weights, pool_mb)
-    bf16 = [(torch.randn(2 * INTER, HIDDEN, dtype=torch.bfloat16) * 0.02,
-             torch.randn(HIDDEN, INTER, dtype=torch.bfloat16) * 0.02) for _ in range(n)]
-    methods.append(Method("bf16 matmul", None, 2 * weights, n,
-                          lambda x, e: F.linear(swiglu(F.linear(x, bf16[e][0])), bf16[e][1])))
+    bf16 = [
+        (
+            torch.randn(2 * INTER, HIDDEN, dtype=torch.bfloat16) * 0.02,
+            torch.randn(HIDDEN, INTER, dtype=torch.bfloat16) * 0.02,
+        )
+        for _ in range(n)
+    ]
+    methods.append(
+        Method(
+            "bf16 matmul",
+            None,
+            2 * weights,
+            n,
+            lambda x, e: F.linear(swiglu(F.linear(x, bf16[e][0])), bf16[e][1]),
+        )
+    )
 
     def int8(rows, cols):
-        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8), torch.rand(rows, dtype=torch.bfloat16) * 1e-3
+        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8), torch.rand(
+            rows, dtype=torch.bfloat16
+        ) * 1e-3
 
     n = pool_size(weights, pool_mb)
     i8 = [(int8(2 * INTER, HIDDEN), int8(HIDDEN, INTER)) for _ in range(n)]
     mm8 = torch.ops.aten._weight_int8pack_mm
-    methods.append(Method("int8 weight-only", None, weights + 2 * (2 * INTER + HIDDEN), n,
-                          lambda x, e: mm8(swiglu(mm8(x, *i8[e][0])), *i8[e][1])))
+    methods.append(
+        Method(
+            "int8 weight-only",
+            None,
+            weights + 2 * (2 * INTER + HIDDEN),
+            n,
+            lambda x, e: mm8(swiglu(mm8(x, *i8[e][0])), *i8[e][1]),
+        )
+    )
 
     def int4(rows, cols):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            torch.randint(0, 16, (rows, cols), dtype=torch.int32), 2)
+            torch.randint(0, 16, (rows, cols), dtype=torch.int32), 2
+        )
         return packed, torch.rand(cols // GROUP, rows, 2, dtype=torch.bfloat16) * 1e-2
 
     int4_bytes = weights // 2 + 4 * weights // GROUP
     n = pool_size(int4_bytes, pool_mb)
     i4 = [(int4(2 * INTER, HIDDEN), int4(HIDDEN, INTER)) for _ in range(n)]
     mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu
-    methods.append(Method("int4 weight-only (g128)", None, int4_bytes, n,
-                          lambda x, e: mm4(swiglu(mm4(x, i4[e][0][0], GROUP, i4[e][0][1])),
-                                           i4[e][1][0], GROUP, i4[e][1][1])))
+    methods.append(
+        Method(
+            "int4 weight-only (g128)",
+            None,
+            int4_bytes,
+            n,
+            lambda x, e: mm4(
+                swiglu(mm4(x, i4[e][0][0], GROUP, i4[e][0][1])), i4[e][1][0], GROUP, i4[e][1][1]
+            ),
+        )
+    )
     return methods
 
 
@@ -191,7 +221,9 @@ def main():
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--pool-mb", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="thread: CPU time, for --threads 1 only")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall", help="thread: CPU time, for --threads 1 only"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="kernels", help="file stem of the JSON and PNG written to --out")
     args = parser.parse_args()
@@ -202,33 +234,57 @@ def main():
     bandwidth = read_bandwidth_gbps()
     load_at_start = os.getloadavg()
     rows = []
-    print(f"expert: hidden {HIDDEN}, intermediate {INTER}, group {GROUP}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock; read bandwidth {bandwidth:.1f} GB/s; "
-          f"load average {load_at_start[0]:.1f}")
-    header = f"{'tokens':>6}  {'method':<26}{'width':>5}  {'ms':>8}  {'min ms':>8}  {'MB/call':>8}  {'GB/s':>6}"
+    print(
+        f"expert: hidden {HIDDEN}, intermediate {INTER}, group {GROUP}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock; read bandwidth {bandwidth:.1f} GB/s; "
+        f"load average {load_at_start[0]:.1f}"
+    )
+    header = (
+        f"{'tokens':>6}  {'method':<26}{'width':>5}  {'ms':>8}  {'min ms':>8}  {'MB/call':>8}  {'GB/s':>6}"
+    )
     for tokens in args.tokens:
         print("\n" + header)
         for m in measure(tokens, args.reps, args.pool_mb, CLOCKS[args.clock]):
             ms = statistics.median(m.times) * 1e3
-            row = {"tokens": tokens, "method": m.name, "width": m.width, "ms": ms, "ms_min": min(m.times) * 1e3,
-                   "ms_p25": statistics.quantiles(m.times, n=4)[0] * 1e3 if len(m.times) > 1 else ms,
-                   "ms_p75": statistics.quantiles(m.times, n=4)[2] * 1e3 if len(m.times) > 1 else ms,
-                   "calls": len(m.times), "bytes": m.nbytes, "gbps": m.nbytes / ms / 1e6}
+            row = {
+                "tokens": tokens,
+                "method": m.name,
+                "width": m.width,
+                "ms": ms,
+                "ms_min": min(m.times) * 1e3,
+                "ms_p25": statistics.quantiles(m.times, n=4)[0] * 1e3 if len(m.times) > 1 else ms,
+                "ms_p75": statistics.quantiles(m.times, n=4)[2] * 1e3 if len(m.times) > 1 else ms,
+                "calls": len(m.times),
+                "bytes": m.nbytes,
+                "gbps": m.nbytes / ms / 1e6,
+            }
             rows.append(row)
             width = "" if m.width is None else m.width
-            print(f"{tokens:>6}  {m.name:<26}{width:>5}  {ms:8.3f}  {row['ms_min']:8.3f}  "
-                  f"{m.nbytes / 2**20:8.2f}  {row['gbps']:6.1f}")
+            print(
+                f"{tokens:>6}  {m.name:<26}{width:>5}  {ms:8.3f}  {row['ms_min']:8.3f}  "
+                f"{m.nbytes / 2**20:8.2f}  {row['gbps']:6.1f}"
+            )
 
     targets = [t for stat in STATS for t in check_targets(rows, bandwidth, stat)]
     print("\n" + "\n".join(t["line"] for t in targets))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-                    "clock": args.clock,
-                    "torch": torch.__version__, "read_bandwidth_gbps": bandwidth,
-                    "load_average_start": load_at_start, "load_average_end": os.getloadavg()},
-        "expert": {"hidden": HIDDEN, "intermediate": INTER, "group_size": GROUP,
-                   "min_bits": MIN_BITS, "max_bits": MAX_BITS},
+        "machine": {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "clock": args.clock,
+            "torch": torch.__version__,
+            "read_bandwidth_gbps": bandwidth,
+            "load_average_start": load_at_start,
+            "load_average_end": os.getloadavg(),
+        },
+        "expert": {
+            "hidden": HIDDEN,
+            "intermediate": INTER,
+            "group_size": GROUP,
+            "min_bits": MIN_BITS,
+            "max_bits": MAX_BITS,
+        },
         "results": rows,
         "targets": targets,
     }
@@ -256,14 +312,29 @@ def check_targets(rows: list[dict], bandwidth: float, stat: str) -> list[dict]:
         ok = ratio <= limit
         floor_ms = got["bytes"] / bandwidth / 1e6
         gbps = got["bytes"] / got[stat] / 1e6
-        line = (f"1 token, width {bits} ({STATS[stat]}): {got[stat]:.3f} ms = {ratio:.2f}x {base['method']} "
-                f"({base[stat]:.3f} ms), target <= {limit}x: {'met' if ok else 'MISSED'}")
+        line = (
+            f"1 token, width {bits} ({STATS[stat]}): {got[stat]:.3f} ms = {ratio:.2f}x {base['method']} "
+            f"({base[stat]:.3f} ms), target <= {limit}x: {'met' if ok else 'MISSED'}"
+        )
         if not ok:
-            line += (f"; it reads {got['bytes'] / 2**20:.1f} MiB, {floor_ms:.3f} ms at the measured "
-                     f"{bandwidth:.1f} GB/s, and runs at {gbps:.1f} GB/s: bound by compute "
-                     f"({(bits + 1) // 2} codebook lookups per 8 weights), not by bytes")
-        targets.append({"tokens": 1, "width": bits, "baseline": base["method"], "statistic": stat,
-                        "ratio": ratio, "limit": limit, "met": ok, "floor_ms": floor_ms, "line": line})
+            line += (
+                f"; it reads {got['bytes'] / 2**20:.1f} MiB, {floor_ms:.3f} ms at the measured "
+                f"{bandwidth:.1f} GB/s, and runs at {gbps:.1f} GB/s: bound by compute "
+                f"({(bits + 1) // 2} codebook lookups per 8 weights), not by bytes"
+            )
+        targets.append(
+            {
+                "tokens": 1,
+                "width": bits,
+                "baseline": base["method"],
+                "statistic": stat,
+                "ratio": ratio,
+                "limit": limit,
+                "met": ok,
+                "floor_ms": floor_ms,
+                "line": line,
+            }
+        )
     return targets
 
 

@@ -51,7 +51,9 @@ def select_backend(device_type: str) -> ModuleType:
     """The kernel backend for ``device_type``, chosen once per process with the reason logged."""
     if forced := os.environ.get(BACKEND_ENV):
         backend = load_backend(forced)
-        logger.info("d2moe: expert kernel backend %r on %s (set by %s)", backend.NAME, device_type, BACKEND_ENV)
+        logger.info(
+            "d2moe: expert kernel backend %r on %s (set by %s)", backend.NAME, device_type, BACKEND_ENV
+        )
         return backend
     reference = load_backend("reference")
     name = _BY_DEVICE.get(device_type)
@@ -63,8 +65,16 @@ def select_backend(device_type: str) -> ModuleType:
     except Exception as e:  # noqa: BLE001 (a failed build or import must not stop serving)
         logger.warning(
             "d2moe: MWQ kernel backend %r is unavailable on %s (%s: %s); using the slower %r",
-            name, device_type, type(e).__name__, e, reference.NAME,
+            name,
+            device_type,
+            type(e).__name__,
+            e,
+            reference.NAME,
         )
         return reference
-    logger.info("d2moe: expert kernel backend %r on %s (the fused kernel for this platform)", backend.NAME, device_type)
+    logger.info(
+        "d2moe: expert kernel backend %r on %s (the fused kernel for this platform)",
+        backend.NAME,
+        device_type,
+    )
     return backend

@@ -83,7 +83,8 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   const int64_t resident = min_bits + plane_scale.size(1);
   TORCH_CHECK(group_size > 0 && p.groups * group_size == cols, "scales do not describe ", cols,
               " columns in groups of ", group_size);
-  TORCH_CHECK(min_bits <= width && width <= resident && width <= kMaxPlanes && int64_t(chunks.size()) == (resident + 1) / 2,
+  TORCH_CHECK(min_bits <= width && width <= resident && width <= kMaxPlanes &&
+                  int64_t(chunks.size()) == (resident + 1) / 2,
               "width ", width, " is outside the resident planes [", min_bits, ", ", resident, "]");
   for (int c = 0; c < p.chunks; ++c) {
     p.chunk_planes[c] = int(std::min<int64_t>(2, resident - 2 * c));
@@ -160,9 +161,11 @@ template <class L>
   for (int c = 0; c < L::count; ++c) {
     const int n = L::bits_per_column(c);
     const __m256i shift = _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n);
-    const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(row_bits[c] + n * block)));
+    const float* bits = reinterpret_cast<const float*>(row_bits[c] + n * block);
+    const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(bits));
+    const __m256i next_shift = _mm256_add_epi32(shift, _mm256_set1_epi32(8 * n));
     const __m256 a = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, shift));
-    const __m256 b = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(8 * n))));
+    const __m256 b = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, next_shift));
     first = c == 0 ? a : _mm256_add_ps(first, a);
     second = c == 0 ? b : _mm256_add_ps(second, b);
   }
@@ -411,7 +414,8 @@ at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& topk_weights, cons
 // with column c's bits at 2c (first) and 2c + 1 (second).
 void check_pairing(const at::Tensor& first, const at::Tensor& second, const at::Tensor& pairs) {
   for (const auto* t : {&first, &second, &pairs})
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte, "bit planes must be contiguous uint8 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte,
+                "bit planes must be contiguous uint8 CPU tensors");
   TORCH_CHECK(first.sizes() == second.sizes() && pairs.numel() / pairs.size(-1) == first.numel() / first.size(-1) &&
                   (pairs.size(-1) + 1) / 2 == first.size(-1),
               "pair rows must hold two planes' rows");

@@ -7,14 +7,17 @@ MWQ tensors stay recoverable bit for bit). The kernel then rebuilds eight
 float32 weights in a register with, per plane pair, a per-lane shift of one
 broadcast 32-bit word (sixteen columns' bits) and an in-lane permute
 (``vpermilps``) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``,
-and multiplies them straight into the tokens; no float copy of the expert exists. Up to 8 tokens
-the rebuilt weights feed per-token accumulators (in blocks of 4); above that a
-32-row tile is rebuilt once and multiplied with torch's GEMM. Rows are split
-across torch's own intra-op (OpenMP) threads with ``at::parallel_for`` (small
-projections stay on one thread), so both cores work and no second thread pool
-competes with torch's. The extension compiles at first use (about 30 s) into
-torch's extensions directory (``~/.cache/torch_extensions``); if it cannot be
-built the dispatcher logs why and serves with the reference.
+and multiplies them straight into the tokens; no float copy of the expert
+exists. Up to 8 tokens the rebuilt weights feed per-token accumulators (in
+blocks of 4); above that a 128-row tile is rebuilt across the threads and
+multiplied with torch's GEMM. Rows are split across torch's own intra-op
+(OpenMP) threads with ``at::parallel_for`` (small projections stay on one
+thread), so both cores work and no second thread pool competes with torch's.
+A whole layer call (grouping by expert and width, gather, weighted sum) is
+one C++ op (:func:`layer_forward`): on the small reference model the torch ops
+for that cost more than its experts. The extension compiles at first use
+(about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);
+if it cannot be built the dispatcher logs why and serves with the reference.
 
 Chosen by measurement (2026-11-24, this 2-core AMD EPYC (Zen 3) VM; one
 thread, per-thread CPU time to discount the other jobs sharing the machine;
@@ -32,9 +35,10 @@ torch reference (dequantizes every call)            46 ms    135 ms   279 ms
 bf16 ``F.linear`` / int8 / int4 weight-only         1.87 / 1.21 / 1.28 ms (any width)
 =================================================  =======  =======  =======
 
-(The second to fourth rows were timed on one expert called repeatedly, warm in
-the L3 cache, which favours them.) The plane-as-stored kernel spends about a cycle per plane per eight weights on
-data-dependent table loads and the integer work to index them; pairs with
+(The second to fourth rows were timed on one expert called repeatedly, warm
+in the L3 cache, which favours them.) The plane-as-stored kernel spends about
+a cycle per plane per eight weights on data-dependent table loads and the
+integer work to index them; pairs with
 codebooks halve the lookups and need no data-dependent loads. Three-plane
 chunks with 8-entry ``vpermps`` codebooks measured 1.4x slower than pairs at
 width 4 (``vpermps`` issues at about one per 1.4 cycles here, ``vpermilps``
@@ -44,11 +48,17 @@ here). Torch's int8/int4 weight-only kernels cannot run MWQ exactly: a width-b
 weight is ``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual
 scales ``a_j``, not an integer code times one scale.
 
+With both cores (``benchmarks/results/kernels.json``, same expert, 1 token):
+width 2 / 4 / 8 take 0.52 / 0.62 / 1.36 ms against bf16 0.99, int8 0.67 and
+int4 0.66 ms; at 64 tokens every width (10-11 ms) beats them all (bf16 52 ms,
+int8 13 ms), the rebuilt tile feeding torch's float32 GEMM.
+
 What bounds it: compute, one codebook lookup per plane pair per eight weights,
 so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
-memory bandwidth (4 GB/s of the 10-18 GB/s one core reads). At width 8 that is
-1.9x torch's int8 kernel (which converts each int8 weight once). An odd width reads its pair's second plane
-too (coefficient zero): 1/b more bytes.
+memory bandwidth (7 GB/s of the 19 GB/s two cores read). At width 8 that is
+2x torch's int8 kernel, which converts each int8 weight once and is bound by
+bytes. An odd width reads its pair's second plane too (coefficient zero): 1/b
+more bytes.
 """
 
 import platform
@@ -99,14 +109,18 @@ class PlanePairs:
             pair = planes[first : first + 2]
             row_bytes = (len(pair) * p.shape[1] + 7) // 8
             size = p.num_experts * p.shape[0] * row_bytes
-            chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(p.num_experts, p.shape[0], row_bytes)
+            chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(
+                p.num_experts, p.shape[0], row_bytes
+            )
             for e in range(p.num_experts):  # one expert's plane is contiguous
                 if len(pair) == 2:
                     torch.ops.d2moe_cpu.pair_planes(pair[0][e], pair[1][e], chunk[e])
                 else:
                     chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
-        return PlanePairs(p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale)
+        return PlanePairs(
+            p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale
+        )
 
     @property
     def bits(self) -> int:
@@ -154,9 +168,14 @@ def load() -> None:
         return
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
-        raise RuntimeError(f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}")
+        raise RuntimeError(
+            f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}"
+        )
     torch.utils.cpp_extension.load(
-        name="d2moe_cpu_bitplanes", sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        name="d2moe_cpu_bitplanes",
+        sources=[_SOURCE],
+        extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
     _loaded = True
@@ -169,9 +188,12 @@ def prepare(projection) -> PlanePairs:
 
 def _layer_args(gate_up: PlanePairs, down: PlanePairs) -> list:
     return [
-        list(gate_up.chunks), [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale],
-        list(down.chunks), [down.base_scale, down.base_zero, down.plane_scale],
-        gate_up.min_bits, gate_up.group_size,
+        list(gate_up.chunks),
+        [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale],
+        list(down.chunks),
+        [down.base_scale, down.base_zero, down.plane_scale],
+        gate_up.min_bits,
+        gate_up.group_size,
     ]
 
 

@@ -21,5 +21,7 @@ def expert_mlp(x: torch.Tensor, gate_up: MWQTensor, down: MWQTensor) -> torch.Te
 
 def grouped_mlp(x, gate_up, down, segments, out) -> None:
     """Every segment's expert MLP, one :func:`expert_mlp` call per segment (see ``kernels/__init__.py``)."""
-    for expert, bits, start, end in zip(segments.experts, segments.bits, segments.starts, segments.starts[1:]):
+    for expert, bits, start, end in zip(
+        segments.experts, segments.bits, segments.starts, segments.starts[1:]
+    ):
         out[start:end] = expert_mlp(x[start:end], gate_up.expert(expert, bits), down.expert(expert, bits))

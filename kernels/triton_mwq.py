@@ -29,9 +29,21 @@ BLOCK_K = 64
 
 @triton.jit
 def _weight_tile(
-    base_bits, base_scale, base_zero, plane_bits, plane_scale,
-    expert, residual_planes, offs_k, offs_n, mask,
-    ROWS, ROW_BYTES, GROUPS, GROUP_SIZE, RESIDENT_PLANES,
+    base_bits,
+    base_scale,
+    base_zero,
+    plane_bits,
+    plane_scale,
+    expert,
+    residual_planes,
+    offs_k,
+    offs_n,
+    mask,
+    ROWS,
+    ROW_BYTES,
+    GROUPS,
+    GROUP_SIZE,
+    RESIDENT_PLANES,
     MIN_BITS: tl.constexpr,
 ):
     """``W[offs_n, offs_k]`` of ``expert`` with ``residual_planes`` residual planes, as a float32 ``[K, N]`` tile."""
@@ -44,7 +56,9 @@ def _weight_tile(
     z = tl.load(base_zero + scale_at, mask=mask, other=0.0).to(tl.float32)
     q = tl.zeros(mask.shape, dtype=tl.float32)
     for i in tl.static_range(MIN_BITS):
-        packed = tl.load(base_bits + ((expert * MIN_BITS + i) * ROWS + rows) * ROW_BYTES + byte, mask=mask, other=0)
+        packed = tl.load(
+            base_bits + ((expert * MIN_BITS + i) * ROWS + rows) * ROW_BYTES + byte, mask=mask, other=0
+        )
         q += ((packed >> shift) & 1).to(tl.float32) * (1 << i)
     w = (q - z) * s
     for j in range(residual_planes):
@@ -57,9 +71,21 @@ def _weight_tile(
 
 @triton.jit
 def _mwq_matmul_kernel(
-    x, out, blocks,
-    base_bits, base_scale, base_zero, plane_bits, plane_scale,
-    K, N, ROWS, ROW_BYTES, GROUPS, GROUP_SIZE, RESIDENT_PLANES,
+    x,
+    out,
+    blocks,
+    base_bits,
+    base_scale,
+    base_zero,
+    plane_bits,
+    plane_scale,
+    K,
+    N,
+    ROWS,
+    ROW_BYTES,
+    GROUPS,
+    GROUP_SIZE,
+    RESIDENT_PLANES,
     MIN_BITS: tl.constexpr,
     GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -84,29 +110,62 @@ def _mwq_matmul_kernel(
         mask_k = offs_k < K
         xs = tl.load(
             x + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
         ).to(tl.float32)
         mask = mask_k[:, None] & mask_n[None, :]
         w = _weight_tile(
-            base_bits, base_scale, base_zero, plane_bits, plane_scale, expert, residual_planes,
-            offs_k, offs_n, mask, ROWS, ROW_BYTES, GROUPS, GROUP_SIZE, RESIDENT_PLANES, MIN_BITS,
+            base_bits,
+            base_scale,
+            base_zero,
+            plane_bits,
+            plane_scale,
+            expert,
+            residual_planes,
+            offs_k,
+            offs_n,
+            mask,
+            ROWS,
+            ROW_BYTES,
+            GROUPS,
+            GROUP_SIZE,
+            RESIDENT_PLANES,
+            MIN_BITS,
         )
         acc = tl.dot(xs, w, acc, input_precision="ieee")
         if GATED:
             w_up = _weight_tile(
-                base_bits, base_scale, base_zero, plane_bits, plane_scale, expert, residual_planes,
-                offs_k, offs_n + N, mask, ROWS, ROW_BYTES, GROUPS, GROUP_SIZE, RESIDENT_PLANES, MIN_BITS,
+                base_bits,
+                base_scale,
+                base_zero,
+                plane_bits,
+                plane_scale,
+                expert,
+                residual_planes,
+                offs_k,
+                offs_n + N,
+                mask,
+                ROWS,
+                ROW_BYTES,
+                GROUPS,
+                GROUP_SIZE,
+                RESIDENT_PLANES,
+                MIN_BITS,
             )
             acc_up = tl.dot(xs, w_up, acc_up, input_precision="ieee")
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    tl.store(out + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
+    )
 
 
 def _block_table(segments, min_bits: int, device) -> torch.Tensor:
     """int32 ``[blocks, 4]``: (expert, residual planes, first row, end row) per block of ``BLOCK_M`` rows."""
     rows = []
-    for expert, bits, start, end in zip(segments.experts, segments.bits, segments.starts, segments.starts[1:]):
+    for expert, bits, start, end in zip(
+        segments.experts, segments.bits, segments.starts, segments.starts[1:]
+    ):
         rows += [(expert, bits - min_bits, m, min(m + BLOCK_M, end)) for m in range(start, end, BLOCK_M)]
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
@@ -119,10 +178,26 @@ def _matmul(x, projection, blocks, out, gated: bool) -> None:
     if plane_bits.numel() == 0:  # no residual planes: never read, but the launcher wants a real pointer
         plane_bits, plane_scale = projection.base_bits, projection.base_scale
     _mwq_matmul_kernel[grid](
-        x, out, blocks, projection.base_bits, projection.base_scale, projection.base_zero, plane_bits, plane_scale,
-        cols, n, rows, projection.base_bits.shape[-1], projection.base_scale.shape[-1],
-        projection.group_size, projection.plane_bits.shape[1],
-        MIN_BITS=projection.min_bits, GATED=gated, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        x,
+        out,
+        blocks,
+        projection.base_bits,
+        projection.base_scale,
+        projection.base_zero,
+        plane_bits,
+        plane_scale,
+        cols,
+        n,
+        rows,
+        projection.base_bits.shape[-1],
+        projection.base_scale.shape[-1],
+        projection.group_size,
+        projection.plane_bits.shape[1],
+        MIN_BITS=projection.min_bits,
+        GATED=gated,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
 
 

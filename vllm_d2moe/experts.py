@@ -23,9 +23,7 @@ class ExpertWeights:
     down: MWQTensor  # [hidden, intermediate_per_rank]
 
 
-def shard_expert(
-    tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int
-) -> ExpertWeights:
+def shard_expert(tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int) -> ExpertWeights:
     """This rank's slice of the expert intermediate dimension (vLLM's TP split of MoE)."""
     gate_up, down = tensors["gate_up"], tensors["down"]
     if tp_size == 1:
@@ -125,8 +123,7 @@ class StackedProjection:
             base_scale=self.base_scale[expert],
             base_zero=self.base_zero[expert],
             planes=tuple(
-                (self.plane_bits[expert, j], self.plane_scale[expert, j])
-                for j in range(bits - self.min_bits)
+                (self.plane_bits[expert, j], self.plane_scale[expert, j]) for j in range(bits - self.min_bits)
             ),
         )
 

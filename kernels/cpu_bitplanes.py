@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.cpp_extension
 
+from vllm_d2moe.experts import check_storable
 from vllm_d2moe.mwq.quantize import MWQTensor
 
 NAME = "cpu-bitplanes-avx2"
@@ -134,6 +135,42 @@ class PlanePairs:
     def nbytes(self) -> int:
         tensors = [*self.chunks, self.base_scale, self.base_zero, self.plane_scale]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def store(self, expert: int, t: MWQTensor) -> None:
+        """Write ``t`` as expert ``expert`` (an offload pool slot); a narrower ``t`` leaves the planes
+        above it undefined, which its width never reads."""
+        check_storable(self, expert, t)
+        self.base_scale[expert].copy_(t.base_scale)
+        self.base_zero[expert].copy_(t.base_zero)
+        self._store_bit_planes(expert, 0, [*t.base_bits, *(bits for bits, _ in t.planes)])
+        for j, (_, scale) in enumerate(t.planes):
+            self.plane_scale[expert, j].copy_(scale)
+
+    def store_planes(self, expert: int, first: int, planes) -> None:
+        """Write residual planes ``first, first + 1, ...`` ((bits, scale) pairs) of expert ``expert``:
+        a width upgrade in place; the planes below stay as they are."""
+        load()
+        for j, (_, scale) in enumerate(planes, start=first):
+            self.plane_scale[expert, j].copy_(scale)
+        self._store_bit_planes(expert, self.min_bits + first, [bits for bits, _ in planes])
+
+    def _store_bit_planes(self, expert: int, start: int, planes: list[torch.Tensor]) -> None:
+        """Planes ``start .. start + len(planes)`` (base planes counted first) into their pairs; a pair
+        whose first plane is already resident is unpaired to keep it."""
+        load()
+        end = start + len(planes)
+        plane_bytes = (self.shape[1] + 7) // 8
+        for c in range(start // 2, (end + 1) // 2):
+            chunk = self.chunks[c][expert]
+            if chunk.shape[-1] == plane_bytes:  # a lone last plane
+                chunk.copy_(planes[2 * c - start])
+                continue
+            kept_first, kept_second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
+            if 2 * c < start:
+                torch.ops.d2moe_cpu.unpair_planes(chunk, kept_first, kept_second)
+            first = planes[2 * c - start] if 2 * c >= start else kept_first
+            second = planes[2 * c + 1 - start] if 2 * c + 1 < end else kept_second
+            torch.ops.d2moe_cpu.pair_planes(first.contiguous(), second.contiguous(), chunk)
 
     def expert(self, expert: int, bits: int | None = None) -> MWQTensor:
         """Expert ``expert`` at width ``bits`` (default: all resident planes), planes unpaired (a copy)."""

@@ -42,6 +42,20 @@ def shard_expert(tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int) -> E
     return ExpertWeights(gate_up_part, down.narrow_cols(start, part).map_tensors(torch.Tensor.contiguous))
 
 
+def check_storable(resident, expert: int, t: MWQTensor) -> None:
+    """``t`` fits slot ``expert`` of a resident projection: same shape, grouping and base, no more planes."""
+    if (
+        t.shape != resident.shape
+        or t.group_size != resident.group_size
+        or t.min_bits != resident.min_bits
+        or t.bits > resident.bits
+    ):
+        raise MWQError(
+            f"expert {expert}: {t.shape}@{t.min_bits}-{t.bits}b (group {t.group_size}) does not fit "
+            f"the layer's {resident.shape}@{resident.min_bits}-{resident.bits}b (group {resident.group_size})"
+        )
+
+
 @dataclass(frozen=True)
 class StackedProjection:
     """One projection of every expert of a layer, resident in one set of tensors.
@@ -87,15 +101,16 @@ class StackedProjection:
         )
 
     def store(self, expert: int, t: MWQTensor) -> None:
-        if t.shape != self.shape or t.bits != self.bits or t.group_size != self.group_size:
-            raise MWQError(
-                f"expert {expert}: {t.shape}@{t.bits}b (group {t.group_size}) does not match the "
-                f"layer's {self.shape}@{self.bits}b (group {self.group_size})"
-            )
+        """Write ``t`` as expert ``expert``; a narrower ``t`` leaves the planes above it as they were."""
+        check_storable(self, expert, t)
         self.base_bits[expert].copy_(t.base_bits)
         self.base_scale[expert].copy_(t.base_scale)
         self.base_zero[expert].copy_(t.base_zero)
-        for j, (bits, scale) in enumerate(t.planes):
+        self.store_planes(expert, 0, t.planes)
+
+    def store_planes(self, expert: int, first: int, planes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write residual planes ``first, first + 1, ...`` of expert ``expert`` (a width upgrade in place)."""
+        for j, (bits, scale) in enumerate(planes, start=first):
             self.plane_bits[expert, j].copy_(bits)
             self.plane_scale[expert, j].copy_(scale)
 
@@ -193,24 +208,37 @@ class LayerExperts:
         """
         if hasattr(self.backend, "layer_forward"):
             return self.backend.layer_forward(x, topk_weights, local_ids, widths, self.gate_up, self.down)
-        top_k = local_ids.shape[1]
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        # Experts of other ranks (-1) get negative keys and sort first.
-        keys = local_ids.reshape(-1).long() * 16 + widths.reshape(-1).long()
-        sorted_keys, order = torch.sort(keys, stable=True)
-        segment_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        runs = [(k, n) for k, n in zip(segment_keys.tolist(), counts.tolist()) if k >= 0]
-        if not runs:
-            return out.to(x.dtype)
-        order = order[order.numel() - sum(n for _, n in runs) :]
-        experts, bits = zip(*(divmod(k, 16) for k, _ in runs))
-        segments = ExpertSegments(experts, bits, tuple(accumulate((n for _, n in runs), initial=0)))
-        tokens = order // top_k
-        y = torch.empty(order.numel(), x.shape[1], dtype=torch.float32, device=x.device)
-        self.backend.grouped_mlp(x[tokens], self.gate_up, self.down, segments, y)
-        y *= topk_weights.reshape(-1)[order].float().unsqueeze(1)
-        out.index_add_(0, tokens, y)
+        return routed_sum(
+            x, topk_weights, local_ids, widths,
+            lambda xs, segments, y: self.backend.grouped_mlp(xs, self.gate_up, self.down, segments, y),
+        )
+
+
+def routed_sum(x, topk_weights, local_ids, widths, compute) -> torch.Tensor:
+    """``sum_k topk_weights[t, k] * expert(x[t])`` with the experts run by ``compute``.
+
+    (token, expert) pairs with ``local_ids >= 0`` are sorted by (expert, width);
+    ``compute(xs, segments, y)`` must write every row of ``y`` (float32) with the
+    MLP of its segment's expert and width applied to the same row of ``xs``.
+    """
+    top_k = local_ids.shape[1]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    # Experts of other ranks (-1) get negative keys and sort first.
+    keys = local_ids.reshape(-1).long() * 16 + widths.reshape(-1).long()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    segment_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+    runs = [(k, n) for k, n in zip(segment_keys.tolist(), counts.tolist()) if k >= 0]
+    if not runs:
         return out.to(x.dtype)
+    order = order[order.numel() - sum(n for _, n in runs) :]
+    experts, bits = zip(*(divmod(k, 16) for k, _ in runs))
+    segments = ExpertSegments(experts, bits, tuple(accumulate((n for _, n in runs), initial=0)))
+    tokens = order // top_k
+    y = torch.empty(order.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+    compute(x[tokens], segments, y)
+    y *= topk_weights.reshape(-1)[order].float().unsqueeze(1)
+    out.index_add_(0, tokens, y)
+    return out.to(x.dtype)
 
 
 def load_layer_experts(

@@ -235,6 +235,14 @@ class MWQCheckpoint:
             data = os.pread(fd, end - start, offset + start)
         except OSError as e:
             raise CheckpointError(f"{path}: reading layer {layer} expert {expert} failed ({e})") from e
+        self.verify_sections(layer, expert, first, last, data)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def verify_sections(self, layer: int, expert: int, first: int, last: int, data) -> None:
+        """Check ``data``, the bytes of sections ``first .. last`` of an expert, against the index."""
+        entry = self.layer(layer)
+        path = self.model_dir / EXPERTS_DIR / entry.file
+        start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
         if len(data) != end - start:
             raise CheckpointError(
                 f"{path}: layer {layer} expert {expert} is truncated "
@@ -247,7 +255,6 @@ class MWQCheckpoint:
                     f"{path}: checksum mismatch in layer {layer} expert {expert} section {s} "
                     f"({'base' if s == 0 else f'residual plane {s}'}); the file is corrupt"
                 )
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def read_expert(self, layer: int, expert: int, bits: int) -> dict[str, MWQTensor]:
         """The width-``bits`` tensors of one expert (reads only that prefix)."""

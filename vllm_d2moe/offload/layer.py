@@ -1,0 +1,78 @@
+"""A MoE layer whose experts live in the offload pool, behind :class:`LayerExperts`' interface."""
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+
+from vllm_d2moe.experts import ExpertSegments, ExpertWeights, routed_sum
+from vllm_d2moe.mwq.quantize import MWQError
+
+
+class _StoredExperts(Sequence):
+    """``OffloadedLayerExperts.experts``: each local expert at the layer's width, read from the store."""
+
+    def __init__(self, layer: "OffloadedLayerExperts"):
+        self.layer = layer
+
+    def __len__(self) -> int:
+        return len(self.layer.global_ids)
+
+    def __getitem__(self, expert: int) -> ExpertWeights:
+        layer = self.layer
+        expert = layer.global_ids[expert]
+        data = layer.manager.store.read(layer.layer, expert, 0, layer.bits - layer.manager.pool.min_bits)
+        tensors = data.tensors(layer.manager.store.layout(layer.layer))
+        return ExpertWeights(tensors["gate_up"], tensors["down"])
+
+
+class OffloadedLayerExperts:
+    """Experts ``global_ids`` (in local order) of MoE layer ``layer``, served at widths up to ``bits``
+    from the manager's pool, loaded from the checkpoint as calls need them."""
+
+    def __init__(self, manager, layer: int, global_ids: list[int], bits: int):
+        self.manager = manager
+        self.layer = layer
+        self.global_ids = list(global_ids)
+        self.bits = bits
+        self.experts = _StoredExperts(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Pool bytes this layer's experts hold now."""
+        pool = self.manager.pool
+        return sum(pool.slot_nbytes for layer, _, _ in pool.entries() if layer == self.layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        local_ids: torch.Tensor,
+        widths: torch.Tensor,
+    ) -> torch.Tensor:
+        """As :meth:`vllm_d2moe.experts.LayerExperts.forward`; every width must be within
+        ``[min_bits, bits]``."""
+        routed = widths[local_ids >= 0]
+        if routed.numel() and not (self.manager.pool.min_bits <= routed.min() and routed.max() <= self.bits):
+            raise MWQError(
+                f"MoE layer {self.layer}: widths {routed.min().item()}..{routed.max().item()} asked for; "
+                f"this layer serves [{self.manager.pool.min_bits}, {self.bits}]"
+            )
+        return routed_sum(x, topk_weights, local_ids, widths, self._compute)
+
+    def _compute(self, xs: torch.Tensor, segments: ExpertSegments, y: torch.Tensor) -> None:
+        manager = self.manager
+        bounds = list(pairwise(segments.starts))
+
+        def run_segment(i: int, slot: int) -> None:
+            start, end = bounds[i]
+            one = ExpertSegments((slot,), (segments.bits[i],), (0, end - start))
+            manager.backend.grouped_mlp(xs[start:end], manager.pool.gate_up, manager.pool.down, one, y[start:end])
+
+        manager.pipeline.run(
+            self.layer,
+            [self.global_ids[e] for e in segments.experts],
+            list(segments.bits),
+            [end - start for start, end in bounds],
+            run_segment,
+        )

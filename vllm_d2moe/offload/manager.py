@@ -1,0 +1,62 @@
+"""One process's expert offloading: the store, the resident pool, the load pipeline and their metrics.
+
+One manager serves every MoE layer of an engine (the budget is global); each
+layer gets an :class:`OffloadedLayerExperts` view of it.
+"""
+
+import logging
+import weakref
+from types import ModuleType
+
+from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+from vllm_d2moe.offload.budget import format_bytes
+from vllm_d2moe.offload.layer import OffloadedLayerExperts
+from vllm_d2moe.offload.metrics import OffloadMetrics
+from vllm_d2moe.offload.pipeline import LoadPipeline, OffloadPolicy
+from vllm_d2moe.offload.pool import ResidentPool
+from vllm_d2moe.offload.store import ExpertStore
+
+logger = logging.getLogger(__name__)
+
+_MANAGERS: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()
+
+
+class OffloadManager:
+    def __init__(
+        self,
+        checkpoint: MWQCheckpoint,
+        budget: int,
+        bits: int,
+        policy: OffloadPolicy,
+        backend: ModuleType,
+        device="cpu",
+    ):
+        layouts = {entry.layout for entry in checkpoint.layers.values()}
+        if len(layouts) != 1:
+            raise ValueError(
+                f"{checkpoint.model_dir}: MoE layers with different expert shapes "
+                f"({sorted((l.hidden, l.intermediate) for l in layouts)}) cannot share one offload pool"
+            )
+        self.backend = backend
+        self.policy = policy
+        self.store = ExpertStore(checkpoint, direct=policy.direct)
+        self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device)
+        self.metrics = OffloadMetrics(self.pool)
+        self.pipeline = LoadPipeline(self.store, self.pool, policy, self.metrics)
+        weakref.finalize(self, self.pipeline.close)
+        _MANAGERS.add(self)
+        non_expert = sum(f.stat().st_size for f in checkpoint.model_dir.glob("*.safetensors"))
+        logger.info(
+            "d2moe offload: budget %s holds %d experts at up to %d bits (%s each, %s allocated); "
+            "non-expert weights (not in the budget): %s; %s",
+            format_bytes(budget), self.pool.num_slots, bits, format_bytes(self.pool.slot_nbytes),
+            format_bytes(self.pool.nbytes), format_bytes(non_expert), policy,
+        )
+
+    def layer(self, layer: int, global_ids: list[int], bits: int) -> OffloadedLayerExperts:
+        return OffloadedLayerExperts(self, layer, global_ids, bits)
+
+
+def metrics_snapshots() -> list[dict]:
+    """Current metrics of every live offload manager in this process (one per engine)."""
+    return [m.metrics.snapshot() for m in list(_MANAGERS)]

@@ -1,0 +1,77 @@
+"""Offload counters per MoE layer and in total, readable from Python and logged periodically."""
+
+import logging
+import resource
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+
+from vllm_d2moe.offload.budget import format_bytes
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 30.0
+
+
+@dataclass
+class LayerCounters:
+    calls: int = 0
+    hits: int = 0  # (expert, width) demands served by the pool without a read
+    misses: int = 0  # reads: a load, an upgrade or (without MWQ reuse) a reload
+    bytes_read: int = 0
+    io_seconds: float = 0.0  # time the reads took, summed over the I/O threads
+    wait_seconds: float = 0.0  # time compute waited for reads (pipeline bubbles)
+
+    def add(self, other: "LayerCounters") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class OffloadMetrics:
+    """Counters of one offload manager; ``pool`` gives the occupancy."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.layers: dict[int, LayerCounters] = defaultdict(LayerCounters)
+        self._last_log = time.monotonic()
+
+    def layer(self, layer: int) -> LayerCounters:
+        return self.layers[layer]
+
+    def snapshot(self) -> dict:
+        total = LayerCounters()
+        for counters in self.layers.values():
+            total.add(counters)
+        return {
+            "layers": {layer: asdict(c) for layer, c in sorted(self.layers.items())},
+            "total": asdict(total),
+            "pool": {
+                "budget_bytes": self.pool.budget,
+                "allocated_bytes": self.pool.nbytes,
+                "slots": self.pool.num_slots,
+                "occupied_slots": self.pool.occupied,
+                "occupancy_bytes": self.pool.occupancy_nbytes,
+            },
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    def maybe_log(self) -> None:
+        """Log the totals at most every ``LOG_INTERVAL_S`` seconds (called after each layer call)."""
+        now = time.monotonic()
+        if now - self._last_log < LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        s = self.snapshot()
+        t, pool = s["total"], s["pool"]
+        lookups = t["hits"] + t["misses"]
+        logger.info(
+            "d2moe offload: %d layer calls, hit rate %.1f%%, read %s in %.2f s of I/O, compute waited "
+            "%.2f s; pool %d/%d slots (%s of %s budget); peak RSS %s",
+            t["calls"], 100 * t["hits"] / max(lookups, 1), format_bytes(t["bytes_read"]), t["io_seconds"],
+            t["wait_seconds"], pool["occupied_slots"], pool["slots"], format_bytes(pool["occupancy_bytes"]),
+            format_bytes(pool["budget_bytes"]), format_bytes(s["peak_rss_bytes"]),
+        )

@@ -1,0 +1,211 @@
+"""HEBF-ordered expert loading overlapped with compute, for one MoE layer call at a time.
+
+A layer call needs a set of (expert, width) segments. Loads are planned
+hottest-expert-bit-first: experts with the most routed tokens first and,
+within an expert, lower widths before their upgrades (a lower width is a
+prefix that the wider one reuses, and its tokens can start computing
+earlier). Loads go to background I/O threads (``os.pread`` releases the GIL)
+as pool slots allow, while the compute thread runs, in arrival order, every
+segment whose expert has arrived at a sufficient width; it blocks (a bubble)
+only when nothing computable is left. Slots of experts the call still needs
+are pinned; a pool smaller than the call's working set is streamed through
+as computed experts unpin their slots.
+
+:class:`OffloadPolicy` switches each step off for the benchmark's ablations:
+expert-id order instead of HEBF, reads on the compute thread instead of
+overlapped, full re-reads instead of MWQ upgrades, and nothing kept across
+calls instead of the frequency-kept pool.
+"""
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, fields
+
+from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
+from vllm_d2moe.offload.pool import Key, ResidentPool
+from vllm_d2moe.offload.store import ExpertStore, SectionBytes
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    order: str = "hebf"  # or "id": experts in id order
+    overlap: bool = True  # reads on background threads while computing
+    reuse: bool = True  # an upgrade reads only the planes above the resident width
+    keep: bool = True  # keep experts across calls, evicting the least frequent
+    io_threads: int = 2
+    direct: bool = False  # O_DIRECT reads (bypass the page cache)
+
+    @classmethod
+    def from_option(cls, option: dict | None) -> "OffloadPolicy":
+        """From the ``offload`` option of ``quantization_config`` (a dict of these fields)."""
+        option = option or {}
+        known = {f.name: f.type for f in fields(cls)}
+        if not isinstance(option, dict) or set(option) - set(known):
+            raise ValueError(
+                f"d2moe option 'offload' must be a dict with keys among {sorted(known)}, got {option!r}"
+            )
+        policy = cls(**option)
+        if policy.order not in ("hebf", "id"):
+            raise ValueError(f"d2moe option offload.order must be 'hebf' or 'id', got {policy.order!r}")
+        if not isinstance(policy.io_threads, int) or policy.io_threads < 1:
+            raise ValueError(f"d2moe option offload.io_threads must be a positive integer, got {policy.io_threads!r}")
+        return policy
+
+
+@dataclass
+class _Load:
+    key: Key
+    first: int  # sections first .. last of the expert's blob
+    last: int
+    future: Future | None = None
+
+
+class LoadPipeline:
+    def __init__(self, store: ExpertStore, pool: ResidentPool, policy: OffloadPolicy, metrics: OffloadMetrics):
+        self.store, self.pool, self.policy, self.metrics = store, pool, policy, metrics
+        self.executor = (
+            ThreadPoolExecutor(policy.io_threads, thread_name_prefix="d2moe-io") if policy.overlap else None
+        )
+        # Reads in flight at once: enough to keep every thread busy while one result waits
+        # for the compute thread; each holds its bytes until installed.
+        self.max_in_flight = policy.io_threads + 1 if policy.overlap else 1
+
+    def run(
+        self,
+        layer: int,
+        experts: list[int],
+        widths: list[int],
+        rows: list[int],
+        compute: Callable[[int, int], None],
+    ) -> None:
+        """Compute segments ``i`` (expert ``experts[i]`` at ``widths[i]`` over ``rows[i]`` pairs,
+        sorted by expert then width) by calling ``compute(i, slot)`` once each the expert is resident."""
+        counters = self.metrics.layer(layer)
+        counters.calls += 1
+        segments: dict[Key, deque[int]] = defaultdict(deque)
+        tokens: dict[Key, int] = defaultdict(int)
+        for i, (expert, n) in enumerate(zip(experts, rows)):
+            segments[(layer, expert)].append(i)
+            tokens[(layer, expert)] += n
+        self.pool.touch(tokens)
+        hottest_first = self.policy.order == "hebf"
+        order = sorted(segments, key=lambda k: (-tokens[k], k[1]) if hottest_first else k[1])
+        segments = {key: segments[key] for key in order}
+        queue, chains = deque(), {}
+        for key in order:
+            chains[key] = self._plan(key, [widths[i] for i in segments[key]], counters)
+            queue.extend(chains[key])
+        for key in order:
+            if key in self.pool.slot_of:
+                self.pool.pin(key)
+        try:
+            self._execute(queue, chains, segments, widths, compute, counters)
+        except BaseException:
+            for key in order:
+                if key in self.pool.slot_of and self.pool.width(key) == 0:
+                    self.pool.release(key)  # a reserved slot whose load failed
+                elif key in self.pool.slot_of:
+                    self.pool.unpin(key)
+            raise
+        if not self.policy.keep:
+            for key in order:
+                self.pool.release(key)
+        self.metrics.maybe_log()
+
+    def _plan(self, key: Key, widths: list[int], counters: LayerCounters) -> deque[_Load]:
+        """The reads that bring ``key`` to each needed width, lowest first."""
+        min_bits = self.pool.min_bits
+        have, loads = self.pool.width(key), deque()
+        for width in sorted(set(widths)):
+            if (width <= have) if self.policy.reuse else (width == have):
+                counters.hits += 1
+                continue
+            first = have - min_bits + 1 if self.policy.reuse and have else 0
+            loads.append(_Load(key, first, width - min_bits))
+            have = width
+        counters.misses += len(loads)
+        return loads
+
+    def _execute(self, queue, chains, segments, widths, compute, counters: LayerCounters) -> None:
+        def compute_ready(key: Key) -> bool:
+            """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
+            it; without: exactly it); unpin it when none is left."""
+            have, pending = self.pool.width(key), segments.get(key)
+            served = (lambda w: w <= have) if self.policy.reuse else (lambda w: w == have)
+            ran = False
+            while pending and have and served(widths[pending[0]]):
+                compute(pending.popleft(), self.pool.slot_of[key])
+                ran = True
+            if pending is not None and not pending:
+                del segments[key]
+                self.pool.unpin(key)
+            return ran
+
+        in_flight = 0
+        while segments:
+            # In plan order; once a load finds every slot pinned, only loads of experts that
+            # hold a slot already (upgrades) may pass it, so pinned experts can always finish.
+            blocked = False
+            for load in list(queue):
+                if in_flight >= self.max_in_flight:
+                    break
+                if load.key not in self.pool.slot_of and (blocked or self.pool.acquire(load.key) is None):
+                    blocked = True
+                    continue
+                self.pool.pin(load.key)
+                load.future = self._submit(load, counters)
+                queue.remove(load)
+                in_flight += 1
+            progressed = False
+            for key in list(segments):
+                progressed |= compute_ready(key)
+                chain = chains[key]
+                while chain and chain[0].future is not None and chain[0].future.done():
+                    self._install(chain.popleft(), counters)
+                    in_flight -= 1
+                    progressed = True
+                    compute_ready(key)
+            if progressed:
+                continue
+            futures = [c[0].future for c in chains.values() if c and c[0].future is not None]
+            if not futures:
+                raise RuntimeError("d2moe offload pipeline stalled: no read in flight and nothing to compute")
+            start = time.perf_counter()
+            wait(futures, return_when=FIRST_COMPLETED)
+            counters.wait_seconds += time.perf_counter() - start
+
+    def _submit(self, load: _Load, counters: LayerCounters) -> Future:
+        layer, expert = load.key
+        if self.executor is not None:
+            return self.executor.submit(_timed_read, self.store, layer, expert, load.first, load.last)
+        future = Future()  # no overlap: the compute thread reads, and waits for it
+        try:
+            result = _timed_read(self.store, layer, expert, load.first, load.last)
+        except Exception as e:  # noqa: BLE001 (raised at install, like a background read's)
+            future.set_exception(e)
+        else:
+            future.set_result(result)
+            counters.wait_seconds += result[1]
+        return future
+
+    def _install(self, load: _Load, counters: LayerCounters) -> None:
+        data, seconds = load.future.result()
+        counters.io_seconds += seconds
+        counters.bytes_read += data.nbytes
+        layout = self.store.layout(load.key[0])
+        if load.first == 0:
+            self.pool.store(load.key, data.tensors(layout))
+        else:
+            self.pool.store_planes(load.key, data.planes(layout), self.pool.min_bits + load.last)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_read(store: ExpertStore, layer: int, expert: int, first: int, last: int) -> tuple[SectionBytes, float]:
+    start = time.perf_counter()
+    data = store.read(layer, expert, first, last)
+    return data, time.perf_counter() - start

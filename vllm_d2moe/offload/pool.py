@@ -1,0 +1,157 @@
+"""The resident pool: fixed slots of expert data under the memory budget, shared by all MoE layers.
+
+All MoE layers of a model have experts of one shape, so the pool is one pair of
+resident projections (the kernel backend's layout, e.g. ``PlanePairs``) with a
+slot per expert, allocated once at the widest serving width. A slot holds one
+``(layer, expert)`` at some width; the kernels read it by slot index like a
+resident layer's expert, and a narrower width reads a prefix of its planes.
+
+Eviction keeps the experts with the highest recent activation frequency:
+routed-token counts decayed by half every ``FREQUENCY_HALF_LIFE`` layer calls.
+Pinned slots (what the current layer call still computes or loads) are never
+evicted.
+"""
+
+from types import ModuleType
+
+import torch
+
+from vllm_d2moe.experts import StackedProjection
+from vllm_d2moe.mwq.layout import ExpertLayout
+from vllm_d2moe.mwq.quantize import MWQTensor
+from vllm_d2moe.offload.budget import format_bytes
+
+FREQUENCY_HALF_LIFE = 32  # layer calls
+Key = tuple[int, int]  # (layer, expert)
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold what serving needs."""
+
+
+def expert_nbytes(layout: ExpertLayout, bits: int) -> int:
+    """Resident bytes of one expert at width ``bits`` (its pieces without the blob's alignment)."""
+    return sum(p.nbytes for section in layout.sections[: bits - layout.spec.min_bits + 1] for p in section)
+
+
+def check_budget(budget: int, layout: ExpertLayout, bits: int) -> None:
+    """The budget must hold one expert at the widest width a batch can ask for."""
+    need = expert_nbytes(layout, bits)
+    if budget < need:
+        raise BudgetError(
+            f"d2moe option 'memory_budget' is {budget} bytes ({format_bytes(budget)}); serving at up to "
+            f"{bits} bits needs at least {need} bytes ({format_bytes(need)}), one expert at that width"
+        )
+
+
+class ResidentPool:
+    """``slots`` experts at up to ``bits`` bits each, in ``backend``'s resident layout."""
+
+    def __init__(self, layout: ExpertLayout, bits: int, budget: int, backend: ModuleType, device="cpu"):
+        check_budget(budget, layout, bits)
+        like = layout.decode(torch.zeros(layout.nbytes(bits), dtype=torch.uint8), bits)
+        prepare = getattr(backend, "prepare", lambda projection: projection)
+
+        def allocate(slots: int):
+            return [prepare(StackedProjection.allocate(like[p], slots, device)) for p in ("gate_up", "down")]
+
+        self.slot_nbytes = expert_nbytes(layout, bits)
+        # A backend's layout may add a few bytes per tensor (the CPU kernel's read slack).
+        overhead = sum(p.nbytes for p in allocate(1)) - self.slot_nbytes
+        slots = (budget - overhead) // self.slot_nbytes
+        if slots < 1:
+            need = self.slot_nbytes + overhead
+            raise BudgetError(
+                f"d2moe option 'memory_budget' is {budget} bytes ({format_bytes(budget)}); the "
+                f"{backend.NAME} kernels need at least {need} bytes ({format_bytes(need)}) for one expert "
+                f"at {bits} bits"
+            )
+        self.gate_up, self.down = allocate(slots)
+        self.budget = budget
+        self.bits = bits
+        self.min_bits = layout.spec.min_bits
+        self.nbytes = self.gate_up.nbytes + self.down.nbytes
+        assert self.nbytes <= budget, (self.nbytes, budget)
+        self.keys: list[Key | None] = [None] * slots
+        self.widths = [0] * slots
+        self.slot_of: dict[Key, int] = {}
+        self.pinned: set[int] = set()
+        self.step = 0
+        self._scores: dict[Key, tuple[float, int]] = {}
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.keys)
+
+    @property
+    def occupied(self) -> int:
+        return len(self.slot_of)
+
+    @property
+    def occupancy_nbytes(self) -> int:
+        return self.occupied * self.slot_nbytes
+
+    def width(self, key: Key) -> int:
+        """Resident width of ``key`` (0: not resident, or a slot reserved for a load)."""
+        slot = self.slot_of.get(key)
+        return 0 if slot is None else self.widths[slot]
+
+    def touch(self, tokens: dict[Key, int]) -> None:
+        """Count one layer call's routed tokens per expert into the decayed frequencies."""
+        self.step += 1
+        for key, n in tokens.items():
+            self._scores[key] = (self.frequency(key) + n, self.step)
+
+    def frequency(self, key: Key) -> float:
+        score, step = self._scores.get(key, (0.0, self.step))
+        return score * 0.5 ** ((self.step - step) / FREQUENCY_HALF_LIFE)
+
+    def acquire(self, key: Key) -> int | None:
+        """A slot for ``key``: its own, a free one, or the least frequent unpinned one's
+        (evicted); ``None`` while every slot is pinned."""
+        if key in self.slot_of:
+            return self.slot_of[key]
+        free = [s for s, k in enumerate(self.keys) if k is None]
+        if free:
+            slot = free[0]
+        else:
+            candidates = [s for s in range(self.num_slots) if s not in self.pinned]
+            if not candidates:
+                return None
+            slot = min(candidates, key=lambda s: self.frequency(self.keys[s]))
+            del self.slot_of[self.keys[slot]]
+        self.keys[slot], self.widths[slot] = key, 0
+        self.slot_of[key] = slot
+        return slot
+
+    def release(self, key: Key) -> None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.keys[slot], self.widths[slot] = None, 0
+            self.pinned.discard(slot)
+
+    def pin(self, key: Key) -> None:
+        self.pinned.add(self.slot_of[key])
+
+    def unpin(self, key: Key) -> None:
+        self.pinned.discard(self.slot_of[key])
+
+    def store(self, key: Key, tensors: dict[str, MWQTensor]) -> None:
+        """Write the whole expert (base and planes) into ``key``'s slot."""
+        slot = self.slot_of[key]
+        self.gate_up.store(slot, tensors["gate_up"])
+        self.down.store(slot, tensors["down"])
+        self.widths[slot] = tensors["down"].bits
+
+    def store_planes(self, key: Key, planes: dict[str, list], width: int) -> None:
+        """Upgrade ``key``'s slot to ``width`` with the residual planes above its current width."""
+        slot = self.slot_of[key]
+        first = self.widths[slot] - self.min_bits
+        assert first + len(planes["down"]) == width - self.min_bits, (self.widths[slot], width)
+        self.gate_up.store_planes(slot, first, planes["gate_up"])
+        self.down.store_planes(slot, first, planes["down"])
+        self.widths[slot] = width
+
+    def entries(self) -> list[tuple[int, int, int]]:
+        """``(layer, expert, width)`` of every occupied slot."""
+        return [(*k, self.widths[s]) for s, k in enumerate(self.keys) if k is not None]

@@ -90,16 +90,21 @@ class D2MoEMethod(FusedMoEMethodBase):
             global_ids = sorted((i for i, l in enumerate(local) if l >= 0), key=local.__getitem__)
         parallel = self.moe.moe_parallel_config
         device = torch.device(self.moe.device) if self.moe.device else torch.device("cpu")
-        experts = load_layer_experts(
-            checkpoint,
-            self.layer_index,
-            global_ids,
-            self.quant_config.serving_bits,
-            parallel.tp_rank,
-            parallel.tp_size,
-            select_backend(device.type),
-            device,
-        )
+        if self.quant_config.memory_budget is None:
+            experts = load_layer_experts(
+                checkpoint,
+                self.layer_index,
+                global_ids,
+                self.quant_config.serving_bits,
+                parallel.tp_rank,
+                parallel.tp_size,
+                select_backend(device.type),
+                device,
+            )
+        else:  # streamed from disk through the engine's offload pool
+            experts = self.quant_config.offload_manager(parallel, device).layer(
+                self.layer_index, global_ids, self.quant_config.serving_bits
+            )
         if experts.experts[0].down.shape[1] != self.intermediate_size_per_partition:
             raise ValueError(
                 f"{layer.layer_name}: checkpoint experts give intermediate size "

@@ -18,23 +18,33 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 
 from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
+from vllm_d2moe.kernels import select_backend
+from vllm_d2moe.offload import OffloadManager
+from vllm_d2moe.offload.budget import parse_budget
+from vllm_d2moe.offload.pipeline import OffloadPolicy
+from vllm_d2moe.offload.pool import check_budget
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
-_OPTION_KEYS = {"bits"}
+_OPTION_KEYS = {"bits", "memory_budget", "offload"}
 
 
 @register_quantization_config(QUANT_METHOD)
 class D2MoEConfig(QuantizationConfig):
     """MWQ experts served at a chosen width; every other layer stays unquantized."""
 
-    def __init__(self, bits: int | None = None):
+    def __init__(self, bits: int | None = None, memory_budget: int | str | None = None,
+                 offload: dict | None = None):
         super().__init__()
         if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
             raise ValueError(f"d2moe option 'bits' must be an integer in [1, 8], got {bits!r}")
         self.requested_bits = bits
         self.checkpoint: MWQCheckpoint | None = None
+        # Expert offloading (vllm_d2moe.offload): resident expert bytes, and how to stream the rest.
+        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
+        self.offload_policy = OffloadPolicy.from_option(offload)
+        self._offload: OffloadManager | None = None
 
     def __repr__(self) -> str:
         return f"D2MoEConfig(bits={self.requested_bits})"
@@ -63,7 +73,7 @@ class D2MoEConfig(QuantizationConfig):
                 f"unknown d2moe quantization_config option(s) {sorted(unknown)}; "
                 f"options are {sorted(_OPTION_KEYS)}"
             )
-        return cls(bits=config.get("bits"))
+        return cls(**{key: config.get(key) for key in _OPTION_KEYS})
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         """Open the checkpoint's expert index and check the options against it.
@@ -74,6 +84,24 @@ class D2MoEConfig(QuantizationConfig):
         self.checkpoint = MWQCheckpoint(model_name)
         if self.requested_bits is not None:
             self.checkpoint.spec.check_width(self.requested_bits, "d2moe option 'bits'")
+        if self.memory_budget is not None:
+            for entry in self.checkpoint.layers.values():
+                check_budget(self.memory_budget, entry.layout, self.serving_bits)
+
+    def offload_manager(self, parallel, device: torch.device) -> OffloadManager:
+        """The engine's one offload manager (the budget is shared by all MoE layers), made at
+        the first layer's loading."""
+        if self._offload is None:
+            if parallel.tp_size > 1:
+                raise ValueError(
+                    "d2moe option 'memory_budget' does not support tensor parallelism yet "
+                    "(expert parallelism works); drop one of them"
+                )
+            self._offload = OffloadManager(
+                self.checkpoint, self.memory_budget, self.serving_bits, self.offload_policy,
+                select_backend(device.type), device,
+            )
+        return self._offload
 
     @property
     def serving_bits(self) -> int:

@@ -1,0 +1,148 @@
+"""Data-parallel replicas as Ray actors on CPU: two single-core vLLM replicas give the
+single-process run's greedy outputs, and a failed replica's prompts are retried on the
+other one (offline batches and the serving front)."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ray = pytest.importorskip(
+    "ray", reason="Ray is not installed: `bash scripts/install.sh test` (what `make test` runs) installs it"
+)
+
+from vllm_d2moe.replicas.batch import ReplicaPool  # noqa: E402
+from vllm_d2moe.replicas.cluster import local_cluster  # noqa: E402
+from vllm_d2moe.replicas.spec import ReplicaSpec  # noqa: E402
+from vllm_d2moe.testing.engine_runs import Run  # noqa: E402
+
+from conftest import PROMPTS, run_engines  # noqa: E402
+
+BATCH = PROMPTS * 2  # 8 prompts: 4 chunks of 2, so both replicas get several
+MAX_TOKENS = 16
+SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
+ENGINE_OPTIONS = ["--quantization", "d2moe", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+BAD_WIDTH = {"quantization_config": {"quant_method": "d2moe", "bits": 1}}  # fails at engine start
+
+
+@pytest.fixture(scope="module")
+def model(model_zoo) -> str:
+    return str(model_zoo["mixtral"]["d2moe"])
+
+
+@pytest.fixture(scope="module")
+def single_process(model, tmp_path_factory) -> list[dict]:
+    run = Run("single", model, BATCH, quantization="d2moe", max_tokens=MAX_TOKENS)
+    results, _ = run_engines([run], tmp_path_factory.mktemp("single"))
+    assert "error" not in results["single"], results["single"]["error"]
+    return results["single"]["outputs"]
+
+
+@pytest.fixture(scope="module")
+def pool(model):
+    specs = [ReplicaSpec(model, core=i, quantization="d2moe", dtype="float32", max_model_len=512,
+                         enforce_eager=True) for i in range(2)]
+    with local_cluster(num_cpus=2, show_replica_logs=False):
+        replicas = ReplicaPool(specs)
+        try:
+            yield replicas
+        finally:
+            replicas.close()
+
+
+def assert_same_tokens(results: dict[int, dict], reference: list[dict]) -> None:
+    assert sorted(results) == list(range(len(reference)))
+    for index, expected in enumerate(reference):
+        assert results[index]["token_ids"] == expected["token_ids"], f"prompt {index}"
+        assert results[index]["text"] == expected["text"]
+
+
+def test_two_replicas_match_single_process(pool, single_process, report):
+    start = time.monotonic()
+    results = dict(pool.generate(BATCH, SAMPLING, chunk_size=2))
+    report.add(f"ray-batch: 8 prompts x {MAX_TOKENS} tokens on 2 running replicas in "
+               f"{time.monotonic() - start:.1f} s")
+    assert_same_tokens(results, single_process)
+    assert {r["replica"] for r in results.values()} == {0, 1}
+    assert pool.failures == {}
+
+
+def test_killed_replica_chunks_go_to_the_other(pool, single_process):
+    results = {}
+    for index, result in pool.generate(BATCH, SAMPLING, chunk_size=1):
+        if not results:  # both replicas have a chunk in flight now
+            ray.kill(pool.actors[1])
+        results[index] = result
+    assert set(pool.failures) == {1}
+    assert pool.retried_chunks == 1
+    assert_same_tokens(results, single_process)
+    late = [r["replica"] for r in results.values()][1:]
+    assert late.count(1) <= 1  # at most the chunk it had finished before the kill was noticed
+
+
+def test_ray_batch_command_with_a_replica_that_fails_to_start(model, single_process, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(BATCH)))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_d2moe.cli", "ray-batch", model, *ENGINE_OPTIONS,
+         "--replica-hf-overrides", json.dumps([{}, BAD_WIDTH]), "--input", str(source),
+         "--output", str(out), "--max-tokens", str(MAX_TOKENS), "--chunk-size", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "replica 1 failed" in proc.stderr and "outside this checkpoint's widths [2, 8]" in proc.stderr
+    assert "1 replica(s) failed, 1 chunk(s) retried" in proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == list(range(len(BATCH)))  # input order
+    assert {r["replica"] for r in records} == {0}
+    assert_same_tokens(dict(enumerate(records)), single_process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post_completion(url: str, model: str, prompt: str) -> tuple[str, str]:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+    request = urllib.request.Request(f"{url}/v1/completions", body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return reply.headers["X-D2MoE-Replica"], json.load(reply)["choices"][0]["text"]
+
+
+def test_ray_serve_front_balances_two_replicas(model, single_process, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_d2moe.cli", "ray-serve", model, *ENGINE_OPTIONS,
+         "--port", str(port), "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "front not healthy after 300 s"
+                time.sleep(1)
+        with ThreadPoolExecutor(4) as threads:
+            replies = list(threads.map(lambda p: _post_completion(url, model, p), BATCH))
+        assert {replica for replica, _ in replies} == {"0", "1"}
+        assert [text for _, text in replies] == [o["text"] for o in single_process]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    servers = subprocess.run(["pgrep", "-f", f"vllm_d2moe.cli serve {model}"], capture_output=True, text=True)
+    assert servers.stdout == "", "a replica server outlived ray-serve"

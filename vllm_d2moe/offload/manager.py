@@ -30,7 +30,9 @@ class OffloadManager:
         policy: OffloadPolicy,
         backend: ModuleType,
         device="cpu",
+        store: ExpertStore | None = None,
     ):
+        """``store`` defaults to one over ``checkpoint`` with the policy's O_DIRECT choice."""
         layouts = {entry.layout for entry in checkpoint.layers.values()}
         if len(layouts) != 1:
             raise ValueError(
@@ -39,7 +41,7 @@ class OffloadManager:
             )
         self.backend = backend
         self.policy = policy
-        self.store = ExpertStore(checkpoint, direct=policy.direct)
+        self.store = store or ExpertStore(checkpoint, direct=policy.direct)
         self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device)
         self.metrics = OffloadMetrics(self.pool)
         self.pipeline = LoadPipeline(self.store, self.pool, policy, self.metrics)

@@ -1,0 +1,327 @@
+"""Expert offloading under a memory budget (``vllm_d2moe.offload``).
+
+Layer-level tests run the offloaded layer against the same checkpoint held
+resident: with the same kernels on the same rows the results must be bitwise
+equal, for any budget, policy and mix of per-pair widths. Reads are observed
+through the store's ``read_at`` hook (the positional read it performs), which
+the fault tests also use to inject read errors. Serving tests run vLLM with
+budgets from one expert up and compare greedy tokens with the all-resident
+engine, while a sampler thread watches the pool and the RSS.
+"""
+
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_d2moe.experts import load_layer_experts, routed_sum
+from vllm_d2moe.kernels import load_backend
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
+from vllm_d2moe.offload import OffloadManager
+from vllm_d2moe.offload.budget import format_bytes, parse_budget
+from vllm_d2moe.offload.pipeline import OffloadPolicy
+from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
+from vllm_d2moe.offload.store import ExpertStore, read_buffered
+from vllm_d2moe.testing.engine_runs import Run
+
+from conftest import PROMPTS, run_engines
+
+MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
+POLICIES = {
+    "pipeline": OffloadPolicy(),
+    "on-demand": OffloadPolicy(order="id", overlap=False, reuse=False, keep=False),
+    "direct": OffloadPolicy(direct=True, io_threads=1),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A tiny Mixtral (2 MoE layers of 8 experts, hidden 128) converted to MWQ 2..8 bits."""
+    from vllm_d2moe.converters.convert import convert
+    from vllm_d2moe.mwq.quantize import MWQSpec
+    from vllm_d2moe.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("offload-model")
+    hf = make_tiny_model("mixtral", root / "hf")
+    return convert(hf, root / "d2moe", MWQSpec(MIN_BITS, MAX_BITS, GROUP), progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model) -> MWQCheckpoint:
+    return MWQCheckpoint(model)
+
+
+def slot_bytes(checkpoint: MWQCheckpoint, bits: int = MAX_BITS) -> int:
+    return expert_nbytes(checkpoint.layer(0).layout, bits)
+
+
+def budget_for(checkpoint: MWQCheckpoint, slots: int) -> int:
+    # A few bytes over: the CPU kernel's layout adds read slack per tensor.
+    return slots * slot_bytes(checkpoint) + 256
+
+
+def random_call(gen: torch.Generator, tokens: int, experts: int, lo: int = MIN_BITS, hi: int = MAX_BITS):
+    """Inputs of one layer call with per-pair widths in [lo, hi]; some pairs on other ranks (-1)."""
+    x = torch.randn(tokens, 128, generator=gen)
+    weights = torch.rand(tokens, 2, generator=gen)
+    ids = torch.randint(-1, experts, (tokens, 2), generator=gen)
+    widths = torch.randint(lo, hi + 1, (tokens, 2), generator=gen).to(torch.int8)
+    return x, weights, ids, widths
+
+
+def resident_sum(resident, backend, x, weights, ids, widths) -> torch.Tensor:
+    """The all-resident layer through the same per-segment kernel calls as the offloaded one."""
+    return routed_sum(
+        x, weights, ids, widths, lambda xs, s, y: backend.grouped_mlp(xs, resident.gate_up, resident.down, s, y)
+    )
+
+
+@pytest.mark.parametrize("text, nbytes", [("1.5GiB", 3 * 2**29), ("200 MB", 200 * 10**6), ("4096", 4096),
+                                          (123, 123), (".5KiB", 512)])
+def test_budget_parses_sizes(text, nbytes):
+    assert parse_budget(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["lots", "1.5 parsecs", "-1GiB", "0", 0, True, 1.5])
+def test_budget_rejects_non_sizes_naming_the_option(text):
+    with pytest.raises(ValueError, match="d2moe option 'memory_budget'"):
+        parse_budget(text)
+
+
+LAYER_CASES = [("cpu_bitplanes", policy, slots) for policy in POLICIES for slots in (1, 3, 20)]
+LAYER_CASES += [("reference", "pipeline", 3)]  # slow (dequantizes every call): one case
+
+
+@pytest.mark.parametrize("backend_name, policy, slots", LAYER_CASES)
+def test_offloaded_layers_equal_resident(checkpoint, backend_name, policy, slots):
+    """Two layers share one pool; this rank holds experts 1, 3, 4, 6 and 7 (expert parallel)."""
+    backend = load_backend(backend_name)
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, slots), MAX_BITS, POLICIES[policy], backend)
+    assert manager.pool.num_slots == slots
+    global_ids = [1, 3, 4, 6, 7]
+    layers = {
+        layer: (load_layer_experts(checkpoint, layer, global_ids, MAX_BITS, 0, 1, backend),
+                manager.layer(layer, global_ids, MAX_BITS))
+        for layer in (0, 1)
+    }
+    gen = torch.Generator().manual_seed(slots)
+    for call in range(6):
+        resident, offloaded = layers[call % 2]
+        args = random_call(gen, tokens=1 + 3 * call, experts=len(global_ids))
+        assert torch.equal(offloaded.forward(*args), resident_sum(resident, backend, *args))
+    total = manager.metrics.snapshot()["total"]
+    assert total["calls"] == 6 and total["misses"] > 0
+    assert manager.pool.occupancy_nbytes <= manager.pool.nbytes <= manager.pool.budget
+
+
+def test_upgrade_reads_only_the_planes_above(checkpoint):
+    layout = checkpoint.layer(0).layout
+    backend = load_backend("reference")
+    x = torch.randn(2, 128)
+    weights, ids = torch.ones(2, 2), torch.tensor([[0, 1], [1, 0]])
+
+    def bytes_read_per_call(policy: OffloadPolicy) -> list[int]:
+        manager = OffloadManager(checkpoint, budget_for(checkpoint, 4), MAX_BITS, policy, backend)
+        layer = manager.layer(0, list(range(8)), MAX_BITS)
+        out = []
+        for width in (4, 7, 3):
+            before = manager.metrics.snapshot()["total"]["bytes_read"]
+            layer.forward(x, weights, ids, torch.full((2, 2), width, dtype=torch.int8))
+            out.append(manager.metrics.snapshot()["total"]["bytes_read"] - before)
+        return out
+
+    prefix = layout.nbytes
+    assert bytes_read_per_call(OffloadPolicy()) == [2 * prefix(4), 2 * (prefix(7) - prefix(4)), 0]
+    # Without MWQ reuse every new width is a separate copy, read whole.
+    assert bytes_read_per_call(OffloadPolicy(reuse=False)) == [2 * prefix(4), 2 * prefix(7), 2 * prefix(3)]
+
+
+class ReadLog:
+    """A ``read_at`` that records which (expert, first section) each read starts at."""
+
+    def __init__(self, checkpoint: MWQCheckpoint, layer: int):
+        self.checkpoint, self.layer, self.reads = checkpoint, layer, []
+
+    def __call__(self, fd: int, offset: int, length: int):
+        layout = self.checkpoint.layer(self.layer).layout
+        for expert in range(8):
+            _, start, nbytes = self.checkpoint.expert_extent(self.layer, expert)
+            if start <= offset < start + nbytes:
+                section = [layout.section_range(s)[0] for s in range(len(layout.sections))].index(offset - start)
+                self.reads.append((expert, section))
+        return read_buffered(fd, offset, length)
+
+
+@pytest.mark.parametrize("order, expected", [
+    # expert 5 has the most tokens, then 0, then 2; within 5, width 3 before its upgrade to 6
+    ("hebf", [(5, 0), (5, 2), (0, 0), (2, 0)]),
+    ("id", [(0, 0), (2, 0), (5, 0), (5, 2)]),
+])
+def test_loads_are_ordered_hottest_expert_bit_first(checkpoint, order, expected):
+    log = ReadLog(checkpoint, 0)
+    policy = OffloadPolicy(order=order, io_threads=1)
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 8), MAX_BITS, policy,
+                             load_backend("reference"), store=ExpertStore(checkpoint, read_at=log))
+    ids = torch.tensor([[5, 0], [5, 0], [5, 0], [5, 2], [5, -1]])
+    widths = torch.tensor([[3, 4], [6, 4], [3, 4], [6, 8], [3, 2]], dtype=torch.int8)
+    manager.layer(0, list(range(8)), MAX_BITS).forward(torch.randn(5, 128), torch.ones(5, 2), ids, widths)
+    assert log.reads == expected
+
+
+def test_pool_keeps_frequent_experts_and_never_evicts_pinned(checkpoint):
+    pool = ResidentPool(checkpoint.layer(0).layout, MAX_BITS, budget_for(checkpoint, 2), load_backend("reference"))
+    hot, cold, new = (0, 1), (0, 2), (1, 5)
+    pool.touch({hot: 10, cold: 1})
+    assert {pool.acquire(hot), pool.acquire(cold)} == {0, 1}
+    pool.touch({new: 3})
+    slot = pool.acquire(new)
+    assert slot is not None and cold not in pool.slot_of and hot in pool.slot_of
+    pool.pin(hot)
+    pool.pin(new)
+    assert pool.acquire(cold) is None
+    pool.unpin(new)
+    assert pool.acquire(cold) == slot and hot in pool.slot_of
+
+
+def test_budget_below_one_expert_names_the_minimum(checkpoint):
+    need = slot_bytes(checkpoint)
+    with pytest.raises(BudgetError, match=f"at least {need} bytes \\({format_bytes(need)}\\)"):
+        OffloadManager(checkpoint, need - 1, MAX_BITS, OffloadPolicy(), load_backend("reference"))
+    # A narrower serving width needs less.
+    OffloadManager(checkpoint, need - 1, 4, OffloadPolicy(), load_backend("reference"))
+
+
+class FlakyRead:
+    """A ``read_at`` whose first ``failures`` reads fail with EIO (a disk error)."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+
+    def __call__(self, fd, offset, length):
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return read_buffered(fd, offset, length)
+
+
+def test_store_retries_read_errors_a_bounded_number_of_times(checkpoint):
+    direct = ExpertStore(checkpoint, direct=True).read(1, 3, 0, 6).data
+    assert torch.equal(ExpertStore(checkpoint, read_at=FlakyRead(2), retries=2).read(1, 3, 0, 6).data, direct)
+    with pytest.raises(CheckpointError) as error:
+        ExpertStore(checkpoint, read_at=FlakyRead(3), retries=2).read(1, 3, 2, 4)
+    message = str(error.value)
+    assert "experts-layer-001.safetensors: reading layer 1 expert 3 failed" in message
+    assert "Input/output error" in message and "after 3 attempts" in message
+
+
+@pytest.fixture
+def damaged_copy(model, tmp_path):
+    """A copy of the model whose layer-1 expert file can be damaged by the test."""
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    return copy, copy / EXPERTS_DIR / "experts-layer-001.safetensors"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("corrupt", "checksum mismatch in layer 1 expert 7 section 6 (residual plane 6); the file is corrupt"),
+    ("truncate", "layer 1 expert 7 is truncated"),
+])
+def test_damaged_blob_fails_the_call_that_needs_it_and_no_other(damaged_copy, damage, message):
+    path, blob_file = damaged_copy
+    data = bytearray(blob_file.read_bytes())
+    if damage == "corrupt":
+        data[-100] ^= 0xFF  # inside the last expert's last residual plane
+    else:
+        del data[-1000:]
+    blob_file.write_bytes(data)
+    checkpoint = MWQCheckpoint(path)
+    backend = load_backend("reference")
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 2), MAX_BITS, OffloadPolicy(), backend)
+    layer = manager.layer(1, list(range(8)), MAX_BITS)
+    resident = load_layer_experts(checkpoint, 1, list(range(7)), MAX_BITS, 0, 1, backend)
+    x, weights = torch.randn(3, 128), torch.rand(3, 2)
+    widths = torch.full((3, 2), MAX_BITS, dtype=torch.int8)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        layer.forward(x, weights, torch.tensor([[7, 1], [2, 7], [1, 2]]), widths)
+    healthy = torch.tensor([[0, 1], [2, 6], [1, 2]])
+    assert torch.equal(layer.forward(x, weights, healthy, widths), resident_sum(resident, backend, x, weights,
+                                                                               healthy, widths))
+
+
+def test_deleted_checkpoint_file_keeps_serving(damaged_copy):
+    path, blob_file = damaged_copy
+    checkpoint = MWQCheckpoint(path)
+    backend = load_backend("reference")
+    resident = load_layer_experts(checkpoint, 1, list(range(8)), MAX_BITS, 0, 1, backend)
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 1), MAX_BITS, OffloadPolicy(), backend)
+    layer = manager.layer(1, list(range(8)), MAX_BITS)
+    blob_file.unlink()  # the store reads through descriptors opened at start-up
+    args = random_call(torch.Generator().manual_seed(0), tokens=6, experts=8)
+    assert torch.equal(layer.forward(*args), resident_sum(resident, backend, *args))
+
+
+# ---------------------------------------------------------------- served by vLLM
+
+def _budget_run(name: str, model: Path, budget, offload: dict | None = None, **kwargs) -> Run:
+    config = {"quant_method": "d2moe", "memory_budget": budget, **({"offload": offload} if offload else {})}
+    return Run(name, str(model), PROMPTS, hf_overrides={"quantization_config": config}, sample_offload=True,
+               **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory) -> dict:
+    checkpoint = MWQCheckpoint(model)
+    experts = sum(entry.num_experts for entry in checkpoint.layers.values())
+    corrupt = tmp_path_factory.mktemp("corrupt") / "model"
+    shutil.copytree(model, corrupt)
+    blob_file = corrupt / EXPERTS_DIR / "experts-layer-001.safetensors"
+    data = bytearray(blob_file.read_bytes())
+    data[-100] ^= 0xFF
+    blob_file.write_bytes(data)
+    runs = [
+        Run("resident", str(model), PROMPTS, sample_offload=True),
+        _budget_run("one-expert", model, budget_for(checkpoint, 1)),
+        _budget_run("third", model, format_bytes(budget_for(checkpoint, experts // 3)).replace(" ", "")),
+        _budget_run("on-demand", model, budget_for(checkpoint, 2),
+                    {"order": "id", "overlap": False, "reuse": False, "keep": False}),
+        _budget_run("compiled", model, budget_for(checkpoint, 3), {"direct": True}, enforce_eager=False),
+        _budget_run("too-small", model, "10KB"),
+        _budget_run("corrupt", corrupt, budget_for(checkpoint, 3)),
+    ]
+    results, _ = run_engines(runs, tmp_path_factory.mktemp("offload-engines"))
+    return results
+
+
+@pytest.mark.parametrize("name", ["one-expert", "third", "on-demand", "compiled"])
+def test_served_tokens_equal_all_resident_and_stay_in_budget(served, report, name):
+    assert "error" not in served[name], served[name].get("error")
+    resident = [o["token_ids"] for o in served["resident"]["outputs"]]
+    assert [o["token_ids"] for o in served[name]["outputs"]] == resident
+    sampled = served[name]["offload"]
+    (metrics,) = sampled["metrics"]  # one engine's pool alive
+    budget = sampled["budget_bytes"]
+    assert sampled["samples"] >= 10
+    assert sampled["max_occupancy_bytes"] <= sampled["max_allocated_bytes"] <= budget
+    total = metrics["total"]
+    assert total["misses"] > 0 and total["bytes_read"] > 0
+    report.add(
+        f"offload {name:10s}: budget {format_bytes(budget)}, {metrics['pool']['slots']} slots, "
+        f"{total['hits']} hits / {total['misses']} reads, {format_bytes(total['bytes_read'])} read, "
+        f"compute waited {total['wait_seconds'] * 1e3:.0f} ms; max RSS {format_bytes(sampled['max_rss_bytes'])} "
+        f"(all resident: {format_bytes(served['resident']['offload']['max_rss_bytes'])})"
+    )
+
+
+def test_served_budget_below_one_expert_fails_at_start_naming_the_minimum(served, checkpoint):
+    need = slot_bytes(checkpoint)
+    assert f"needs at least {need} bytes ({format_bytes(need)}), one expert at that width" in served[
+        "too-small"]["error"]
+
+
+def test_served_corrupt_blob_is_a_clear_error(served):
+    error = served["corrupt"].get("error", "")
+    assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7" in error

@@ -24,5 +24,8 @@ def register() -> None:
     if _registered:
         return
     from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
+    from vllm_d2moe.vllm_glue import request_targets
+
+    request_targets.install()
 
     _registered = True

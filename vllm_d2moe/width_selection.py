@@ -1,13 +1,237 @@
 """Where each (token, expert) pair's bit-width is chosen.
 
 The expert router picks experts; this module makes the second routing decision
-of D²MoE's dual routing, the width. For now the policy is one fixed serving
-width for every pair.
+of D²MoE's dual routing, the width, and counts what it chose.
+
+Policies (the ``width_policy`` option, resolved once by :func:`resolve_policy`):
+
+* ``router``: the checkpoint's learned bit-width router (:mod:`vllm_d2moe.router`)
+  scores the candidate widths of every pair; per-width capacities are enforced
+  per batch (the trained ones unless overridden); a ``target_bits`` average
+  instead shifts the scores towards narrower or wider widths (no capacities
+  then unless given explicitly). The default when the checkpoint has a router.
+* ``fixed:B``: every pair at width B (the ``bits`` option is shorthand). The
+  default, at the widest stored width, when the checkpoint has no router.
+* ``random``: the router's widths and capacities with random scores: the
+  same width mix with no learned choice (an accuracy baseline).
+
+A request may carry its own target (``SamplingParams(extra_args={"d2moe_target_bits": 2.5})``,
+see :mod:`vllm_d2moe.vllm_glue.request_targets`); its tokens then use that
+shift, without capacities, beside requests that use the server's policy.
 """
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
 
 import torch
 
+from vllm_d2moe.router import assign
+from vllm_d2moe.router.model import RouterSet, WidthRouter
 
-def select_widths(topk_ids: torch.Tensor, serving_bits: int) -> torch.Tensor:
-    """Width (bits) for every entry of ``topk_ids [tokens, top_k]``."""
-    return torch.full_like(topk_ids, serving_bits, dtype=torch.int8)
+logger = logging.getLogger(__name__)
+
+MODES = ("router", "fixed", "random")
+TARGET_EXTRA_ARG = "d2moe_target_bits"
+
+
+@dataclass(frozen=True)
+class ServingWidths:
+    """A resolved width policy: what every layer's :class:`WidthSelector` applies."""
+
+    mode: str
+    widths: tuple[int, ...]  # candidate widths, ascending (one for ``fixed``)
+    capacities: tuple[float, ...] | None = None
+    shift: float = 0.0  # from ``target_bits``
+    calibration: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def resident_bits(self) -> int:
+        """The widest width any pair may get: what the experts must hold."""
+        return max(self.widths)
+
+
+def resolve_policy(
+    model_dir: str,
+    spec,
+    width_policy: str | None,
+    bits: int | None,
+    target_bits: float | None,
+    capacities,
+) -> ServingWidths:
+    """Check the width options against the checkpoint (``spec``: its MWQSpec) and resolve them.
+
+    ``capacities`` is a list of fractions, ``"off"``, or None (the router's own).
+    Every error names the option.
+    """
+    if bits is not None:
+        if width_policy is not None and width_policy != f"fixed:{bits}":
+            raise ValueError(f"d2moe options 'bits' ({bits}) and 'width_policy' ({width_policy!r}) disagree")
+        width_policy = f"fixed:{bits}"
+    has_router = RouterSet.exists(model_dir)
+    if width_policy is None:
+        width_policy = "router" if has_router else f"fixed:{spec.max_bits}"
+    mode, _, argument = width_policy.partition(":")
+    if mode not in MODES or (mode == "fixed") != bool(argument):
+        raise ValueError(
+            f"d2moe option 'width_policy' must be 'router', 'random' or 'fixed:B', got {width_policy!r}"
+        )
+    if mode == "fixed":
+        if target_bits is not None or capacities is not None:
+            raise ValueError("d2moe options 'target_bits' and 'capacities' need width_policy 'router' or 'random'")
+        try:
+            fixed = int(argument)
+        except ValueError:
+            raise ValueError(f"d2moe option 'width_policy': {argument!r} is not a bit-width") from None
+        return ServingWidths("fixed", (spec.check_width(fixed, "d2moe width"),))
+    routers = RouterSet.load(model_dir, layers=[])  # metadata only; also the "no router" error
+    for b in routers.widths:
+        spec.check_width(b, "router width")
+    if capacities == "off":
+        capacities = None
+    elif capacities is not None:
+        capacities = assign.check_capacities(capacities, len(routers.widths), "d2moe option 'capacities'")
+    elif target_bits is None:
+        capacities = routers.capacities
+    shift = 0.0
+    if target_bits is not None:
+        if mode == "random":
+            raise ValueError("d2moe option 'target_bits' needs width_policy 'router' (random scores have no bias to shift)")
+        shift = assign.shift_for_target(routers.calibration, float(target_bits))
+    return ServingWidths(mode, tuple(routers.widths), capacities, shift, routers.calibration)
+
+
+def choose_pair_widths(
+    scores: torch.Tensor, policy: ServingWidths, pair_targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Width index per pair from ``scores [pairs, K]`` (log-probabilities or random).
+
+    ``pair_targets [pairs]`` (NaN = none): pairs of requests with their own
+    target use its shift and no capacities; the rest follow ``policy``.
+    """
+    default = assign.shift_scores(scores, policy.widths, policy.shift) if policy.shift else scores
+    if pair_targets is None or bool(torch.isnan(pair_targets).all()):
+        return assign.choose_widths(default, policy.capacities)
+    own = ~torch.isnan(pair_targets)
+    choice = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    rest = (~own).nonzero().squeeze(1)
+    if rest.numel():
+        choice[rest] = assign.choose_widths(default[rest], policy.capacities)
+    for target in pair_targets[own].unique().tolist():
+        pairs = (pair_targets == target).nonzero().squeeze(1)
+        shift = assign.shift_for_target(policy.calibration, target)
+        choice[pairs] = assign.shift_scores(scores[pairs], policy.widths, shift).argmax(dim=1)
+    return choice
+
+
+class WidthStats:
+    """Counts of chosen widths per layer since start (or the last reset); logged periodically.
+
+    ``snapshot()`` gives ``{layer: {bits: pairs}}``; ``average_bits()`` the
+    running average width over all pairs; ``capacity_excess()`` per layer the
+    most any width exceeded its capacity ``c_k * N`` in one call (below one pair
+    when capacities hold).
+    """
+
+    LOG_EVERY_SECONDS = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[int, torch.Tensor] = {}
+        self._excess: dict[int, float] = {}
+        self._last_log = time.monotonic()
+
+    def record(self, layer: int, widths: torch.Tensor, capacities: dict[int, float] | None = None) -> None:
+        """Count one call's ``widths``; ``capacities`` ({bits: c_k}) when they applied to all of it."""
+        counts = torch.bincount(widths.reshape(-1).long().cpu(), minlength=9)[:9]
+        with self._lock:
+            if layer in self._counts:
+                self._counts[layer] += counts
+            else:
+                self._counts[layer] = counts
+            if capacities:
+                pairs = widths.numel()
+                excess = max(int(counts[b]) - c * pairs for b, c in capacities.items())
+                self._excess[layer] = max(excess, self._excess.get(layer, -math.inf))
+        if time.monotonic() - self._last_log > self.LOG_EVERY_SECONDS:
+            self._last_log = time.monotonic()
+            logger.info("d2moe: %s", self.summary())
+
+    def snapshot(self) -> dict[int, dict[int, int]]:
+        with self._lock:
+            return {
+                layer: {b: int(n) for b, n in enumerate(counts.tolist()) if n}
+                for layer, counts in sorted(self._counts.items())
+            }
+
+    def capacity_excess(self) -> dict[int, float]:
+        with self._lock:
+            return dict(sorted(self._excess.items()))
+
+    def average_bits(self) -> float | None:
+        """Mean width over every counted pair (None before any)."""
+        with self._lock:
+            total = sum(self._counts.values(), torch.zeros(9, dtype=torch.long))
+        pairs = int(total.sum())
+        return None if pairs == 0 else float((total * torch.arange(9)).sum()) / pairs
+
+    def summary(self) -> str:
+        average = self.average_bits()
+        per_layer = "; ".join(
+            f"layer {layer}: " + " ".join(f"{b}b={n}" for b, n in hist.items())
+            for layer, hist in self.snapshot().items()
+        )
+        return f"average width {average:.3f} bits ({per_layer})" if average is not None else "no pairs yet"
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._excess.clear()
+
+
+WIDTH_STATS = WidthStats()
+
+
+class WidthSelector:
+    """The width decision of one MoE layer (``layer``: its index in the model)."""
+
+    def __init__(self, layer: int, policy: ServingWidths, router: WidthRouter | None = None):
+        if policy.mode == "router" and router is None:
+            raise ValueError(f"layer {layer}: width_policy 'router' but the checkpoint has no router for it")
+        self.layer = layer
+        self.policy = policy
+        self.router = router
+        # Seeded per layer so that every tensor-parallel rank draws the same widths.
+        self._generator = torch.Generator().manual_seed(layer) if policy.mode == "random" else None
+
+    def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """``[tokens * top_k, K]`` scores of the candidate widths."""
+        k = len(self.policy.widths)
+        if self.policy.mode == "router":
+            logits = self.router(x, topk_weights, topk_ids)
+            return torch.log_softmax(logits, dim=-1).reshape(-1, k)
+        return torch.rand(topk_ids.numel(), k, generator=self._generator).to(x.device)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        token_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """int8 widths ``[tokens, top_k]``; ``token_targets [tokens]`` are per-request targets (NaN = none)."""
+        capacities = None
+        if self.policy.mode == "fixed":
+            widths = torch.full_like(topk_ids, self.policy.widths[0], dtype=torch.int8)
+        else:
+            top_k = topk_ids.shape[1]
+            pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
+            choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets)
+            table = torch.tensor(self.policy.widths, dtype=torch.int8, device=choice.device)
+            widths = table[choice].view_as(topk_ids)
+            if self.policy.capacities and pair_targets is None:
+                capacities = dict(zip(self.policy.widths, self.policy.capacities))
+        WIDTH_STATS.record(self.layer, widths, capacities)
+        return widths

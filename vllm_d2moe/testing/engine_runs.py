@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from vllm_d2moe.offload.sampling import OffloadSampler
+from vllm_d2moe.width_selection import WIDTH_STATS
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Run:
     # Sample the offload pools and the RSS while generating (engine in this process:
     # VLLM_ENABLE_V1_MULTIPROCESSING=0); recorded as "offload".
     sample_offload: bool = False
+    # Per prompt (None: none), e.g. {"d2moe_target_bits": 2.5}.
+    extra_args: list[dict | None] | None = None
 
 
 def _logprob_vectors(positions) -> list[dict[str, float]]:
@@ -70,10 +73,20 @@ def run_engine(run: Run, earlier: dict) -> dict:
         seed=0,
     )
     try:
-        params = SamplingParams(max_tokens=run.max_tokens, temperature=0.0, logprobs=run.logprobs)
+        params = [
+            SamplingParams(max_tokens=run.max_tokens, temperature=0.0, logprobs=run.logprobs, extra_args=extra)
+            for extra in (run.extra_args or [None] * len(run.prompts))
+        ]
         sampler = OffloadSampler() if run.sample_offload else nullcontext()
+        WIDTH_STATS.reset()
         with sampler:
             outputs = llm.generate(run.prompts, params, use_tqdm=False)
+        # Only meaningful with the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+        widths = {
+            "average_bits": WIDTH_STATS.average_bits(),
+            "per_layer": WIDTH_STATS.snapshot(),
+            "capacity_excess": WIDTH_STATS.capacity_excess(),
+        }
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -91,7 +104,11 @@ def run_engine(run: Run, earlier: dict) -> dict:
         if references:
             for record, reference in zip(results, references):
                 record["teacher_forced_logprobs"] = score_continuation(llm, reference, run.logprobs or 1)
-        return {"outputs": results, **({"offload": sampler.result()} if run.sample_offload else {})}
+        return {
+            "outputs": results,
+            "widths": widths,
+            **({"offload": sampler.result()} if run.sample_offload else {}),
+        }
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

@@ -2,7 +2,13 @@
 
 Options are keys of the checkpoint's ``quantization_config`` and can be
 overridden at start-up, e.g.
-``--hf-overrides '{"quantization_config": {"quant_method": "d2moe", "bits": 4}}'``.
+``--hf-overrides '{"quantization_config": {"quant_method": "d2moe", "bits": 4}}'``:
+
+* ``width_policy``: ``"router"``, ``"random"`` or ``"fixed:B"``; ``bits: B`` is
+  shorthand for ``"fixed:B"`` (see :mod:`vllm_d2moe.width_selection`);
+* ``target_bits``: average width the router aims at (shifts its scores);
+* ``capacities``: per-width fractions enforced per batch, or ``"off"``.
+
 The expert layout itself comes from the checkpoint's ``d2moe/index.json``.
 """
 
@@ -23,31 +29,45 @@ from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.budget import parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
+from vllm_d2moe.width_selection import ServingWidths, resolve_policy
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
-_OPTION_KEYS = {"bits", "memory_budget", "offload"}
+_OPTION_KEYS = {"bits", "memory_budget", "offload", "width_policy", "target_bits", "capacities"}
 
 
 @register_quantization_config(QUANT_METHOD)
 class D2MoEConfig(QuantizationConfig):
     """MWQ experts served at a chosen width; every other layer stays unquantized."""
 
-    def __init__(self, bits: int | None = None, memory_budget: int | str | None = None,
-                 offload: dict | None = None):
+    def __init__(
+        self,
+        bits: int | None = None,
+        width_policy: str | None = None,
+        target_bits: float | None = None,
+        capacities: list[float] | str | None = None,
+        memory_budget: int | str | None = None,
+        offload: dict | None = None,
+    ):
         super().__init__()
         if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
             raise ValueError(f"d2moe option 'bits' must be an integer in [1, 8], got {bits!r}")
+        if target_bits is not None and not isinstance(target_bits, (int, float)):
+            raise ValueError(f"d2moe option 'target_bits' must be a number, got {target_bits!r}")
+        if capacities is not None and capacities != "off" and not isinstance(capacities, list):
+            raise ValueError(f"d2moe option 'capacities' must be a list of fractions or 'off', got {capacities!r}")
         self.requested_bits = bits
+        self.width_options = {"width_policy": width_policy, "target_bits": target_bits, "capacities": capacities}
         self.checkpoint: MWQCheckpoint | None = None
         # Expert offloading (vllm_d2moe.offload): resident expert bytes, and how to stream the rest.
         self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
         self.offload_policy = OffloadPolicy.from_option(offload)
         self._offload: OffloadManager | None = None
+        self.widths: ServingWidths | None = None
 
     def __repr__(self) -> str:
-        return f"D2MoEConfig(bits={self.requested_bits})"
+        return f"D2MoEConfig(bits={self.requested_bits}, widths={self.widths})"
 
     @classmethod
     def get_name(cls) -> str:
@@ -84,6 +104,9 @@ class D2MoEConfig(QuantizationConfig):
         self.checkpoint = MWQCheckpoint(model_name)
         if self.requested_bits is not None:
             self.checkpoint.spec.check_width(self.requested_bits, "d2moe option 'bits'")
+        self.widths = resolve_policy(
+            model_name, self.checkpoint.spec, bits=self.requested_bits, **self.width_options
+        )
         if self.memory_budget is not None:
             for entry in self.checkpoint.layers.values():
                 check_budget(self.memory_budget, entry.layout, self.serving_bits)
@@ -105,8 +128,8 @@ class D2MoEConfig(QuantizationConfig):
 
     @property
     def serving_bits(self) -> int:
-        """The width experts are served at: the option, else the widest stored width."""
-        return self.requested_bits or self.checkpoint.spec.max_bits
+        """The widest width any (token, expert) pair may be served at: what experts hold resident."""
+        return self.widths.resident_bits
 
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str

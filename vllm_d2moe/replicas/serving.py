@@ -26,11 +26,12 @@ from vllm_d2moe.replicas.spec import ReplicaSpec, add_replica_arguments, specs_f
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded before any fork: the child only calls it
 
 
 def _terminate_with_parent() -> None:
     """In the child before exec: get SIGTERM when the actor process dies (e.g. ``ray.kill``)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -50,7 +51,7 @@ class ServerReplica:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vllm_d2moe.cli", "serve", *spec.serve_args(),
                  "--host", "127.0.0.1", "--port", port, *server_args],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent,
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent,  # noqa: PLW1509
             )
 
     def wait_ready(self, timeout_s: float) -> str:
@@ -90,7 +91,7 @@ def start_replicas(specs: list[ReplicaSpec], log_dir: Path, server_args: list[st
     for i, (a, ready) in enumerate([(a, a.wait_ready.remote(timeout_s)) for a in actors]):
         try:
             urls.append(ray.get(ready))
-        except (ray.exceptions.RayError) as e:
+        except ray.exceptions.RayError as e:
             failures[i] = failure_reason(e)
             logger.warning("replica %d failed to start: %s", i, failures[i])
             ray.kill(a)
@@ -137,7 +138,8 @@ def run(args) -> int:
             if not urls:
                 print(f"d2moe ray-serve: error: no replica started (logs in {log_dir})", file=sys.stderr)
                 return 1
-            print(f"{len(urls)} of {len(specs)} replicas ready ({', '.join(urls)}; logs in {log_dir}); "
+            left_out = f"; left out: {failures}" if failures else ""
+            print(f"{len(urls)} of {len(specs)} replicas ready ({', '.join(urls)}; logs in {log_dir}{left_out}); "
                   f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
             run_front(urls, args.host, args.port)
         finally:

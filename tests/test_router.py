@@ -146,7 +146,7 @@ def test_width_options_resolve(tmp_path):
         resolve_policy(str(tmp_path), spec, "router", None, None, None)
     with pytest.raises(ValueError, match="'bits' \\(3\\) and 'width_policy' \\('fixed:4'\\) disagree"):
         resolve_policy(str(tmp_path), spec, "fixed:4", 3, None, None)
-    with pytest.raises(ValueError, match="must be 'router', 'random' or 'fixed:B'"):
+    with pytest.raises(ValueError, match="must be 'router', 'shuffled' or 'fixed:B'"):
         resolve_policy(str(tmp_path), spec, "smart", None, None, None)
     _write_router(tmp_path)
     routed = resolve_policy(str(tmp_path), spec, None, None, None, None)
@@ -183,3 +183,24 @@ def test_selector_counts_and_per_request_targets():
     assert mixed[:20].reshape(-1).tolist() == [policy.widths[i] for i in own.tolist()]
     rest = choose_pair_widths(scores[40:], policy)
     assert mixed[20:].reshape(-1).tolist() == [policy.widths[i] for i in rest.tolist()]
+
+
+def test_pareto_rows_by_hand():
+    from vllm_d2moe.eval.report import router_pareto
+
+    rows = [
+        {"name": "mwq-2", "method": "mwq", "bits_per_weight": 2.0, "perplexity": 10.0, "kl": 0.4},
+        {"name": "mwq-3", "method": "mwq", "bits_per_weight": 3.0, "perplexity": 8.0, "kl": 0.2},
+        {"name": "router", "method": "router", "bits_per_weight": 2.5, "perplexity": 8.5, "kl": 0.25},
+        {"name": "shuffled", "method": "shuffled", "bits_per_weight": 2.5, "perplexity": 9.5, "kl": 0.35},
+        {"name": "router-2.2", "method": "router", "bits_per_weight": 2.2, "perplexity": 9.8, "kl": 0.3},
+        {"name": "shuffled-2.2", "method": "shuffled", "bits_per_weight": 2.2, "error": "failed"},
+    ]
+    first, second = router_pareto(rows)
+    # Fixed at 2.5 bits: halfway between 10 and 8 -> 9 (KL 0.3).
+    assert first["fixed_perplexity"] == pytest.approx(9.0) and first["fixed_kl"] == pytest.approx(0.3)
+    assert first["beats_fixed"] and first["beats_shuffled"]
+    # At 2.2 bits fixed is 9.6 < 9.8; the shuffled run failed, so nothing to beat.
+    assert second["fixed_perplexity"] == pytest.approx(9.6)
+    assert not second["beats_fixed"] and not second["beats_shuffled"]
+    assert second["shuffled_perplexity"] is None

@@ -65,7 +65,7 @@ def router_results(routed_mixtral, tmp_path_factory):
         Run("router-no-capacities", model, PROMPTS, max_tokens=MAX_TOKENS,
             hf_overrides=_override(capacities="off")),
         Run("router-default", model, PROMPTS, max_tokens=MAX_TOKENS),
-        Run("random", model, PROMPTS, max_tokens=MAX_TOKENS, hf_overrides=_override(width_policy="random")),
+        Run("shuffled", model, PROMPTS, max_tokens=MAX_TOKENS, hf_overrides=_override(width_policy="shuffled")),
         Run("target-low", model, PROMPTS, max_tokens=MAX_TOKENS,
             extra_args=[{"d2moe_target_bits": low}] * len(PROMPTS)),
         Run("target-high", model, PROMPTS, max_tokens=MAX_TOKENS,
@@ -116,13 +116,20 @@ def test_compiled_router_serving_matches_eager(router_results):
     assert [o["token_ids"] for o in compiled] == [o["token_ids"] for o in eager]
 
 
-@pytest.mark.parametrize("name", ["router-default", "random"])
+@pytest.mark.parametrize("name", ["router-default", "shuffled"])
 def test_served_capacities_hold_in_every_batch(router_results, name):
     widths = _ok(router_results, name)["widths"]
     excess = widths["capacity_excess"]
     assert set(excess) == {"0", "1"}, "every layer call with capacities is checked"
     assert all(e < 1.0 for e in excess.values()), excess
     assert widths["average_bits"] == pytest.approx(3.0, abs=0.35)  # the 0.3/0.4/0.3 mix, per-batch rounding
+
+
+def test_shuffled_deals_other_widths_than_the_router(router_results):
+    # Same model and mix rule; which pair gets which width is what differs (seeded, so reproducible).
+    shuffled = _ok(router_results, "shuffled")["outputs"]
+    default = _ok(router_results, "router-default")["outputs"]
+    assert [o["token_ids"] for o in shuffled] != [o["token_ids"] for o in default]
 
 
 def test_per_request_target_changes_the_average_width(router_results, report):

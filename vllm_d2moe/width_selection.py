@@ -12,8 +12,9 @@ Policies (the ``width_policy`` option, resolved once by :func:`resolve_policy`):
   then unless given explicitly). The default when the checkpoint has a router.
 * ``fixed:B``: every pair at width B (the ``bits`` option is shorthand). The
   default, at the widest stored width, when the checkpoint has no router.
-* ``random``: the router's widths and capacities with random scores: the
-  same width mix with no learned choice (an accuracy baseline).
+* ``shuffled``: the router's choices, randomly re-dealt among the pairs of
+  each call: the same width mix per layer and batch with no learned choice
+  (the accuracy baseline for the router).
 
 A request may carry its own target (``SamplingParams(extra_args={"d2moe_target_bits": 2.5})``,
 see :mod:`vllm_d2moe.vllm_glue.request_targets`); its tokens then use that
@@ -33,7 +34,7 @@ from vllm_d2moe.router.model import RouterSet, WidthRouter
 
 logger = logging.getLogger(__name__)
 
-MODES = ("router", "fixed", "random")
+MODES = ("router", "fixed", "shuffled")
 TARGET_EXTRA_ARG = "d2moe_target_bits"
 
 
@@ -76,11 +77,11 @@ def resolve_policy(
     mode, _, argument = width_policy.partition(":")
     if mode not in MODES or (mode == "fixed") != bool(argument):
         raise ValueError(
-            f"d2moe option 'width_policy' must be 'router', 'random' or 'fixed:B', got {width_policy!r}"
+            f"d2moe option 'width_policy' must be 'router', 'shuffled' or 'fixed:B', got {width_policy!r}"
         )
     if mode == "fixed":
         if target_bits is not None or capacities is not None:
-            raise ValueError("d2moe options 'target_bits' and 'capacities' need width_policy 'router' or 'random'")
+            raise ValueError("d2moe options 'target_bits' and 'capacities' need width_policy 'router' or 'shuffled'")
         try:
             fixed = int(argument)
         except ValueError:
@@ -97,8 +98,6 @@ def resolve_policy(
         capacities = routers.capacities
     shift = 0.0
     if target_bits is not None:
-        if mode == "random":
-            raise ValueError("d2moe option 'target_bits' needs width_policy 'router' (random scores have no bias to shift)")
         shift = assign.shift_for_target(routers.calibration, float(target_bits))
     return ServingWidths(mode, tuple(routers.widths), capacities, shift, routers.calibration)
 
@@ -106,7 +105,7 @@ def resolve_policy(
 def choose_pair_widths(
     scores: torch.Tensor, policy: ServingWidths, pair_targets: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Width index per pair from ``scores [pairs, K]`` (log-probabilities or random).
+    """Width index per pair from the router's ``scores [pairs, K]`` (log-probabilities).
 
     ``pair_targets [pairs]`` (NaN = none): pairs of requests with their own
     target use its shift and no capacities; the rest follow ``policy``.
@@ -198,21 +197,18 @@ class WidthSelector:
     """The width decision of one MoE layer (``layer``: its index in the model)."""
 
     def __init__(self, layer: int, policy: ServingWidths, router: WidthRouter | None = None):
-        if policy.mode == "router" and router is None:
-            raise ValueError(f"layer {layer}: width_policy 'router' but the checkpoint has no router for it")
+        if policy.mode != "fixed" and router is None:
+            raise ValueError(f"layer {layer}: width_policy {policy.mode!r} but the checkpoint has no router for it")
         self.layer = layer
         self.policy = policy
         self.router = router
-        # Seeded per layer so that every tensor-parallel rank draws the same widths.
-        self._generator = torch.Generator().manual_seed(layer) if policy.mode == "random" else None
+        # Seeded per layer so that every tensor-parallel rank deals the same widths.
+        self._generator = torch.Generator().manual_seed(layer) if policy.mode == "shuffled" else None
 
     def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """``[tokens * top_k, K]`` scores of the candidate widths."""
-        k = len(self.policy.widths)
-        if self.policy.mode == "router":
-            logits = self.router(x, topk_weights, topk_ids)
-            return torch.log_softmax(logits, dim=-1).reshape(-1, k)
-        return torch.rand(topk_ids.numel(), k, generator=self._generator).to(x.device)
+        """``[tokens * top_k, K]`` log-probabilities of the candidate widths."""
+        logits = self.router(x, topk_weights, topk_ids)
+        return torch.log_softmax(logits, dim=-1).reshape(-1, len(self.policy.widths))
 
     def __call__(
         self,
@@ -229,6 +225,8 @@ class WidthSelector:
             top_k = topk_ids.shape[1]
             pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
             choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets)
+            if self._generator is not None:
+                choice = choice[torch.randperm(choice.numel(), generator=self._generator).to(choice.device)]
             table = torch.tensor(self.policy.widths, dtype=torch.int8, device=choice.device)
             widths = table[choice].view_as(topk_ids)
             if self.policy.capacities and pair_targets is None:

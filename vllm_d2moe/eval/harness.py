@@ -1,8 +1,9 @@
 """``d2moe eval MODEL --out DIR``: held-out accuracy of MWQ at every width and of
 two baselines, measured through vLLM on the same tokens.
 
-Steps: cut the held-out windows (``heldout``); convert MODEL to MWQ once and
-write the fake-quantized baseline checkpoints (``variants``); score every
+Steps: cut the held-out windows (``heldout``); convert MODEL to MWQ once
+(with ``--router``, add a trained bit-width router to it) and write the
+fake-quantized baseline checkpoints (``variants``); score every
 model with vLLM's prompt logprobs in one subprocess (``scoring``); recompute
 the unquantized perplexity with transformers (``crosscheck``); write
 ``accuracy.md``, ``accuracy.json`` and ``accuracy.png`` to DIR (``report``).
@@ -11,6 +12,7 @@ Exit status 1 if an engine failed or vLLM and transformers disagree.
 
 import importlib.util
 import shlex
+from dataclasses import replace
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +22,7 @@ from vllm_d2moe.eval.crosscheck import transformers_perplexity
 from vllm_d2moe.eval.heldout import heldout_windows
 from vllm_d2moe.eval.report import Setup, build_report, write_report
 from vllm_d2moe.eval.scoring import score_with_vllm
-from vllm_d2moe.eval.variants import METHODS, build_variants, model_dtype
+from vllm_d2moe.eval.variants import METHODS, build_variants, measured_bits_per_weight, model_dtype
 from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec
 
@@ -39,6 +41,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="columns per scale group")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="quantizers compared with the unquantized model (default: all)")
+    parser.add_argument("--router", type=Path, default=None,
+                        help="a trained router (router.safetensors, or a checkpoint of the same model and "
+                             "MWQ spec that holds one): adds router and shuffled-mix variants")
+    parser.add_argument("--router-targets", type=float, nargs="*", default=[],
+                        help="target average widths served with the router (and shuffled) besides its capacities")
     parser.add_argument("--corpus-dir", type=Path, default=None, help="default: $D2MOE_CACHE/corpus")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep converted checkpoints and raw scores here (default: a temporary directory)")
@@ -51,6 +58,8 @@ def command_line(args) -> str:
         "--window", str(args.window), "--split", args.split, "--widths", *map(str, args.widths),
         "--group-size", str(args.group_size), "--methods", *args.methods,
     ]
+    if args.router:
+        parts += ["--router", str(args.router), "--router-targets", *map(str, args.router_targets)]
     return shlex.join(parts)
 
 
@@ -62,8 +71,14 @@ def evaluate(args, work_dir: Path) -> int:
     dtype = model_dtype(args.model)
     windows = heldout_windows(args.model, args.split, args.tokens, args.window, args.corpus_dir)
     print(f"d2moe eval: {windows.shape[0]} windows of {args.window} tokens; writing checkpoints", flush=True)
-    variants = build_variants(args.model, work_dir, args.methods, widths, args.group_size)
+    variants = build_variants(args.model, work_dir, args.methods, widths, args.group_size,
+                              args.router, args.router_targets)
     scores, engines = score_with_vllm(variants, windows, dtype, work_dir / "scores")
+    variants = [
+        replace(v, bits_per_weight=measured_bits_per_weight(v.model, engines[v.name]["width_histogram"]))
+        if v.bits_per_weight is None and v.name in scores else v
+        for v in variants
+    ]
     setup = Setup(command_line(args), str(args.model), dtype, args.split, windows.shape[0], args.window,
                   args.group_size)
     report = build_report(setup, variants, scores, engines, transformers_perplexity(args.model, windows, dtype))

@@ -1,5 +1,6 @@
 """An accuracy run's results as ``accuracy.json``, ``accuracy.md`` (tables) and
-``accuracy.png`` (perplexity and KL divergence vs bits per weight, one line per method)."""
+``accuracy.png`` (perplexity and KL divergence vs bits per weight, one line per method),
+with the router's Pareto comparison when router variants were served."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import numpy as np
 
 from vllm_d2moe.eval.crosscheck import TOLERANCE
 from vllm_d2moe.eval.scoring import TokenScores
-from vllm_d2moe.eval.variants import METHODS, REFERENCE, Variant
+from vllm_d2moe.eval.variants import METHODS, REFERENCE, ROUTED_METHODS, Variant
 
 # The issue's bar for MWQ against the independent quantizer at the same width.
 MWQ_VS_RTN_TOLERANCE = 0.005
@@ -83,6 +84,7 @@ def build_report(
             "tolerance": TOLERANCE,
             "ok": abs(difference) <= TOLERANCE,
         }
+    report["router_pareto"] = router_pareto(rows)
     report["mwq_vs_rtn"] = []
     for v in variants:
         rtn = f"rtn-{v.bits}"
@@ -97,6 +99,43 @@ def build_report(
                 }
             )
     return report
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear value at ``x`` through sorted ``points``; None outside them."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def router_pareto(rows: list[dict]) -> list[dict]:
+    """Each served router point against the fixed MWQ widths at the same bits per weight
+    (linear between neighbouring widths) and against its shuffled counterpart (same mix)."""
+    scored = [r for r in rows if "perplexity" in r]
+    fixed = sorted((r["bits_per_weight"], r["perplexity"], r["kl"]) for r in scored if r["method"] == "mwq")
+    by_name = {r["name"]: r for r in scored}
+    out = []
+    for r in scored:
+        if r["method"] != "router":
+            continue
+        shuffled = by_name.get("shuffled" + r["name"][len("router"):])
+        fixed_ppl = _interpolate([(b, p) for b, p, _ in fixed], r["bits_per_weight"])
+        fixed_kl = _interpolate([(b, k) for b, _, k in fixed], r["bits_per_weight"])
+        out.append({
+            "name": r["name"],
+            "bits_per_weight": r["bits_per_weight"],
+            "perplexity": r["perplexity"],
+            "kl": r["kl"],
+            "fixed_perplexity": fixed_ppl,
+            "fixed_kl": fixed_kl,
+            "shuffled_bits_per_weight": shuffled and shuffled["bits_per_weight"],
+            "shuffled_perplexity": shuffled and shuffled["perplexity"],
+            "shuffled_kl": shuffled and shuffled["kl"],
+            "beats_fixed": fixed_ppl is not None and r["perplexity"] < fixed_ppl,
+            "beats_shuffled": shuffled is not None and r["perplexity"] < shuffled["perplexity"],
+        })
+    return out
 
 
 def _number(value, fmt: str) -> str:
@@ -118,7 +157,7 @@ def markdown(report: dict) -> str:
     ]
     for row in report["variants"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | {row['bits_per_weight']:.3f} | failed: {row['error']} ||||||")
+            lines.append(f"| {row['name']} | {_number(row['bits_per_weight'], '.3f')} | failed: {row['error']} ||||||")
             continue
         lines.append(
             f"| {row['name']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} "
@@ -133,6 +172,25 @@ def markdown(report: dict) -> str:
             f"vs {check['transformers_perplexity']:.4f}, difference {check['relative_difference']:+.4%} "
             f"(tolerance ±{check['tolerance']:.1%}: {'ok' if check['ok'] else 'FAILED'}).",
         ]
+    if report.get("router_pareto"):
+        lines += [
+            "",
+            "**Learned bit-width router vs fixed widths and vs the same width mix dealt at random** "
+            "(fixed: MWQ widths interpolated linearly to the router's bits per weight; shuffled: the "
+            "router's choices re-dealt at random among each call's pairs):",
+            "",
+            "| router point | bits/weight | perplexity | KL | fixed ppl | fixed KL | shuffled bits | shuffled ppl "
+            "| shuffled KL | beats fixed | beats shuffled |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for row in report["router_pareto"]:
+            lines.append(
+                f"| {row['name']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['kl']:.2e} "
+                f"| {_number(row['fixed_perplexity'], '.3f')} | {_number(row['fixed_kl'], '.2e')} "
+                f"| {_number(row['shuffled_bits_per_weight'], '.3f')} | {_number(row['shuffled_perplexity'], '.3f')} "
+                f"| {_number(row['shuffled_kl'], '.2e')} | {'yes' if row['beats_fixed'] else 'no'} "
+                f"| {'yes' if row['beats_shuffled'] else 'no'} |"
+            )
     if report["mwq_vs_rtn"]:
         lines += [
             "",
@@ -159,7 +217,7 @@ def plot(report: dict, path: Path) -> None:
 
     rows = [r for r in report["variants"] if "error" not in r]
     fig, (ppl_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, marker in zip(METHODS, "os^"):
+    for method, marker in zip(METHODS + ROUTED_METHODS, "os^Dx"):
         points = sorted((r["bits_per_weight"], r["perplexity"], r["kl"]) for r in rows if r["method"] == method)
         if points:
             x, ppl, kl = zip(*points)

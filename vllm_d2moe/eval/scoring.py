@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vllm_d2moe.eval.variants import Variant
+from vllm_d2moe.width_selection import WIDTH_STATS
 
 SCORES_FILE = "scores.npz"
 ENGINES_FILE = "engines.json"
@@ -138,6 +139,15 @@ def _compare(llm, windows: torch.Tensor, reference: np.ndarray | None) -> tuple[
     return TokenScores(nll, kl, top1), reference
 
 
+def _width_histogram() -> dict[int, int]:
+    """Pairs served at each width over all layers (the engine runs in this process)."""
+    total: dict[int, int] = {}
+    for hist in WIDTH_STATS.snapshot().values():
+        for bits, pairs in hist.items():
+            total[bits] = total.get(bits, 0) + pairs
+    return dict(sorted(total.items()))
+
+
 def score_all(variants: list[Variant], windows: torch.Tensor, dtype: str, out_dir: Path) -> None:
     """Score every variant (the first is the reference) and write ``out_dir``'s two files."""
     reference = None
@@ -148,8 +158,10 @@ def score_all(variants: list[Variant], windows: torch.Tensor, dtype: str, out_di
             llm = _start_engine(variant, dtype, windows.shape[1] - 1)
             timing = {"start_seconds": round(time.monotonic() - started, 1)}
             started = time.monotonic()
+            WIDTH_STATS.reset()
             try:
                 scores, reference = _compare(llm, windows, reference)
+                timing["width_histogram"] = _width_histogram()
             finally:
                 llm.llm_engine.engine_core.shutdown()
                 del llm

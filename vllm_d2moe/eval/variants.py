@@ -7,6 +7,11 @@
 * ``rtn-B``: independent round-to-nearest at width B, same group size
   (fake-quantized checkpoint, see ``fake_quant``).
 * ``int8``: symmetric per-channel INT8 (fake-quantized checkpoint).
+* ``router`` / ``router-T``: the MWQ checkpoint with a trained bit-width router
+  (``--router``), at its trained capacities / at target average width T;
+  ``shuffled`` / ``shuffled-T``: the same with the router's choices dealt at
+  random among the pairs of each call (same width mix, no learned choice).
+  Their bits per weight are measured while scoring (the widths served).
 
 Bits per weight count routed-expert weights only (everything else keeps the
 source dtype in every variant), scales and zeros included: MWQ from its
@@ -17,6 +22,7 @@ stores); INT8 as 8 bits plus one float16 scale per output row.
 """
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,11 +36,13 @@ from vllm_d2moe.eval.fake_quant import (
     rtn_fake_quantize,
     write_fake_quantized,
 )
-from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import SCALE_DTYPE, MWQSpec
+from vllm_d2moe.router.model import ROUTER_FILE
 
 METHODS = ("mwq", "rtn", "int8")
+ROUTED_METHODS = ("router", "shuffled")
 REFERENCE = "unquantized"
 
 
@@ -44,7 +52,7 @@ class Variant:
     method: str  # REFERENCE or one of METHODS
     bits: int | None  # quantization width; None for the unquantized model
     model: str
-    bits_per_weight: float
+    bits_per_weight: float | None  # None: measured from the widths served (routed variants)
     quantization: str | None = None
     hf_overrides: dict = field(default_factory=dict)
 
@@ -70,6 +78,31 @@ def _layout_bits(layouts: list[tuple[ExpertLayout, int]], bits: int) -> float:
     return stored / weights
 
 
+def measured_bits_per_weight(model_dir: str | Path, width_histogram: dict) -> float:
+    """Stored bits per weight of the widths actually served (``{bits: pairs}``)."""
+    layouts = [(e.layout, e.num_experts) for e in MWQCheckpoint(model_dir).layers.values()]
+    pairs = sum(width_histogram.values())
+    return sum(_layout_bits(layouts, int(b)) * n for b, n in width_histogram.items()) / pairs
+
+
+def routed_variants(mwq_dir: Path, router: Path, targets: list[float]) -> list[Variant]:
+    """Copy ``router`` (a ``router.safetensors`` or a checkpoint holding one) into the MWQ
+    checkpoint and return its served variants: the trained capacities, then each target."""
+    source = router if router.is_file() else router / EXPERTS_DIR / ROUTER_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"--router {router}: no {EXPERTS_DIR}/{ROUTER_FILE} there")
+    shutil.copyfile(source, mwq_dir / EXPERTS_DIR / ROUTER_FILE)
+    settings = [("", {})] + [(f"-{t:g}", {"target_bits": t}) for t in targets]
+    return [
+        Variant(
+            f"{method}{suffix}", method, None, str(mwq_dir), None, quantization=QUANT_METHOD,
+            hf_overrides={"quantization_config": {"quant_method": QUANT_METHOD, "width_policy": method, **options}},
+        )
+        for suffix, options in settings
+        for method in ROUTED_METHODS
+    ]
+
+
 def _int8_bits(hidden: int, intermediate: int) -> float:
     matrices = [(2 * intermediate, hidden), (hidden, intermediate)]  # gate_up, down
     scale_bits = 8 * SCALE_DTYPE.itemsize
@@ -78,7 +111,13 @@ def _int8_bits(hidden: int, intermediate: int) -> float:
 
 
 def build_variants(
-    src: str | Path, work_dir: str | Path, methods: list[str], widths: list[int], group_size: int
+    src: str | Path,
+    work_dir: str | Path,
+    methods: list[str],
+    widths: list[int],
+    group_size: int,
+    router: Path | None = None,
+    router_targets: list[float] = (),
 ) -> list[Variant]:
     """Write every checkpoint the comparison serves into ``work_dir``; the reference comes first."""
     src, work_dir = Path(src), Path(work_dir)
@@ -96,6 +135,10 @@ def build_variants(
             )
             for b in widths
         ]
+        if router is not None:
+            variants += routed_variants(mwq_dir, router, list(router_targets))
+    elif router is not None:
+        raise ValueError("--router needs the mwq method (the router runs on the MWQ checkpoint)")
     if "rtn" in methods:
         for b in widths:
             rtn_dir = work_dir / f"rtn-{b}"

@@ -71,18 +71,17 @@ class SimulatedExperts(torch.nn.Module):
             width = int(self.mode.split(":")[1])
             return torch.ones(top_k_index.numel(), 1, device=hidden.device), (width,)
         widths = self.policy.widths
-        if self.policy.mode == "random":
-            scores = torch.rand(top_k_index.numel(), len(widths), device=hidden.device)
-        else:
-            logits = self.router(hidden, top_k_weights, top_k_index).reshape(-1, len(widths))
-            self.probs = logits.softmax(-1)
-            scores = logits.log_softmax(-1)
+        logits = self.router(hidden, top_k_weights, top_k_index).reshape(-1, len(widths))
+        self.probs = logits.softmax(-1)
+        scores = logits.log_softmax(-1)
         if self.mode == "train":
             gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_min(1e-20)))
             self.choice = choose_widths((scores + gumbel * self.temperature).detach(), self.policy.capacities)
             hard = F.one_hot(self.choice, len(widths)).to(scores.dtype)
             return hard + self.probs - self.probs.detach(), widths
         self.choice = choose_pair_widths(scores.detach(), self.policy)
+        if self.policy.mode == "shuffled":
+            self.choice = self.choice[torch.randperm(self.choice.numel(), device=self.choice.device)]
         return F.one_hot(self.choice, len(widths)).to(hidden.dtype), widths
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

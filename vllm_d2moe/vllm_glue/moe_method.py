@@ -126,7 +126,7 @@ class D2MoEMethod(FusedMoEMethodBase):
     def _width_selector(self, device: torch.device) -> WidthSelector:
         widths = self.quant_config.widths
         router = None
-        if widths.mode == "router":
+        if widths.mode != "fixed":
             routers = RouterSet.load(self.quant_config.checkpoint.model_dir, layers=[self.layer_index])
             router = routers.routers[self.layer_index].to(device)
         if widths.calibration:

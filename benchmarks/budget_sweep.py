@@ -1,0 +1,300 @@
+"""Decode throughput under expert memory budgets: the offload pipeline against its baselines.
+
+One run serves the same model through vLLM (CPU, eager, bfloat16 activations)
+with every method below, each engine in its own process (so its peak RSS is
+its own), at 1 / 4 / 8 / 16 concurrent requests of ``--input-len`` prompt
+tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
+
+* ``bf16``: stock vLLM, unquantized bfloat16 experts, all resident;
+* ``int8-resident``: MWQ at 8 bits, all resident ("hold-in-memory INT8");
+* offloaded under each budget, reads with ``O_DIRECT`` (page cache bypassed),
+  the paper's ablation steps:
+
+  - ``matryoshka-free``: on demand, expert-id order, reads on the compute
+    thread, every width a separate full copy, nothing kept across calls;
+  - ``on-demand`` (+MWQ reuse): the same with upgrades reading only new planes;
+  - ``+hebf``: hottest-expert-bit-first order, reads on background threads
+    overlapped with compute;
+  - ``+budget`` (the full pipeline): also keeps the most frequent experts
+    resident across calls.
+
+Engines run with ``--threads`` torch threads (default 1; the I/O threads of
+the pipeline are extra). Budgets run from one layer's experts (at the serving width) to all of them.
+Decode tokens/s is ``c * (output_len - 1) / (t(output_len) - t(1))``: the time
+of the full generation minus that of the prefill-only (one token) generation of
+the same prompts. Prompts are windows of real Python/English text (the model's
+training domain), so routing follows the trained router.
+
+Writes ``benchmarks/results/budget_sweep.json``, ``budget_sweep.png`` (tokens/s
+against budget per method, one panel per concurrency) and prints a table.
+
+    python benchmarks/budget_sweep.py [--model DIR] [--concurrency 1 4 8 16] [--output-len 128]
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "vllm_d2moe" / "assets" / "reference-small"
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the worker process: its RSS, its metrics
+    "TOKENIZERS_PARALLELISM": "false",
+}
+OFFLOAD_METHODS = {
+    "matryoshka-free": {"order": "id", "overlap": False, "reuse": False, "keep": False},
+    "on-demand": {"order": "id", "overlap": False, "reuse": True, "keep": False},
+    "+hebf": {"order": "hebf", "overlap": True, "reuse": True, "keep": False},
+    "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
+}
+TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeline.py", "vllm_d2moe/mwq/layout.py"]
+
+
+# ---------------------------------------------------------------- one engine (worker process)
+
+def run_engine(spec: dict) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_d2moe.offload import metrics_snapshots
+
+    llm = LLM(
+        model=spec["model"],
+        hf_overrides={"quantization_config": spec["quantization_config"]} if spec["quantization_config"] else None,
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=spec["input_len"] + spec["output_len"] + 8,
+        max_num_seqs=max(spec["concurrency"]),
+        gpu_memory_utilization=0.3,
+        seed=0,
+    )
+    torch.set_num_threads(spec["threads"])
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+
+    def timed(n: int, tokens: int) -> float:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts[:n], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
+        return elapsed
+
+    timed(2, 8)  # warm-up (first-call set-up; fills a pool like steady serving)
+    rows = []
+    for c in spec["concurrency"]:
+        prefill = timed(c, 1)
+        full = timed(c, spec["output_len"])
+        rows.append({
+            "concurrency": c,
+            "decode_tokens_per_s": c * (spec["output_len"] - 1) / max(full - prefill, 1e-9),
+            "seconds": full,
+            "prefill_seconds": prefill,
+        })
+    snapshots = metrics_snapshots()
+    return {
+        "rows": rows,
+        "offload": snapshots[0] if snapshots else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+# ---------------------------------------------------------------- the sweep (launching process)
+
+def text_prompts(model_dir: Path, count: int, length: int) -> list[list[int]]:
+    """``count`` windows of ``length`` token ids of real text, tokenized by the model's tokenizer."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = [i for source in TEXT_SOURCES for i in tokenizer.encode((REPO / source).read_text()).ids]
+    if len(ids) < count * length:
+        raise SystemExit(f"not enough text for {count} prompts of {length} tokens")
+    return [ids[k * length : (k + 1) * length] for k in range(count)]
+
+
+def converted(model_dir: Path, cache: Path) -> Path:
+    from vllm_d2moe.converters.convert import convert
+    from vllm_d2moe.mwq.quantize import MWQSpec
+
+    dst = cache / f"{model_dir.name}-d2moe"
+    if not (dst / "d2moe" / "index.json").is_file():
+        convert(model_dir, dst, MWQSpec(2, 8, 128))
+    return dst
+
+
+def budgets(checkpoint, bits: int) -> dict[str, int]:
+    """From one layer's experts to all of them, with one third of the bf16 expert bytes between."""
+    from vllm_d2moe.offload.pool import expert_nbytes
+
+    layers = list(checkpoint.layers.values())
+    slot = expert_nbytes(layers[0].layout, bits)
+    experts = sum(entry.num_experts for entry in layers)
+    bf16 = experts * 3 * layers[0].layout.hidden * layers[0].layout.intermediate * 2
+    margin = 4096  # the kernel layout's per-tensor slack
+    return {
+        "one layer": layers[0].num_experts * slot + margin,
+        "1/3 bf16": bf16 // 3,
+        "everything": experts * slot + margin,
+    }
+
+
+def run_worker(spec: dict, log: Path) -> dict:
+    """``spec`` in a fresh process; its result, or the error."""
+    env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, __file__, "--worker"], input=json.dumps(spec), env=env,
+                          capture_output=True, text=True, timeout=3600)
+    with open(log, "a") as f:
+        f.write(f"==== {spec['method']} {spec.get('budget_name', '')}\n{proc.stderr[-20000:]}\n")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+
+
+def sweep(args) -> dict:
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+
+    d2moe = converted(args.model, args.cache)
+    checkpoint = MWQCheckpoint(d2moe)
+    prompts = text_prompts(args.model, max(args.concurrency), args.input_len)
+    common = {"prompts": prompts, "concurrency": args.concurrency, "input_len": args.input_len,
+              "output_len": args.output_len, "threads": args.threads}
+    bits = checkpoint.spec.max_bits
+    plan = [{"method": "bf16", "model": str(args.model), "quantization_config": None},
+            {"method": "int8-resident", "model": str(d2moe),
+             "quantization_config": {"quant_method": "d2moe", "bits": bits}}]
+    for budget_name, budget in budgets(checkpoint, bits).items():
+        for method, offload in OFFLOAD_METHODS.items():
+            plan.append({"method": method, "model": str(d2moe), "budget_name": budget_name, "budget": budget,
+                         "quantization_config": {"quant_method": "d2moe", "bits": bits, "memory_budget": budget,
+                                                 "offload": {**offload, "direct": True}}})
+    log = RESULTS / f"{args.name}.log"
+    log.write_text("")
+    results = []
+    for spec in plan:
+        started = time.perf_counter()
+        result = run_worker({**common, **spec}, log)
+        print(f"{spec['method']:16s} {spec.get('budget_name', 'all resident'):12s} "
+              f"{time.perf_counter() - started:6.1f} s  "
+              + (result.get("error", "")[:200] or " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])),
+              flush=True)
+        results.append({k: v for k, v in spec.items() if k not in ("prompts",)} | result)
+    bf16_expert_bytes = budgets(checkpoint, bits)["1/3 bf16"] * 3
+    return {
+        "model": str(args.model),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+        "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
+        "threads": args.threads, "load_average_at_start": os.getloadavg(),
+        "bf16_expert_bytes": bf16_expert_bytes,
+        "results": results,
+    }
+
+
+def goals(report: dict) -> list[str]:
+    """The issue's targets at the "1/3 bf16" budget, judged on the highest concurrency's decode rate
+    and on peak RSS."""
+    runs = {(r["method"], r.get("budget_name")): r for r in report["results"] if "rows" in r}
+    lines = []
+    for c_index, c in enumerate(report["concurrency"]):
+        def rate(key):
+            return runs[key]["rows"][c_index]["decode_tokens_per_s"] if key in runs else float("nan")
+
+        ours = rate(("+budget", "1/3 bf16"))
+        bf16 = rate(("bf16", None))
+        best_on_demand = max(rate(("matryoshka-free", "1/3 bf16")), rate(("on-demand", "1/3 bf16")))
+        lines.append(f"c={c:2d}: pipeline {ours:.1f} tok/s = {ours / bf16:.0%} of bf16 all-resident (goal >= 80%), "
+                     f"{ours / best_on_demand:.2f}x the best on-demand baseline (goal >= 1.5x)")
+    if ("+budget", "1/3 bf16") in runs and ("int8-resident", None) in runs:
+        ours, int8 = runs[("+budget", "1/3 bf16")], runs[("int8-resident", None)]
+        lines.append(f"peak RSS: pipeline {ours['peak_rss_bytes'] / 2**20:.0f} MiB = "
+                     f"{ours['peak_rss_bytes'] / int8['peak_rss_bytes']:.0%} of INT8 all-resident "
+                     f"{int8['peak_rss_bytes'] / 2**20:.0f} MiB (goal <= 45%); resident expert bytes "
+                     f"{ours['budget'] / 2**20:.1f} MiB budget vs {report['bf16_expert_bytes'] / 2 / 2**20:.1f} MiB "
+                     f"of INT8 experts (about half of the bf16 bytes)")
+    return lines
+
+
+def table(report: dict) -> str:
+    header = "method            budget        " + "".join(f"  c={c:<5d}" for c in report["concurrency"])
+    lines = [header + "  peak RSS  hits/reads   read     waited", "-" * (len(header) + 40)]
+    for r in report["results"]:
+        name = f"{r['method']:16s}  {r.get('budget_name', 'all resident'):12s}"
+        if "rows" not in r:
+            lines.append(f"{name}  error: {r['error'][:120]}")
+            continue
+        cells = "".join(f"  {row['decode_tokens_per_s']:7.1f}" for row in r["rows"])
+        extra = ""
+        if r["offload"]:
+            t = r["offload"]["total"]
+            extra = (f"  {t['hits']:>5d}/{t['misses']:<5d}  {t['bytes_read'] / 2**20:6.0f}M  "
+                     f"{t['wait_seconds']:6.1f}s")
+        lines.append(f"{name}{cells}  {r['peak_rss_bytes'] / 2**20:6.0f}M{extra}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrency = report["concurrency"]
+    fig, axes = plt.subplots(1, len(concurrency), figsize=(4 * len(concurrency), 3.6), squeeze=False)
+    runs = [r for r in report["results"] if "rows" in r]
+    for i, (ax, c) in enumerate(zip(axes[0], concurrency)):
+        for method in OFFLOAD_METHODS:
+            points = sorted((r["budget"] / 2**20, r["rows"][i]["decode_tokens_per_s"])
+                            for r in runs if r["method"] == method)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        for r in runs:
+            if "budget" not in r:
+                ax.axhline(r["rows"][i]["decode_tokens_per_s"], linestyle="--", color="grey" if r["method"] == "bf16"
+                           else "black", label=f"{r['method']} (all resident)")
+        ax.axvline(report["bf16_expert_bytes"] / 3 / 2**20, color="red", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{c} concurrent request{'s' if c > 1 else ''}")
+        ax.set_xlabel("expert memory budget (MiB)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Decode throughput vs expert memory budget (red: 1/3 of bf16 expert bytes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face model directory (bf16)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vllm_d2moe" / "budget_sweep",
+                        help="where the MWQ conversion (2..8 bits, group 128) is kept")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch (OpenMP) threads per engine; on a shared 2-core machine two-thread "
+                             "parallel regions stall whenever another job holds a core")
+    parser.add_argument("--name", default="budget_sweep")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_engine(json.load(sys.stdin))), flush=True)
+        return
+    RESULTS.mkdir(exist_ok=True)
+    report = sweep(args)
+    report["goals"] = goals(report)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, RESULTS / f"{args.name}.png")
+    print(table(report))
+    print("\n".join(report["goals"]))
+
+
+if __name__ == "__main__":
+    main()

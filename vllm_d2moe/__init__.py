@@ -14,6 +14,19 @@ SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 _registered = False
 
 
+def _log_through_vllm() -> None:
+    """Send this plugin's log records (backend choice, width and offload statistics)
+    through the handlers vLLM configured for its own logger."""
+    import logging
+
+    vllm_logger, plugin_logger = logging.getLogger("vllm"), logging.getLogger(__name__)
+    if vllm_logger.handlers and not plugin_logger.handlers:
+        for handler in vllm_logger.handlers:
+            plugin_logger.addHandler(handler)
+        plugin_logger.setLevel(vllm_logger.getEffectiveLevel())
+        plugin_logger.propagate = False
+
+
 def register() -> None:
     """Register the ``d2moe`` quantization method with vLLM (idempotent).
 
@@ -27,5 +40,6 @@ def register() -> None:
     from vllm_d2moe.vllm_glue import request_targets
 
     request_targets.install()
+    _log_through_vllm()
 
     _registered = True

@@ -204,6 +204,7 @@ class WidthSelector:
         self.router = router
         # Seeded per layer so that every tensor-parallel rank deals the same widths.
         self._generator = torch.Generator().manual_seed(layer) if policy.mode == "shuffled" else None
+        self._warned_fixed = False
 
     def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``[tokens * top_k, K]`` log-probabilities of the candidate widths."""
@@ -220,6 +221,11 @@ class WidthSelector:
         """int8 widths ``[tokens, top_k]``; ``token_targets [tokens]`` are per-request targets (NaN = none)."""
         capacities = None
         if self.policy.mode == "fixed":
+            if token_targets is not None and not self._warned_fixed:
+                self._warned_fixed = True
+                logger.warning("d2moe: requests ask for %s, but this server serves a fixed width "
+                               "(width_policy %r); the targets are ignored", TARGET_EXTRA_ARG,
+                               f"fixed:{self.policy.widths[0]}")
             widths = torch.full_like(topk_ids, self.policy.widths[0], dtype=torch.int8)
         else:
             top_k = topk_ids.shape[1]

@@ -35,7 +35,8 @@ from vllm_d2moe.router.simulate import load_simulated_model, set_mode, simulated
 from vllm_d2moe.width_selection import ServingWidths
 
 STATE_FILE = "router-training.pt"
-CALIBRATION_SHIFTS = np.linspace(-8.0, 8.0, 129)
+# Wide enough that the ends reach (nearly) all-narrowest and all-widest on trained routers.
+CALIBRATION_SHIFTS = np.linspace(-32.0, 32.0, 257)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

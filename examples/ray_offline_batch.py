@@ -38,20 +38,29 @@ def main() -> None:
     checkpoint = converted_checkpoint(EMBEDDED_MODEL, cache_root() / "demo", MWQSpec(2, 8, 128))
     widths = [int(b) for b in args.replica_bits.split(",")] if args.replica_bits else [8] * args.replicas
     specs = [
-        ReplicaSpec(str(checkpoint), core=i, quantization="d2moe", enforce_eager=True, max_model_len=512,
-                    hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": bits}})
+        ReplicaSpec(
+            str(checkpoint),
+            core=i,
+            quantization="d2moe",
+            enforce_eager=True,
+            max_model_len=512,
+            hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": bits}},
+        )
         for i, bits in enumerate(widths)
     ]
     workdir = Path(tempfile.mkdtemp(prefix="d2moe-ray-batch-"))
     records = [{"id": i, "prompt": p} for i, p in enumerate(DEFAULT_PROMPTS * 3)]
     (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     output = workdir / "completions.jsonl"
-    pool = run_batch(records, str(output), specs, {"max_tokens": args.max_tokens, "temperature": 0.0},
-                     chunk_size=2)
+    pool = run_batch(
+        records, str(output), specs, {"max_tokens": args.max_tokens, "temperature": 0.0}, chunk_size=2
+    )
     for line in output.read_text().splitlines():
         record = json.loads(line)
-        print(f"[{record['id']:2d}] replica {record['replica']} ({widths[record['replica']]} bits): "
-              f"{record['prompt']!r} -> {record['text']!r}")
+        print(
+            f"[{record['id']:2d}] replica {record['replica']} ({widths[record['replica']]} bits): "
+            f"{record['prompt']!r} -> {record['text']!r}"
+        )
     print(f"input {workdir / 'prompts.jsonl'}, output {output}; failed replicas: {pool.failures or 'none'}")
 
 

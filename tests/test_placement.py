@@ -70,8 +70,9 @@ def test_expert_parallel_with_routing_stats(ckpt, dense_bytes):
     # and has room for 2 whole experts at width 4: the two hottest ones, layer 1's 4 and 7.
     stats = {"layers": {"1": [0, 0, 0, 0, 3, 0, 0, 1]}}
     devices = [Device("a", 10**9), Device("b", dense_bytes // 2 + 2 * FULL_4)]
-    first, second = plan_placement(ckpt, devices, bits=4, expert_parallel=True, top_k=TOP_K,
-                                   routing_stats=stats)
+    first, second = plan_placement(
+        ckpt, devices, bits=4, expert_parallel=True, top_k=TOP_K, routing_stats=stats
+    )
     assert first.experts == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
     assert first.disk_bytes_per_token == 0
     assert second.resident == {0: [], 1: [4, 7]}
@@ -90,8 +91,19 @@ def test_command_prints_the_plan(ckpt, dense_bytes, tmp_path, capsys):
     stats = tmp_path / "routing.json"
     stats.write_text(json.dumps({"layers": {"0": [1] * 8}}))
     memory = dense_bytes // 2 + 13 * HALF_8 + 100
-    assert main(["placement", str(ckpt.model_dir), "--devices", f"cpu:{memory},cuda:0:1GiB",
-                 "--routing-stats", str(stats)]) == 0
+    assert (
+        main(
+            [
+                "placement",
+                str(ckpt.model_dir),
+                "--devices",
+                f"cpu:{memory},cuda:0:1GiB",
+                "--routing-stats",
+                str(stats),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tensor parallel 2: each rank holds a 1/2 slice of every expert" in out
     assert "rank 0 cpu" in out and "rank 1 cuda:0 (1.00 GiB)" in out

@@ -29,7 +29,15 @@ pytestmark = pytest.mark.slow
 BATCH = PROMPTS * 2  # 8 prompts: 4 chunks of 2, so both replicas get several
 MAX_TOKENS = 16
 SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
-ENGINE_OPTIONS = ["--quantization", "d2moe", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+ENGINE_OPTIONS = [
+    "--quantization",
+    "d2moe",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+]
 BAD_WIDTH = {"quantization_config": {"quant_method": "d2moe", "bits": 1}}  # fails at engine start
 
 
@@ -46,10 +54,14 @@ def single_process(model, tmp_path_factory) -> list[dict]:
     return results["single"]["outputs"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def pool(model):
-    specs = [ReplicaSpec(model, core=i, quantization="d2moe", dtype="float32", max_model_len=512,
-                         enforce_eager=True) for i in range(2)]
+    specs = [
+        ReplicaSpec(
+            model, core=i, quantization="d2moe", dtype="float32", max_model_len=512, enforce_eager=True
+        )
+        for i in range(2)
+    ]
     with local_cluster(num_cpus=2, show_replica_logs=False):
         replicas = ReplicaPool(specs)
         try:
@@ -65,27 +77,32 @@ def assert_same_tokens(results: dict[int, dict], reference: list[dict]) -> None:
         assert results[index]["text"] == expected["text"]
 
 
-def test_two_replicas_match_single_process(pool, single_process, report):
-    start = time.monotonic()
-    results = dict(pool.generate(BATCH, SAMPLING, chunk_size=2))
-    report.add(f"ray-batch: 8 prompts x {MAX_TOKENS} tokens on 2 replicas in {time.monotonic() - start:.1f} s "
-               "(from actor start, engines loading in parallel with the single-process run)")
-    assert_same_tokens(results, single_process)
-    assert {r["replica"] for r in results.values()} == {0, 1}
-    assert pool.failures == {}
+class TestReplicaPool:
+    """Both tests share one pool (two engines); it is shut down before the command tests start theirs."""
 
+    def test_two_replicas_match_single_process(self, pool, single_process, report):
+        start = time.monotonic()
+        results = dict(pool.generate(BATCH, SAMPLING, chunk_size=2))
+        elapsed = time.monotonic() - start
+        report.add(
+            f"ray-batch: 8 prompts x {MAX_TOKENS} tokens on 2 replicas in {elapsed:.1f} s "
+            "(from actor start, engines loading in parallel with the single-process run)"
+        )
+        assert_same_tokens(results, single_process)
+        assert {r["replica"] for r in results.values()} == {0, 1}
+        assert pool.failures == {}
 
-def test_killed_replica_chunks_go_to_the_other(pool, single_process):
-    results = {}
-    for index, result in pool.generate(BATCH, SAMPLING, chunk_size=1):
-        if not results:  # both replicas have a chunk in flight now
-            ray.kill(pool.actors[1])
-        results[index] = result
-    assert set(pool.failures) == {1}
-    assert pool.retried_chunks == 1
-    assert_same_tokens(results, single_process)
-    late = [r["replica"] for r in results.values()][1:]
-    assert late.count(1) <= 1  # at most the chunk it had finished before the kill was noticed
+    def test_killed_replica_chunks_go_to_the_other(self, pool, single_process):
+        results = {}
+        for index, result in pool.generate(BATCH, SAMPLING, chunk_size=1):
+            if not results:  # both replicas have a chunk in flight now
+                ray.kill(pool.actors[1])
+            results[index] = result
+        assert set(pool.failures) == {1}
+        assert pool.retried_chunks == 1
+        assert_same_tokens(results, single_process)
+        late = [r["replica"] for r in results.values()][1:]
+        assert late.count(1) <= 1  # at most the chunk it had finished before the kill was noticed
 
 
 def test_ray_batch_command_with_a_replica_that_fails_to_start(model, single_process, tmp_path):
@@ -93,10 +110,27 @@ def test_ray_batch_command_with_a_replica_that_fails_to_start(model, single_proc
     source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(BATCH)))
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_d2moe.cli", "ray-batch", model, *ENGINE_OPTIONS,
-         "--replica-hf-overrides", json.dumps([{}, BAD_WIDTH]), "--input", str(source),
-         "--output", str(out), "--max-tokens", str(MAX_TOKENS), "--chunk-size", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "vllm_d2moe.cli",
+            "ray-batch",
+            model,
+            *ENGINE_OPTIONS,
+            "--replica-hf-overrides",
+            json.dumps([{}, BAD_WIDTH]),
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--chunk-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "replica 1 failed" in proc.stderr and "outside this checkpoint's widths [2, 8]" in proc.stderr
@@ -115,8 +149,9 @@ def _free_port() -> int:
 
 def _post_completion(url: str, model: str, prompt: str) -> tuple[str, str]:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
-    request = urllib.request.Request(f"{url}/v1/completions", body.encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as reply:
         return reply.headers["X-D2MoE-Replica"], json.load(reply)["choices"][0]["text"]
 
@@ -124,9 +159,21 @@ def _post_completion(url: str, model: str, prompt: str) -> tuple[str, str]:
 def test_ray_serve_front_balances_two_replicas(model, single_process, tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_d2moe.cli", "ray-serve", model, *ENGINE_OPTIONS,
-         "--port", str(port), "--log-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm_d2moe.cli",
+            "ray-serve",
+            model,
+            *ENGINE_OPTIONS,
+            "--port",
+            str(port),
+            "--log-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

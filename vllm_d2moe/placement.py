@@ -35,8 +35,18 @@ from vllm_d2moe.mwq.checkpoint import CheckpointError, MWQCheckpoint
 from vllm_d2moe.mwq.inspect import _ranges
 from vllm_d2moe.mwq.layout import ExpertLayout
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -99,13 +109,22 @@ def routing_shares(stats: dict | None, layer: int, num_experts: int, top_k: int)
     if counts is None:
         return [top_k / num_experts] * num_experts
     if len(counts) != num_experts or sum(counts) <= 0:
-        raise ValueError(f"routing stats of layer {layer}: need {num_experts} non-negative counts, not all zero")
+        raise ValueError(
+            f"routing stats of layer {layer}: need {num_experts} non-negative counts, not all zero"
+        )
     return [top_k * c / sum(counts) for c in counts]
 
 
-def plan_placement(ckpt: MWQCheckpoint, devices: list[Device], *, bits: int | None = None,
-                   expert_parallel: bool = False, reserve: int = 0, top_k: int,
-                   routing_stats: dict | None = None) -> list[RankPlan]:
+def plan_placement(
+    ckpt: MWQCheckpoint,
+    devices: list[Device],
+    *,
+    bits: int | None = None,
+    expert_parallel: bool = False,
+    reserve: int = 0,
+    top_k: int,
+    routing_stats: dict | None = None,
+) -> list[RankPlan]:
     bits = ckpt.spec.max_bits if bits is None else bits
     if bits not in ckpt.spec.widths:
         raise ValueError(f"width {bits} is outside this checkpoint's widths {list(ckpt.spec.widths)}")
@@ -115,21 +134,29 @@ def plan_placement(ckpt: MWQCheckpoint, devices: list[Device], *, bits: int | No
     layouts: dict[int, ExpertLayout] = {}  # what one rank holds of one expert
     for layer, entry in ckpt.layers.items():
         if entry.layout.intermediate % tp:
-            raise ValueError(f"layer {layer}: expert width {entry.layout.intermediate} does not split in {tp}")
+            raise ValueError(
+                f"layer {layer}: expert width {entry.layout.intermediate} does not split in {tp}"
+            )
         layouts[layer] = ExpertLayout(ckpt.spec, entry.layout.hidden, entry.layout.intermediate // tp)
     plans = []
     for rank, device in enumerate(devices):
         experts = {
-            layer: list(ep_experts(entry.num_experts, n, rank) if expert_parallel else range(entry.num_experts))
+            layer: list(
+                ep_experts(entry.num_experts, n, rank) if expert_parallel else range(entry.num_experts)
+            )
             for layer, entry in sorted(ckpt.layers.items())
         }
-        shares = {layer: routing_shares(routing_stats, layer, ckpt.layers[layer].num_experts, top_k)
-                  for layer in experts}
+        shares = {
+            layer: routing_shares(routing_stats, layer, ckpt.layers[layer].num_experts, top_k)
+            for layer in experts
+        }
         dense = dense_total // n
         budget = max(0, device.memory - reserve - dense)
         # Most frequently routed first; ties in layer then expert order.
-        candidates = sorted(((layer, e) for layer, es in experts.items() for e in es),
-                            key=lambda le: (-shares[le[0]][le[1]], le))
+        candidates = sorted(
+            ((layer, e) for layer, es in experts.items() for e in es),
+            key=lambda le: (-shares[le[0]][le[1]], le),
+        )
         resident: dict[int, list[int]] = {layer: [] for layer in experts}
         used, disk = 0, 0.0
         for layer, e in candidates:
@@ -139,13 +166,22 @@ def plan_placement(ckpt: MWQCheckpoint, devices: list[Device], *, bits: int | No
                 resident[layer].append(e)
             else:
                 disk += shares[layer][e] * ckpt.layers[layer].layout.nbytes(bits)
-        plans.append(RankPlan(
-            rank=rank, device=device, dense_bytes=dense, budget=budget, experts=experts,
-            resident={layer: sorted(es) for layer, es in resident.items()}, resident_bytes=used,
-            bytes_per_width={w: sum(layouts[layer].nbytes(w) * len(es) for layer, es in experts.items())
-                             for w in ckpt.spec.widths},
-            disk_bytes_per_token=disk,
-        ))
+        plans.append(
+            RankPlan(
+                rank=rank,
+                device=device,
+                dense_bytes=dense,
+                budget=budget,
+                experts=experts,
+                resident={layer: sorted(es) for layer, es in resident.items()},
+                resident_bytes=used,
+                bytes_per_width={
+                    w: sum(layouts[layer].nbytes(w) * len(es) for layer, es in experts.items())
+                    for w in ckpt.spec.widths
+                },
+                disk_bytes_per_token=disk,
+            )
+        )
     return plans
 
 
@@ -153,11 +189,20 @@ def _layer_lines(by_layer: dict[int, list[int]]) -> list[str]:
     return [f"    layer {layer}: experts {_ranges(es)}" for layer, es in by_layer.items() if es]
 
 
-def format_report(ckpt: MWQCheckpoint, plans: list[RankPlan], bits: int, expert_parallel: bool,
-                  top_k: int, routing_source: str) -> str:
+def format_report(
+    ckpt: MWQCheckpoint,
+    plans: list[RankPlan],
+    bits: int,
+    expert_parallel: bool,
+    top_k: int,
+    routing_source: str,
+) -> str:
     n = len(plans)
-    mode = (f"expert parallel over {n} ranks: each rank holds whole experts" if expert_parallel
-            else f"tensor parallel {n}: each rank holds a 1/{n} slice of every expert")
+    mode = (
+        f"expert parallel over {n} ranks: each rank holds whole experts"
+        if expert_parallel
+        else f"tensor parallel {n}: each rank holds a 1/{n} slice of every expert"
+    )
     lines = [
         f"d2moe checkpoint {ckpt.model_dir}: {len(ckpt.layers)} MoE layers, top-{top_k}, "
         f"widths {ckpt.spec.min_bits}-{ckpt.spec.max_bits}, serving width {bits}",
@@ -170,8 +215,8 @@ def format_report(ckpt: MWQCheckpoint, plans: list[RankPlan], bits: int, expert_
         missed = {layer: sorted(set(es) - set(p.resident[layer])) for layer, es in p.experts.items()}
         fits = [w for w, nbytes in p.bytes_per_width.items() if nbytes <= p.budget]
         lines += [
-            f"rank {p.rank} {p.device.name} ({human(p.device.memory)}): non-expert weights {human(p.dense_bytes)}, "
-            f"expert budget {human(p.budget)}",
+            f"rank {p.rank} {p.device.name} ({human(p.device.memory)}): "
+            f"non-expert weights {human(p.dense_bytes)}, expert budget {human(p.budget)}",
             f"  resident at {bits} bits: {held}/{total} experts, {human(p.resident_bytes)}",
             *_layer_lines(p.resident),
             f"  read from disk when routed to: {total - held} experts",
@@ -181,20 +226,30 @@ def format_report(ckpt: MWQCheckpoint, plans: list[RankPlan], bits: int, expert_
             + (f" (all fit at up to {max(fits)} bits)" if fits else " (none fits)"),
             f"  expected disk reads per token: {human(p.disk_bytes_per_token)}",
         ]
-    lines.append(f"expected disk reads per token, all ranks: {human(sum(p.disk_bytes_per_token for p in plans))}")
+    lines.append(
+        f"expected disk reads per token, all ranks: {human(sum(p.disk_bytes_per_token for p in plans))}"
+    )
     return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", type=Path, help="a directory written by `d2moe convert`")
-    parser.add_argument("--devices", required=True,
-                        help="one NAME:SIZE per rank, comma-separated, e.g. cuda:0:24GiB,cuda:1:24GiB")
+    parser.add_argument(
+        "--devices",
+        required=True,
+        help="one NAME:SIZE per rank, comma-separated, e.g. cuda:0:24GiB,cuda:1:24GiB",
+    )
     parser.add_argument("--expert-parallel", action="store_true", help="as vLLM's --enable-expert-parallel")
     parser.add_argument("--bits", type=int, default=None, help="serving width (default: the widest)")
-    parser.add_argument("--reserve", default="0",
-                        help="memory per device kept for KV cache and activations (e.g. 2GiB)")
-    parser.add_argument("--routing-stats", type=Path, default=None,
-                        help='JSON {"layers": {"<layer>": [count per expert, ...]}} (default: uniform)')
+    parser.add_argument(
+        "--reserve", default="0", help="memory per device kept for KV cache and activations (e.g. 2GiB)"
+    )
+    parser.add_argument(
+        "--routing-stats",
+        type=Path,
+        default=None,
+        help='JSON {"layers": {"<layer>": [count per expert, ...]}} (default: uniform)',
+    )
 
 
 def run(args) -> int:
@@ -204,8 +259,15 @@ def run(args) -> int:
         config = json.loads((args.model_dir / "config.json").read_text())
         top_k = config["num_experts_per_tok"]
         stats = json.loads(args.routing_stats.read_text()) if args.routing_stats else None
-        plans = plan_placement(ckpt, devices, bits=args.bits, expert_parallel=args.expert_parallel,
-                               reserve=reserve, top_k=top_k, routing_stats=stats)
+        plans = plan_placement(
+            ckpt,
+            devices,
+            bits=args.bits,
+            expert_parallel=args.expert_parallel,
+            reserve=reserve,
+            top_k=top_k,
+            routing_stats=stats,
+        )
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         print(f"d2moe placement: error: {e}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from vllm_d2moe.replicas.cluster import import_ray, local_cluster
+from vllm_d2moe.replicas.cluster import failure_reason, import_ray, local_cluster
 from vllm_d2moe.replicas.spec import ReplicaSpec, add_replica_arguments, specs_from_args
 
 logger = logging.getLogger(__name__)
@@ -98,16 +98,6 @@ class ReplicaPool:
             ray.kill(actor)
 
 
-def failure_reason(error: Exception) -> str:
-    """The exception line(s) under the last traceback frame of a Ray error, on one line."""
-    lines = str(error).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-    rest = lines[frames[-1] + 1 :] if frames else lines
-    while rest and rest[0].startswith("    "):  # the frame's source line and its ^^^ markers
-        rest = rest[1:]
-    return " ".join(line.strip() for line in rest if line.strip())[:500] or type(error).__name__
-
-
 def in_input_order(pairs: Iterable[tuple[int, dict]]) -> Iterator[dict]:
     """Results of ``(index, result)`` pairs, in index order, each as soon as its predecessors are done."""
     waiting: dict[int, dict] = {}
@@ -132,8 +122,14 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
-def run_batch(records: list[dict], output_path: str, specs: list[ReplicaSpec], sampling: dict,
-              chunk_size: int = 8, show_replica_logs: bool = False) -> ReplicaPool:
+def run_batch(
+    records: list[dict],
+    output_path: str,
+    specs: list[ReplicaSpec],
+    sampling: dict,
+    chunk_size: int = 8,
+    show_replica_logs: bool = False,
+) -> ReplicaPool:
     """Write every record plus its completion to ``output_path`` (JSONL, input order)."""
     prompts = [r["prompt"] for r in records]
     with local_cluster(len(specs), show_replica_logs), open(output_path, "w") as out:
@@ -155,7 +151,7 @@ def run_batch(records: list[dict], output_path: str, specs: list[ReplicaSpec], s
 
 def add_arguments(parser) -> None:
     add_replica_arguments(parser)
-    parser.add_argument("--input", required=True, help="JSONL file, one {\"prompt\": ...} object a line")
+    parser.add_argument("--input", required=True, help='JSONL file, one {"prompt": ...} object a line')
     parser.add_argument("--output", required=True, help="JSONL file written in input order")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -178,7 +174,13 @@ def run(args) -> int:
     except NoReplicaLeft as e:
         print(f"d2moe ray-batch: error: {e}", file=sys.stderr)
         return 1
-    print(f"{len(records)} completions written to {args.output}"
-          + (f"; {len(pool.failures)} replica(s) failed, {pool.retried_chunks} chunk(s) retried"
-             if pool.failures else ""), file=sys.stderr)
+    print(
+        f"{len(records)} completions written to {args.output}"
+        + (
+            f"; {len(pool.failures)} replica(s) failed, {pool.retried_chunks} chunk(s) retried"
+            if pool.failures
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return 0

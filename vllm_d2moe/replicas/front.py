@@ -64,8 +64,9 @@ class LoadBalancer:
 
     async def health(self, request: web.Request) -> web.Response:
         status = 200 if any(self.healthy) else 503
-        return web.json_response({"healthy_replicas": sum(self.healthy), "replicas": len(self.backends)},
-                                 status=status)
+        return web.json_response(
+            {"healthy_replicas": sum(self.healthy), "replicas": len(self.backends)}, status=status
+        )
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -76,8 +77,9 @@ class LoadBalancer:
             self.in_flight[replica] += 1
             response = None
             try:
-                async with self.session.request(request.method, self.backends[replica] + str(request.rel_url),
-                                                headers=headers, data=body) as upstream:
+                async with self.session.request(
+                    request.method, self.backends[replica] + str(request.rel_url), headers=headers, data=body
+                ) as upstream:
                     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                     response.headers.update(
                         {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_FORWARDED}

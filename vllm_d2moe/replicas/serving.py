@@ -19,8 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_d2moe.replicas.batch import failure_reason
-from vllm_d2moe.replicas.cluster import import_ray, local_cluster
+from vllm_d2moe.replicas.cluster import failure_reason, import_ray, local_cluster
 from vllm_d2moe.replicas.spec import ReplicaSpec, add_replica_arguments, specs_from_args
 
 logger = logging.getLogger(__name__)
@@ -49,9 +48,21 @@ class ServerReplica:
         port = self.url.rsplit(":", 1)[1]
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vllm_d2moe.cli", "serve", *spec.serve_args(),
-                 "--host", "127.0.0.1", "--port", port, *server_args],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_terminate_with_parent,  # noqa: PLW1509
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm_d2moe.cli",
+                    "serve",
+                    *spec.serve_args(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    *server_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_terminate_with_parent,  # noqa: PLW1509
             )
 
     def wait_ready(self, timeout_s: float) -> str:
@@ -78,8 +89,9 @@ class ServerReplica:
             return self.proc.wait()
 
 
-def start_replicas(specs: list[ReplicaSpec], log_dir: Path, server_args: list[str],
-                   timeout_s: float) -> tuple[list, list[str], dict[int, str]]:
+def start_replicas(
+    specs: list[ReplicaSpec], log_dir: Path, server_args: list[str], timeout_s: float
+) -> tuple[list, list[str], dict[int, str]]:
     """Start every replica at once; ``(actors, URLs of the ready ones, failures by replica)``."""
     ray = import_ray()
     actor = ray.remote(num_cpus=1)(ServerReplica)
@@ -112,12 +124,20 @@ def add_arguments(parser) -> None:
     add_replica_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address of the front (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port of the front (default 8000)")
-    parser.add_argument("--server-args", default="",
-                        help="more `d2moe serve` arguments for every replica, as one string "
-                             "(e.g. \"--chat-template t.jinja\")")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="where each replica's server log goes (default: a new temporary folder)")
-    parser.add_argument("--start-timeout", type=float, default=600, help="seconds a replica may take to start")
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help='more `d2moe serve` arguments for every replica, as one string (e.g. "--chat-template t.jinja")',
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="where each replica's server log goes (default: a new temporary folder)",
+    )
+    parser.add_argument(
+        "--start-timeout", type=float, default=600, help="seconds a replica may take to start"
+    )
     parser.add_argument("--show-replica-logs", action="store_true", help="print Ray's actor logs")
 
 
@@ -133,14 +153,20 @@ def run(args) -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="d2moe-ray-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     with local_cluster(len(specs), args.show_replica_logs):
-        actors, urls, failures = start_replicas(specs, log_dir, shlex.split(args.server_args), args.start_timeout)
+        actors, urls, failures = start_replicas(
+            specs, log_dir, shlex.split(args.server_args), args.start_timeout
+        )
         try:
             if not urls:
                 print(f"d2moe ray-serve: error: no replica started (logs in {log_dir})", file=sys.stderr)
                 return 1
             left_out = f"; left out: {failures}" if failures else ""
-            print(f"{len(urls)} of {len(specs)} replicas ready ({', '.join(urls)}; logs in {log_dir}{left_out}); "
-                  f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+            print(
+                f"{len(urls)} of {len(specs)} replicas ready ({', '.join(urls)}; "
+                f"logs in {log_dir}{left_out}); serving on http://{args.host}:{args.port}",
+                file=sys.stderr,
+                flush=True,
+            )
             run_front(urls, args.host, args.port)
         finally:
             stop_replicas(actors)

@@ -48,9 +48,17 @@ class ReplicaSpec:
 
     def serve_args(self) -> list[str]:
         """The same engine options as ``d2moe serve`` (``vllm serve``) arguments."""
-        args = [self.model, "--dtype", self.dtype, "--seed", str(self.seed),
-                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-                "--distributed-executor-backend", "uni"]
+        args = [
+            self.model,
+            "--dtype",
+            self.dtype,
+            "--seed",
+            str(self.seed),
+            "--gpu-memory-utilization",
+            str(self.gpu_memory_utilization),
+            "--distributed-executor-backend",
+            "uni",
+        ]
         if self.quantization:
             args += ["--quantization", self.quantization]
         if self.hf_overrides:
@@ -66,14 +74,25 @@ def add_replica_arguments(parser) -> None:
     """Options shared by ``d2moe ray-batch`` and ``d2moe ray-serve``."""
     parser.add_argument("model", help="model directory (a d2moe checkpoint or any vLLM model)")
     parser.add_argument("--replicas", type=int, default=2, help="number of replicas (default 2)")
-    parser.add_argument("--cores", default=None,
-                        help="comma-separated CPU core of each replica (default: 0, 1, ... modulo the cores)")
+    parser.add_argument(
+        "--cores",
+        default=None,
+        help="comma-separated CPU core of each replica (default: 0, 1, ... modulo the cores)",
+    )
     parser.add_argument("--quantization", default=None, help="e.g. d2moe (default: from config.json)")
-    parser.add_argument("--hf-overrides", type=json.loads, default={},
-                        help="JSON given to every replica as vLLM's hf_overrides")
-    parser.add_argument("--replica-hf-overrides", type=json.loads, default=None,
-                        help="JSON list with one hf_overrides dict per replica (replaces --hf-overrides), "
-                             "e.g. a different quantization_config budget per replica")
+    parser.add_argument(
+        "--hf-overrides",
+        type=json.loads,
+        default={},
+        help="JSON given to every replica as vLLM's hf_overrides",
+    )
+    parser.add_argument(
+        "--replica-hf-overrides",
+        type=json.loads,
+        default=None,
+        help="JSON list with one hf_overrides dict per replica (replaces --hf-overrides), "
+        "e.g. a different quantization_config budget per replica",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start)")
@@ -93,8 +112,16 @@ def specs_from_args(args) -> list[ReplicaSpec]:
     if len(cores) != args.replicas or len(overrides) != args.replicas:
         raise ValueError(f"--cores and --replica-hf-overrides need one entry per replica ({args.replicas})")
     return [
-        ReplicaSpec(model=args.model, core=core, quantization=args.quantization, hf_overrides=hf,
-                    dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-                    gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+        ReplicaSpec(
+            model=args.model,
+            core=core,
+            quantization=args.quantization,
+            hf_overrides=hf,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            seed=args.seed,
+        )
         for core, hf in zip(cores, overrides)
     ]

@@ -1,7 +1,9 @@
 """The bit-width router: assignment rules, loss, file format and options on toy inputs
 with hand-computed expectations (no vLLM engine here; see test_router_serving.py)."""
 
+import logging
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -204,3 +206,113 @@ def test_pareto_rows_by_hand():
     assert second["fixed_perplexity"] == pytest.approx(9.6)
     assert not second["beats_fixed"] and not second["beats_shuffled"]
     assert second["shuffled_perplexity"] is None
+
+
+# The C++ width decision (kernels/cpu_width_select), taken by WidthSelector on CPU,
+# against the torch ops it replaces (forced by making the kernel unavailable).
+
+needs_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the C++ width decision needs AVX2"
+)
+
+
+def _selector_both_ways(policy, router, x, weights, ids, layer=3):
+    """(widths, stats) from the C++ path and from the torch path, each from a fresh selector of ``layer``."""
+    from vllm_d2moe import width_selection
+
+    assert width_selection._fused_kernel() is not None, "the C++ width decision must build here"
+    results = []
+    for fused in (True, False):
+        WIDTH_STATS.reset()
+        if fused:
+            widths = WidthSelector(layer, policy, router)(x, weights, ids)
+        else:
+            with mock.patch.object(width_selection, "_fused_kernel", lambda: None):
+                widths = WidthSelector(layer, policy, router)(x, weights, ids)
+        results.append((widths, WIDTH_STATS.snapshot(), WIDTH_STATS.capacity_excess()))
+    WIDTH_STATS.reset()
+    return results
+
+
+def _dyadic(shape, scale, generator):
+    """Small multiples of ``scale``: every product and sum of the router is exact in float32, in any order."""
+    return torch.randint(-15, 16, shape, generator=generator) * scale
+
+
+@needs_avx2
+@settings(max_examples=80, deadline=None)
+@given(
+    tokens=st.sampled_from([1, 2, 5, 64, 300]),
+    top_k=st.sampled_from([1, 2, 8]),
+    num_widths=st.sampled_from([1, 3, 7]),
+    hidden=st.sampled_from([1, 7, 40, 256]),
+    kind=st.sampled_from(["expert", "layer"]),
+    mode=st.sampled_from(["router", "shuffled"]),
+    with_capacities=st.booleans(),
+    shift=st.sampled_from([0.0, 0.25, -0.5]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpp_width_decision_equals_the_torch_ops(
+    tokens, top_k, num_widths, hidden, kind, mode, with_capacities, shift, dtype, ties, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    experts = 10
+    router = WidthRouter(experts, hidden, num_widths, kind).requires_grad_(False)
+    router.weight.copy_(_dyadic(router.weight.shape, 1 / 16, g))
+    router.bias.copy_(_dyadic(router.bias.shape, 1 / 4, g))
+    router.gain.copy_(_dyadic(router.gain.shape, 1 / 4, g))
+    x = _dyadic((tokens, hidden), 1 / 8, g)
+    weights = torch.randint(0, 9, (tokens, top_k), generator=g) / 8
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).int()
+    if ties:  # the last width scores as the first; odd tokens repeat even ones (pairs tie across tokens)
+        for p in (router.weight, router.bias, router.gain):
+            p[:, -1] = p[:, 0]
+        for t in (x, weights, ids):
+            t[1::2] = t[0::2][: t[1::2].shape[0]]
+    widths = tuple(range(2, 2 + num_widths))
+    capacities = None
+    if with_capacities:
+        raw = torch.rand(num_widths, generator=g) + 0.05
+        capacities = assign.check_capacities((raw / raw.sum() + 1e-6).clamp(max=1.0).tolist(), num_widths)
+    policy = ServingWidths(mode, widths, capacities, shift)
+    (fused, fused_counts, fused_excess), (reference, counts, excess) = _selector_both_ways(
+        policy, router, x.to(dtype), weights, ids
+    )
+    assert fused.dtype == torch.int8 and fused.shape == ids.shape
+    assert torch.equal(fused, reference)
+    assert fused_counts == counts and fused_excess == excess
+
+
+@needs_avx2
+@pytest.mark.parametrize("kind", ["expert", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_width_decision_on_gaussian_inputs(kind, dtype):
+    # Float sums in another order than torch's GEMM: equal widths unless scores tie to a few ulp,
+    # which these seeded draws (7200 pairs) never do.
+    g = torch.Generator().manual_seed(7)
+    router = WidthRouter(64, 2048, 3, kind).requires_grad_(False)
+    for p in router.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    x = torch.randn(300, 2048, generator=g).to(dtype)
+    weights, ids = torch.randn(300, 64, generator=g).softmax(-1).topk(8, dim=-1)
+    for capacities in ((0.3, 0.4, 0.3), None):
+        (fused, *_), (reference, *_) = _selector_both_ways(
+            ServingWidths("router", (2, 3, 4), capacities), router, x, weights, ids
+        )
+        assert torch.equal(fused, reference)
+        assert len(reference.unique()) == 3, "every width is used"
+
+
+def test_width_decision_falls_back_to_torch_ops_with_the_reason(caplog, monkeypatch):
+    from vllm_d2moe import width_selection
+    from vllm_d2moe.kernels import cpu_width_select
+
+    def broken_load():
+        raise RuntimeError("g++ not found")
+
+    monkeypatch.setattr(cpu_width_select, "load", broken_load)
+    with caplog.at_level(logging.WARNING, logger="vllm_d2moe.width_selection"):
+        assert width_selection._fused_kernel.__wrapped__() is None
+    assert "g++ not found" in caplog.text

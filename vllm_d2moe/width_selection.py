@@ -19,8 +19,13 @@ Policies (the ``width_policy`` option, resolved once by :func:`resolve_policy`):
 A request may carry its own target (``SamplingParams(extra_args={"d2moe_target_bits": 2.5})``,
 see :mod:`vllm_d2moe.vllm_glue.request_targets`); its tokens then use that
 shift, without capacities, beside requests that use the server's policy.
+
+On CPU, a batch without per-request targets takes the decision in one C++
+call (:mod:`vllm_d2moe.kernels.cpu_width_select`, the same widths); the torch
+ops here serve GPUs, per-request targets, and CPUs where that cannot be built.
 """
 
+import functools
 import logging
 import math
 import threading
@@ -138,21 +143,26 @@ class WidthStats:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counts: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, list[int]] = {}  # pairs per bit value 0..8
         self._excess: dict[int, float] = {}
         self._last_log = time.monotonic()
 
     def record(self, layer: int, widths: torch.Tensor, capacities: dict[int, float] | None = None) -> None:
         """Count one call's ``widths``; ``capacities`` ({bits: c_k}) when they applied to all of it."""
-        counts = torch.bincount(widths.reshape(-1).long().cpu(), minlength=9)[:9]
+        counts = torch.bincount(widths.reshape(-1).long().cpu(), minlength=9)[:9].tolist()
+        self.record_counts(layer, counts, widths.numel(), capacities)
+
+    def record_counts(
+        self, layer: int, counts: list[int], pairs: int, capacities: dict[int, float] | None = None
+    ) -> None:
+        """:meth:`record` of a call already counted: ``counts`` pairs per bit value 0..8, ``pairs`` in all."""
         with self._lock:
             if layer in self._counts:
-                self._counts[layer] += counts
+                self._counts[layer] = [a + b for a, b in zip(self._counts[layer], counts)]
             else:
-                self._counts[layer] = counts
+                self._counts[layer] = list(counts)
             if capacities:
-                pairs = widths.numel()
-                excess = max(int(counts[b]) - c * pairs for b, c in capacities.items())
+                excess = max(counts[b] - c * pairs for b, c in capacities.items())
                 self._excess[layer] = max(excess, self._excess.get(layer, -math.inf))
         if time.monotonic() - self._last_log > self.LOG_EVERY_SECONDS:
             self._last_log = time.monotonic()
@@ -161,7 +171,7 @@ class WidthStats:
     def snapshot(self) -> dict[int, dict[int, int]]:
         with self._lock:
             return {
-                layer: {b: int(n) for b, n in enumerate(counts.tolist()) if n}
+                layer: {b: n for b, n in enumerate(counts) if n}
                 for layer, counts in sorted(self._counts.items())
             }
 
@@ -172,9 +182,9 @@ class WidthStats:
     def average_bits(self) -> float | None:
         """Mean width over every counted pair (None before any)."""
         with self._lock:
-            total = sum(self._counts.values(), torch.zeros(9, dtype=torch.long))
-        pairs = int(total.sum())
-        return None if pairs == 0 else float((total * torch.arange(9)).sum()) / pairs
+            total = [sum(column) for column in zip([0] * 9, *self._counts.values())]
+        pairs = sum(total)
+        return None if pairs == 0 else sum(b * n for b, n in enumerate(total)) / pairs
 
     def summary(self) -> str:
         average = self.average_bits()
@@ -193,6 +203,20 @@ class WidthStats:
 WIDTH_STATS = WidthStats()
 
 
+@functools.cache
+def _fused_kernel():
+    """:mod:`vllm_d2moe.kernels.cpu_width_select`, built on first use; None (said once) where it cannot be."""
+    from vllm_d2moe.kernels import cpu_width_select
+
+    try:
+        cpu_width_select.load()
+    except Exception as e:  # noqa: BLE001 (a failed build must not stop serving: the torch ops decide then)
+        logger.warning("d2moe: the C++ width decision is unavailable (%s: %s); using the torch ops",
+                       type(e).__name__, e)
+        return None
+    return cpu_width_select
+
+
 class WidthSelector:
     """The width decision of one MoE layer (``layer``: its index in the model)."""
 
@@ -204,6 +228,8 @@ class WidthSelector:
         self.router = router
         # Seeded per layer so that every tensor-parallel rank deals the same widths.
         self._generator = torch.Generator().manual_seed(layer) if policy.mode == "shuffled" else None
+        # {bits: c_k} for the statistics' capacity check, when capacities apply.
+        self._capacities = dict(zip(policy.widths, policy.capacities)) if policy.capacities else None
         self._warned_fixed = False
 
     def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -219,7 +245,6 @@ class WidthSelector:
         token_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """int8 widths ``[tokens, top_k]``; ``token_targets [tokens]`` are per-request targets (NaN = none)."""
-        capacities = None
         if self.policy.mode == "fixed":
             if token_targets is not None and not self._warned_fixed:
                 self._warned_fixed = True
@@ -227,15 +252,27 @@ class WidthSelector:
                                "(width_policy %r); the targets are ignored", TARGET_EXTRA_ARG,
                                f"fixed:{self.policy.widths[0]}")
             widths = torch.full_like(topk_ids, self.policy.widths[0], dtype=torch.int8)
-        else:
-            top_k = topk_ids.shape[1]
-            pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
-            choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets)
+            WIDTH_STATS.record(self.layer, widths)
+            return widths
+        if token_targets is None and x.device.type == "cpu" and (fused := _fused_kernel()) is not None:
+            policy = self.policy
+            widths, counts = fused.select_widths(
+                self.router, x, topk_weights, topk_ids, policy.widths, policy.capacities, policy.shift
+            )
             if self._generator is not None:
-                choice = choice[torch.randperm(choice.numel(), generator=self._generator).to(choice.device)]
-            table = torch.tensor(self.policy.widths, dtype=torch.int8, device=choice.device)
-            widths = table[choice].view_as(topk_ids)
-            if self.policy.capacities and pair_targets is None:
-                capacities = dict(zip(self.policy.widths, self.policy.capacities))
-        WIDTH_STATS.record(self.layer, widths, capacities)
+                widths = widths.view(-1)[self._permutation(widths.numel())].view_as(widths)
+            WIDTH_STATS.record_counts(self.layer, counts, widths.numel(), self._capacities)
+            return widths
+        top_k = topk_ids.shape[1]
+        pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
+        choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets)
+        if self._generator is not None:
+            choice = choice[self._permutation(choice.numel()).to(choice.device)]
+        table = torch.tensor(self.policy.widths, dtype=torch.int8, device=choice.device)
+        widths = table[choice].view_as(topk_ids)
+        WIDTH_STATS.record(self.layer, widths, self._capacities if pair_targets is None else None)
         return widths
+
+    def _permutation(self, pairs: int) -> torch.Tensor:
+        """The ``shuffled`` policy's re-deal of one call's widths (CPU, from the layer's generator)."""
+        return torch.randperm(pairs, generator=self._generator)

@@ -5,6 +5,11 @@ its child process, and the command then serves :mod:`front`'s load balancer on
 ``--host``/``--port`` until interrupted. A replica that fails to start is
 left out (its log's tail is printed); at the end every replica is stopped and
 the Ray cluster this command started is shut down.
+
+Why not Ray Serve: it runs here (a trivial two-replica app answered 23 s after
+start), but adds a controller and an HTTP proxy actor (about 220 MB each) and
+would still need vLLM's OpenAI routes re-exposed; vLLM's own server per replica
+behind a small front keeps exactly ``d2moe serve``'s API.
 """
 
 import ctypes

@@ -75,6 +75,7 @@ def router_results(routed_mixtral, tmp_path_factory):
         Run("router-compiled", model, PROMPTS, max_tokens=MAX_TOKENS, enforce_eager=False,
             hf_overrides=_override(capacities="off")),
         Run("target-out-of-range", model, PROMPTS, hf_overrides=_override(target_bits=9.0)),
+        Run("router-bfloat16", model, PROMPTS, max_tokens=MAX_TOKENS, dtype="bfloat16"),
     ]
     results, _ = run_engines(runs, tmp_path_factory.mktemp("router-engines"))
     return results
@@ -145,6 +146,12 @@ def test_per_request_target_changes_the_average_width(router_results, report):
         alone = (alone_low if i % 2 == 0 else alone_high)[i]
         assert out["token_ids"] == alone["token_ids"]
     report.add(f"per-request target bits 2.4 / 3.6: measured average width {low:.2f} / {high:.2f}")
+
+
+def test_router_serves_bfloat16_models(router_results):
+    # vLLM builds the model under the serving dtype; the router keeps float32 scores.
+    widths = _ok(router_results, "router-bfloat16")["widths"]
+    assert all(len(hist) >= 2 for hist in widths["per_layer"].values()), widths
 
 
 def test_target_out_of_range_is_refused_at_start(router_results):

@@ -43,9 +43,11 @@ class WidthRouter(torch.nn.Module):
             raise ValueError(f"router kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         rows = num_experts if kind == "expert" else 1
-        self.weight = torch.nn.Parameter(torch.zeros(rows, num_widths, hidden))
-        self.bias = torch.nn.Parameter(torch.zeros(rows, num_widths))
-        self.gain = torch.nn.Parameter(torch.zeros(rows, num_widths))
+        # float32 whatever the default dtype (vLLM builds models under the serving dtype):
+        # the router is tiny, and its scores decide ties between widths.
+        self.weight = torch.nn.Parameter(torch.zeros(rows, num_widths, hidden, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.zeros(rows, num_widths, dtype=torch.float32))
+        self.gain = torch.nn.Parameter(torch.zeros(rows, num_widths, dtype=torch.float32))
 
     @property
     def num_widths(self) -> int:

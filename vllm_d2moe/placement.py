@@ -216,7 +216,7 @@ def format_report(
         fits = [w for w, nbytes in p.bytes_per_width.items() if nbytes <= p.budget]
         lines += [
             f"rank {p.rank} {p.device.name} ({human(p.device.memory)}): "
-            f"non-expert weights {human(p.dense_bytes)}, expert budget {human(p.budget)}",
+            f"non-expert weights {human(p.dense_bytes)}, expert budget (memory_budget) {human(p.budget)}",
             f"  resident at {bits} bits: {held}/{total} experts, {human(p.resident_bytes)}",
             *_layer_lines(p.resident),
             f"  read from disk when routed to: {total - held} experts",

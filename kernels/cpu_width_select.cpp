@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/native/cpu/LogSoftmaxKernelImpl.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -23,28 +25,55 @@ namespace {
 
 constexpr int64_t kBins = 9;  // counts by bit value 0..8, as WidthStats keeps them
 
-float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
-  }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
-  __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+float hsum(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
-  float sum = _mm_cvtss_f32(half);
-  for (; i < n; ++i) {
-    sum += a[i] * b[i];
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+
+// out[r] = x . w[r] for M rows of w (stride n), x loaded once for all of them:
+// the loads, not the FMAs, bound a dot product.
+template <int M>
+void dots_of(const float* x, const float* w, int64_t n, float* out) {
+  __m256 acc[M][2];
+  for (int r = 0; r < M; ++r) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   }
-  return sum;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * n + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * n + i + 8), acc[r][1]);
+    }
+  }
+  if (i + 8 <= n) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < M; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * n + i), acc[r][0]);
+    }
+    i += 8;
+  }
+  for (int r = 0; r < M; ++r) {
+    float sum = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t j = i; j < n; ++j) {
+      sum += x[j] * w[r * n + j];
+    }
+    out[r] = sum;
+  }
+}
+
+// out[r] = x . w[r] for r < rows.
+void dots(const float* x, const float* w, int64_t rows, int64_t n, float* out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    dots_of<4>(x, w + r * n, n, out + r);
+  }
+  switch (rows - r) {
+    case 3: dots_of<3>(x, w + r * n, n, out + r); break;
+    case 2: dots_of<2>(x, w + r * n, n, out + r); break;
+    case 1: dots_of<1>(x, w + r * n, n, out + r); break;
+  }
 }
 
 // torch's order for sort(descending=True) and argmax: NaN above everything.
@@ -89,13 +118,11 @@ void router_logits(
   const float* g = gain.data_ptr<float>();
   const bool long_ids = ids.scalar_type() == at::kLong;
   std::vector<float> buffer(std::is_same_v<X, float> ? 0 : hidden);
-  std::vector<float> shared(widths);
+  std::vector<float> projected(widths);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* xt = as_float<X>(x, t, buffer);
     if (!per_expert) {
-      for (int64_t k = 0; k < widths; ++k) {
-        shared[k] = dot(xt, w + k * hidden, hidden);
-      }
+      dots(xt, w, widths, hidden, projected.data());
     }
     for (int64_t j = 0; j < top_k; ++j) {
       const int64_t p = t * top_k + j;
@@ -103,10 +130,10 @@ void router_logits(
       if (per_expert) {
         e = long_ids ? expert_of<int64_t>(ids, p) : expert_of<int32_t>(ids, p);
         TORCH_CHECK(0 <= e && e < rows, "expert id ", e, " out of range for a router of ", rows, " experts");
+        dots(xt, w + e * widths * hidden, widths, hidden, projected.data());
       }
       for (int64_t k = 0; k < widths; ++k) {
-        const float projected = per_expert ? dot(xt, w + (e * widths + k) * hidden, hidden) : shared[k];
-        logits[p * widths + k] = (projected + b[e * widths + k]) + g[e * widths + k] * pair_weights[p];
+        logits[p * widths + k] = (projected[k] + b[e * widths + k]) + g[e * widths + k] * pair_weights[p];
       }
     }
   }
@@ -158,87 +185,113 @@ void assign_with_capacities(
   }
 }
 
-std::tuple<at::Tensor, std::vector<int64_t>> select_widths(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& gain,
-    const at::Tensor& topk_weights,
-    const at::Tensor& topk_ids,
-    bool per_expert,
-    const std::vector<int64_t>& bits,
-    const std::optional<std::vector<double>>& capacities,
-    double shift) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a CPU [tokens, hidden] tensor");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 3 && weight.is_contiguous(),
-              "weight must be contiguous float32 [rows, K, hidden]");
-  const int64_t tokens = x.size(0), hidden = x.size(1), widths = weight.size(1);
-  TORCH_CHECK(weight.size(2) == hidden, "weight has hidden size ", weight.size(2), ", x ", hidden);
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && gain.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                  gain.is_contiguous() && bias.numel() == weight.size(0) * widths && gain.numel() == bias.numel(),
-              "bias and gain must be contiguous float32 [rows, K]");
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == tokens && topk_weights.sizes() == topk_ids.sizes(),
-              "topk_weights and topk_ids must both be [tokens, top_k]");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "topk_ids must be int32 or int64");
-  TORCH_CHECK(static_cast<int64_t>(bits.size()) == widths, bits.size(), " widths for a router of ", widths);
-  TORCH_CHECK(!capacities || static_cast<int64_t>(capacities->size()) == widths, "one capacity per width");
-  for (int64_t b : bits) {
-    TORCH_CHECK(0 <= b && b < kBins, "width ", b, " is not in [0, 8]");
-  }
-  const at::Tensor xc = x.contiguous(), ids = topk_ids.contiguous();
-  // .float() in torch: exact for bf16 / fp16, round-to-nearest from float64.
-  const at::Tensor pair_weights = topk_weights.to(at::kFloat).contiguous();
-  const int64_t pairs = ids.numel();
-
-  std::vector<float> scores(pairs * widths);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "select_widths", [&] {
-    router_logits<scalar_t>(xc, weight, bias, gain, pair_weights.data_ptr<float>(), ids, per_expert, scores.data());
-  });
-  // torch.log_softmax's own CPU code (a shipped ATen header), so scores match it bit for bit.
-  at::native::serial_vec_log_softmax_lastdim_range<float>(
-      scores.data(), scores.data(), widths,
-      at::native::vec_log_softmax_lastdim_chunk_size<float>(at::internal::GRAIN_SIZE, pairs, widths), 0, pairs);
-  if (shift != 0.0) {  // assign.shift_scores: float32 (shift * bits), then the subtraction
-    for (int64_t k = 0; k < widths; ++k) {
-      const float lowered = static_cast<float>(shift) * static_cast<float>(bits[k]);
-      for (int64_t p = 0; p < pairs; ++p) {
-        scores[p * widths + k] = scores[p * widths + k] - lowered;
-      }
+// One layer's decision: the router and the policy, checked once; called per layer call.
+class Decision {
+ public:
+  Decision(at::Tensor weight, at::Tensor bias, at::Tensor gain, bool per_expert, std::vector<int64_t> bits,
+           std::optional<std::vector<double>> capacities, double shift)
+      : weight_(std::move(weight)), bias_(std::move(bias)), gain_(std::move(gain)), per_expert_(per_expert),
+        bits_(std::move(bits)), capacities_(std::move(capacities)), shift_(shift) {
+    TORCH_CHECK(weight_.device().is_cpu() && weight_.scalar_type() == at::kFloat && weight_.dim() == 3 &&
+                    weight_.is_contiguous(),
+                "weight must be a contiguous CPU float32 [rows, K, hidden] tensor");
+    const int64_t widths = weight_.size(1);
+    for (const at::Tensor* t : {&bias_, &gain_}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                      t->numel() == weight_.size(0) * widths,
+                  "bias and gain must be contiguous CPU float32 [rows, K] tensors");
+    }
+    TORCH_CHECK(static_cast<int64_t>(bits_.size()) == widths, bits_.size(), " widths for a router of ", widths);
+    TORCH_CHECK(!capacities_ || static_cast<int64_t>(capacities_->size()) == widths, "one capacity per width");
+    for (int64_t b : bits_) {
+      TORCH_CHECK(0 <= b && b < kBins, "width ", b, " is not in [0, 8]");
     }
   }
 
-  std::vector<int64_t> choice(pairs);
-  if (capacities) {
-    assign_with_capacities(scores.data(), pairs, widths, *capacities, choice.data());
-  } else {
-    for (int64_t p = 0; p < pairs; ++p) {  // torch.argmax: the first maximum, or the first NaN
-      const float* row = scores.data() + p * widths;
-      int64_t best = 0;
-      for (int64_t k = 1; k < widths && !std::isnan(row[best]); ++k) {
-        if (before(row[k], row[best])) {
-          best = k;
+  // (int8 widths [tokens, top_k], pairs per bit value 0..8, capacity excess or None): the excess is
+  // WidthStats' max_k(count_k - c_k * pairs), in the same double arithmetic.
+  std::tuple<at::Tensor, std::vector<int64_t>, std::optional<double>> operator()(
+      const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids) const {
+    TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == weight_.size(2),
+                "x must be a CPU [tokens, ", weight_.size(2), "] tensor");
+    TORCH_CHECK(topk_ids.device().is_cpu() && topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) &&
+                    topk_weights.sizes() == topk_ids.sizes(),
+                "topk_weights and topk_ids must both be CPU [tokens, top_k] tensors");
+    TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+                "topk_ids must be int32 or int64");
+    const int64_t widths = weight_.size(1);
+    const at::Tensor xc = x.contiguous(), ids = topk_ids.contiguous();
+    // .float() in torch: exact for bf16 / fp16, round-to-nearest from float64.
+    const at::Tensor pair_weights = topk_weights.to(at::kFloat).contiguous();
+    const int64_t pairs = ids.numel();
+
+    std::vector<float> scores(pairs * widths);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "width_decision", [&] {
+      router_logits<scalar_t>(
+          xc, weight_, bias_, gain_, pair_weights.data_ptr<float>(), ids, per_expert_, scores.data());
+    });
+    // torch.log_softmax's own CPU code (a shipped ATen header), so scores match it bit for bit.
+    at::native::serial_vec_log_softmax_lastdim_range<float>(
+        scores.data(), scores.data(), widths,
+        at::native::vec_log_softmax_lastdim_chunk_size<float>(at::internal::GRAIN_SIZE, pairs, widths), 0, pairs);
+    if (shift_ != 0.0) {  // assign.shift_scores: float32 (shift * bits), then the subtraction
+      for (int64_t k = 0; k < widths; ++k) {
+        const float lowered = static_cast<float>(shift_) * static_cast<float>(bits_[k]);
+        for (int64_t p = 0; p < pairs; ++p) {
+          scores[p * widths + k] = scores[p * widths + k] - lowered;
         }
       }
-      choice[p] = best;
     }
+
+    std::vector<int64_t> choice(pairs);
+    if (capacities_) {
+      assign_with_capacities(scores.data(), pairs, widths, *capacities_, choice.data());
+    } else {
+      for (int64_t p = 0; p < pairs; ++p) {  // torch.argmax: the first maximum, or the first NaN
+        const float* row = scores.data() + p * widths;
+        int64_t best = 0;
+        for (int64_t k = 1; k < widths && !std::isnan(row[best]); ++k) {
+          if (before(row[k], row[best])) {
+            best = k;
+          }
+        }
+        choice[p] = best;
+      }
+    }
+
+    // empty_cpu: the allocation without a trip through the dispatcher.
+    at::Tensor out = at::detail::empty_cpu(ids.sizes(), at::kChar);
+    int8_t* chosen = out.data_ptr<int8_t>();
+    std::vector<int64_t> counts(kBins, 0);
+    for (int64_t p = 0; p < pairs; ++p) {
+      TORCH_CHECK(choice[p] >= 0, "capacities sum below 1: pair ", p, " got no width");
+      const int64_t b = bits_[choice[p]];
+      chosen[p] = static_cast<int8_t>(b);
+      ++counts[b];
+    }
+    std::optional<double> excess;
+    if (capacities_) {
+      excess = -std::numeric_limits<double>::infinity();
+      for (int64_t k = 0; k < widths; ++k) {
+        excess = std::max(*excess, static_cast<double>(counts[bits_[k]]) - (*capacities_)[k] * pairs);
+      }
+    }
+    return {out, counts, excess};
   }
 
-  at::Tensor out = at::empty(ids.sizes(), at::TensorOptions().dtype(at::kChar));
-  int8_t* chosen = out.data_ptr<int8_t>();
-  std::vector<int64_t> counts(kBins, 0);
-  for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(choice[p] >= 0, "capacities sum below 1: pair ", p, " got no width");
-    const int64_t b = bits[choice[p]];
-    chosen[p] = static_cast<int8_t>(b);
-    ++counts[b];
-  }
-  return {out, counts};
-}
+ private:
+  at::Tensor weight_, bias_, gain_;
+  bool per_expert_;
+  std::vector<int64_t> bits_;
+  std::optional<std::vector<double>> capacities_;
+  double shift_;
+};
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("select_widths", &select_widths,
-        "int8 widths [tokens, top_k] and the pairs per bit value 0..8 (see cpu_width_select.py)");
+  pybind11::class_<Decision>(m, "Decision", "one layer's width decision (see cpu_width_select.py)")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<int64_t>,
+                          std::optional<std::vector<double>>, double>())
+      .def("__call__", &Decision::operator());
 }

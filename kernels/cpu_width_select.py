@@ -1,12 +1,12 @@
 """The width decision of one MoE layer call on CPU as one C++ call (``cpu_width_select.cpp``).
 
-:class:`vllm_d2moe.width_selection.WidthSelector` makes the decision with
-torch ops: the router product, a gather, bias and gain, log-softmax, the
-target shift, argmax or the capacity assignment
-(:func:`vllm_d2moe.router.assign.assign_with_capacities`) and a bincount for
-the statistics, some 15 to 40 small ops per layer call whose dispatch costs
-far more than their arithmetic. :func:`select_widths` does all of it in one
-call and gives the same widths:
+As torch ops (what :class:`vllm_d2moe.width_selection.WidthSelector` runs
+on GPU, and on CPU where this cannot be built) the decision is the router
+product, a gather, bias and gain, log-softmax, the target shift, argmax or the
+capacity assignment (:func:`vllm_d2moe.router.assign.assign_with_capacities`)
+and a bincount for the statistics: 15 to 40 small ops per layer call whose
+dispatch costs far more than their arithmetic. :func:`decision` does all of
+it in one call and gives the same widths:
 
 * logits: the dot products ``x_t . W[e, k]`` for the pair's own expert only
   (torch's product covers every expert), float32 with float accumulation
@@ -42,7 +42,15 @@ import torch.utils.cpp_extension
 _SOURCE = __file__.removesuffix(".py") + ".cpp"
 # CPU_CAPABILITY selects ATen's AVX2 vector code (the log-softmax torch runs on
 # an AVX2 CPU); -ffp-contract=off keeps ``a + g * w`` two roundings, as in torch.
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+_FLAGS = [
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-ffp-contract=off",
+    "-DCPU_CAPABILITY=AVX2",
+    "-DCPU_CAPABILITY_AVX2",
+]
 _module = None
 
 
@@ -63,14 +71,23 @@ def load():
     return _module
 
 
-def select_widths(router, x, topk_weights, topk_ids, widths, capacities, shift) -> tuple[torch.Tensor, list[int]]:
-    """int8 widths ``[tokens, top_k]`` and the number of pairs at each bit value 0..8.
+def decision(router, widths, capacities, shift):
+    """One layer's decision: ``decide(x, topk_weights, topk_ids)`` gives int8 widths
+    ``[tokens, top_k]``, the number of pairs at each bit value 0..8 and the
+    call's capacity excess (None without capacities), what
+    :meth:`vllm_d2moe.width_selection.WidthStats.record_counts` takes.
 
-    ``router`` is a CPU :class:`vllm_d2moe.router.model.WidthRouter`; ``widths``
-    its candidate widths, ``capacities`` one fraction per width or None (each
-    pair's favourite), ``shift`` the target-bits shift (0: none).
+    ``router`` is a CPU :class:`vllm_d2moe.router.model.WidthRouter` (held, not
+    copied); ``widths`` its candidate widths, ``capacities`` one fraction per
+    width or None (each pair's favourite), ``shift`` the target-bits shift (0:
+    none). Made once per layer, so that a call converts only its three tensors.
     """
-    return load().select_widths(
-        x, router.weight, router.bias, router.gain, topk_weights, topk_ids,
-        router.kind == "expert", list(widths), None if capacities is None else list(capacities), float(shift),
+    return load().Decision(
+        router.weight,
+        router.bias,
+        router.gain,
+        router.kind == "expert",
+        list(widths),
+        None if capacities is None else list(capacities),
+        float(shift),
     )

@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm_d2moe import width_selection
+from vllm_d2moe.kernels import cpu_width_select
 from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQSpec
 from vllm_d2moe.router import assign
@@ -218,8 +220,6 @@ needs_avx2 = pytest.mark.skipif(
 
 def _selector_both_ways(policy, router, x, weights, ids, layer=3):
     """(widths, stats) from the C++ path and from the torch path, each from a fresh selector of ``layer``."""
-    from vllm_d2moe import width_selection
-
     assert width_selection._fused_kernel() is not None, "the C++ width decision must build here"
     results = []
     for fused in (True, False):
@@ -306,9 +306,6 @@ def test_cpp_width_decision_on_gaussian_inputs(kind, dtype):
 
 
 def test_width_decision_falls_back_to_torch_ops_with_the_reason(caplog, monkeypatch):
-    from vllm_d2moe import width_selection
-    from vllm_d2moe.kernels import cpu_width_select
-
     def broken_load():
         raise RuntimeError("g++ not found")
 

@@ -28,6 +28,7 @@ ops here serve GPUs, per-request targets, and CPUs where that cannot be built.
 import functools
 import logging
 import math
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -150,19 +151,18 @@ class WidthStats:
     def record(self, layer: int, widths: torch.Tensor, capacities: dict[int, float] | None = None) -> None:
         """Count one call's ``widths``; ``capacities`` ({bits: c_k}) when they applied to all of it."""
         counts = torch.bincount(widths.reshape(-1).long().cpu(), minlength=9)[:9].tolist()
-        self.record_counts(layer, counts, widths.numel(), capacities)
+        excess = None
+        if capacities:
+            excess = max(counts[b] - c * widths.numel() for b, c in capacities.items())
+        self.record_counts(layer, counts, excess)
 
-    def record_counts(
-        self, layer: int, counts: list[int], pairs: int, capacities: dict[int, float] | None = None
-    ) -> None:
-        """:meth:`record` of a call already counted: ``counts`` pairs per bit value 0..8, ``pairs`` in all."""
+    def record_counts(self, layer: int, counts: list[int], excess: float | None = None) -> None:
+        """:meth:`record` of a call already counted: ``counts`` pairs per bit value 0..8; ``excess``
+        the most any width exceeded ``c_k * N`` in it, when capacities applied to all of it."""
         with self._lock:
-            if layer in self._counts:
-                self._counts[layer] = [a + b for a, b in zip(self._counts[layer], counts)]
-            else:
-                self._counts[layer] = list(counts)
-            if capacities:
-                excess = max(counts[b] - c * pairs for b, c in capacities.items())
+            totals = self._counts.get(layer)
+            self._counts[layer] = list(counts) if totals is None else list(map(operator.add, totals, counts))
+            if excess is not None:
                 self._excess[layer] = max(excess, self._excess.get(layer, -math.inf))
         if time.monotonic() - self._last_log > self.LOG_EVERY_SECONDS:
             self._last_log = time.monotonic()
@@ -211,8 +211,9 @@ def _fused_kernel():
     try:
         cpu_width_select.load()
     except Exception as e:  # noqa: BLE001 (a failed build must not stop serving: the torch ops decide then)
-        logger.warning("d2moe: the C++ width decision is unavailable (%s: %s); using the torch ops",
-                       type(e).__name__, e)
+        logger.warning(
+            "d2moe: the C++ width decision is unavailable (%s: %s); using the torch ops", type(e).__name__, e
+        )
         return None
     return cpu_width_select
 
@@ -230,6 +231,7 @@ class WidthSelector:
         self._generator = torch.Generator().manual_seed(layer) if policy.mode == "shuffled" else None
         # {bits: c_k} for the statistics' capacity check, when capacities apply.
         self._capacities = dict(zip(policy.widths, policy.capacities)) if policy.capacities else None
+        self._decision = None  # see _cpu_decision
         self._warned_fixed = False
 
     def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -254,14 +256,11 @@ class WidthSelector:
             widths = torch.full_like(topk_ids, self.policy.widths[0], dtype=torch.int8)
             WIDTH_STATS.record(self.layer, widths)
             return widths
-        if token_targets is None and x.device.type == "cpu" and (fused := _fused_kernel()) is not None:
-            policy = self.policy
-            widths, counts = fused.select_widths(
-                self.router, x, topk_weights, topk_ids, policy.widths, policy.capacities, policy.shift
-            )
-            if self._generator is not None:
+        if token_targets is None and x.is_cpu and (decide := self._cpu_decision()) is not None:
+            widths, counts, excess = decide(x, topk_weights, topk_ids)
+            if self._generator is not None:  # the same widths re-dealt: the counts stand
                 widths = widths.view(-1)[self._permutation(widths.numel())].view_as(widths)
-            WIDTH_STATS.record_counts(self.layer, counts, widths.numel(), self._capacities)
+            WIDTH_STATS.record_counts(self.layer, counts, excess)
             return widths
         top_k = topk_ids.shape[1]
         pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
@@ -272,6 +271,13 @@ class WidthSelector:
         widths = table[choice].view_as(topk_ids)
         WIDTH_STATS.record(self.layer, widths, self._capacities if pair_targets is None else None)
         return widths
+
+    def _cpu_decision(self):
+        """This layer's C++ decision, made at the first CPU call; None where it cannot be built."""
+        if self._decision is None and (kernel := _fused_kernel()) is not None:
+            policy = self.policy
+            self._decision = kernel.decision(self.router, policy.widths, policy.capacities, policy.shift)
+        return self._decision
 
     def _permutation(self, pairs: int) -> torch.Tensor:
         """The ``shuffled`` policy's re-deal of one call's widths (CPU, from the layer's generator)."""

@@ -221,8 +221,11 @@ class Decision {
                 "topk_ids must be int32 or int64");
     const int64_t widths = weight_.size(1);
     const at::Tensor xc = x.contiguous(), ids = topk_ids.contiguous();
-    // .float() in torch: exact for bf16 / fp16, round-to-nearest from float64.
-    const at::Tensor pair_weights = topk_weights.to(at::kFloat).contiguous();
+    // .float() in torch: exact for bf16 / fp16, round-to-nearest from float64. (No
+    // dispatcher call for float32, the usual case: one costs microseconds with cold caches.)
+    const at::Tensor pair_weights = topk_weights.scalar_type() == at::kFloat
+                                        ? topk_weights.contiguous()
+                                        : topk_weights.to(at::kFloat).contiguous();
     const int64_t pairs = ids.numel();
 
     std::vector<float> scores(pairs * widths);

@@ -23,6 +23,9 @@ reason when the backend cannot run.
 
 Backends: ``reference`` (pure torch, the ground truth of the tests),
 ``cpu_bitplanes`` (x86-64 AVX2 C++, built at first use), ``triton_mwq`` (CUDA).
+
+Not a backend: ``cpu_width_select``, the per-pair width decision on CPU as
+one C++ call (used by :mod:`vllm_d2moe.width_selection`).
 """
 
 import functools

@@ -1,8 +1,11 @@
 """Expert offloading under a memory budget (``vllm_d2moe.offload``).
 
 Layer-level tests run the offloaded layer against the same checkpoint held
-resident: with the same kernels on the same rows the results must be bitwise
-equal, for any budget, policy and mix of per-pair widths. Reads are observed
+resident, for any budget, policy and mix of per-pair widths. The kernels run
+on the same rows, so results agree up to the float32 order of each token's
+weighted sum (a call the pool serves entirely is one backend call over slot
+ids, whose order differs from expert ids; a call that loads runs per expert and
+sums with torch's ``index_add``; the CPU backend's combine uses FMA): rtol 1e-5. Reads are observed
 through the store's ``read_at`` hook (the positional read it performs), which
 the fault tests also use to inject read errors. Serving tests run vLLM with
 budgets from one expert up and compare greedy tokens with the all-resident
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_d2moe.experts import load_layer_experts, routed_sum
+from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager
@@ -73,13 +76,6 @@ def random_call(gen: torch.Generator, tokens: int, experts: int, lo: int = MIN_B
     return x, weights, ids, widths
 
 
-def resident_sum(resident, backend, x, weights, ids, widths) -> torch.Tensor:
-    """The all-resident layer through the same per-segment kernel calls as the offloaded one."""
-    return routed_sum(
-        x, weights, ids, widths, lambda xs, s, y: backend.grouped_mlp(xs, resident.gate_up, resident.down, s, y)
-    )
-
-
 @pytest.mark.parametrize("text, nbytes", [("1.5GiB", 3 * 2**29), ("200 MB", 200 * 10**6), ("4096", 4096),
                                           (123, 123), (".5KiB", 512)])
 def test_budget_parses_sizes(text, nbytes):
@@ -112,9 +108,13 @@ def test_offloaded_layers_equal_resident(checkpoint, backend_name, policy, slots
     for call in range(6):
         resident, offloaded = layers[call % 2]
         args = random_call(gen, tokens=1 + 3 * call, experts=len(global_ids))
-        assert torch.equal(offloaded.forward(*args), resident_sum(resident, backend, *args))
+        torch.testing.assert_close(offloaded.forward(*args), resident.forward(*args), rtol=1e-5, atol=1e-6)
+        if slots >= len(global_ids) and POLICIES[policy].keep:  # the same call again reads nothing
+            misses = manager.metrics.snapshot()["total"]["misses"]
+            torch.testing.assert_close(offloaded.forward(*args), resident.forward(*args), rtol=1e-5, atol=1e-6)
+            assert manager.metrics.snapshot()["total"]["misses"] == misses
     total = manager.metrics.snapshot()["total"]
-    assert total["calls"] == 6 and total["misses"] > 0
+    assert total["misses"] > 0
     assert manager.pool.occupancy_nbytes <= manager.pool.nbytes <= manager.pool.budget
 
 
@@ -248,8 +248,8 @@ def test_damaged_blob_fails_the_call_that_needs_it_and_no_other(damaged_copy, da
     with pytest.raises(CheckpointError, match=re.escape(message)):
         layer.forward(x, weights, torch.tensor([[7, 1], [2, 7], [1, 2]]), widths)
     healthy = torch.tensor([[0, 1], [2, 6], [1, 2]])
-    assert torch.equal(layer.forward(x, weights, healthy, widths), resident_sum(resident, backend, x, weights,
-                                                                               healthy, widths))
+    torch.testing.assert_close(layer.forward(x, weights, healthy, widths),
+                               resident.forward(x, weights, healthy, widths), rtol=1e-5, atol=1e-6)
 
 
 def test_deleted_checkpoint_file_keeps_serving(damaged_copy):
@@ -261,7 +261,7 @@ def test_deleted_checkpoint_file_keeps_serving(damaged_copy):
     layer = manager.layer(1, list(range(8)), MAX_BITS)
     blob_file.unlink()  # the store reads through descriptors opened at start-up
     args = random_call(torch.Generator().manual_seed(0), tokens=6, experts=8)
-    assert torch.equal(layer.forward(*args), resident_sum(resident, backend, *args))
+    torch.testing.assert_close(layer.forward(*args), resident.forward(*args), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- served by vLLM

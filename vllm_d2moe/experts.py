@@ -206,12 +206,17 @@ class LayerExperts:
         Pairs are sorted by (expert, width) and the backend computes all the
         resulting segments in one call, or the whole sum when it has ``layer_forward``.
         """
-        if hasattr(self.backend, "layer_forward"):
-            return self.backend.layer_forward(x, topk_weights, local_ids, widths, self.gate_up, self.down)
-        return routed_sum(
-            x, topk_weights, local_ids, widths,
-            lambda xs, segments, y: self.backend.grouped_mlp(xs, self.gate_up, self.down, segments, y),
-        )
+        return backend_forward(self.backend, self.gate_up, self.down, x, topk_weights, local_ids, widths)
+
+
+def backend_forward(backend, gate_up, down, x, topk_weights, local_ids, widths) -> torch.Tensor:
+    """:meth:`LayerExperts.forward` over resident projections ``gate_up`` / ``down`` indexed by ``local_ids``."""
+    if hasattr(backend, "layer_forward"):
+        return backend.layer_forward(x, topk_weights, local_ids, widths, gate_up, down)
+    return routed_sum(
+        x, topk_weights, local_ids, widths,
+        lambda xs, segments, y: backend.grouped_mlp(xs, gate_up, down, segments, y),
+    )
 
 
 def routed_sum(x, topk_weights, local_ids, widths, compute) -> torch.Tensor:

@@ -5,7 +5,7 @@ from itertools import pairwise
 
 import torch
 
-from vllm_d2moe.experts import ExpertSegments, ExpertWeights, routed_sum
+from vllm_d2moe.experts import ExpertSegments, ExpertWeights, backend_forward, routed_sum
 from vllm_d2moe.mwq.quantize import MWQError
 
 
@@ -52,13 +52,28 @@ class OffloadedLayerExperts:
     ) -> torch.Tensor:
         """As :meth:`vllm_d2moe.experts.LayerExperts.forward`; every width must be within
         ``[min_bits, bits]``."""
-        routed = widths[local_ids >= 0]
-        if routed.numel() and not (self.manager.pool.min_bits <= routed.min() and routed.max() <= self.bits):
+        routed = local_ids >= 0
+        ids, bits = local_ids[routed].long(), widths[routed].long()
+        if bits.numel() and not (self.manager.pool.min_bits <= bits.min() and bits.max() <= self.bits):
             raise MWQError(
-                f"MoE layer {self.layer}: widths {routed.min().item()}..{routed.max().item()} asked for; "
+                f"MoE layer {self.layer}: widths {bits.min().item()}..{bits.max().item()} asked for; "
                 f"this layer serves [{self.manager.pool.min_bits}, {self.bits}]"
             )
-        return routed_sum(x, topk_weights, local_ids, widths, self._compute)
+        # All resident (the common case under a large enough budget): one backend call over slots,
+        # as fast as a resident layer; the per-segment pipeline costs Python work per expert.
+        pairs = [divmod(k, 16) for k in torch.unique(ids * 16 + bits).tolist()]
+        counts = torch.bincount(ids, minlength=len(self.global_ids)).tolist()
+        slots = self.manager.pipeline.resident_slots(
+            self.layer,
+            [(self.global_ids[e], w) for e, w in pairs],
+            {self.global_ids[e]: n for e, n in enumerate(counts) if n},
+        )
+        if slots is None:
+            return routed_sum(x, topk_weights, local_ids, widths, self._compute)
+        table = torch.tensor([slots.get(g, -1) for g in self.global_ids])
+        slot_ids = torch.where(routed, table[local_ids.long().clamp(min=0)], -1)
+        pool = self.manager.pool
+        return backend_forward(self.manager.backend, pool.gate_up, pool.down, x, topk_weights, slot_ids, widths)
 
     def _compute(self, xs: torch.Tensor, segments: ExpertSegments, y: torch.Tensor) -> None:
         manager = self.manager

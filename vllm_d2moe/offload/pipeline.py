@@ -114,6 +114,23 @@ class LoadPipeline:
                 self.pool.release(key)
         self.metrics.maybe_log()
 
+    def resident_slots(self, layer: int, pairs: list[tuple[int, int]], tokens: dict[int, int]) -> dict[int, int] | None:
+        """The fast path of a call that reads nothing: when every ``(expert, width)`` of ``pairs`` is
+        served by the pool, count the call (``tokens`` routed per expert) and return each expert's
+        slot; else ``None`` and the call goes through :meth:`run`."""
+        def served(expert: int, width: int) -> bool:
+            have = self.pool.width((layer, expert))
+            return have >= width if self.policy.reuse else have == width
+
+        if not all(served(e, w) for e, w in pairs):
+            return None
+        counters = self.metrics.layer(layer)
+        counters.calls += 1
+        counters.hits += len(pairs)
+        self.pool.touch({(layer, e): n for e, n in tokens.items()})
+        self.metrics.maybe_log()
+        return {e: self.pool.slot_of[(layer, e)] for e, _ in pairs}
+
     def _plan(self, key: Key, widths: list[int], counters: LayerCounters) -> deque[_Load]:
         """The reads that bring ``key`` to each needed width, lowest first."""
         min_bits = self.pool.min_bits

@@ -181,6 +181,8 @@ def sweep(args) -> dict:
             plan.append({"method": method, "model": str(d2moe), "budget_name": budget_name, "budget": budget,
                          "quantization_config": {"quant_method": "d2moe", "bits": bits, "memory_budget": budget,
                                                  "offload": {**offload, "direct": True}}})
+    plan = [spec for spec in plan if spec["method"] in args.methods
+            and spec.get("budget_name", args.budgets[0]) in args.budgets]
     log = RESULTS / f"{args.name}.log"
     log.write_text("")
     results = []
@@ -288,6 +290,10 @@ def main() -> None:
                              "parallel regions stall whenever another job holds a core")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed generations per concurrency; the fastest is reported, the median kept")
+    parser.add_argument("--methods", nargs="+", default=["bf16", "int8-resident", *OFFLOAD_METHODS],
+                        help="a subset of the methods")
+    parser.add_argument("--budgets", nargs="+", default=["one layer", "1/3 bf16", "everything"],
+                        help="a subset of the budgets (offloaded methods only)")
     parser.add_argument("--name", default="budget_sweep")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -34,6 +34,17 @@ def set_calibrated_range(low: float, high: float) -> None:
     _limits["range"] = (low, high)
 
 
+_warned: set[str] = set()  # requests already warned about (each step sees them again)
+
+
+def _warn_once(request_id: str, message: str, *args) -> None:
+    if request_id not in _warned:
+        if len(_warned) > 10_000:
+            _warned.clear()
+        _warned.add(request_id)
+        logger.warning(message, request_id, *args)
+
+
 def _request_target(request) -> float:
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None) or {}
@@ -43,13 +54,13 @@ def _request_target(request) -> float:
     try:
         target = float(value)
     except (TypeError, ValueError):
-        logger.warning("d2moe: request %s: %s=%r is not a number; ignored", request.req_id, TARGET_EXTRA_ARG, value)
+        _warn_once(request.req_id, "d2moe: request %s: %s=%r is not a number; ignored", TARGET_EXTRA_ARG, value)
         return math.nan
     if _limits["range"] is not None:
         low, high = _limits["range"]
         if not low <= target <= high:
-            logger.warning("d2moe: request %s: %s=%s clamped to the router's range [%.3f, %.3f]",
-                           request.req_id, TARGET_EXTRA_ARG, target, low, high)
+            _warn_once(request.req_id, "d2moe: request %s: %s=%s clamped to the router's range [%.3f, %.3f]",
+                       TARGET_EXTRA_ARG, target, low, high)
             target = min(max(target, low), high)
     return target
 

@@ -97,23 +97,30 @@ def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
     assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7" in log
 
 
-@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "tp2-ep"])
-def test_two_ranks_match_single_process(model_zoo, engine_results, report, tmp_path, expert_parallel):
+@pytest.mark.parametrize(
+    "expert_parallel, budget",
+    [(False, None), (True, None), (False, "300KiB"), (True, "300KiB")],
+    ids=["tp2", "tp2-ep", "tp2-budget", "tp2-ep-budget"],
+)
+def test_two_ranks_match_single_process(model_zoo, engine_results, report, tmp_path, expert_parallel, budget):
     """TP=2 (vLLM's mp backend, one core per rank): each rank loads its slice of every
     plane and scale; with expert parallelism each rank instead holds half the experts.
-    Either way the per-position distributions must equal the single-process run."""
+    With a memory budget (per rank: about 5 TP slices or 2 whole experts of the 16 here)
+    the experts stream from disk. Either way the per-position distributions must equal
+    the single-process run."""
     ref = outputs(engine_results, "mixtral/unquantized")
     single = outputs(engine_results, "mixtral/d2moe-8")
     model = str(model_zoo["mixtral"]["d2moe"])
     continuations = [{k: o[k] for k in ("prompt_token_ids", "token_ids")} for o in ref]
+    overrides = {"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}} if budget else {}
     run = Run("two-ranks", model, PROMPTS, quantization="d2moe", tensor_parallel_size=2,
               enable_expert_parallel=expert_parallel, logprobs=vocab_size(model),
-              score_continuations=continuations)
+              score_continuations=continuations, hf_overrides=overrides)
     results, _ = run_engines([run], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     two_ranks = outputs(results, "two-ranks")
     agreement = teacher_forced_agreement(two_ranks, single)
     error = logprob_relative_error(two_ranks, single)
-    mode = "TP=2+EP" if expert_parallel else "TP=2"
+    mode = ("TP=2+EP" if expert_parallel else "TP=2") + (f", budget {budget}/rank" if budget else "")
     report.add(f"mixtral      width 8, {mode} vs one process: greedy agreement {agreement:.1%}, "
                f"log-prob relative error {error:.2e}")
     assert agreement == 1.0

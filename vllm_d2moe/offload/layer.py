@@ -22,7 +22,7 @@ class _StoredExperts(Sequence):
         layer = self.layer
         expert = layer.global_ids[expert]
         data = layer.manager.store.read(layer.layer, expert, 0, layer.bits - layer.manager.pool.min_bits)
-        tensors = data.tensors(layer.manager.store.layout(layer.layer))
+        tensors = layer.manager.shard(data.tensors(layer.manager.store.layout(layer.layer)))
         return ExpertWeights(tensors["gate_up"], tensors["down"])
 
 

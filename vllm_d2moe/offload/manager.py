@@ -4,10 +4,13 @@ One manager serves every MoE layer of an engine (the budget is global); each
 layer gets an :class:`OffloadedLayerExperts` view of it.
 """
 
+import functools
 import logging
 import weakref
+from dataclasses import replace
 from types import ModuleType
 
+from vllm_d2moe.experts import shard_expert
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.budget import format_bytes
 from vllm_d2moe.offload.layer import OffloadedLayerExperts
@@ -31,8 +34,15 @@ class OffloadManager:
         backend: ModuleType,
         device="cpu",
         store: ExpertStore | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ):
-        """``store`` defaults to one over ``checkpoint`` with the policy's O_DIRECT choice."""
+        """``store`` defaults to one over ``checkpoint`` with the policy's O_DIRECT choice.
+
+        Under tensor parallelism (``tp_size > 1``) the pool holds this rank's slice of each
+        expert; an upgrade then reads the whole width prefix again (``reuse`` off), since the
+        slice of a plane is not a contiguous byte range of the blob.
+        """
         layouts = {entry.layout for entry in checkpoint.layers.values()}
         if len(layouts) != 1:
             raise ValueError(
@@ -40,9 +50,14 @@ class OffloadManager:
                 f"({sorted((l.hidden, l.intermediate) for l in layouts)}) cannot share one offload pool"
             )
         self.backend = backend
+        shard = None
+        if tp_size > 1:
+            policy = replace(policy, reuse=False)
+            shard = functools.partial(_shard, tp_rank=tp_rank, tp_size=tp_size)
+        self.shard = shard or (lambda tensors: tensors)
         self.policy = policy
         self.store = store or ExpertStore(checkpoint, direct=policy.direct)
-        self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device)
+        self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device, shard)
         self.metrics = OffloadMetrics(self.pool)
         self.pipeline = LoadPipeline(self.store, self.pool, policy, self.metrics)
         weakref.finalize(self, self.pipeline.close)
@@ -57,6 +72,11 @@ class OffloadManager:
 
     def layer(self, layer: int, global_ids: list[int], bits: int) -> OffloadedLayerExperts:
         return OffloadedLayerExperts(self, layer, global_ids, bits)
+
+
+def _shard(tensors: dict, tp_rank: int, tp_size: int) -> dict:
+    weights = shard_expert(tensors, tp_rank, tp_size)
+    return {"gate_up": weights.gate_up, "down": weights.down}
 
 
 def metrics_snapshots() -> list[dict]:

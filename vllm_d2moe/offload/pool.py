@@ -47,15 +47,20 @@ def check_budget(budget: int, layout: ExpertLayout, bits: int) -> None:
 class ResidentPool:
     """``slots`` experts at up to ``bits`` bits each, in ``backend``'s resident layout."""
 
-    def __init__(self, layout: ExpertLayout, bits: int, budget: int, backend: ModuleType, device="cpu"):
-        check_budget(budget, layout, bits)
-        like = layout.decode(torch.zeros(layout.nbytes(bits), dtype=torch.uint8), bits)
+    def __init__(self, layout: ExpertLayout, bits: int, budget: int, backend: ModuleType, device="cpu",
+                 shard=None):
+        """``shard`` maps an expert's tensors to this rank's tensor-parallel slice (None: whole experts)."""
+        if shard is None:
+            check_budget(budget, layout, bits)
+        self.shard = shard or (lambda tensors: tensors)
+        like = self.shard(layout.decode(torch.zeros(layout.nbytes(bits), dtype=torch.uint8), bits))
         prepare = getattr(backend, "prepare", lambda projection: projection)
 
         def allocate(slots: int):
             return [prepare(StackedProjection.allocate(like[p], slots, device)) for p in ("gate_up", "down")]
 
-        self.slot_nbytes = expert_nbytes(layout, bits)
+        # A tensor-parallel slice is smaller than the layout's expert (which the budget check counts).
+        self.slot_nbytes = expert_nbytes(layout, bits) if shard is None else sum(t.nbytes for t in like.values())
         # A backend's layout may add a few bytes per tensor (the CPU kernel's read slack).
         overhead = sum(p.nbytes for p in allocate(1)) - self.slot_nbytes
         slots = (budget - overhead) // self.slot_nbytes
@@ -139,6 +144,7 @@ class ResidentPool:
     def store(self, key: Key, tensors: dict[str, MWQTensor]) -> None:
         """Write the whole expert (base and planes) into ``key``'s slot."""
         slot = self.slot_of[key]
+        tensors = self.shard(tensors)
         self.gate_up.store(slot, tensors["gate_up"])
         self.down.store(slot, tensors["down"])
         self.widths[slot] = tensors["down"].bits

@@ -115,14 +115,10 @@ class D2MoEConfig(QuantizationConfig):
         """The engine's one offload manager (the budget is shared by all MoE layers), made at
         the first layer's loading."""
         if self._offload is None:
-            if parallel.tp_size > 1:
-                raise ValueError(
-                    "d2moe option 'memory_budget' does not support tensor parallelism yet "
-                    "(expert parallelism works); drop one of them"
-                )
+            # Each rank's budget holds its own shard: its experts (EP) or its slice of each (TP).
             self._offload = OffloadManager(
                 self.checkpoint, self.memory_budget, self.serving_bits, self.offload_policy,
-                select_backend(device.type), device,
+                select_backend(device.type), device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
             )
         return self._offload
 

@@ -7,6 +7,7 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
 
 * ``bf16``: stock vLLM, unquantized bfloat16 experts, all resident;
 * ``int8-resident``: MWQ at 8 bits, all resident ("hold-in-memory INT8");
+* ``mwq4-resident``: MWQ at 4 bits, all resident (issue 4's end-to-end check);
 * offloaded under each budget, reads with ``O_DIRECT`` (page cache bypassed),
   the paper's ablation steps:
 
@@ -175,7 +176,10 @@ def sweep(args) -> dict:
     bits = checkpoint.spec.max_bits
     plan = [{"method": "bf16", "model": str(args.model), "quantization_config": None},
             {"method": "int8-resident", "model": str(d2moe),
-             "quantization_config": {"quant_method": "d2moe", "bits": bits}}]
+             "quantization_config": {"quant_method": "d2moe", "bits": bits}},
+            # Issue 4's end-to-end check: MWQ width 4, all resident, against bf16.
+            {"method": "mwq4-resident", "model": str(d2moe),
+             "quantization_config": {"quant_method": "d2moe", "bits": 4}}]
     for budget_name, budget in budgets(checkpoint, bits).items():
         for method, offload in OFFLOAD_METHODS.items():
             plan.append({"method": method, "model": str(d2moe), "budget_name": budget_name, "budget": budget,

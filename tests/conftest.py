@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# Small CPU KV cache, engine core in the engine's own process (start-up ~10 s instead
+# of ~50 s here): the same environment as a Ray replica's engine.
+from vllm_d2moe.replicas.spec import ENGINE_ENV
 from vllm_d2moe.testing.engine_runs import Run
 
 PROMPTS = [
@@ -23,14 +26,6 @@ PROMPTS = [
     "return self.",
 ]
 GROUP_SIZE = 64
-# vLLM reserves its CPU KV cache up front; keep it small on this 24 GB machine.
-# The engine core runs in the test's engine process (no extra spawn and vLLM
-# import per engine): start-up drops from ~50 s to ~10 s here.
-ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 class Report:

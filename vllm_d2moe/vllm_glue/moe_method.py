@@ -20,8 +20,6 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import select_backend
-from vllm_d2moe.router.model import RouterSet
-from vllm_d2moe.vllm_glue import request_targets
 from vllm_d2moe.vllm_glue.expert_op import register_layer
 from vllm_d2moe.width_selection import WidthSelector
 
@@ -116,23 +114,12 @@ class D2MoEMethod(FusedMoEMethodBase):
                 f"{self.intermediate_size_per_partition}"
             )
         self.experts = experts
-        self.width_selector = self._width_selector(device)
+        self.width_selector = self.quant_config.width_selector(self.layer_index, device)
         self.layer_id = register_layer(self)
         logger.debug(
             "d2moe: %s holds %d experts at %d bits (%.1f MiB), widths by %s",
             layer.layer_name, len(global_ids), experts.bits, experts.nbytes / 2**20, self.quant_config.widths,
         )
-
-    def _width_selector(self, device: torch.device) -> WidthSelector:
-        widths = self.quant_config.widths
-        router = None
-        if widths.mode != "fixed":
-            routers = RouterSet.load(self.quant_config.checkpoint.model_dir, layers=[self.layer_index])
-            router = routers.routers[self.layer_index].to(device)
-        if widths.calibration:
-            averages = [a for _, a in widths.calibration]
-            request_targets.set_calibrated_range(min(averages), max(averages))
-        return WidthSelector(self.layer_index, widths, router)
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> FusedMoEQuantConfig:
         return FusedMoEQuantConfig.make()

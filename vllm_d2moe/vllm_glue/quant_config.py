@@ -29,7 +29,9 @@ from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.budget import parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
-from vllm_d2moe.width_selection import ServingWidths, resolve_policy
+from vllm_d2moe.router.model import RouterSet
+from vllm_d2moe.vllm_glue import request_targets
+from vllm_d2moe.width_selection import ServingWidths, WidthSelector, resolve_policy
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
@@ -64,6 +66,7 @@ class D2MoEConfig(QuantizationConfig):
         self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
         self.offload_policy = OffloadPolicy.from_option(offload)
         self._offload: OffloadManager | None = None
+        self._routers: RouterSet | None = None
         self.widths: ServingWidths | None = None
 
     def __repr__(self) -> str:
@@ -110,6 +113,19 @@ class D2MoEConfig(QuantizationConfig):
         if self.memory_budget is not None:
             for entry in self.checkpoint.layers.values():
                 check_budget(self.memory_budget, entry.layout, self.serving_bits)
+
+    def width_selector(self, layer: int, device: torch.device) -> WidthSelector:
+        """The width decision of MoE layer ``layer``; the checkpoint's routers are read once per process."""
+        router = None
+        if self.widths.mode != "fixed":
+            if self._routers is None:
+                self._routers = RouterSet.load(self.checkpoint.model_dir)
+                if self.widths.calibration:
+                    averages = [a for _, a in self.widths.calibration]
+                    request_targets.set_calibrated_range(min(averages), max(averages))
+            router = self._routers.routers.get(layer)
+            router = None if router is None else router.to(device)
+        return WidthSelector(layer, self.widths, router)
 
     def offload_manager(self, parallel, device: torch.device) -> OffloadManager:
         """The engine's one offload manager (the budget is shared by all MoE layers), made at

@@ -252,6 +252,81 @@ def test_damaged_blob_fails_the_call_that_needs_it_and_no_other(damaged_copy, da
                                resident.forward(x, weights, healthy, widths), rtol=1e-5, atol=1e-6)
 
 
+def _without(ids: torch.Tensor, widths: torch.Tensor, expert: int, width: int) -> torch.Tensor:
+    """``ids`` with the pairs of ``expert`` at ``width`` moved off this rank (no contribution)."""
+    return torch.where((ids == expert) & (widths == width), -1, ids)
+
+
+def test_unreadable_expert_fails_only_its_pairs_with_a_fault_sink(damaged_copy, checkpoint):
+    """A corrupt residual plane of expert 7: its pairs that need the plane are reported with their
+    tokens and contribute nothing; its pairs at lower widths and every other expert's are exact."""
+    path, blob_file = damaged_copy
+    data = bytearray(blob_file.read_bytes())
+    data[-100] ^= 0xFF  # layer 1 expert 7, residual plane 6: widths 8 only
+    blob_file.write_bytes(data)
+    backend = load_backend("reference")
+    faults = []
+    manager = OffloadManager(MWQCheckpoint(path), budget_for(checkpoint, 2), MAX_BITS, OffloadPolicy(), backend,
+                             fault_sink=faults.append)
+    layer = manager.layer(1, list(range(8)), MAX_BITS)
+    resident = load_layer_experts(checkpoint, 1, list(range(8)), MAX_BITS, 0, 1, backend)  # the intact copy
+    x, weights = torch.randn(5, 128), torch.rand(5, 2)
+    ids = torch.tensor([[7, 1], [2, 7], [1, 2], [7, 3], [0, 5]])
+    widths = torch.tensor([[8, 8], [4, 8], [8, 8], [4, 4], [8, 8]], dtype=torch.int8)
+    for call in range(2):  # the second call finds width 4 resident and fails the upgrade alone
+        faults.clear()
+        out = layer.forward(x, weights, ids, widths)
+        torch.testing.assert_close(out, resident.forward(x, weights, _without(ids, widths, 7, 8), widths),
+                                   rtol=1e-5, atol=1e-6)
+        (fault,) = faults
+        assert (fault.layer, fault.expert, fault.width, fault.tokens.tolist()) == (1, 7, 8, [0, 1])
+        assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7 section 6" in fault.error
+        assert "MoE layer 1 expert 7 at 8 bits could not be read" in str(fault)
+        assert not manager.pool.pinned
+    assert manager.pool.width((1, 7)) == 4
+
+
+class FailingExpertRead:
+    """A ``read_at`` whose reads inside one expert's blob fail with EIO while ``failures`` lasts."""
+
+    def __init__(self, checkpoint: MWQCheckpoint, layer: int, expert: int):
+        _, self.start, self.size = checkpoint.expert_extent(layer, expert)
+        self.failures = 0
+
+    def __call__(self, fd, offset, length):
+        if self.failures > 0 and self.start <= offset < self.start + self.size:
+            self.failures -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return read_buffered(fd, offset, length)
+
+
+def test_read_errors_fail_only_the_calls_they_hit(checkpoint):
+    """Reads of expert 1 failing past the store's retries fail its pairs in that call; the pool is
+    left consistent and the next call, once the disk answers, is exact."""
+    backend = load_backend("reference")
+    failing = FailingExpertRead(checkpoint, 0, 1)
+    faults = []
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 3), MAX_BITS, OffloadPolicy(), backend,
+                             store=ExpertStore(checkpoint, read_at=failing, retries=1), fault_sink=faults.append)
+    layer = manager.layer(0, list(range(8)), MAX_BITS)
+    resident = load_layer_experts(checkpoint, 0, list(range(8)), MAX_BITS, 0, 1, backend)
+    x, weights = torch.randn(4, 128), torch.rand(4, 2)
+    ids, widths = torch.tensor([[0, 1], [1, 2], [3, 0], [4, 5]]), torch.full((4, 2), 5, dtype=torch.int8)
+    failing.failures = 2
+    out = layer.forward(x, weights, ids, widths)
+    (fault,) = faults
+    assert (fault.expert, fault.width, fault.tokens.tolist()) == (1, 5, [0, 1])
+    assert "reading layer 0 expert 1 failed" in fault.error and "Input/output error" in fault.error
+    assert "after 2 attempts" in fault.error
+    torch.testing.assert_close(out, resident.forward(x, weights, _without(ids, widths, 1, 5), widths),
+                               rtol=1e-5, atol=1e-6)
+    assert not manager.pool.pinned and manager.pool.width((0, 1)) == 0
+    faults.clear()
+    torch.testing.assert_close(layer.forward(x, weights, ids, widths), resident.forward(x, weights, ids, widths),
+                               rtol=1e-5, atol=1e-6)
+    assert not faults
+
+
 def test_deleted_checkpoint_file_keeps_serving(damaged_copy):
     path, blob_file = damaged_copy
     checkpoint = MWQCheckpoint(path)

@@ -37,9 +37,10 @@ def register() -> None:
     if _registered:
         return
     from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
-    from vllm_d2moe.vllm_glue import request_targets
+    from vllm_d2moe.vllm_glue import request_faults, request_targets
 
     request_targets.install()
+    request_faults.install()
     _log_through_vllm()
 
     _registered = True

@@ -6,7 +6,9 @@ from itertools import pairwise
 import torch
 
 from vllm_d2moe.experts import ExpertSegments, ExpertWeights, backend_forward, routed_sum
+from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQError
+from vllm_d2moe.offload.faults import ExpertFault
 
 
 class _StoredExperts(Sequence):
@@ -69,13 +71,19 @@ class OffloadedLayerExperts:
             {self.global_ids[e]: n for e, n in enumerate(counts) if n},
         )
         if slots is None:
-            return routed_sum(x, topk_weights, local_ids, widths, self._compute)
+            failed: list[tuple[int, int, CheckpointError]] = []
+            out = routed_sum(x, topk_weights, local_ids, widths, lambda *a: self._compute(*a, failed))
+            for expert, width, error in failed:
+                self._report(expert, width, error, local_ids, widths)
+            return out
         table = torch.tensor([slots.get(g, -1) for g in self.global_ids])
         slot_ids = torch.where(routed, table[local_ids.long().clamp(min=0)], -1)
         pool = self.manager.pool
         return backend_forward(self.manager.backend, pool.gate_up, pool.down, x, topk_weights, slot_ids, widths)
 
-    def _compute(self, xs: torch.Tensor, segments: ExpertSegments, y: torch.Tensor) -> None:
+    def _compute(self, xs, segments: ExpertSegments, y, failed: list) -> None:
+        """Every segment through the load pipeline; the rows of segments whose expert could not
+        be read are zeroed and their (local expert, width, error) appended to ``failed``."""
         manager = self.manager
         bounds = list(pairwise(segments.starts))
 
@@ -84,10 +92,22 @@ class OffloadedLayerExperts:
             one = ExpertSegments((slot,), (segments.bits[i],), (0, end - start))
             manager.backend.grouped_mlp(xs[start:end], manager.pool.gate_up, manager.pool.down, one, y[start:end])
 
-        manager.pipeline.run(
+        errors = manager.pipeline.run(
             self.layer,
             [self.global_ids[e] for e in segments.experts],
             list(segments.bits),
             [end - start for start, end in bounds],
             run_segment,
         )
+        for i, error in errors.items():
+            start, end = bounds[i]
+            y[start:end] = 0
+            failed.append((segments.experts[i], segments.bits[i], error))
+
+    def _report(self, expert: int, width: int, error: CheckpointError, local_ids, widths) -> None:
+        """Hand the fault to the manager's sink, naming the tokens it affects; raise without one."""
+        sink = self.manager.fault_sink
+        if sink is None:
+            raise error
+        tokens = ((local_ids == expert) & (widths == width)).any(dim=1).nonzero().flatten()
+        sink(ExpertFault(self.layer, self.global_ids[expert], width, tokens, str(error)))

@@ -13,6 +13,7 @@ from types import ModuleType
 from vllm_d2moe.experts import shard_expert
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.budget import format_bytes
+from vllm_d2moe.offload.faults import FaultSink
 from vllm_d2moe.offload.layer import OffloadedLayerExperts
 from vllm_d2moe.offload.metrics import OffloadMetrics
 from vllm_d2moe.offload.pipeline import LoadPipeline, OffloadPolicy
@@ -36,8 +37,11 @@ class OffloadManager:
         store: ExpertStore | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        fault_sink: FaultSink | None = None,
     ):
         """``store`` defaults to one over ``checkpoint`` with the policy's O_DIRECT choice.
+        ``fault_sink`` gets the experts a layer call could not read (``faults.py``); without
+        one such a call raises.
 
         Under tensor parallelism (``tp_size > 1``) the pool holds this rank's slice of each
         expert; an upgrade then reads the whole width prefix again (``reuse`` off), since the
@@ -50,6 +54,7 @@ class OffloadManager:
                 f"({sorted((l.hidden, l.intermediate) for l in layouts)}) cannot share one offload pool"
             )
         self.backend = backend
+        self.fault_sink = fault_sink
         shard = None
         if tp_size > 1:
             policy = replace(policy, reuse=False)

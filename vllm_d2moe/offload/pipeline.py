@@ -9,7 +9,9 @@ as pool slots allow, while the compute thread runs, in arrival order, every
 segment whose expert has arrived at a sufficient width; it blocks (a bubble)
 only when nothing computable is left. Slots of experts the call still needs
 are pinned; a pool smaller than the call's working set is streamed through
-as computed experts unpin their slots.
+as computed experts unpin their slots. A read that fails for good (a corrupt or
+truncated blob, an I/O error after the store's retries) fails only the segments
+of that expert it was needed for; the call computes the rest and reports it.
 
 :class:`OffloadPolicy` switches each step off for the benchmark's ablations:
 expert-id order instead of HEBF, reads on the compute thread instead of
@@ -25,6 +27,7 @@ from dataclasses import dataclass, fields
 
 from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
 from vllm_d2moe.offload.pool import Key, ResidentPool
+from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.offload.store import ExpertStore, SectionBytes
 
 
@@ -79,9 +82,12 @@ class LoadPipeline:
         widths: list[int],
         rows: list[int],
         compute: Callable[[int, int], None],
-    ) -> None:
+    ) -> dict[int, CheckpointError]:
         """Compute segments ``i`` (expert ``experts[i]`` at ``widths[i]`` over ``rows[i]`` pairs,
-        sorted by expert then width) by calling ``compute(i, slot)`` once each the expert is resident."""
+        sorted by expert then width) by calling ``compute(i, slot)`` once each the expert is resident.
+
+        Returns the segments left uncomputed because their expert could not be read, with the
+        read's error."""
         counters = self.metrics.layer(layer)
         counters.calls += 1
         segments: dict[Key, deque[int]] = defaultdict(deque)
@@ -101,7 +107,7 @@ class LoadPipeline:
             if key in self.pool.slot_of:
                 self.pool.pin(key)
         try:
-            self._execute(queue, chains, segments, widths, compute, counters)
+            failed = self._execute(queue, chains, segments, widths, compute, counters)
         except BaseException:
             for key in order:
                 if key in self.pool.slot_of and self.pool.width(key) == 0:
@@ -113,6 +119,7 @@ class LoadPipeline:
             for key in order:
                 self.pool.release(key)
         self.metrics.maybe_log()
+        return failed
 
     def resident_slots(self, layer: int, pairs: list[tuple[int, int]], tokens: dict[int, int]) -> dict[int, int] | None:
         """The fast path of a call that reads nothing: when every ``(expert, width)`` of ``pairs`` is
@@ -145,7 +152,7 @@ class LoadPipeline:
         counters.misses += len(loads)
         return loads
 
-    def _execute(self, queue, chains, segments, widths, compute, counters: LayerCounters) -> None:
+    def _execute(self, queue, chains, segments, widths, compute, counters) -> dict[int, CheckpointError]:
         def compute_ready(key: Key) -> bool:
             """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
             it; without: exactly it); unpin it when none is left."""
@@ -160,6 +167,23 @@ class LoadPipeline:
                 self.pool.unpin(key)
             return ran
 
+        def give_up(key: Key, error: CheckpointError) -> None:
+            """``key`` cannot reach the widths still pending: fail those segments, drop its
+            remaining loads (a read in flight finishes unused) and free or unpin its slot."""
+            nonlocal in_flight
+            for i in segments.pop(key, ()):
+                failed[i] = error
+            for load in chains.pop(key):
+                if load.future is None:
+                    queue.remove(load)
+                else:
+                    in_flight -= 1
+            if self.pool.width(key) == 0:
+                self.pool.release(key)  # reserved for the failed read, nothing resident
+            else:
+                self.pool.unpin(key)  # a lower width stays resident and valid
+
+        failed: dict[int, CheckpointError] = {}
         in_flight = 0
         while segments:
             # In plan order; once a load finds every slot pinned, only loads of experts that
@@ -180,9 +204,15 @@ class LoadPipeline:
                 progressed |= compute_ready(key)
                 chain = chains[key]
                 while chain and chain[0].future is not None and chain[0].future.done():
-                    self._install(chain.popleft(), counters)
-                    in_flight -= 1
                     progressed = True
+                    try:
+                        self._install(chain[0], counters)
+                    except CheckpointError as error:
+                        compute_ready(key)  # what the resident width serves still runs
+                        give_up(key, error)
+                        break
+                    chain.popleft()
+                    in_flight -= 1
                     compute_ready(key)
             if progressed:
                 continue
@@ -192,6 +222,7 @@ class LoadPipeline:
             start = time.perf_counter()
             wait(futures, return_when=FIRST_COMPLETED)
             counters.wait_seconds += time.perf_counter() - start
+        return failed
 
     def _submit(self, load: _Load, counters: LayerCounters) -> Future:
         layer, expert = load.key

@@ -30,7 +30,7 @@ from vllm_d2moe.offload.budget import parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
 from vllm_d2moe.router.model import RouterSet
-from vllm_d2moe.vllm_glue import request_targets
+from vllm_d2moe.vllm_glue import request_faults, request_targets
 from vllm_d2moe.width_selection import ServingWidths, WidthSelector, resolve_policy
 
 # Keys the converter writes to describe the checkpoint (informational here).
@@ -132,9 +132,13 @@ class D2MoEConfig(QuantizationConfig):
         the first layer's loading."""
         if self._offload is None:
             # Each rank's budget holds its own shard: its experts (EP) or its slice of each (TP).
+            # A failed read fails only its requests where the scheduler sees this process's faults:
+            # one rank (request_faults.py); with several, the step fails.
+            one_rank = parallel.tp_size * parallel.ep_size * parallel.dp_size * parallel.pcp_size == 1
             self._offload = OffloadManager(
                 self.checkpoint, self.memory_budget, self.serving_bits, self.offload_policy,
                 select_backend(device.type), device, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
+                fault_sink=request_faults.record if one_rank else None,
             )
         return self._offload
 

@@ -1,5 +1,8 @@
 """Per-request target bit-widths: from a request's ``extra_args`` to its tokens in the batch.
 
+(The same wrapper keeps the step's batch layout, so that :func:`token_requests`
+tells which requests a set of token indices belongs to.)
+
 A request asks for its own average width with
 ``SamplingParams(extra_args={"d2moe_target_bits": 2.5})`` (OpenAI server:
 ``"vllm_xargs": {"d2moe_target_bits": 2.5}`` in the request body). The MoE op
@@ -25,7 +28,8 @@ from vllm_d2moe.width_selection import TARGET_EXTRA_ARG
 
 logger = logging.getLogger(__name__)
 
-_state = {"targets": None}
+# The current step: each token's target, and the batch layout (request ids, cumulative token counts).
+_state = {"targets": None, "layout": ([], np.zeros(0, dtype=np.int64))}
 # Set by the quantization config once it knows the router's calibrated range.
 _limits = {"range": None}
 
@@ -68,6 +72,7 @@ def _request_target(request) -> float:
 def record_batch(runner, num_scheduled_tokens: np.ndarray) -> None:
     """Store one target per scheduled token, in the order the runner lays the batch out."""
     req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+    _state["layout"] = (list(req_ids), np.cumsum(num_scheduled_tokens))
     per_request = np.array([_request_target(runner.requests[r]) for r in req_ids], dtype=np.float32)
     if np.isnan(per_request).all():
         _state["targets"] = None
@@ -83,6 +88,15 @@ def token_targets(num_tokens: int) -> torch.Tensor | None:
     if targets.numel() >= num_tokens:
         return targets[:num_tokens]
     return torch.cat([targets, torch.full((num_tokens - targets.numel(),), math.nan)])
+
+
+def token_requests(tokens: torch.Tensor) -> list[str]:
+    """The distinct requests (in batch order) of the current forward pass's ``tokens``
+    (indices); padding tokens belong to none."""
+    req_ids, ends = _state["layout"]
+    tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    indices = np.unique(np.searchsorted(ends, tokens[tokens < (ends[-1] if len(ends) else 0)], side="right"))
+    return [req_ids[i] for i in indices]
 
 
 def install() -> None:

@@ -57,6 +57,7 @@ def pytest_terminal_summary(terminalreporter):
 def model_zoo(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """``{arch: {"hf": dir, "d2moe": dir}}`` for every supported tiny architecture."""
     from vllm_d2moe.converters.convert import convert
+
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS, make_tiny_model
 
@@ -67,6 +68,41 @@ def model_zoo(tmp_path_factory) -> dict[str, dict[str, Path]]:
         d2moe = convert(hf, root / f"{arch}-d2moe", MWQSpec(2, 8, GROUP_SIZE), progress=False)
         zoo[arch] = {"hf": hf, "d2moe": d2moe}
     return zoo
+
+
+ROUTER_WIDTHS = (2, 3, 4)
+ROUTER_CAPACITIES = (0.3, 0.4, 0.3)
+
+
+@pytest.fixture(scope="session")
+def routed_mixtral(model_zoo, tmp_path_factory) -> Path:
+    """The tiny Mixtral's d2moe checkpoint with a seeded random bit-width router (large weights, so
+    that choices are far from ties and every width is used) and its calibration."""
+    import shutil
+
+    import torch
+
+    from vllm_d2moe.router.model import RouterSet, WidthRouter
+    from vllm_d2moe.router.simulate import load_simulated_model
+    from vllm_d2moe.router.train import calibrate
+    from vllm_d2moe.width_selection import ServingWidths
+
+    dst = tmp_path_factory.mktemp("routed") / "mixtral-routed"
+    shutil.copytree(model_zoo["mixtral"]["d2moe"], dst)
+    hidden = json.loads((dst / "config.json").read_text())["hidden_size"]
+    generator = torch.Generator().manual_seed(0)
+    routers = {}
+    for layer in range(2):
+        router = WidthRouter(num_experts=8, hidden=hidden, num_widths=len(ROUTER_WIDTHS)).requires_grad_(False)
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+        routers[layer] = router
+    model = load_simulated_model(dst, ServingWidths("router", ROUTER_WIDTHS), routers)
+    windows = torch.randint(3, 500, (8, 64), generator=generator)
+    calibration = calibrate(model, windows, ROUTER_WIDTHS)
+    RouterSet(ROUTER_WIDTHS, "expert", routers, ROUTER_CAPACITIES, tuple(calibration),
+              {"note": "seeded random"}).save(dst)
+    return dst
 
 
 def run_engines(runs: list[Run], workdir: Path, extra_env: dict | None = None) -> tuple[dict, str]:

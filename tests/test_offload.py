@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROMPTS, run_engines
+from vllm_d2moe.kernels import load_backend
 
 from vllm_d2moe.experts import load_layer_experts
-from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.budget import format_bytes, parse_budget
@@ -30,8 +31,6 @@ from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore, read_buffered
 from vllm_d2moe.testing.engine_runs import Run
-
-from conftest import PROMPTS, run_engines
 
 MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
 POLICIES = {
@@ -45,6 +44,7 @@ POLICIES = {
 def model(tmp_path_factory) -> Path:
     """A tiny Mixtral (2 MoE layers of 8 experts, hidden 128) converted to MWQ 2..8 bits."""
     from vllm_d2moe.converters.convert import convert
+
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.testing.tiny_models import make_tiny_model
 
@@ -348,15 +348,30 @@ def _budget_run(name: str, model: Path, budget, offload: dict | None = None, **k
 
 
 @pytest.fixture(scope="module")
-def served(model, tmp_path_factory) -> dict:
+def damaged_routed(routed_mixtral, tmp_path_factory) -> Path:
+    """The routed tiny Mixtral with residual plane 2 (width 4) of every layer-1 expert corrupt:
+    pairs the router sends to 2 or 3 bits read only intact bytes, 4-bit ones hit the damage."""
+    copy = tmp_path_factory.mktemp("damaged-routed") / "model"
+    shutil.copytree(routed_mixtral, copy)
+    checkpoint = MWQCheckpoint(copy)
+    plane_start = checkpoint.layer(1).layout.section_range(2)[0]
+    for expert in range(checkpoint.layer(1).num_experts):
+        path, offset, _ = checkpoint.expert_extent(1, expert)
+        with open(path, "r+b") as f:
+            f.seek(offset + plane_start)
+            byte = f.read(1)[0]
+            f.seek(offset + plane_start)
+            f.write(bytes([byte ^ 0xFF]))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def served(model, routed_mixtral, damaged_routed, tmp_path_factory) -> dict:
     checkpoint = MWQCheckpoint(model)
     experts = sum(entry.num_experts for entry in checkpoint.layers.values())
-    corrupt = tmp_path_factory.mktemp("corrupt") / "model"
-    shutil.copytree(model, corrupt)
-    blob_file = corrupt / EXPERTS_DIR / "experts-layer-001.safetensors"
-    data = bytearray(blob_file.read_bytes())
-    data[-100] ^= 0xFF
-    blob_file.write_bytes(data)
+    # Requests at the router's lowest calibrated target (2 bits) beside requests at 4 bits.
+    targets = [{"d2moe_target_bits": t} for t in (2.0, 4.0, 2.0, 4.0)]
+    routed_budget = 3 * expert_nbytes(MWQCheckpoint(routed_mixtral).layer(0).layout, 4) + 256
     runs = [
         Run("resident", str(model), PROMPTS, sample_offload=True),
         _budget_run("one-expert", model, budget_for(checkpoint, 1)),
@@ -365,10 +380,13 @@ def served(model, tmp_path_factory) -> dict:
                     {"order": "id", "overlap": False, "reuse": False, "keep": False}),
         _budget_run("compiled", model, budget_for(checkpoint, 3), {"direct": True}, enforce_eager=False),
         _budget_run("too-small", model, "10KB"),
-        _budget_run("corrupt", corrupt, budget_for(checkpoint, 3)),
+        Run("intact-routed", str(routed_mixtral), PROMPTS, extra_args=targets, hf_overrides={
+            "quantization_config": {"quant_method": "d2moe", "memory_budget": routed_budget, "capacities": "off"}}),
+        Run("damaged-routed", str(damaged_routed), PROMPTS, extra_args=targets, hf_overrides={
+            "quantization_config": {"quant_method": "d2moe", "memory_budget": routed_budget, "capacities": "off"}}),
     ]
-    results, _ = run_engines(runs, tmp_path_factory.mktemp("offload-engines"))
-    return results
+    results, log = run_engines(runs, tmp_path_factory.mktemp("offload-engines"))
+    return {**results, "log": log}
 
 
 @pytest.mark.parametrize("name", ["one-expert", "third", "on-demand", "compiled"])
@@ -397,6 +415,16 @@ def test_served_budget_below_one_expert_fails_at_start_naming_the_minimum(served
         "too-small"]["error"]
 
 
-def test_served_corrupt_blob_is_a_clear_error(served):
-    error = served["corrupt"].get("error", "")
-    assert "experts-layer-001.safetensors: checksum mismatch in layer 1 expert 7" in error
+def test_served_unreadable_expert_fails_its_requests_and_serves_the_others(served):
+    intact, damaged = served["intact-routed"], served["damaged-routed"]
+    assert "error" not in intact and "error" not in damaged, damaged.get("error")
+    for i, (good, out) in enumerate(zip(intact["outputs"], damaged["outputs"])):
+        if i % 2 == 0:  # 2-bit requests (a few 3-bit pairs) never read the damaged plane: same tokens
+            assert out["finish_reason"] == good["finish_reason"] != "error"
+            assert out["token_ids"] == good["token_ids"]
+        else:  # 4-bit requests need it in their first step
+            assert out["finish_reason"] == "error" and out["token_ids"] == []
+    log = served["log"]
+    pattern = (r"d2moe: request \S+ failed: MoE layer 1 expert \d at 4 bits could not be read: "
+               r"\S+experts-layer-001.safetensors: checksum mismatch in layer 1 expert \d section 2")
+    assert re.search(pattern, log), log[-3000:]

@@ -8,7 +8,6 @@ run on the same tiny model. Engines run float32 so that vLLM and transformers
 see the same hidden states to ~1e-6.
 """
 
-import json
 import math
 import shutil
 import signal
@@ -18,43 +17,20 @@ import time
 
 import pytest
 import torch
+from conftest import PROMPTS, run_engines
+from conftest import ROUTER_CAPACITIES as CAPACITIES
+from conftest import ROUTER_WIDTHS as WIDTHS
 
-from vllm_d2moe.router.model import RouterSet, WidthRouter
+from vllm_d2moe.router.model import RouterSet
 from vllm_d2moe.router.simulate import load_simulated_model, simulated_experts
-from vllm_d2moe.router.train import calibrate
 from vllm_d2moe.testing.engine_runs import Run
 from vllm_d2moe.width_selection import ServingWidths
 
-from conftest import PROMPTS, run_engines
-
-WIDTHS = (2, 3, 4)
-CAPACITIES = (0.3, 0.4, 0.3)
 MAX_TOKENS = 12
 
 
 def _override(**options) -> dict:
     return {"quantization_config": {"quant_method": "d2moe", **options}}
-
-
-@pytest.fixture(scope="session")
-def routed_mixtral(model_zoo, tmp_path_factory):
-    """The tiny Mixtral's d2moe checkpoint with a seeded random router and its calibration."""
-    src = model_zoo["mixtral"]["d2moe"]
-    dst = tmp_path_factory.mktemp("routed") / "mixtral-routed"
-    shutil.copytree(src, dst)
-    hidden = json.loads((dst / "config.json").read_text())["hidden_size"]
-    generator = torch.Generator().manual_seed(0)
-    routers = {}
-    for layer in range(2):
-        router = WidthRouter(num_experts=8, hidden=hidden, num_widths=len(WIDTHS)).requires_grad_(False)
-        for p in router.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
-        routers[layer] = router
-    model = load_simulated_model(dst, ServingWidths("router", WIDTHS), routers)
-    windows = torch.randint(3, 500, (8, 64), generator=generator)
-    calibration = calibrate(model, windows, WIDTHS)
-    RouterSet(WIDTHS, "expert", routers, CAPACITIES, tuple(calibration), {"note": "seeded random"}).save(dst)
-    return dst
 
 
 @pytest.fixture(scope="session")

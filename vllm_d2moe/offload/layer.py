@@ -1,31 +1,13 @@
 """A MoE layer whose experts live in the offload pool, behind :class:`LayerExperts`' interface."""
 
-from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
 
-from vllm_d2moe.experts import ExpertSegments, ExpertWeights, backend_forward, routed_sum
+from vllm_d2moe.experts import ExpertSegments, backend_forward, routed_sum
 from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQError
 from vllm_d2moe.offload.faults import ExpertFault
-
-
-class _StoredExperts(Sequence):
-    """``OffloadedLayerExperts.experts``: each local expert at the layer's width, read from the store."""
-
-    def __init__(self, layer: "OffloadedLayerExperts"):
-        self.layer = layer
-
-    def __len__(self) -> int:
-        return len(self.layer.global_ids)
-
-    def __getitem__(self, expert: int) -> ExpertWeights:
-        layer = self.layer
-        expert = layer.global_ids[expert]
-        data = layer.manager.store.read(layer.layer, expert, 0, layer.bits - layer.manager.pool.min_bits)
-        tensors = layer.manager.shard(data.tensors(layer.manager.store.layout(layer.layer)))
-        return ExpertWeights(tensors["gate_up"], tensors["down"])
 
 
 class OffloadedLayerExperts:
@@ -37,7 +19,6 @@ class OffloadedLayerExperts:
         self.layer = layer
         self.global_ids = list(global_ids)
         self.bits = bits
-        self.experts = _StoredExperts(self)
 
     @property
     def nbytes(self) -> int:

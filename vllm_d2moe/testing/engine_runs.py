@@ -2,7 +2,7 @@
 
 ``python -m vllm_d2moe.testing.engine_runs RUNS.json OUT.json``: ``RUNS.json``
 is a list of runs (keys of :class:`Run`); ``OUT.json`` gets, per run, the
-prompt and generated token ids and the text of every prompt, the full
+prompt and generated token ids, the text and the finish reason of every prompt, the full
 log-probability vector of each generated position when ``logprobs`` is set,
 and the error message if the engine failed. A run with ``score_against`` set
 also scores the generated tokens of that run (an earlier one, or itself)
@@ -94,6 +94,7 @@ def run_engine(run: Run, earlier: dict) -> dict:
                 "prompt_token_ids": list(out.prompt_token_ids),
                 "token_ids": list(completion.token_ids),
                 "text": completion.text,
+                "finish_reason": completion.finish_reason,
             }
             if run.logprobs:
                 record["logprobs"] = _logprob_vectors(completion.logprobs)

@@ -107,11 +107,12 @@ class D2MoEMethod(FusedMoEMethodBase):
             experts = self.quant_config.offload_manager(parallel, device).layer(
                 self.layer_index, global_ids, self.quant_config.serving_bits
             )
-        if experts.experts[0].down.shape[1] != self.intermediate_size_per_partition:
+        # From the layout, not an expert: an offloaded layer has read none yet.
+        per_rank = entry.layout.intermediate // parallel.tp_size
+        if per_rank != self.intermediate_size_per_partition:
             raise ValueError(
                 f"{layer.layer_name}: checkpoint experts give intermediate size "
-                f"{experts.experts[0].down.shape[1]} per rank, vLLM expects "
-                f"{self.intermediate_size_per_partition}"
+                f"{per_rank} per rank, vLLM expects {self.intermediate_size_per_partition}"
             )
         self.experts = experts
         self.width_selector = self.quant_config.width_selector(self.layer_index, device)

@@ -94,23 +94,56 @@ def run_engine(spec: dict) -> dict:
     timed(2, 8)  # warm-up (first-call set-up; fills a pool like steady serving)
     rows = []
     for c in spec["concurrency"]:
-        rates = []
+        rates, prefills = [], []
         for _ in range(spec["repeats"]):
             prefill = timed(c, 1)
             full = timed(c, spec["output_len"])
+            prefills.append(prefill)
             rates.append(c * (spec["output_len"] - 1) / max(full - prefill, 1e-9))
         rows.append({
             "concurrency": c,
             "decode_tokens_per_s": max(rates),  # the least disturbed repeat (shared machine)
             "median_decode_tokens_per_s": statistics.median(rates),
             "all_decode_tokens_per_s": rates,
+            # Until every one of the c requests has its first token (prefill of all c prompts).
+            "first_token_seconds": min(prefills),
         })
     snapshots = metrics_snapshots()
     return {
         "rows": rows,
         "offload": snapshots[0] if snapshots else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory": engine_memory(llm),
     }
+
+
+def _worker_memory(worker) -> dict:
+    """Bytes of the model's weights (routed experts included, and also counted alone) and of its
+    KV cache tensors, in the worker ``worker``."""
+    model = worker.model_runner.model
+    experts = weights = 0
+    for module in model.modules():
+        held = getattr(getattr(module, "quant_method", None), "experts", None)
+        if hasattr(held, "nbytes"):  # d2moe: packed experts (or its offload pool) outside the parameters
+            experts += held.nbytes
+            weights += held.nbytes
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            nbytes = tensor.numel() * tensor.element_size()
+            weights += nbytes
+            if name in ("w13_weight", "w2_weight"):  # vLLM's unquantized routed experts
+                experts += nbytes
+    kv_tensors = {t.data_ptr(): t for entry in worker.model_runner.kv_caches
+                  for t in (entry if isinstance(entry, (list, tuple)) else [entry])}
+    kv = sum(t.numel() * t.element_size() for t in kv_tensors.values())
+    return {"weights_bytes": weights, "expert_bytes": experts, "kv_cache_bytes": kv}
+
+
+def engine_memory(llm) -> dict:
+    """:func:`_worker_memory` of the (single) worker: needs the engine in this process or a worker RPC."""
+    try:
+        return llm.collective_rpc(_worker_memory)[0]
+    except Exception as e:  # memory split is a report extra: never lose the throughput run for it
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 # ---------------------------------------------------------------- the sweep (launching process)
@@ -152,10 +185,10 @@ def budgets(checkpoint, bits: int) -> dict[str, int]:
     }
 
 
-def run_worker(spec: dict, log: Path) -> dict:
-    """``spec`` in a fresh process; its result, or the error."""
+def run_worker(spec: dict, log: Path, script: str = __file__) -> dict:
+    """``spec`` in a fresh process (``script --worker``, reading it on stdin); its result, or the error."""
     env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
-    proc = subprocess.run([sys.executable, __file__, "--worker"], input=json.dumps(spec), env=env,
+    proc = subprocess.run([sys.executable, script, "--worker"], input=json.dumps(spec), env=env,
                           capture_output=True, text=True, timeout=3600)
     with open(log, "a") as f:
         f.write(f"==== {spec['method']} {spec.get('budget_name', '')}\n{proc.stderr[-20000:]}\n")

@@ -37,6 +37,7 @@ from vllm_d2moe.width_selection import WIDTH_STATS
 
 SCORES_FILE = "scores.npz"
 ENGINES_FILE = "engines.json"
+REFERENCE_FILE = "reference_logprobs.npy"  # [windows, window, vocab] float32, only when asked for
 # Windows per generate() call: vLLM materialises full-vocabulary prompt logprobs
 # as Python lists (about 170 MB per 256-token window of an 8,192-token vocabulary).
 BATCH_WINDOWS = 4
@@ -119,13 +120,19 @@ def _compare(llm, windows: torch.Tensor, reference: np.ndarray | None) -> tuple[
     With ``reference`` None this model is the reference: its log-probs are
     collected and returned for the models after it.
     """
-    count, window = windows.shape[0], windows.shape[1] - 1
+    return compare_batches(_score_batches(llm, windows), windows.shape[0], windows.shape[1] - 1, reference)
+
+
+def compare_batches(batches, count: int, window: int, reference: np.ndarray | None) -> tuple[TokenScores, np.ndarray]:
+    """Scores of ``batches`` (``(dense log-probs [b, window, vocab], target log-probs [b, window])``
+    covering ``count`` windows in order) against ``reference``; with ``reference`` None the batches
+    are the reference, collected and returned. Any engine's log-probs can be compared this way."""
     is_reference = reference is None
     nll = np.empty((count, window), dtype=np.float32)
     kl = np.empty((count, window), dtype=np.float64)
     top1 = np.empty((count, window), dtype=bool)
     first = 0
-    for dense, target in _score_batches(llm, windows):
+    for dense, target in batches:
         rows = slice(first, first + len(dense))
         first += len(dense)
         if is_reference:
@@ -148,8 +155,11 @@ def _width_histogram() -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
-def score_all(variants: list[Variant], windows: torch.Tensor, dtype: str, out_dir: Path) -> None:
-    """Score every variant (the first is the reference) and write ``out_dir``'s two files."""
+def score_all(
+    variants: list[Variant], windows: torch.Tensor, dtype: str, out_dir: Path, save_reference: bool = False
+) -> None:
+    """Score every variant (the first is the reference) and write ``out_dir``'s two files (and with
+    ``save_reference`` the reference's log-probs, ``REFERENCE_FILE``, for engines scored elsewhere)."""
     reference = None
     arrays, engines = {}, {}
     for variant in variants:
@@ -173,6 +183,8 @@ def score_all(variants: list[Variant], windows: torch.Tensor, dtype: str, out_di
             if reference is None:
                 break  # nothing can be compared without the reference
             continue
+        if save_reference and variant is variants[0]:
+            np.save(out_dir / REFERENCE_FILE, reference)
         engines[variant.name] = timing
         arrays.update({f"{variant.name}/{key}": getattr(scores, key) for key in SCORE_KEYS})
         print(
@@ -185,12 +197,13 @@ def score_all(variants: list[Variant], windows: torch.Tensor, dtype: str, out_di
 
 
 def score_with_vllm(
-    variants: list[Variant], windows: torch.Tensor, dtype: str, work_dir: Path
+    variants: list[Variant], windows: torch.Tensor, dtype: str, work_dir: Path, save_reference: bool = False
 ) -> tuple[dict[str, TokenScores], dict[str, dict]]:
     """Run :func:`score_all` in a fresh process; return scores and engine records by model name."""
     work_dir.mkdir(parents=True, exist_ok=True)
     np.save(work_dir / "windows.npy", windows.numpy())
-    job = {"windows": str(work_dir / "windows.npy"), "dtype": dtype, "variants": [asdict(v) for v in variants]}
+    job = {"windows": str(work_dir / "windows.npy"), "dtype": dtype, "variants": [asdict(v) for v in variants],
+           "save_reference": save_reference}
     (work_dir / "scoring-job.json").write_text(json.dumps(job, indent=1))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB reserved per engine; vLLM's default is larger
@@ -215,7 +228,8 @@ def score_with_vllm(
 def main(job_path: str, out_dir: str) -> None:
     job = json.loads(Path(job_path).read_text())
     windows = torch.from_numpy(np.load(job["windows"]))
-    score_all([Variant(**v) for v in job["variants"]], windows, job["dtype"], Path(out_dir))
+    score_all([Variant(**v) for v in job["variants"]], windows, job["dtype"], Path(out_dir),
+              job.get("save_reference", False))
 
 
 if __name__ == "__main__":

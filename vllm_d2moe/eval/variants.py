@@ -91,7 +91,9 @@ def routed_variants(mwq_dir: Path, router: Path, targets: list[float]) -> list[V
     source = router if router.is_file() else router / EXPERTS_DIR / ROUTER_FILE
     if not source.is_file():
         raise FileNotFoundError(f"--router {router}: no {EXPERTS_DIR}/{ROUTER_FILE} there")
-    shutil.copyfile(source, mwq_dir / EXPERTS_DIR / ROUTER_FILE)
+    destination = mwq_dir / EXPERTS_DIR / ROUTER_FILE
+    if not (destination.exists() and destination.samefile(source)):  # a router trained in place stays
+        shutil.copyfile(source, destination)
     settings = [("", {})] + [(f"-{t:g}", {"target_bits": t}) for t in targets]
     return [
         Variant(
@@ -118,15 +120,21 @@ def build_variants(
     group_size: int,
     router: Path | None = None,
     router_targets: list[float] = (),
+    mwq_dir: Path | None = None,
 ) -> list[Variant]:
-    """Write every checkpoint the comparison serves into ``work_dir``; the reference comes first."""
+    """Write every checkpoint the comparison serves into ``work_dir``; the reference comes first.
+    ``mwq_dir``: an existing conversion of ``src`` with widths ``min(widths)..max(widths)`` to serve
+    instead of converting again."""
     src, work_dir = Path(src), Path(work_dir)
     hidden, intermediate = _expert_shapes(src)
     source_bits = torch.finfo(getattr(torch, model_dtype(src))).bits
     variants = [Variant(REFERENCE, REFERENCE, None, str(src), float(source_bits))]
     if "mwq" in methods:
         spec = MWQSpec(min(widths), max(widths), group_size)
-        mwq_dir = convert(src, work_dir / "mwq", spec, overwrite=True, progress=False)
+        if mwq_dir is None:
+            mwq_dir = convert(src, work_dir / "mwq", spec, overwrite=True, progress=False)
+        elif MWQCheckpoint(mwq_dir).spec != spec:
+            raise ValueError(f"{mwq_dir} holds {MWQCheckpoint(mwq_dir).spec}, not {spec}")
         mwq_layouts = [(e.layout, e.num_experts) for e in MWQCheckpoint(mwq_dir).layers.values()]
         variants += [
             Variant(

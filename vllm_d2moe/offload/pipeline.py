@@ -5,7 +5,8 @@ hottest-expert-bit-first: experts with the most routed tokens first and,
 within an expert, lower widths before their upgrades (a lower width is a
 prefix that the wider one reuses, and its tokens can start computing
 earlier). Loads go to background I/O threads (``os.pread`` releases the GIL)
-as pool slots allow, while the compute thread runs, in arrival order, every
+as pool slots allow, which also write a new expert into its slot in the
+kernels' layout, while the compute thread runs, in arrival order, every
 segment whose expert has arrived at a sufficient width; it blocks (a bubble)
 only when nothing computable is left. Slots of experts the call still needs
 are pinned; a pool smaller than the call's working set is streamed through
@@ -225,12 +226,12 @@ class LoadPipeline:
         return failed
 
     def _submit(self, load: _Load, counters: LayerCounters) -> Future:
-        layer, expert = load.key
+        slot = self.pool.slot_of[load.key]
         if self.executor is not None:
-            return self.executor.submit(_timed_read, self.store, layer, expert, load.first, load.last)
+            return self.executor.submit(self._fetch, load, slot)
         future = Future()  # no overlap: the compute thread reads, and waits for it
         try:
-            result = _timed_read(self.store, layer, expert, load.first, load.last)
+            result = self._fetch(load, slot)
         except Exception as e:  # noqa: BLE001 (raised at install, like a background read's)
             future.set_exception(e)
         else:
@@ -238,22 +239,27 @@ class LoadPipeline:
             counters.wait_seconds += result[1]
         return future
 
+    def _fetch(self, load: _Load, slot: int) -> tuple[SectionBytes, float, int | None]:
+        """Read ``load`` (timed); a new expert is also written into its reserved slot here, so that
+        an I/O thread, not the compute thread, converts it to the kernels' layout. An upgrade is
+        written at install: the slot's lower width may be computing meanwhile."""
+        layer, expert = load.key
+        start = time.perf_counter()
+        data = self.store.read(layer, expert, load.first, load.last)
+        seconds = time.perf_counter() - start
+        width = self.pool.write(slot, data.tensors(self.store.layout(layer))) if load.first == 0 else None
+        return data, seconds, width
+
     def _install(self, load: _Load, counters: LayerCounters) -> None:
-        data, seconds = load.future.result()
+        data, seconds, width = load.future.result()
         counters.io_seconds += seconds
         counters.bytes_read += data.nbytes
-        layout = self.store.layout(load.key[0])
-        if load.first == 0:
-            self.pool.store(load.key, data.tensors(layout))
+        if width is not None:
+            self.pool.publish(load.key, width)
         else:
-            self.pool.store_planes(load.key, data.planes(layout), self.pool.min_bits + load.last)
+            self.pool.store_planes(load.key, data.planes(self.store.layout(load.key[0])),
+                                   self.pool.min_bits + load.last)
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _timed_read(store: ExpertStore, layer: int, expert: int, first: int, last: int) -> tuple[SectionBytes, float]:
-    start = time.perf_counter()
-    data = store.read(layer, expert, first, last)
-    return data, time.perf_counter() - start

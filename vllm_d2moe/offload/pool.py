@@ -141,13 +141,18 @@ class ResidentPool:
     def unpin(self, key: Key) -> None:
         self.pinned.discard(self.slot_of[key])
 
-    def store(self, key: Key, tensors: dict[str, MWQTensor]) -> None:
-        """Write the whole expert (base and planes) into ``key``'s slot."""
-        slot = self.slot_of[key]
+    def write(self, slot: int, tensors: dict[str, MWQTensor]) -> int:
+        """Write a whole expert into ``slot`` without making it visible; returns its width for
+        :meth:`publish`. Safe off the compute thread for a slot reserved for this load (width 0: no
+        call reads it; pinned: none evicts it)."""
         tensors = self.shard(tensors)
         self.gate_up.store(slot, tensors["gate_up"])
         self.down.store(slot, tensors["down"])
-        self.widths[slot] = tensors["down"].bits
+        return tensors["down"].bits
+
+    def publish(self, key: Key, width: int) -> None:
+        """``key``'s slot now holds width ``width`` (written by :meth:`write`)."""
+        self.widths[self.slot_of[key]] = width
 
     def store_planes(self, key: Key, planes: dict[str, list], width: int) -> None:
         """Upgrade ``key``'s slot to ``width`` with the residual planes above its current width."""

@@ -17,7 +17,11 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
   - ``+hebf``: hottest-expert-bit-first order, reads on background threads
     overlapped with compute;
   - ``+budget`` (the full pipeline): also keeps the most frequent experts
-    resident across calls.
+    resident across calls;
+  - ``router+budget`` (with ``--router DIR``): the full pipeline serving the
+    learned bit-width router's widths (D²MoE as a whole: slots sized for the
+    router's widest width, upgrades read only new planes). ``DIR`` is a copy of
+    the same conversion with ``d2moe train-router`` run on it.
 
 Engines run with ``--threads`` torch threads (default 1; the I/O threads of
 the pipeline are extra). Budgets run from one layer's experts (at the serving width) to all of them.
@@ -169,6 +173,18 @@ def converted(model_dir: Path, cache: Path) -> Path:
     return dst
 
 
+def routed_copy(router_dir: Path, d2moe: Path) -> Path:
+    """``router_dir``, checked to hold a trained router over the very experts of ``d2moe``."""
+    from vllm_d2moe.router.model import RouterSet
+
+    index = "d2moe/index.json"
+    if json.loads((router_dir / index).read_text()) != json.loads((d2moe / index).read_text()):
+        raise SystemExit(f"--router {router_dir}: its {index} differs from {d2moe / index} (another conversion)")
+    routers = RouterSet.load(router_dir)  # raises with the reason when there is none
+    print(f"router: {router_dir}, widths {routers.widths}, capacities {routers.capacities}", flush=True)
+    return router_dir
+
+
 def budgets(checkpoint, bits: int) -> dict[str, int]:
     """From one layer's experts to all of them, with one third of the bf16 expert bytes between."""
     from vllm_d2moe.offload.pool import expert_nbytes
@@ -213,11 +229,17 @@ def sweep(args) -> dict:
             # Issue 4's end-to-end check: MWQ width 4, all resident, against bf16.
             {"method": "mwq4-resident", "model": str(d2moe),
              "quantization_config": {"quant_method": "d2moe", "bits": 4}}]
+    routed = routed_copy(args.router, d2moe) if args.router else None
     for budget_name, budget in budgets(checkpoint, bits).items():
         for method, offload in OFFLOAD_METHODS.items():
             plan.append({"method": method, "model": str(d2moe), "budget_name": budget_name, "budget": budget,
                          "quantization_config": {"quant_method": "d2moe", "bits": bits, "memory_budget": budget,
                                                  "offload": {**offload, "direct": True}}})
+        if routed:
+            plan.append({"method": "router+budget", "model": str(routed), "budget_name": budget_name,
+                         "budget": budget, "quantization_config": {
+                             "quant_method": "d2moe", "memory_budget": budget,
+                             "offload": {**OFFLOAD_METHODS["+budget"], "direct": True}}})
     plan = [spec for spec in plan if spec["method"] in args.methods
             and spec.get("budget_name", args.budgets[0]) in args.budgets]
     log = RESULTS / f"{args.name}.log"
@@ -251,11 +273,14 @@ def goals(report: dict) -> list[str]:
         def rate(key):
             return runs[key]["rows"][c_index]["decode_tokens_per_s"] if key in runs else float("nan")
 
-        ours = rate(("+budget", "1/3 bf16"))
         bf16 = rate(("bf16", None))
         best_on_demand = max(rate(("matryoshka-free", "1/3 bf16")), rate(("on-demand", "1/3 bf16")))
-        lines.append(f"c={c:2d}: pipeline {ours:.1f} tok/s = {ours / bf16:.0%} of bf16 all-resident (goal >= 80%), "
-                     f"{ours / best_on_demand:.2f}x the best on-demand baseline (goal >= 1.5x)")
+        for method in ("+budget", "router+budget"):
+            if (method, "1/3 bf16") in runs:
+                ours = rate((method, "1/3 bf16"))
+                lines.append(f"c={c:2d}: {method} {ours:.1f} tok/s = {ours / bf16:.0%} of bf16 all-resident "
+                             f"(goal >= 80%), {ours / best_on_demand:.2f}x the best on-demand baseline "
+                             f"(goal >= 1.5x)")
     if ("+budget", "1/3 bf16") in runs and ("int8-resident", None) in runs:
         ours, int8 = runs[("+budget", "1/3 bf16")], runs[("int8-resident", None)]
         lines.append(f"peak RSS: pipeline {ours['peak_rss_bytes'] / 2**20:.0f} MiB = "
@@ -294,7 +319,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(concurrency), figsize=(4 * len(concurrency), 3.6), squeeze=False)
     runs = [r for r in report["results"] if "rows" in r]
     for i, (ax, c) in enumerate(zip(axes[0], concurrency)):
-        for method in OFFLOAD_METHODS:
+        for method in [*OFFLOAD_METHODS, "router+budget"]:
             points = sorted((r["budget"] / 2**20, r["rows"][i]["decode_tokens_per_s"])
                             for r in runs if r["method"] == method)
             if points:
@@ -327,10 +352,13 @@ def main() -> None:
                              "parallel regions stall whenever another job holds a core")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed generations per concurrency; the fastest is reported, the median kept")
-    parser.add_argument("--methods", nargs="+", default=["bf16", "int8-resident", *OFFLOAD_METHODS],
+    parser.add_argument("--methods", nargs="+",
+                        default=["bf16", "int8-resident", *OFFLOAD_METHODS, "router+budget"],
                         help="a subset of the methods")
     parser.add_argument("--budgets", nargs="+", default=["one layer", "1/3 bf16", "everything"],
                         help="a subset of the budgets (offloaded methods only)")
+    parser.add_argument("--router", type=Path,
+                        help="a copy of the conversion with a trained router: adds the router+budget method")
     parser.add_argument("--name", default="budget_sweep")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

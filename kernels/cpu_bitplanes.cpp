@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -140,7 +141,9 @@ struct Chunks {
 template <class L>
 struct Codebooks {
   __m256 entries[L::count];
-  Codebooks(const Projection& p, int64_t row, int64_t group) {
+  Codebooks() = default;
+  Codebooks(const Projection& p, int64_t row, int64_t group) { set(p, row, group); }
+  [[gnu::always_inline]] inline void set(const Projection& p, int64_t row, int64_t group) {
     const GroupCoefs<2 * L::count> k(p, row, group);
     const __m256 bit0 = _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1), bit1 = _mm256_setr_ps(0, 0, 1, 1, 0, 0, 1, 1);
     for (int c = 0; c < L::count; ++c) {
@@ -171,26 +174,30 @@ template <class L>
   }
 }
 
-// Calls step(weights, first column) for every eight weights of row `row`, group by group.
-template <class L, typename Step>
+// Calls step(i, weights, first column) for every eight weights of rows row .. row + R - 1, group
+// by group; each row's calls come in the same order whatever R is. R > 1 interleaves independent
+// rows so that their dependency chains (the accumulators' FMAs) overlap.
+template <class L, int R, typename Step>
 [[gnu::always_inline]] inline void for_each_weights8(const Projection& p, int64_t row, Step&& step) {
-  const uint8_t* row_bits[L::count];
-  for (int c = 0; c < L::count; ++c) row_bits[c] = p.chunk_bits[c] + row * p.chunk_row_bytes[c];
+  const uint8_t* row_bits[R][L::count];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < L::count; ++c) row_bits[i][c] = p.chunk_bits[c] + (row + i) * p.chunk_row_bytes[c];
   const int64_t blocks_per_group = p.group_size / 8;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const Codebooks<L> cb(p, row, g);
+    Codebooks<L> cb[R];
+    for (int i = 0; i < R; ++i) cb[i].set(p, row + i, g);
     const int64_t end = (g + 1) * blocks_per_group;
     int64_t block = g * blocks_per_group;
-    __m256 first, second;
+    __m256 first[R], second[R];
 #pragma GCC unroll 2
     for (; block + 2 <= end; block += 2) {
-      weights16<L>(cb, row_bits, block, first, second);
-      step(first, 8 * block);
-      step(second, 8 * block + 8);
+      for (int i = 0; i < R; ++i) weights16<L>(cb[i], row_bits[i], block, first[i], second[i]);
+      for (int i = 0; i < R; ++i) step(i, first[i], 8 * block);
+      for (int i = 0; i < R; ++i) step(i, second[i], 8 * block + 8);
     }
     if (block < end) {  // an odd number of blocks per group
-      weights16<L>(cb, row_bits, block, first, second);
-      step(first, 8 * block);
+      for (int i = 0; i < R; ++i) weights16<L>(cb[i], row_bits[i], block, first[i], second[i]);
+      for (int i = 0; i < R; ++i) step(i, first[i], 8 * block);
     }
   }
 }
@@ -202,26 +209,40 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// out[t, r] = sum_c W[r, c] x[t, c] for TT tokens and rows [r0, r1), weights rebuilt in registers.
+// out[t, r] = sum_c W[r, c] x[t, c] for TT tokens and rows r .. r + R - 1, weights rebuilt in registers.
+template <class L, int TT, int R>
+[[gnu::always_inline]] inline void register_row_block(const Projection& p, const float* x, float* out, int64_t r) {
+  __m256 acc[R][TT], spare[R];
+  for (int i = 0; i < R; ++i) {
+    spare[i] = _mm256_setzero_ps();
+    for (int t = 0; t < TT; ++t) acc[i][t] = _mm256_setzero_ps();
+  }
+  for_each_weights8<L, R>(p, r, [&](int i, __m256 w, int64_t col) {
+    for (int t = 0; t < TT; ++t) acc[i][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * p.cols + col), acc[i][t]);
+    // A single token alternates two accumulators so consecutive FMAs do not wait on each other.
+    if constexpr (TT == 1) std::swap(acc[i][0], spare[i]);
+  });
+  for (int i = 0; i < R; ++i) {
+    if constexpr (TT == 1) acc[i][0] = _mm256_add_ps(acc[i][0], spare[i]);
+    for (int t = 0; t < TT; ++t) out[t * p.rows + r + i] = horizontal_sum(acc[i][t]);
+  }
+}
+
+// Rows [r0, r1). With one or two tokens the FMA chains (two accumulators per row for one token,
+// one per token for two) are short of what keeps the FMA units busy, so two rows run interleaved:
+// each row's sums are the same operations in the same order, only scheduled side by side.
 template <class L, int TT>
 void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[TT], spare = _mm256_setzero_ps();
-    for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-    for_each_weights8<L>(p, r, [&](__m256 w, int64_t col) {
-      for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * p.cols + col), acc[t]);
-      // A single token alternates two accumulators so consecutive FMAs do not wait on each other.
-      if constexpr (TT == 1) std::swap(acc[0], spare);
-    });
-    if constexpr (TT == 1) acc[0] = _mm256_add_ps(acc[0], spare);
-    for (int t = 0; t < TT; ++t) out[t * p.rows + r] = horizontal_sum(acc[t]);
-  }
+  int64_t r = r0;
+  if constexpr (TT <= 2)
+    for (; r + 2 <= r1; r += 2) register_row_block<L, TT, 2>(p, x, out, r);
+  for (; r < r1; ++r) register_row_block<L, TT, 1>(p, x, out, r);
 }
 
 template <class L>
 void dequantize_rows_avx2(const Projection& p, int64_t r0, int64_t r1, float* dst) {
   for (int64_t r = r0; r < r1; ++r, dst += p.cols)
-    for_each_weights8<L>(p, r, [&](__m256 w, int64_t col) { _mm256_storeu_ps(dst + col, w); });
+    for_each_weights8<L, 1>(p, r, [&](int, __m256 w, int64_t col) { _mm256_storeu_ps(dst + col, w); });
 }
 
 // ---------------------------------------------------------------- any group size
@@ -276,6 +297,14 @@ struct DequantizeRows {
   static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_avx2<L>(p, r0, r1, dst); }
 };
 
+// out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]).
+void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1) {
+  for (int64_t t = 0; t < tokens; t += kTokenBlock)
+    with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1);
+}
+
+bool fits_registers(const Projection& p, int64_t tokens) { return p.group_size % 8 == 0 && tokens <= kRegisterTokens; }
+
 // out [tokens, rows] = x [tokens, cols] @ W^T, rows split across torch's intra-op threads.
 void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const int64_t tokens = x.size(0);
@@ -283,11 +312,8 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const int64_t grain = std::max<int64_t>(1, kBitsPerThread / (p.cols * p.planes));
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  if (vector_groups && tokens <= kRegisterTokens) {
-    at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t t = 0; t < tokens; t += kTokenBlock)
-        with_chunks<RegisterRows>(p, xp + t * p.cols, std::min(kTokenBlock, tokens - t), op + t * p.rows, r0, r1);
-    });
+  if (fits_registers(p, tokens)) {
+    at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) { register_linear(p, xp, tokens, op, r0, r1); });
     return;
   }
   // Tiles one after another: the rebuild is split across threads, then torch's GEMM
@@ -318,29 +344,169 @@ void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<a
                 ": scales must be contiguous float16 CPU tensors");
 }
 
-// A layer's resident projections (kernels/cpu_bitplanes.py, PlanePairs) as the ops receive them.
+// Rows of one projection for several (expert, width) segments of a layer call, computed together:
+// out[first + i, :] = W_s x[first + i, :] for each segment s = (projection, first, tokens).
+// Segments of up to kRegisterTokens tokens share one parallel region, split into blocks of rows, so
+// that both threads work even when each expert alone is too small to split; larger ones (prefill)
+// go through linear()'s tiles and torch's GEMM. Each row's arithmetic is linear()'s.
+struct Segment {
+  Projection projection;
+  int64_t first, tokens;
+};
+constexpr int64_t kBlockRows = 64;
+
+void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, const at::Tensor& out) {
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t cols = x.size(1), rows = out.size(1);
+  struct Block {
+    const Segment* segment;
+    int64_t r0, r1;
+  };
+  std::vector<Block> blocks;
+  int64_t bits = 0;  // plane-bits the register blocks read
+  for (const Segment& s : segments) {
+    if (!fits_registers(s.projection, s.tokens)) {
+      linear(s.projection, x.narrow(0, s.first, s.tokens), out.narrow(0, s.first, s.tokens));
+      continue;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) blocks.push_back({&s, r0, std::min(rows, r0 + kBlockRows)});
+    bits += rows * cols * s.projection.planes;
+  }
+  if (blocks.empty()) return;
+  const int64_t n = int64_t(blocks.size());
+  const int64_t grain = std::max<int64_t>(1, n * kBitsPerThread / std::max<int64_t>(bits, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Segment& s = *blocks[b].segment;
+      register_linear(s.projection, xp + s.first * cols, s.tokens, op + s.first * rows, blocks[b].r0, blocks[b].r1);
+    }
+  });
+}
+
+// Integer tensor of any integer dtype, read as int64 (router ids come as int32 or int64, widths as int8).
+std::vector<int64_t> integers(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const int64_t n = c.numel();
+  std::vector<int64_t> v(n);
+  AT_DISPATCH_INTEGRAL_TYPES(c.scalar_type(), "integers", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) v[i] = int64_t(p[i]);
+  });
+  return v;
+}
+
+// Rows `rows` of x (any float dtype) as float32, in that order: exactly x.to(float32)[rows].
+void gather_rows(const at::Tensor& x, const std::vector<int64_t>& rows, float* dst) {
+  const at::Tensor c = x.contiguous();
+  const int64_t hidden = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "gather_rows", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < rows.size(); ++i, dst += hidden) {
+      const scalar_t* row = p + rows[i] * hidden;
+      for (int64_t k = 0; k < hidden; ++k) dst[k] = static_cast<float>(row[k]);
+    }
+  });
+}
+
+// A layer's resident projections (kernels/cpu_bitplanes.py, PlanePairs).
 struct Layer {
-  const std::vector<at::Tensor>&gate_up_chunks, &gate_up_scales, &down_chunks, &down_scales;
+  std::vector<at::Tensor> gate_up_chunks, gate_up_scales, down_chunks, down_scales;
   int64_t min_bits, group_size, hidden, inter;
 
-  Layer(const std::vector<at::Tensor>& gate_up_chunks, const std::vector<at::Tensor>& gate_up_scales,
-        const std::vector<at::Tensor>& down_chunks, const std::vector<at::Tensor>& down_scales, int64_t min_bits,
-        int64_t group_size)
-      : gate_up_chunks(gate_up_chunks), gate_up_scales(gate_up_scales), down_chunks(down_chunks),
-        down_scales(down_scales), min_bits(min_bits), group_size(group_size) {
+  Layer(std::vector<at::Tensor> gate_up_chunks_, std::vector<at::Tensor> gate_up_scales_,
+        std::vector<at::Tensor> down_chunks_, std::vector<at::Tensor> down_scales_, int64_t min_bits_,
+        int64_t group_size_)
+      : gate_up_chunks(std::move(gate_up_chunks_)), gate_up_scales(std::move(gate_up_scales_)),
+        down_chunks(std::move(down_chunks_)), down_scales(std::move(down_scales_)), min_bits(min_bits_),
+        group_size(group_size_) {
     check_projection(gate_up_chunks, gate_up_scales, "gate_up");
     check_projection(down_chunks, down_scales, "down");
     hidden = down_scales[0].size(1);
     inter = gate_up_scales[0].size(1) / 2;
   }
 
+  int64_t experts() const { return gate_up_scales[0].size(0); }
+
+  Projection gate_up(int64_t expert, int64_t width) const {
+    return view_projection(gate_up_chunks, gate_up_scales, min_bits, expert, width, hidden, group_size);
+  }
+  Projection down(int64_t expert, int64_t width) const {
+    return view_projection(down_chunks, down_scales, min_bits, expert, width, inter, group_size);
+  }
+
   // out [n, hidden] = down(silu(gate(x)) * up(x)) for x [n, hidden], both contiguous float32.
   void mlp(const at::Tensor& x, int64_t expert, int64_t width, const at::Tensor& out) const {
-    TORCH_CHECK(0 <= expert && expert < gate_up_scales[0].size(0), "expert ", expert, " is not resident");
+    TORCH_CHECK(0 <= expert && expert < experts(), "expert ", expert, " is not resident");
     at::Tensor h = at::empty({x.size(0), 2 * inter}, x.options());
-    linear(view_projection(gate_up_chunks, gate_up_scales, min_bits, expert, width, hidden, group_size), x, h);
+    linear(gate_up(expert, width), x, h);
     const at::Tensor act = at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
-    linear(view_projection(down_chunks, down_scales, min_bits, expert, width, inter, group_size), act, out);
+    linear(down(expert, width), act, out);
+  }
+
+  // The routed sum of one layer call, as LayerExperts.forward computes it with torch ops:
+  // out[t] = sum_k topk_weights[t, k] * mlp_{local_ids[t, k] at widths[t, k]}(x[t]), skipping ids < 0.
+  // Grouping, gathering and the weighted scatter stay here (on small models the torch ops for them
+  // cost more than the experts), and every segment's projection runs in one parallel region per
+  // stage. Each pair's result is mlp()'s for its segment, bit for bit.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
+                     const at::Tensor& widths) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden, "x must be [tokens, ", hidden, "]");
+    TORCH_CHECK(local_ids.dim() == 2 && local_ids.size(0) == x.size(0) && local_ids.sizes() == widths.sizes() &&
+                    local_ids.sizes() == topk_weights.sizes(),
+                "local_ids, widths and topk_weights must be [tokens, top_k]");
+    const int64_t tokens = x.size(0), top_k = local_ids.size(1);
+    const std::vector<int64_t> id = integers(local_ids), bit = integers(widths);
+    const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+    const auto key = [&](int64_t pair) { return id[pair] * 16 + bit[pair]; };
+    std::vector<int64_t> pairs;
+    for (int64_t pair = 0; pair < tokens * top_k; ++pair)
+      if (id[pair] >= 0) pairs.push_back(pair);
+    std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+
+    const int64_t n = int64_t(pairs.size());
+    const auto f32 = x.options().dtype(at::kFloat);
+    std::vector<int64_t> pair_tokens(n);
+    for (int64_t i = 0; i < n; ++i) pair_tokens[i] = pairs[i] / top_k;
+    at::Tensor xs = at::empty({n, hidden}, f32), h = at::empty({n, 2 * inter}, f32);
+    gather_rows(x, pair_tokens, xs.data_ptr<float>());
+    std::vector<Segment> gate_up_segments, down_segments;
+    for (int64_t first = 0, end; first < n; first = end) {
+      for (end = first + 1; end < n && key(pairs[end]) == key(pairs[first]);) ++end;
+      const int64_t expert = id[pairs[first]], width = bit[pairs[first]];
+      TORCH_CHECK(expert < experts(), "expert ", expert, " is not resident");
+      gate_up_segments.push_back({gate_up(expert, width), first, end - first});
+      down_segments.push_back({down(expert, width), first, end - first});
+    }
+    segments_linear(gate_up_segments, xs, h);
+    at::Tensor act = activation(h, gate_up_segments);
+    at::Tensor ys = at::empty({n, hidden}, f32);
+    segments_linear(down_segments, act, ys);
+
+    at::Tensor out = at::zeros({tokens, hidden}, f32);
+    float* o = out.data_ptr<float>();
+    const float *w = weights.data_ptr<float>(), *y = ys.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = o + pair_tokens[i] * hidden;
+      const float weight = w[pairs[i]];
+      for (int64_t c = 0; c < hidden; ++c) row[c] += weight * y[i * hidden + c];
+    }
+    return out.to(x.scalar_type());
+  }
+
+  // silu(h[:, :inter]) * h[:, inter:], computed as mlp() does per segment. Below torch's parallel
+  // grain one call over all pairs gives every row the same single-threaded vector loop; above it
+  // torch splits the elements across threads where a split may fall inside a row and change which
+  // elements take the scalar tail, so then each segment gets its own call, as in mlp().
+  at::Tensor activation(const at::Tensor& h, const std::vector<Segment>& segments) const {
+    if (h.size(0) * inter < at::internal::GRAIN_SIZE)
+      return at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
+    at::Tensor act = at::empty({h.size(0), inter}, h.options());
+    for (const Segment& s : segments) {
+      const at::Tensor hs = h.narrow(0, s.first, s.tokens);
+      act.narrow(0, s.first, s.tokens).copy_(at::silu(hs.narrow(1, 0, inter)).mul_(hs.narrow(1, inter, inter)));
+    }
+    return act;
   }
 };
 
@@ -365,47 +531,12 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
   }
 }
 
-// The routed sum of one layer call, as LayerExperts.forward computes it with torch ops:
-// out[t] = sum_k topk_weights[t, k] * mlp_{local_ids[t, k] at widths[t, k]}(x[t]), skipping ids < 0.
-// Grouping, gathering and the weighted scatter stay here: on small models the torch ops
-// for them cost more than the experts.
 at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
                        const at::Tensor& widths, const std::vector<at::Tensor>& gate_up_chunks,
                        const std::vector<at::Tensor>& gate_up_scales, const std::vector<at::Tensor>& down_chunks,
                        const std::vector<at::Tensor>& down_scales, int64_t min_bits, int64_t group_size) {
-  const Layer layer(gate_up_chunks, gate_up_scales, down_chunks, down_scales, min_bits, group_size);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == layer.hidden, "x must be [tokens, ", layer.hidden, "]");
-  TORCH_CHECK(local_ids.dim() == 2 && local_ids.size(0) == x.size(0) && local_ids.sizes() == widths.sizes() &&
-                  local_ids.sizes() == topk_weights.sizes(),
-              "local_ids, widths and topk_weights must be [tokens, top_k]");
-  const int64_t tokens = x.size(0), top_k = local_ids.size(1), hidden = layer.hidden;
-  const at::Tensor ids = local_ids.to(at::kLong).contiguous(), bits = widths.to(at::kLong).contiguous();
-  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous(), xf = x.to(at::kFloat).contiguous();
-  const int64_t *id = ids.data_ptr<int64_t>(), *bit = bits.data_ptr<int64_t>();
-  const auto key = [&](int64_t pair) { return id[pair] * 16 + bit[pair]; };
-  std::vector<int64_t> pairs;
-  for (int64_t pair = 0; pair < tokens * top_k; ++pair)
-    if (id[pair] >= 0) pairs.push_back(pair);
-  std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
-
-  at::Tensor out = at::zeros({tokens, hidden}, xf.options());
-  float* o = out.data_ptr<float>();
-  const float *xp = xf.data_ptr<float>(), *w = weights.data_ptr<float>();
-  for (size_t first = 0, end; first < pairs.size(); first = end) {
-    for (end = first + 1; end < pairs.size() && key(pairs[end]) == key(pairs[first]);) ++end;
-    const int64_t n = int64_t(end - first);
-    at::Tensor xs = at::empty({n, hidden}, xf.options()), ys = at::empty({n, hidden}, xf.options());
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(xs.data_ptr<float>() + i * hidden, xp + pairs[first + i] / top_k * hidden, hidden * sizeof(float));
-    layer.mlp(xs, id[pairs[first]], bit[pairs[first]], ys);
-    const float* y = ys.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = o + pairs[first + i] / top_k * hidden;
-      const float weight = w[pairs[first + i]];
-      for (int64_t c = 0; c < hidden; ++c) row[c] += weight * y[i * hidden + c];
-    }
-  }
-  return out.to(x.scalar_type());
+  return Layer(gate_up_chunks, gate_up_scales, down_chunks, down_scales, min_bits, group_size)
+      .forward(x, topk_weights, local_ids, widths);
 }
 
 // ---------------------------------------------------------------- resident layout
@@ -479,4 +610,13 @@ TORCH_LIBRARY(d2moe_cpu, m) {
       &d2moe_cpu::moe_forward);
   m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
   m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
+}
+
+// The same layer forward bound to one layer's tensors once (kernels/cpu_bitplanes.py, bind): a call
+// then converts only its four tensors, without the dispatcher parsing the layer's lists every time.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<d2moe_cpu::Layer>(m, "Layer")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, int64_t, int64_t>())
+      .def("forward", &d2moe_cpu::Layer::forward);
 }

@@ -78,7 +78,7 @@ _SOURCE = __file__.removesuffix(".py") + ".cpp"
 # it links is the libgomp.so.1 torch has already loaded.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
 _SLACK = 4  # the kernel reads each eight columns' bits as one 32-bit word
-_loaded = False
+_module = None
 
 
 @dataclass(frozen=True)
@@ -198,24 +198,25 @@ class PlanePairs:
         )
 
 
-def load() -> None:
-    """Compile the extension (cached under torch's extensions dir, ``~/.cache/torch_extensions``) and register its op."""
-    global _loaded
-    if _loaded:
-        return
+def load():
+    """Compile the extension (cached under torch's extensions dir, ``~/.cache/torch_extensions``), register its
+    ops and return its Python module."""
+    global _module
+    if _module is not None:
+        return _module
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
         raise RuntimeError(
             f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}"
         )
-    torch.utils.cpp_extension.load(
+    _module = torch.utils.cpp_extension.load(
         name="d2moe_cpu_bitplanes",
         sources=[_SOURCE],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
-        is_python_module=False,
+        is_python_module=True,
     )
-    _loaded = True
+    return _module
 
 
 def prepare(projection) -> PlanePairs:
@@ -248,3 +249,10 @@ def layer_forward(x, topk_weights, local_ids, widths, gate_up: PlanePairs, down:
     (on the reference model the dozen torch ops for them cost more than its small experts)."""
     load()
     return torch.ops.d2moe_cpu.moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
+
+
+def bind(gate_up: PlanePairs, down: PlanePairs):
+    """See ``kernels/__init__.py``: :func:`layer_forward` over these projections, with the layer's tensors
+    handed to C++ once (the dispatcher's parsing of the dozen tensors in their lists costs more per call
+    than a decode step's expert work on the small reference model)."""
+    return load().Layer(*_layer_args(gate_up, down)).forward

@@ -6,6 +6,7 @@ expert-parallel slicing included), and :meth:`LayerExperts.forward` runs the
 tokens routed to each (expert, width) segment through the kernel backend.
 """
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -189,6 +190,12 @@ class LayerExperts:
         self.bits = bits
         self.backend = backend
         self.experts = _ExpertViews(self.gate_up, self.down)
+        bind = getattr(backend, "bind", None)
+        self._forward = (
+            bind(self.gate_up, self.down)
+            if bind
+            else functools.partial(backend_forward, backend, self.gate_up, self.down)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -204,9 +211,10 @@ class LayerExperts:
         """Weighted sum of expert outputs; ``local_ids`` of -1 (experts on other ranks) are skipped.
 
         Pairs are sorted by (expert, width) and the backend computes all the
-        resulting segments in one call, or the whole sum when it has ``layer_forward``.
+        resulting segments in one call, or the whole sum when it has ``layer_forward``
+        (through its ``bind`` when it has one: the layer's tensors handed over once).
         """
-        return backend_forward(self.backend, self.gate_up, self.down, x, topk_weights, local_ids, widths)
+        return self._forward(x, topk_weights, local_ids, widths)
 
 
 def backend_forward(backend, gate_up, down, x, topk_weights, local_ids, widths) -> torch.Tensor:

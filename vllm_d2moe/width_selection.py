@@ -218,6 +218,10 @@ def _fused_kernel():
     return cpu_width_select
 
 
+# Batches of up to this many tokens (decode steps) share their fixed widths tensor across calls.
+_SHARED_FIXED_TOKENS = 256
+
+
 class WidthSelector:
     """The width decision of one MoE layer (``layer``: its index in the model)."""
 
@@ -233,6 +237,7 @@ class WidthSelector:
         self._capacities = dict(zip(policy.widths, policy.capacities)) if policy.capacities else None
         self._decision = None  # see _cpu_decision
         self._warned_fixed = False
+        self._fixed: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # see _fixed_widths
 
     def scores(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``[tokens * top_k, K]`` log-probabilities of the candidate widths."""
@@ -253,9 +258,7 @@ class WidthSelector:
                 logger.warning("d2moe: requests ask for %s, but this server serves a fixed width "
                                "(width_policy %r); the targets are ignored", TARGET_EXTRA_ARG,
                                f"fixed:{self.policy.widths[0]}")
-            widths = torch.full_like(topk_ids, self.policy.widths[0], dtype=torch.int8)
-            WIDTH_STATS.record(self.layer, widths)
-            return widths
+            return self._fixed_widths(topk_ids)
         if token_targets is None and x.is_cpu and (decide := self._cpu_decision()) is not None:
             widths, counts, excess = decide(x, topk_weights, topk_ids)
             if self._generator is not None:  # the same widths re-dealt: the counts stand
@@ -271,6 +274,21 @@ class WidthSelector:
         widths = table[choice].view_as(topk_ids)
         WIDTH_STATS.record(self.layer, widths, self._capacities if pair_targets is None else None)
         return widths
+
+    def _fixed_widths(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Every pair at the fixed width, counted. A decode-sized shape's tensor and counts are made
+        once and shared by later calls (callers only read widths): per call the decision is then a
+        dict lookup, where building them cost more than a small model's whole layer call."""
+        key = (topk_ids.shape, topk_ids.device)
+        made = self._fixed.get(key)
+        if made is None:
+            width = self.policy.widths[0]
+            widths = torch.full_like(topk_ids, width, dtype=torch.int8)
+            made = widths, [widths.numel() if b == width else 0 for b in range(9)]
+            if topk_ids.shape[0] <= _SHARED_FIXED_TOKENS:
+                self._fixed[key] = made
+        WIDTH_STATS.record_counts(self.layer, made[1])
+        return made[0]
 
     def _cpu_decision(self):
         """This layer's C++ decision, made at the first CPU call; None where it cannot be built."""

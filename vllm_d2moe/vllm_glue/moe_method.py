@@ -20,7 +20,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import select_backend
-from vllm_d2moe.vllm_glue.expert_op import register_layer
+from vllm_d2moe.vllm_glue.expert_op import moe_experts, register_layer
 from vllm_d2moe.width_selection import WidthSelector
 
 logger = init_logger(__name__)
@@ -135,4 +135,4 @@ class D2MoEMethod(FusedMoEMethodBase):
         shared_experts_input=None,
     ) -> torch.Tensor:
         local_ids = topk_ids if layer.expert_map is None else layer.expert_map[topk_ids.long()]
-        return torch.ops.d2moe.moe_experts(x, topk_weights, topk_ids, local_ids, self.layer_id)
+        return moe_experts(x, topk_weights, topk_ids, local_ids, self.layer_id)

@@ -37,7 +37,8 @@ belongs to the sandbox that runs it), so llama.cpp paging under a cap is not
 measured.
 
 Timing runs wait for an idle machine (other processes using less than
-``--idle-cpu`` of a core, measured between engines) and record the load
+``--idle-cpu`` of a core, measured between engines, for at most ``--idle-wait``
+seconds; the table marks an engine started on a busier machine) and record the load
 average at the start and end of each engine.
 
     python benchmarks/peers.py [--models reference random] [--concurrency 1 4 8 16] [--no-quality]
@@ -376,8 +377,9 @@ def busy_cores(seconds: float = 2.0) -> float:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
-def wait_until_idle(limit: float, patience: float = 1800) -> float:
-    """Block until other processes use less than ``limit`` cores (this process is idle meanwhile)."""
+def wait_until_idle(limit: float, patience: float) -> float:
+    """Block until other processes use less than ``limit`` cores (this process is idle meanwhile), for at
+    most ``patience`` seconds; the cores in use when it stops waiting (the report marks busy runs)."""
     waited = 0.0
     while (busy := busy_cores()) > limit and waited < patience:
         if waited == 0:
@@ -388,7 +390,7 @@ def wait_until_idle(limit: float, patience: float = 1800) -> float:
 
 
 def timed_run(spec: dict, log: Path, args) -> dict:
-    busy = wait_until_idle(args.idle_cpu)
+    busy = wait_until_idle(args.idle_cpu, args.idle_wait)
     start_load = os.getloadavg()
     started = time.perf_counter()
     result = budget_sweep.run_worker(
@@ -453,7 +455,13 @@ def quality(
 
     windows = heldout_windows(model_dir, "valid", args.quality_tokens, args.window)
     variants = build_variants(
-        model_dir, work, ["mwq"], [2, 8], 128, router=mwq_dir if has_router else None, mwq_dir=mwq_dir
+        model_dir,
+        work,
+        ["mwq"],
+        list(MWQ_WIDTHS),
+        128,
+        router=mwq_dir if has_router else None,
+        mwq_dir=mwq_dir,
     )
     names = {"unquantized": "vLLM bf16", "router": "MWQ router"} | {
         f"mwq-{b}": f"MWQ-{b}" for b in MWQ_WIDTHS
@@ -505,7 +513,8 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None) 
     has_router = (mwq_dir / "d2moe" / "router.safetensors").is_file()
     if not has_router:
         print(
-            f"peers: {label}: no learned router in {mwq_dir} (d2moe train-router {mwq_dir}): router rows skipped"
+            f"peers: {label}: no learned router in {mwq_dir} (d2moe train-router {mwq_dir}): "
+            "router rows skipped"
         )
     ggufs, gguf_stats = {}, {}
     converter = vendored_converter(llama_version, cache) if llama_version else None
@@ -584,7 +593,7 @@ def expert_mib(report: dict, name: str, run: dict) -> float:
     return run.get("memory", {}).get("expert_bytes", math.nan) / 2**20
 
 
-def model_table(report: dict, concurrency: list[int]) -> str:
+def model_table(report: dict, concurrency: list[int], idle_cpu: float) -> str:
     quality = report.get("quality", {}).get("engines", {})
     columns = [
         "engine",
@@ -614,8 +623,9 @@ def model_table(report: dict, concurrency: list[int]) -> str:
             q_cells = (
                 [f"{q['kl']:.4f}", f"{q['top1']:.1%}", f"{q['perplexity']:.2f}"] if "kl" in q else [""] * 3
             )
+        busy = run.get("busy_cores_before", 0) > idle_cpu
         cells = [
-            name,
+            f"{name} (busy: {run['busy_cores_before']:.1f} cores)" if busy else name,
             "mixed" if bits is None else f"{bits:.2f}",
             f"{expert_mib(report, name, run):.2f}",
             f"{weights:.0f}",
@@ -659,10 +669,12 @@ def targets(report: dict, concurrency: list[int]) -> list[str]:
         if ours in runs and "rows" in runs[ours] and theirs in report["gguf"]:
             a = runs[ours]["memory"].get("expert_bytes", math.nan)
             b = report["gguf"][theirs]["expert_bytes"]
+            our_bits = report["mwq_expert_bits"][int(ours[-1])]
+            their_bits = report["gguf"][theirs]["expert_bits_per_weight"]
             lines.append(
-                f"resident experts {ours} {a / 2**20:.2f} MiB ({report['mwq_expert_bits'][int(ours[-1])]:.2f} "
-                f"bits/w) vs {theirs} {b / 2**20:.2f} MiB ({report['gguf'][theirs]['expert_bits_per_weight']:.2f} "
-                f"bits/w): {'no larger (met)' if a <= b else 'larger (missed)'}"
+                f"resident experts {ours} {a / 2**20:.2f} MiB ({our_bits:.2f} bits/w) vs {theirs} "
+                f"{b / 2**20:.2f} MiB ({their_bits:.2f} bits/w): "
+                f"{'no larger (met)' if a <= b else 'larger (missed)'}"
             )
     return lines
 
@@ -678,10 +690,11 @@ def markdown(full: dict) -> str:
         f"Command: `{full['command']}`",
         "",
         (
-            f"Machine: {full['machine']}; llama-cpp-python {full['llama_cpp_python']}; {full['threads']} threads "
-            f"per engine; {full['input_len']} prompt tokens, {full['output_len']} generated (greedy, EOS "
-            f"ignored); fastest of {full['repeats']} repeats. Load average at start "
-            f"{fmt_load(full['load_average_at_start'])}, at end {fmt_load(full['load_average_at_end'])}; each "
+            f"Machine: {full['machine']}; llama-cpp-python {full['llama_cpp_python']}; {full['threads']} "
+            f"threads per engine; {full['input_len']} prompt tokens, {full['output_len']} generated (greedy, "
+            f"EOS ignored); fastest of {full['repeats']} repeats. Load average at start "
+            f"{fmt_load(full['load_average_at_start'])}, at end {fmt_load(full['load_average_at_end'])}; "
+            "each "
             "engine's own load averages and the cores other processes used before it are in the JSON."
         ),
         "",
@@ -696,7 +709,7 @@ def markdown(full: dict) -> str:
                 f"{report.get('quality', {}).get('tokens', 0)} held-out tokens vs vLLM bf16."
             ),
             "",
-            model_table(report, full["concurrency"]),
+            model_table(report, full["concurrency"], full["idle_cpu"]),
             "",
         ]
         out += [f"- {line}" for line in targets(report, full["concurrency"])] + [""]
@@ -772,6 +785,10 @@ def main() -> None:
         default=0.3,
         help="start an engine only when the machine uses fewer cores than this",
     )
+    parser.add_argument(
+        "--idle-wait", type=float, default=900, help="longest wait for an idle machine before each engine (s)"
+    )
+
     parser.add_argument("--no-quality", action="store_true", help="skip the KL / top-1 / perplexity runs")
     parser.add_argument("--quality-tokens", type=int, default=4096, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=256, help="scored tokens per held-out window")
@@ -801,15 +818,18 @@ def main() -> None:
         "output_len": args.output_len,
         "concurrency": args.concurrency,
         "repeats": args.repeats,
+        "idle_cpu": args.idle_cpu,
         "load_average_at_start": os.getloadavg(),
     }
-    full["models"] = [compare_model(label, models[label](), args, llama_version) for label in args.models]
-    full["load_average_at_end"] = os.getloadavg()
-    for report in full["models"]:
+    full["models"] = []
+    for label in args.models:  # the files are rewritten after each model: a late failure keeps the first
+        report = compare_model(label, models[label](), args, llama_version)
         report["targets"] = targets(report, args.concurrency)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(full, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(markdown(full))
-    plot(full, RESULTS / f"{args.name}.png")
+        full["models"].append(report)
+        full["load_average_at_end"] = os.getloadavg()
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(full, indent=1))
+        (RESULTS / f"{args.name}.md").write_text(markdown(full))
+        plot(full, RESULTS / f"{args.name}.png")
     print(markdown(full))
 
 

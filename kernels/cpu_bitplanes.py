@@ -206,8 +206,8 @@ class PlanePairs:
 
 
 def load():
-    """Compile the extension (cached under torch's extensions dir, ``~/.cache/torch_extensions``), register its
-    ops and return its Python module."""
+    """Compile the extension (cached under torch's extensions dir, ``~/.cache/torch_extensions``),
+    register its ops and return its Python module."""
     global _module
     if _module is not None:
         return _module

@@ -471,7 +471,7 @@ def quality(
     against the unquantized vLLM model's saved log-probs."""
     from vllm_d2moe.eval.heldout import heldout_windows
     from vllm_d2moe.eval.scoring import REFERENCE_FILE, score_with_vllm
-    from vllm_d2moe.eval.variants import build_variants, model_dtype
+    from vllm_d2moe.eval.variants import build_variants, measured_bits_per_weight, model_dtype
 
     windows = heldout_windows(model_dir, "valid", args.quality_tokens, args.window)
     variants = build_variants(
@@ -495,6 +495,10 @@ def quality(
         for n, s in scores.items()
     }
     results |= {names[n]: {"error": e["error"]} for n, e in engines.items() if "error" in e}
+    if "MWQ router" in results and "width_histogram" in engines.get("router", {}):
+        results["MWQ router"]["bits_per_weight"] = measured_bits_per_weight(
+            mwq_dir, engines["router"]["width_histogram"]
+        )
     np_windows = work / "scores" / "windows.npy"
     for quant, path in ggufs.items():
         spec = {
@@ -526,7 +530,8 @@ def expert_bits(mwq_dir: Path) -> dict[int, float]:
     return {b: _layout_bits(layouts, b) for b in MWQ_WIDTHS}
 
 
-def compare_model(label: str, model_dir: Path, args, llama_version: str | None) -> dict:
+def compare_model(label: str, model_dir: Path, args, llama_version: str | None, save) -> dict:
+    """Every engine on ``model_dir``; ``save(report)`` after each (a stopped run keeps what it measured)."""
     print(f"peers: {label}: {model_dir}", flush=True)
     cache = args.cache
     mwq_dir = budget_sweep.converted(model_dir, cache)
@@ -552,13 +557,10 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None) 
     }
     log = RESULTS / f"{args.name}.log"
     runs = {}
-    for spec in plan_engines(model_dir, mwq_dir, ggufs, has_router):
-        runs[spec["name"]] = {k: v for k, v in spec.items()} | timed_run(common | spec, log, args)
+    # Without the peer: 10% above MWQ-2's expert bytes, near where q2_K's would be.
     budget = gguf_stats.get("llama.cpp q2_K", {}).get("expert_bytes") or int(
         expert_bits(mwq_dir)[2] / 16 * bf16_expert_bytes(model_dir) * 1.1
     )
-    for spec in plan_budget(mwq_dir, budget, has_router):
-        runs[spec["name"]] = dict(spec) | timed_run(common | spec, log, args)
     report = {
         "model": str(model_dir),
         "label": label,
@@ -570,6 +572,11 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None) 
         "budget_bytes": budget,
         "runs": runs,
     }
+    for spec in plan_engines(model_dir, mwq_dir, ggufs, has_router) + plan_budget(
+        mwq_dir, budget, has_router
+    ):
+        runs[spec["name"]] = dict(spec) | timed_run(common | spec, log, args)
+        save(report)
     if not args.no_quality:
         report["quality"] = quality(
             model_dir, mwq_dir, ggufs, has_router, cache / f"quality-{model_dir.name}", args
@@ -597,6 +604,8 @@ def expert_row_bits(report: dict, name: str) -> float | None:
         return report["gguf"].get(name, {}).get("expert_bits_per_weight")
     if name.startswith("MWQ-"):
         return report["mwq_expert_bits"][int(name.split("-")[1].split()[0])] if "-" in name else None
+    if name == "MWQ router":  # the widths it served while scored (expert bits per weight)
+        return report.get("quality", {}).get("engines", {}).get(name, {}).get("bits_per_weight")
     return 16.0 if name == "vLLM bf16" else None
 
 
@@ -844,15 +853,20 @@ def main() -> None:
         "idle_cpu": args.idle_cpu,
         "load_average_at_start": os.getloadavg(),
     }
-    full["models"] = []
-    for label in args.models:  # the files are rewritten after each model: a late failure keeps the first
-        report = compare_model(label, models[label](), args, llama_version)
+    done = []
+
+    def save(report: dict) -> None:  # the files are rewritten after each engine: a stopped run keeps them
         report["targets"] = targets(report, args.concurrency)
-        full["models"].append(report)
+        full["models"] = [*done, report]
         full["load_average_at_end"] = os.getloadavg()
         (RESULTS / f"{args.name}.json").write_text(json.dumps(full, indent=1))
         (RESULTS / f"{args.name}.md").write_text(markdown(full))
         plot(full, RESULTS / f"{args.name}.png")
+
+    for label in args.models:
+        report = compare_model(label, models[label](), args, llama_version, save)
+        save(report)
+        done.append(report)
     print(markdown(full))
 
 

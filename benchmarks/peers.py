@@ -662,14 +662,18 @@ def model_table(report: dict, concurrency: list[int], idle_cpu: float) -> str:
             f"{other:.0f}",
             f"{rss:.0f}",
             f"{run['rows'][0]['first_token_seconds'] * 1000:.1f}",
-            *(f"{r['decode_tokens_per_s']:.0f}" for r in run["rows"]),
+            # A rate from a repeat whose full generation took no longer than its prefill (a disturbed run).
+            *(
+                f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] < 1e6 else "invalid"
+                for r in run["rows"]
+            ),
             *q_cells,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def targets(report: dict, concurrency: list[int]) -> list[str]:
+def targets(report: dict, concurrency: list[int], idle_cpu: float) -> list[str]:
     """The issue's three targets, judged on MWQ-4 against llama.cpp q4_K_M (the nearest average bits)."""
     runs = report["runs"]
     peer = runs.get("llama.cpp q4_K_M", {})
@@ -677,7 +681,17 @@ def targets(report: dict, concurrency: list[int]) -> list[str]:
         return ["targets not judged: no llama.cpp q4_K_M run"]
     single = peer["rows"][0]["decode_tokens_per_s"]
     lines = []
+    if peer.get("other_cores_during", 0) > idle_cpu:
+        lines.append(
+            "llama.cpp q4_K_M's run was disturbed by other processes: the ratios below are not judged"
+        )
     for name in [n for n in runs if n.startswith("MWQ") and "rows" in runs[n]]:
+        if runs[name].get("other_cores_during", 0) > idle_cpu:
+            lines.append(
+                f"{name}: not judged (other processes used "
+                f"{runs[name]['other_cores_during']:.1f} cores while it ran)"
+            )
+            continue
         rates = {r["concurrency"]: r["decode_tokens_per_s"] for r in runs[name]["rows"]}
         if 8 in rates:
             ratio = rates[8] / single
@@ -741,7 +755,7 @@ def markdown(full: dict) -> str:
             model_table(report, full["concurrency"], full["idle_cpu"]),
             "",
         ]
-        out += [f"- {line}" for line in targets(report, full["concurrency"])] + [""]
+        out += [f"- {line}" for line in targets(report, full["concurrency"], full["idle_cpu"])] + [""]
     return "\n".join(out)
 
 
@@ -826,7 +840,19 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256, help="scored tokens per held-out window")
     parser.add_argument("--name", default="peers")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite NAME.md and NAME.png from NAME.json (no measurement)"
+    )
     args = parser.parse_args()
+    if args.render:
+        full = json.loads((RESULTS / f"{args.name}.json").read_text())
+        for report in full["models"]:
+            report["mwq_expert_bits"] = {int(b): bits for b, bits in report["mwq_expert_bits"].items()}
+            report["targets"] = targets(report, full["concurrency"], full["idle_cpu"])
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(full, indent=1))
+        (RESULTS / f"{args.name}.md").write_text(markdown(full))
+        plot(full, RESULTS / f"{args.name}.png")
+        return
     if args.worker:
         spec = json.load(sys.stdin)
         result = llama_quality(spec) if spec.get("task") == "quality" else llama_throughput(spec)
@@ -856,7 +882,7 @@ def main() -> None:
     done = []
 
     def save(report: dict) -> None:  # the files are rewritten after each engine: a stopped run keeps them
-        report["targets"] = targets(report, args.concurrency)
+        report["targets"] = targets(report, args.concurrency, args.idle_cpu)
         full["models"] = [*done, report]
         full["load_average_at_end"] = os.getloadavg()
         (RESULTS / f"{args.name}.json").write_text(json.dumps(full, indent=1))

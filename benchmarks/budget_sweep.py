@@ -201,6 +201,12 @@ def budgets(checkpoint, bits: int) -> dict[str, int]:
     }
 
 
+def run_settings(args, prompts: list[list[int]]) -> dict:
+    """The part of a worker's spec every engine of a run shares."""
+    return {"prompts": prompts, "concurrency": args.concurrency, "input_len": args.input_len,
+            "output_len": args.output_len, "threads": args.threads, "repeats": args.repeats}
+
+
 def run_worker(spec: dict, log: Path, script: str = __file__) -> dict:
     """``spec`` in a fresh process (``script --worker``, reading it on stdin); its result, or the error."""
     env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
@@ -220,8 +226,7 @@ def sweep(args) -> dict:
     d2moe = converted(args.model, args.cache)
     checkpoint = MWQCheckpoint(d2moe)
     prompts = text_prompts(args.model, max(args.concurrency), args.input_len)
-    common = {"prompts": prompts, "concurrency": args.concurrency, "input_len": args.input_len,
-              "output_len": args.output_len, "threads": args.threads, "repeats": args.repeats}
+    common = run_settings(args, prompts)
     bits = checkpoint.spec.max_bits
     plan = [{"method": "bf16", "model": str(args.model), "quantization_config": None},
             {"method": "int8-resident", "model": str(d2moe),

@@ -547,14 +547,7 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None, 
         ggufs = gguf_files(model_dir, converter, cache)
         gguf_stats = {f"llama.cpp {q}": gguf_expert_stats(p, converter) for q, p in ggufs.items()}
     prompts = budget_sweep.text_prompts(model_dir, max(args.concurrency), args.input_len)
-    common = {
-        "prompts": prompts,
-        "concurrency": args.concurrency,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "threads": args.threads,
-        "repeats": args.repeats,
-    }
+    common = budget_sweep.run_settings(args, prompts)
     log = RESULTS / f"{args.name}.log"
     runs = {}
     # Without the peer: 10% above MWQ-2's expert bytes, near where q2_K's would be.

@@ -40,11 +40,13 @@ constexpr int kMaxChunks = kMaxPlanes / 2;
 constexpr int64_t kTokenBlock = 4;
 constexpr int64_t kRegisterTokens = 8;
 constexpr int64_t kTileRows = 128;
-// Rows per thread at least this many plane-bits (about 10 us of work), so a small projection
-// does not pay a thread wake-up and barrier for less. (2^20 left the reference model's down
-// projections of a one-token layer call on one thread: 125 us per call with two threads, 92 us
-// at 2^18.)
-constexpr int64_t kBitsPerThread = int64_t(1) << 18;
+// Rows per thread at least this many plane-bits, so a small projection does not pay a thread
+// wake-up and barrier for microseconds of work. A layer call's stage (segments_linear) goes
+// parallel only from twice that per thread: served through vLLM with two threads, splitting
+// the reference model's one-token stages (2^21 plane-bits) decoded at 127 tokens/s against
+// 190 on one thread, although back-to-back calls outside vLLM ran 1.4x faster split.
+constexpr int64_t kBitsPerThread = int64_t(1) << 20;
+constexpr int64_t kStageBitsPerThread = int64_t(1) << 21;
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
 const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
@@ -382,7 +384,7 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
   }
   if (blocks.empty()) return;
   const int64_t n = int64_t(blocks.size());
-  const int64_t grain = std::max<int64_t>(1, n * kBitsPerThread / std::max<int64_t>(bits, 1));
+  const int64_t grain = bits <= kStageBitsPerThread ? n : std::max<int64_t>(1, n * kStageBitsPerThread / bits);
   at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Segment& s = *blocks[b].segment;

@@ -18,9 +18,10 @@ one C++ call (:func:`layer_forward`, or the layer's :func:`bind` object, which
 holds its tensors so that a call hands over only its own four): on the small
 reference model the torch ops for that cost more than its experts. In it
 every segment's gate/up rows share one parallel region, then one SiLU-and-
-multiply covers all pairs, then every segment's down rows share another, so
-both threads work even when each expert is too small to split
-(``benchmarks/results/decode_profile.md``). With one or two tokens and one
+multiply covers all pairs, then every segment's down rows share another
+(split across threads only from 2^21 plane-bits per thread: served through
+vLLM, splitting the reference model's one-token stages cost a third of its
+decode rate, ``benchmarks/results/kernels.md``). With one or two tokens and one
 or two chunks two rows are rebuilt side by side (their FMA chains overlap;
 each row's sums are unchanged). The extension compiles at first use
 (about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);

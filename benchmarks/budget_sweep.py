@@ -201,6 +201,26 @@ def budgets(checkpoint, bits: int) -> dict[str, int]:
     }
 
 
+def add_run_arguments(parser, concurrency: list[int], threads: int, repeats: int) -> None:
+    """The engine-run options of this sweep and of the benchmarks built on it (``run_settings``)."""
+    parser.add_argument("--concurrency", type=int, nargs="+", default=concurrency)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch (OpenMP) threads per engine; on a shared 2-core machine two-thread "
+                             "parallel regions stall whenever another job holds a core")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="timed generations per concurrency; the fastest is reported, the median kept")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # see run_worker
+
+
+def ran_as_worker(args, run_engine) -> bool:
+    """In a process :func:`run_worker` started: run the spec read on stdin and print its result."""
+    if args.worker:
+        print("RESULT " + json.dumps(run_engine(json.load(sys.stdin))), flush=True)
+    return args.worker
+
+
 def run_settings(args, prompts: list[list[int]]) -> dict:
     """The part of a worker's spec every engine of a run shares."""
     return {"prompts": prompts, "concurrency": args.concurrency, "input_len": args.input_len,
@@ -349,14 +369,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Hugging Face model directory (bf16)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vllm_d2moe" / "budget_sweep",
                         help="where the MWQ conversion (2..8 bits, group 128) is kept")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch (OpenMP) threads per engine; on a shared 2-core machine two-thread "
-                             "parallel regions stall whenever another job holds a core")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed generations per concurrency; the fastest is reported, the median kept")
+    add_run_arguments(parser, concurrency=[1, 4, 8, 16], threads=1, repeats=3)
     parser.add_argument("--methods", nargs="+",
                         default=["bf16", "int8-resident", *OFFLOAD_METHODS, "router+budget"],
                         help="a subset of the methods")
@@ -365,10 +378,8 @@ def main() -> None:
     parser.add_argument("--router", type=Path,
                         help="a copy of the conversion with a trained router: adds the router+budget method")
     parser.add_argument("--name", default="budget_sweep")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print("RESULT " + json.dumps(run_engine(json.load(sys.stdin))), flush=True)
+    if ran_as_worker(args, run_engine):
         return
     RESULTS.mkdir(exist_ok=True)
     report = sweep(args)

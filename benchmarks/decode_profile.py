@@ -33,7 +33,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from budget_sweep import DEFAULT_MODEL, RESULTS, converted, run_worker, text_prompts
+from budget_sweep import (
+    DEFAULT_MODEL,
+    RESULTS,
+    add_run_arguments,
+    converted,
+    ran_as_worker,
+    run_worker,
+    text_prompts,
+)
 
 METHODS = {
     "bf16": None,
@@ -247,17 +255,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vllm_d2moe" / "budget_sweep")
     parser.add_argument("--methods", nargs="+", default=["bf16", "mwq4"], choices=METHODS)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_run_arguments(parser, concurrency=[1, 8], threads=2, repeats=3)
     parser.add_argument("--plain", action="store_true", help="decode rates only: no timers, no profiler")
     parser.add_argument("--name", default="decode_profile")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print("RESULT " + json.dumps(run_engine(json.load(sys.stdin))), flush=True)
+    if ran_as_worker(args, run_engine):
         return
     d2moe = converted(args.model, args.cache)
     prompts = text_prompts(args.model, max(args.concurrency), args.input_len)

@@ -808,13 +808,7 @@ def main() -> None:
         default=CACHE,
         help="conversions (MWQ 2..8 g128, GGUF), the random model and quality work files",
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="threads per engine (both cores by default)")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="timed generations per concurrency; fastest reported"
-    )
+    budget_sweep.add_run_arguments(parser, concurrency=[1, 4, 8, 16], threads=2, repeats=2)
     parser.add_argument(
         "--idle-cpu",
         type=float,
@@ -832,7 +826,6 @@ def main() -> None:
     parser.add_argument("--quality-tokens", type=int, default=4096, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=256, help="scored tokens per held-out window")
     parser.add_argument("--name", default="peers")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--render", action="store_true", help="rewrite NAME.md and NAME.png from NAME.json (no measurement)"
     )
@@ -846,10 +839,9 @@ def main() -> None:
         (RESULTS / f"{args.name}.md").write_text(markdown(full))
         plot(full, RESULTS / f"{args.name}.png")
         return
-    if args.worker:
-        spec = json.load(sys.stdin)
-        result = llama_quality(spec) if spec.get("task") == "quality" else llama_throughput(spec)
-        print("RESULT " + json.dumps(result), flush=True)
+    if budget_sweep.ran_as_worker(
+        args, lambda spec: llama_quality(spec) if spec.get("task") == "quality" else llama_throughput(spec)
+    ):
         return
     RESULTS.mkdir(exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)

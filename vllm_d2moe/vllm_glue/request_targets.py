@@ -28,7 +28,7 @@ from vllm_d2moe.width_selection import TARGET_EXTRA_ARG
 
 logger = logging.getLogger(__name__)
 
-# The current step: each token's target, and the batch layout (request ids, cumulative token counts).
+# The current step: each token's target, and the batch layout (request ids, tokens of each).
 _state = {"targets": None, "layout": ([], np.zeros(0, dtype=np.int64))}
 # Set by the quantization config once it knows the router's calibrated range.
 _limits = {"range": None}
@@ -72,7 +72,7 @@ def _request_target(request) -> float:
 def record_batch(runner, num_scheduled_tokens: np.ndarray) -> None:
     """Store one target per scheduled token, in the order the runner lays the batch out."""
     req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
-    _state["layout"] = (list(req_ids), np.cumsum(num_scheduled_tokens))
+    _state["layout"] = (req_ids, num_scheduled_tokens)
     per_request = np.array([_request_target(runner.requests[r]) for r in req_ids], dtype=np.float32)
     if np.isnan(per_request).all():
         _state["targets"] = None
@@ -93,8 +93,8 @@ def token_targets(num_tokens: int) -> torch.Tensor | None:
 def token_requests(tokens: torch.Tensor) -> list[str]:
     """The distinct requests (in batch order) of the current forward pass's ``tokens``
     (indices); padding tokens belong to none."""
-    req_ids, ends = _state["layout"]
-    tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    req_ids, counts = _state["layout"]
+    ends, tokens = np.cumsum(counts), tokens.numpy()  # only on a fault: nothing per step
     indices = np.unique(np.searchsorted(ends, tokens[tokens < (ends[-1] if len(ends) else 0)], side="right"))
     return [req_ids[i] for i in indices]
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from vllm_d2moe.kernels import load_backend
 
-from vllm_d2moe.experts import ExpertSegments, StackedProjection
+from vllm_d2moe.experts import ExpertSegments
+from vllm_d2moe.mwq.stacked import StackedProjection
 
 HIDDEN, INTER, GROUP = 2048, 1408, 128
 MIN_BITS, MAX_BITS = 2, 8

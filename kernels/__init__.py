@@ -11,7 +11,7 @@ every row of ``out [pairs, hidden]`` (float32) is written with
 ``down(silu(gate(x)) * up(x))`` at its segment's expert and width.
 
 Optional hooks: ``prepare(projection)`` turns a layer's
-:class:`vllm_d2moe.experts.StackedProjection` into the backend's own resident
+:class:`vllm_d2moe.mwq.stacked.StackedProjection` into the backend's own resident
 layout once at load (it replaces the stacked tensors, must keep the bytes
 about the same and give back each expert's ``MWQTensor`` through
 ``.expert(e, bits)``); without it the stacked tensors are resident.

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.cpp_extension
 
-from vllm_d2moe.experts import check_storable
+from vllm_d2moe.mwq.stacked import check_storable
 from vllm_d2moe.mwq.quantize import MWQTensor
 
 NAME = "cpu-bitplanes-avx2"
@@ -93,7 +93,7 @@ _module = None
 class PlanePairs:
     """One projection of every expert of a layer in this backend's resident layout.
 
-    The bit planes of a :class:`~vllm_d2moe.experts.StackedProjection` (base
+    The bit planes of a :class:`~vllm_d2moe.mwq.stacked.StackedProjection` (base
     planes, then residual planes) taken two at a time, each column's two bits
     side by side (bits ``2c, 2c + 1`` of a row's stream); an odd last plane
     keeps one bit per column. The same bytes as the planes, plus 4 bytes of
@@ -228,7 +228,7 @@ def load():
 
 
 def prepare(projection) -> PlanePairs:
-    """This backend's resident form of a layer's :class:`~vllm_d2moe.experts.StackedProjection`."""
+    """This backend's resident form of a layer's :class:`~vllm_d2moe.mwq.stacked.StackedProjection`."""
     return PlanePairs.from_stacked(projection)
 
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_d2moe import kernels
-from vllm_d2moe.experts import ExpertSegments, LayerExperts, StackedProjection
+from vllm_d2moe.experts import ExpertSegments, LayerExperts
 from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor, dequantize, quantize
+from vllm_d2moe.mwq.stacked import StackedProjection
 
 BACKENDS = ["reference", "cpu_bitplanes", "triton_mwq"]
 RTOL = ATOL_OF_SCALE = 1e-4

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from vllm_d2moe.experts import StackedProjection
+from vllm_d2moe.mwq.stacked import StackedProjection
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
 from vllm_d2moe.offload.budget import format_bytes

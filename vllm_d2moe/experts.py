@@ -7,7 +7,6 @@ tokens routed to each (expert, width) segment through the kernel backend.
 """
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from types import ModuleType
@@ -55,21 +54,6 @@ class ExpertSegments:
     starts: tuple[int, ...]
 
 
-class _ExpertViews(Sequence):
-    """``LayerExperts.experts``: each local expert at full width, built on access."""
-
-    def __init__(self, gate_up, down):
-        self.gate_up, self.down = gate_up, down
-
-    def __len__(self) -> int:
-        return self.gate_up.num_experts
-
-    def __getitem__(self, expert: int) -> ExpertWeights:
-        if not -len(self) <= expert < len(self):
-            raise IndexError(expert)
-        return ExpertWeights(self.gate_up.expert(expert % len(self)), self.down.expert(expert % len(self)))
-
-
 class LayerExperts:
     """Resident expert weights of one layer at a width ``bits``, indexed by local expert id.
 
@@ -84,7 +68,6 @@ class LayerExperts:
         self.down = prepare(down) if prepare else down
         self.bits = bits
         self.backend = backend
-        self.experts = _ExpertViews(self.gate_up, self.down)
         bind = getattr(backend, "bind", None)
         self._forward = (
             bind(self.gate_up, self.down)

@@ -31,16 +31,21 @@ def register() -> None:
     """Register the ``d2moe`` quantization method with vLLM (idempotent).
 
     vLLM runs this once in every process it starts (API server, engine core,
-    workers), so the method is known wherever a model is built.
+    workers), so the method is known wherever a model is built. It also applies
+    the plugin's patches of vLLM internals (:mod:`vllm_d2moe.vllm_glue.patches`),
+    and raises :class:`~vllm_d2moe.vllm_glue.patches.UnsupportedVLLMVersion` on a
+    vLLM release not in :data:`SUPPORTED_VLLM_VERSIONS` unless
+    ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1``.
     """
     global _registered
     if _registered:
         return
-    from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
-    from vllm_d2moe.vllm_glue import request_faults, request_targets
+    from vllm_d2moe.vllm_glue import patches
 
-    request_targets.install()
-    request_faults.install()
+    # First: on an unsupported vLLM this refuses to start (vllm_glue/patches.py says why).
+    patches.apply()
+    from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
+
     _log_through_vllm()
 
     _registered = True

@@ -34,7 +34,8 @@ class OffloadedLayerExperts:
         widths: torch.Tensor,
     ) -> torch.Tensor:
         """As :meth:`vllm_d2moe.experts.LayerExperts.forward`; every width must be within
-        ``[min_bits, bits]``."""
+        ``[min_bits, bits]``. Decides on the host (which experts to read, their slots): the op
+        runs outside CUDA graphs (``vllm_glue/expert_op.py``)."""
         routed = local_ids >= 0
         ids, bits = local_ids[routed].long(), widths[routed].long()
         if bits.numel() and not (self.manager.pool.min_bits <= bits.min() and bits.max() <= self.bits):
@@ -57,7 +58,8 @@ class OffloadedLayerExperts:
             for expert, width, error in failed:
                 self._report(expert, width, error, local_ids, widths)
             return out
-        table = torch.tensor([slots.get(g, -1) for g in self.global_ids])
+        # On the ids' device: a CPU table indexed with GPU ids is an error.
+        table = torch.tensor([slots.get(g, -1) for g in self.global_ids], device=local_ids.device)
         slot_ids = torch.where(routed, table[local_ids.long().clamp(min=0)], -1)
         pool = self.manager.pool
         return backend_forward(self.manager.backend, pool.gate_up, pool.down, x, topk_weights, slot_ids, widths)

@@ -11,13 +11,12 @@ wrapped: it knows each scheduled request and how many of its tokens this step
 runs, in batch order, and leaves one target per token (NaN: none) here for the
 op of every layer of that forward pass.
 
-This wraps ``GPUModelRunner._prepare_inputs`` (the CPU runner inherits it) of
-the pinned vLLM release; :func:`install` runs from the plugin's registration in
-every vLLM process. A target outside the router's calibrated range is clamped
+:func:`record_batch` runs before ``GPUModelRunner._prepare_inputs`` (the CPU
+runner inherits it) of the pinned vLLM release, wrapped in
+``vllm_glue/patches.py``. A target outside the router's calibrated range is clamped
 to it, with a warning, rather than failing the batch it shares with others.
 """
 
-import functools
 import logging
 import math
 
@@ -80,37 +79,24 @@ def record_batch(runner, num_scheduled_tokens: np.ndarray) -> None:
         _state["targets"] = torch.from_numpy(np.repeat(per_request, num_scheduled_tokens))
 
 
-def token_targets(num_tokens: int) -> torch.Tensor | None:
-    """Targets of the current forward pass's ``num_tokens`` tokens (padding gets none)."""
+def token_targets(num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Targets of the current forward pass's ``num_tokens`` tokens (padding gets none), on ``device``
+    (the batch's: the width decision compares them with device tensors)."""
     targets = _state["targets"]
     if targets is None:
         return None
     if targets.numel() >= num_tokens:
-        return targets[:num_tokens]
-    return torch.cat([targets, torch.full((num_tokens - targets.numel(),), math.nan)])
+        targets = targets[:num_tokens]
+    else:
+        targets = torch.cat([targets, torch.full((num_tokens - targets.numel(),), math.nan)])
+    return targets.to(device)
 
 
 def token_requests(tokens: torch.Tensor) -> list[str]:
     """The distinct requests (in batch order) of the current forward pass's ``tokens``
     (indices); padding tokens belong to none."""
     req_ids, counts = _state["layout"]
-    ends, tokens = np.cumsum(counts), tokens.numpy()  # only on a fault: nothing per step
+    # Only on a fault: nothing per step. The fault's tokens may live on the GPU.
+    ends, tokens = np.cumsum(counts), tokens.cpu().numpy()
     indices = np.unique(np.searchsorted(ends, tokens[tokens < (ends[-1] if len(ends) else 0)], side="right"))
     return [req_ids[i] for i in indices]
-
-
-def install() -> None:
-    """Wrap the model runner's input preparation (idempotent)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = GPUModelRunner._prepare_inputs
-    if getattr(original, "_d2moe_targets", False):
-        return
-
-    @functools.wraps(original)
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        record_batch(self, num_scheduled_tokens)
-        return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-
-    _prepare_inputs._d2moe_targets = True
-    GPUModelRunner._prepare_inputs = _prepare_inputs

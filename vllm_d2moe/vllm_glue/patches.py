@@ -1,0 +1,188 @@
+"""Every change this plugin makes to vLLM's own classes, in one place.
+
+vLLM has no hooks for what these do, so each wraps one method of the pinned
+release (:data:`vllm_d2moe.SUPPORTED_VLLM_VERSIONS`); what the wrapper does
+lives in the module that owns the logic (``request_targets``,
+``request_faults``, ``expert_op``), only the wrapping is here. :func:`apply`
+runs from :func:`vllm_d2moe.register` in every vLLM process, checks the
+running vLLM first, and wraps each method once (a wrapped method carries
+``_d2moe_patch``, so a second call, or a second registration, changes nothing).
+
+On a vLLM release other than the pinned ones the wrapped methods may have other
+signatures or meanings, and a wrong wrapper fails in the middle of serving (or,
+worse, silently finishes the wrong requests), so :func:`apply` refuses to start
+there unless ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1`` is set; then it warns.
+"""
+
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+ALLOW_UNTESTED_ENV = "VLLM_D2MOE_ALLOW_UNTESTED_VLLM"
+_MARK = "_d2moe_patch"
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    """The running vLLM is not a release this plugin's patches were written for."""
+
+
+def _public(version: str) -> str:
+    """``0.32.0`` of ``0.32.0+cpu`` (a local build tag changes no code we wrap)."""
+    return version.split("+", 1)[0]
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """The running vLLM version, if supported; raises :class:`UnsupportedVLLMVersion` otherwise
+    (a warning instead when ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1``)."""
+    from vllm_d2moe import SUPPORTED_VLLM_VERSIONS
+
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if _public(version) in SUPPORTED_VLLM_VERSIONS:
+        return version
+    supported = ", ".join(SUPPORTED_VLLM_VERSIONS)
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        logger.warning(
+            "d2moe: running on vLLM %s, which this plugin is not tested with (supported: %s); "
+            "%s=1 is set, so its patches are applied anyway and may misbehave",
+            version, supported, ALLOW_UNTESTED_ENV,
+        )
+        return version
+    raise UnsupportedVLLMVersion(
+        f"vllm-d2moe patches vLLM internals and supports vLLM {supported} only, but vLLM {version} "
+        f"is installed. Install a supported release (pip install 'vllm=={SUPPORTED_VLLM_VERSIONS[-1]}'), "
+        f"or set {ALLOW_UNTESTED_ENV}=1 to try this one anyway."
+    )
+
+
+@dataclass(frozen=True)
+class Patch:
+    """``owner`` (``module:Class``)'s ``method`` replaced by ``wrap(original)``, for reason ``why``."""
+
+    owner: str
+    method: str
+    why: str
+    wrap: Callable[[Callable], Callable]
+
+    @property
+    def name(self) -> str:
+        return f"{self.owner}.{self.method}"
+
+    def resolve(self) -> type:
+        module, _, cls = self.owner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+# --- the wrappers: thin, each calls into the module that owns its logic ---
+
+
+def _wrap_prepare_inputs(original):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        from vllm_d2moe.vllm_glue import request_targets
+
+        request_targets.record_batch(self, num_scheduled_tokens)
+        return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    return _prepare_inputs
+
+
+def _wrap_execute_model(original):
+    def execute_model(self, *args, **kwargs):
+        from vllm_d2moe.vllm_glue import request_faults
+
+        request_faults.start_step()
+        return original(self, *args, **kwargs)
+
+    return execute_model
+
+
+def _wrap_sample_tokens(original):
+    def sample_tokens(self, *args, **kwargs):
+        from vllm_d2moe.vllm_glue import request_faults
+
+        return request_faults.attach_failures(original(self, *args, **kwargs))
+
+    return sample_tokens
+
+
+def _wrap_update_from_output(original):
+    def update_from_output(self, scheduler_output, model_runner_output):
+        from vllm_d2moe.vllm_glue import request_faults
+
+        request_faults.finish_failed(self, model_runner_output)
+        return original(self, scheduler_output, model_runner_output)
+
+    return update_from_output
+
+
+def _wrap_vllm_config_post_init(original):
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.model_config is not None:
+            from vllm_d2moe.vllm_glue.expert_op import keep_out_of_cuda_graphs
+
+            keep_out_of_cuda_graphs(self.compilation_config, self.model_config.quantization)
+
+    return __post_init__
+
+
+PATCHES = (
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs",
+        "the MoE op sees a flat batch: keep the step's requests and token counts for per-request "
+        "targets and fault mapping (request_targets)",
+        _wrap_prepare_inputs,
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "execute_model",
+        "each step starts with no pending expert fault (request_faults)",
+        _wrap_execute_model,
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "sample_tokens",
+        "carry the step's failed requests to the scheduler on its ModelRunnerOutput (request_faults)",
+        _wrap_sample_tokens,
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler", "update_from_output",
+        "finish requests whose experts could not be read with FINISHED_ERROR, reusing "
+        "encoder_cache_mismatch_reqs, and keep the rest of the batch going (request_faults)",
+        _wrap_update_from_output,
+    ),
+    Patch(
+        "vllm.config.vllm:VllmConfig", "__post_init__",
+        "keep the d2moe expert op out of CUDA graphs once vLLM has settled its compilation config "
+        "(expert_op.keep_out_of_cuda_graphs)",
+        _wrap_vllm_config_post_init,
+    ),
+)
+
+
+def apply() -> list[str]:
+    """Check the vLLM version, then wrap every method of :data:`PATCHES` not wrapped yet;
+    returns the names of those wrapped by this call."""
+    check_vllm_version()
+    applied = []
+    for patch in PATCHES:
+        cls = patch.resolve()
+        original = getattr(cls, patch.method)
+        if getattr(original, _MARK, None) == patch.name:
+            continue
+        wrapper = functools.wraps(original)(patch.wrap(original))
+        setattr(wrapper, _MARK, patch.name)
+        setattr(cls, patch.method, wrapper)
+        applied.append(patch.name)
+    if applied:
+        logger.debug("d2moe: patched %s", ", ".join(applied))
+    return applied
+
+
+def is_applied(patch: Patch) -> bool:
+    return getattr(getattr(patch.resolve(), patch.method), _MARK, None) == patch.name

@@ -47,8 +47,9 @@ def main() -> None:
 
     from vllm_d2moe.experts import load_layer_experts
     from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+    from vllm_d2moe.router.policy import ServingWidths
     from vllm_d2moe.vllm_glue import expert_op
-    from vllm_d2moe.width_selection import ServingWidths, WidthSelector
+    from vllm_d2moe.width_selection import WidthSelector
 
     checkpoint = MWQCheckpoint(converted(DEFAULT_MODEL, args.cache))
     layer = type("Layer", (), {})()

@@ -33,7 +33,8 @@ from vllm_d2moe import width_selection
 from vllm_d2moe.experts import LayerExperts
 from vllm_d2moe.kernels import select_backend
 from vllm_d2moe.router.model import WidthRouter
-from vllm_d2moe.width_selection import ServingWidths, WidthSelector
+from vllm_d2moe.router.policy import ServingWidths
+from vllm_d2moe.width_selection import WidthSelector
 
 from kernels import random_stacked  # benchmarks/kernels.py: random packed experts
 

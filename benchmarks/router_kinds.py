@@ -21,8 +21,8 @@ from vllm_d2moe.eval.heldout import heldout_windows
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.router.assign import shift_for_target
 from vllm_d2moe.router.model import RouterSet
+from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, set_mode, simulated_experts
-from vllm_d2moe.width_selection import ServingWidths
 
 
 @torch.no_grad()

@@ -83,9 +83,9 @@ def routed_mixtral(model_zoo, tmp_path_factory) -> Path:
     import torch
 
     from vllm_d2moe.router.model import RouterSet, WidthRouter
+    from vllm_d2moe.router.policy import ServingWidths
     from vllm_d2moe.router.simulate import load_simulated_model
     from vllm_d2moe.router.train import calibrate
-    from vllm_d2moe.width_selection import ServingWidths
 
     dst = tmp_path_factory.mktemp("routed") / "mixtral-routed"
     shutil.copytree(model_zoo["mixtral"]["d2moe"], dst)

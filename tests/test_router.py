@@ -17,13 +17,8 @@ from vllm_d2moe.mwq.quantize import MWQSpec
 from vllm_d2moe.router import assign
 from vllm_d2moe.router.loss import expected_bits, router_loss, task_kl
 from vllm_d2moe.router.model import ROUTER_FILE, RouterSet, WidthRouter
-from vllm_d2moe.width_selection import (
-    WIDTH_STATS,
-    ServingWidths,
-    WidthSelector,
-    choose_pair_widths,
-    resolve_policy,
-)
+from vllm_d2moe.router.policy import ServingWidths, choose_pair_widths, resolve_policy
+from vllm_d2moe.width_selection import WIDTH_STATS, WidthSelector
 
 
 def test_capacity_assignment_by_hand():

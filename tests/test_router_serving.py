@@ -22,9 +22,9 @@ from conftest import ROUTER_CAPACITIES as CAPACITIES
 from conftest import ROUTER_WIDTHS as WIDTHS
 
 from vllm_d2moe.router.model import RouterSet
+from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, simulated_experts
 from vllm_d2moe.testing.engine_runs import Run
-from vllm_d2moe.width_selection import ServingWidths
 
 MAX_TOKENS = 12
 

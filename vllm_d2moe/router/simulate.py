@@ -7,7 +7,7 @@ its transformers architecture and replaces every fused ``*Experts`` module
 ``forward(hidden, top_k_index, top_k_weights)``) by :class:`SimulatedExperts`,
 which holds the layer's experts dequantized at each needed width and picks each
 (token, expert) pair's width by the same rule serving uses
-(:func:`vllm_d2moe.width_selection.choose_pair_widths`), or, while training, by
+(:func:`vllm_d2moe.router.policy.choose_pair_widths`), or, while training, by
 a straight-through Gumbel choice under the same capacities.
 """
 
@@ -21,7 +21,7 @@ from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.mwq.quantize import dequantize
 from vllm_d2moe.router.assign import choose_widths
 from vllm_d2moe.router.model import WidthRouter
-from vllm_d2moe.width_selection import ServingWidths, choose_pair_widths
+from vllm_d2moe.router.policy import ServingWidths, choose_pair_widths
 
 _EXPERTS_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?experts$")
 

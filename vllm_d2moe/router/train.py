@@ -31,8 +31,8 @@ from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoin
 from vllm_d2moe.router.assign import check_capacities
 from vllm_d2moe.router.loss import router_loss
 from vllm_d2moe.router.model import KINDS, RouterSet, WidthRouter
+from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, set_mode, simulated_experts
-from vllm_d2moe.width_selection import ServingWidths
 
 STATE_FILE = "router-training.pt"
 # Wide enough that the ends reach (nearly) all-narrowest and all-widest on trained routers.

@@ -30,8 +30,9 @@ from vllm_d2moe.offload.budget import parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
 from vllm_d2moe.router.model import RouterSet
+from vllm_d2moe.router.policy import ServingWidths, resolve_policy
 from vllm_d2moe.vllm_glue import request_faults, request_targets
-from vllm_d2moe.width_selection import ServingWidths, WidthSelector, resolve_policy
+from vllm_d2moe.width_selection import WidthSelector
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}

@@ -11,6 +11,10 @@ import sys
 
 SUBCOMMANDS = {
     "convert": ("vllm_d2moe.converters.convert", "convert a Hugging Face MoE checkpoint to MWQ"),
+    "random-model": (
+        "vllm_d2moe.converters.random_model",
+        "write a random-weight checkpoint with a real MoE model's config (e.g. olmoe-1b-7b)",
+    ),
     "inspect": ("vllm_d2moe.mwq.inspect", "print a d2moe checkpoint's layout and verify checksums"),
     "serve": ("vllm_d2moe.serve", "run vLLM's OpenAI server (takes exactly `vllm serve`'s arguments)"),
     "demo": ("vllm_d2moe.demo", "build, convert and serve the embedded default model"),

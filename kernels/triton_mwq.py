@@ -4,17 +4,35 @@
 In the spirit of vLLM's fused-MoE Triton kernel: the pairs, already sorted by
 segment, are cut into blocks of ``BLOCK_M`` rows that never straddle two
 segments (a segment's last block is masked, not padded with other tokens), and
-a host-built block table tells each program its expert, width and rows. Each
-program rebuilds a ``[BLOCK_K, BLOCK_N]`` tile of the expert's weights from the
-base bit planes and the segment's first ``width - min_bits`` residual planes
-straight from the packed layout (formula in ``vllm_d2moe/mwq/quantize.py``) and
-multiplies it in float32 (``input_precision="ieee"``: TF32 would miss the
-reference tolerance). The gate/up launch applies SiLU-and-multiply before
-storing, so only ``[pairs, intermediate]`` activations go between the launches.
+a block table tells each program its expert, width and rows. Each program
+rebuilds a ``[BLOCK_K, BLOCK_N]`` tile of the expert's weights from the base
+bit planes and the segment's first ``width - min_bits`` residual planes
+straight from the packed layout (formula in ``vllm_d2moe/mwq/quantize.py``) in
+float32, then multiplies on the tensor cores: the tile and the inputs are cast
+to the activations' dtype when that is bfloat16 or float16, and float32
+activations use TF32 (``tl.dot``'s default precision); accumulation is float32
+throughout. Every tile is at least 16 wide in M, N and K, as ``tl.dot`` needs,
+whatever the matrix sizes (edges are masked), so every width and shape takes
+the tensor-core path. The gate/up launch applies SiLU-and-multiply before
+storing, so only ``[pairs, intermediate]`` float32 activations go between the
+launches (rounded to the dot dtype when the down launch reads them).
 
-Checked on CPUs with ``TRITON_INTERPRET=1`` (``tests/test_kernels.py``); not yet
-timed on a GPU.
+Error against the exact (float64) product: the rounding of weights, inputs and
+activations to the dot dtype, about 2^-11 of each term in float16 and TF32 and
+2^-8 in bfloat16, far below the step of the 8-bit width (2^-8 of the group's
+range); ``tests/test_kernels.py`` states the tolerances it checks.
+
+The block table is built on the host from the segment plan (the op that calls
+this runs outside CUDA graphs and decides on the host anyway:
+``vllm_d2moe/vllm_glue/expert_op.py``) and copied once per call.
+
+Checked on CPUs with ``TRITON_INTERPRET=1`` (``tests/test_kernels.py``; the
+interpreter cannot multiply bfloat16, so there :func:`_dot` rounds the operands
+and multiplies them exactly in float32) and by the same tests on CUDA, run by
+``scripts/gpu_check.sh``.
 """
+
+import os
 
 import torch
 import triton
@@ -70,6 +88,22 @@ def _weight_tile(
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``acc + a @ b`` with ``a``, ``b`` rounded to ``DOT_DTYPE`` and float32 accumulation.
+
+    The interpreter keeps bfloat16 as raw 16-bit integers and its dot multiplies
+    those, so there the operands are rounded to ``DOT_DTYPE`` and multiplied
+    exactly in float32: what a 16-bit tensor-core dot with float32 accumulation
+    computes (a product of two 16-bit floats is exact in float32).
+    """
+    if INTERPRETED:
+        a = a.to(DOT_DTYPE).to(tl.float32)
+        b = b.to(DOT_DTYPE).to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+
+
+@triton.jit
 def _mwq_matmul_kernel(
     x,
     out,
@@ -88,6 +122,8 @@ def _mwq_matmul_kernel(
     RESIDENT_PLANES,
     MIN_BITS: tl.constexpr,
     GATED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,7 +148,7 @@ def _mwq_matmul_kernel(
             x + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         mask = mask_k[:, None] & mask_n[None, :]
         w = _weight_tile(
             base_bits,
@@ -132,7 +168,7 @@ def _mwq_matmul_kernel(
             RESIDENT_PLANES,
             MIN_BITS,
         )
-        acc = tl.dot(xs, w, acc, input_precision="ieee")
+        acc = _dot(xs, w, acc, DOT_DTYPE, INTERPRETED)
         if GATED:
             w_up = _weight_tile(
                 base_bits,
@@ -152,12 +188,25 @@ def _mwq_matmul_kernel(
                 RESIDENT_PLANES,
                 MIN_BITS,
             )
-            acc_up = tl.dot(xs, w_up, acc_up, input_precision="ieee")
+            acc_up = _dot(xs, w_up, acc_up, DOT_DTYPE, INTERPRETED)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(
         out + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
     )
+
+
+# The dot input dtype for each activation dtype: 16-bit activations stay 16-bit, float32 ones use
+# TF32 (tl.dot's default for float32 operands on tensor cores).
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The ``tl.dot`` input dtype for activations of ``dtype``."""
+    try:
+        return _DOT_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"triton-mwq: activations of dtype {dtype} are not supported (bf16, fp16, fp32)") from None
 
 
 def _block_table(segments, min_bits: int, device) -> torch.Tensor:
@@ -170,7 +219,7 @@ def _block_table(segments, min_bits: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
-def _matmul(x, projection, blocks, out, gated: bool) -> None:
+def _matmul(x, projection, blocks, out, gated: bool, dtype) -> None:
     rows, cols = projection.shape
     n = rows // 2 if gated else rows
     grid = (blocks.shape[0], triton.cdiv(n, BLOCK_N))
@@ -195,6 +244,8 @@ def _matmul(x, projection, blocks, out, gated: bool) -> None:
         projection.plane_bits.shape[1],
         MIN_BITS=projection.min_bits,
         GATED=gated,
+        DOT_DTYPE=dtype,
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -205,7 +256,8 @@ def grouped_mlp(x, gate_up, down, segments, out) -> None:
     """See ``kernels/__init__.py``: two launches (gate/up with SiLU-and-multiply, then down) for all segments."""
     if segments.starts[-1] == 0:
         return
+    dtype = dot_dtype(x.dtype)
     blocks = _block_table(segments, gate_up.min_bits, x.device)
     act = torch.empty(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
-    _matmul(x.contiguous(), gate_up, blocks, act, gated=True)
-    _matmul(act, down, blocks, out, gated=False)
+    _matmul(x.contiguous(), gate_up, blocks, act, gated=True, dtype=dtype)
+    _matmul(act, down, blocks, out, gated=False, dtype=dtype)

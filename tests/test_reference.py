@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vllm_d2moe import token_windows
 from vllm_d2moe.reference import corpus, train
 from vllm_d2moe.reference.corpus import Document
 from vllm_d2moe.reference.tokenizer import (
@@ -173,7 +174,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_window_sampler_is_a_pure_function_of_seed_and_step():
     tokens = np.arange(1000, dtype=np.uint16)
-    a, b = train.WindowSampler(tokens, 9, 4, seed=1), train.WindowSampler(tokens, 9, 4, seed=1)
+    a, b = token_windows.WindowSampler(tokens, 9, 4, seed=1), token_windows.WindowSampler(tokens, 9, 4, seed=1)
     assert torch.equal(a.batch(30), b.batch(30)) and torch.equal(a.batch(2), b.batch(2))
     first_epoch = torch.cat([a.batch(step)[:, 0] for step in range(a.num_windows // 4)])
     assert len(set(first_epoch.tolist())) == len(first_epoch)  # no window repeats within an epoch
@@ -201,8 +202,8 @@ def test_training_reduces_loss_and_writes_a_loadable_checkpoint(small_corpus, tm
     # The reloaded checkpoint reproduces the reported perplexity.
     model = MixtralForCausalLM.from_pretrained(tmp_path)
     valid = encode_documents(load_tokenizer(tmp_path), corpus.load_split("valid", small_corpus))
-    windows = train.eval_windows(valid, preset.seq_len, 2048)
-    assert train.perplexity(model, windows) == pytest.approx(metrics["eval"]["perplexity"], rel=1e-4)
+    windows = token_windows.eval_windows(valid, preset.seq_len, 2048)
+    assert token_windows.perplexity(model, windows) == pytest.approx(metrics["eval"]["perplexity"], rel=1e-4)
 
 
 def test_resumed_run_matches_an_uninterrupted_one(small_corpus, tmp_path):
@@ -227,7 +228,7 @@ def test_resume_refuses_a_different_preset(small_corpus, tmp_path):
 
 
 def test_ctrl_c_stops_after_the_step_and_checkpoints(small_corpus, tmp_path, monkeypatch):
-    batch = train.WindowSampler.batch
+    batch = token_windows.WindowSampler.batch
     handler_before = signal.getsignal(signal.SIGINT)
 
     def batch_then_interrupt(self, step):
@@ -235,7 +236,7 @@ def test_ctrl_c_stops_after_the_step_and_checkpoints(small_corpus, tmp_path, mon
             os.kill(os.getpid(), signal.SIGINT)
         return batch(self, step)
 
-    monkeypatch.setattr(train.WindowSampler, "batch", batch_then_interrupt)
+    monkeypatch.setattr(token_windows.WindowSampler, "batch", batch_then_interrupt)
     result = _train(_preset(10), tmp_path, small_corpus)
     assert result.status == "interrupted" and result.step == 4
     saved = torch.load(tmp_path / train.STATE_DIR / train.CHECKPOINT_FILE, weights_only=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from vllm_d2moe.reference.train import perplexity
+from vllm_d2moe.token_windows import perplexity
 
 # vLLM and transformers must agree this closely (relative perplexity difference).
 TOLERANCE = 0.005

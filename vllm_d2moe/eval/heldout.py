@@ -15,7 +15,7 @@ import torch
 
 from vllm_d2moe.reference import corpus
 from vllm_d2moe.reference.tokenizer import encode_documents, load_tokenizer
-from vllm_d2moe.reference.train import eval_windows
+from vllm_d2moe.token_windows import eval_windows
 
 
 def heldout_windows(

@@ -33,11 +33,8 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +53,8 @@ from vllm_d2moe.reference.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from vllm_d2moe.stop_signal import stop_on_signal
+from vllm_d2moe.token_windows import WindowSampler, eval_windows, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -156,39 +155,6 @@ def mixtral_config(preset: Preset) -> MixtralConfig:
     )
 
 
-class WindowSampler:
-    """Batches of ``seq_len + 1``-token windows cut from one token stream.
-
-    Each epoch visits every non-overlapping window once in a seeded random
-    order, so the batch for a step is a pure function of ``(seed, step)`` and
-    resuming needs no loader state.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_windows = (len(tokens) - 1) // seq_len
-        if self.num_windows < batch_size:
-            raise ValueError(f"{len(tokens)} tokens are too few for one batch of {batch_size}x{seq_len}")
-        self._epoch, self._order = -1, None
-
-    def batch(self, step: int) -> torch.Tensor:
-        rows = []
-        for index in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, position = divmod(index, self.num_windows)
-            start = int(self._epoch_order(epoch)[position]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-        return torch.stack(rows)
-
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_windows, generator=generator)
-        return self._order
-
-
 def learning_rate(preset: Preset, step: int, progress: float) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from peak to 10 % at progress 1."""
     warmup = min(1.0, (step + 1) / preset.warmup_steps)
@@ -196,62 +162,11 @@ def learning_rate(preset: Preset, step: int, progress: float) -> float:
     return preset.learning_rate * warmup * cosine
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, num_tokens: int) -> torch.Tensor:
-    """``num_tokens // seq_len`` windows spread evenly over the whole stream.
-
-    Spreading them (rather than taking a prefix) samples every part of the
-    split, which is ordered by document id.
-    """
-    count = num_tokens // seq_len
-    last_start = len(tokens) - seq_len - 1
-    if count < 1 or last_start < 0:
-        raise ValueError(f"cannot cut {num_tokens} eval tokens from a {len(tokens)}-token stream")
-    starts = np.linspace(0, last_start, count).astype(np.int64)
-    return torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-
-
-@torch.no_grad()
-def perplexity(model: MixtralForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Perplexity of the model on each window's last ``seq_len`` tokens."""
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    for chunk in windows.split(batch_size):
-        logits = model(input_ids=chunk[:, :-1]).logits
-        total_nll += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
-    model.train(was_training)
-    return math.exp(total_nll / windows[:, 1:].numel())
-
-
 def unigram_perplexity(train_tokens: np.ndarray, windows: torch.Tensor, vocab_size: int) -> float:
     """Baseline: train-set token frequencies with add-one smoothing, same targets."""
     counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
     log_probs = np.log(counts / counts.sum())
     return math.exp(-log_probs[windows[:, 1:].numpy()].mean())
-
-
-@contextmanager
-def stop_on_signal():
-    """Turn the first Ctrl-C/SIGTERM into a stop request the loop polls between steps.
-
-    Stopping between steps guarantees the checkpoint never holds a half-applied
-    optimizer update.  A second Ctrl-C raises KeyboardInterrupt as usual.
-    """
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be installed from the main thread
-        return
-
-    def request_stop(signum, frame):
-        requested.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def train_reference(

@@ -33,6 +33,8 @@ from vllm_d2moe.router.loss import router_loss
 from vllm_d2moe.router.model import KINDS, RouterSet, WidthRouter
 from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, set_mode, simulated_experts
+from vllm_d2moe.stop_signal import stop_on_signal
+from vllm_d2moe.token_windows import WindowSampler
 
 STATE_FILE = "router-training.pt"
 # Wide enough that the ends reach (nearly) all-narrowest and all-widest on trained routers.
@@ -146,8 +148,6 @@ def train_router(args) -> Path:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=args.lr)
     teacher_logits, teacher_bits = _teacher(args, model)
-
-    from vllm_d2moe.reference.train import WindowSampler, stop_on_signal
 
     tokens = calibration_tokens(args.checkpoint, args.calib, args.calib_chars)
     held_back = (args.seq_len + 1) * 32  # calibration of the target shift, never trained on

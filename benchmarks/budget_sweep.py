@@ -42,10 +42,12 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,6 +64,7 @@ OFFLOAD_METHODS = {
     "+hebf": {"order": "hebf", "overlap": True, "reuse": True, "keep": False},
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
+WORKER_TIMEOUT_S = 3600
 TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeline.py", "vllm_d2moe/mwq/layout.py"]
 
 
@@ -215,9 +218,16 @@ def add_run_arguments(parser, concurrency: list[int], threads: int, repeats: int
 
 
 def ran_as_worker(args, run_engine) -> bool:
-    """In a process :func:`run_worker` started: run the spec read on stdin and print its result."""
+    """In a process :func:`run_worker` started: run the spec read on stdin and print its result, or
+    the exception that stopped the engine (type, message, traceback) as ``{"error", "exception"}``."""
     if args.worker:
-        print("RESULT " + json.dumps(run_engine(json.load(sys.stdin))), flush=True)
+        try:
+            result = run_engine(json.load(sys.stdin))
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure is the engine's result
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}", "exception": {
+                "type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
+        print("RESULT " + json.dumps(result), flush=True)
     return args.worker
 
 
@@ -230,14 +240,58 @@ def run_settings(args, prompts: list[list[int]]) -> dict:
 def run_worker(spec: dict, log: Path, script: str = __file__) -> dict:
     """``spec`` in a fresh process (``script --worker``, reading it on stdin); its result, or the error."""
     env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
-    proc = subprocess.run([sys.executable, script, "--worker"], input=json.dumps(spec), env=env,
-                          capture_output=True, text=True, timeout=3600)
+    try:
+        proc = subprocess.run([sys.executable, script, "--worker"], input=json.dumps(spec), env=env,
+                              check=False, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        with open(log, "a") as f:
+            f.write(f"==== {spec['method']} {spec.get('budget_name', '')} (timed out)\n{stderr[-20000:]}\n")
+        message = f"no result after {WORKER_TIMEOUT_S} s"
+        return {"error": f"TimeoutExpired: {message}", "exception": {
+            "type": "TimeoutExpired", "message": message, "traceback": stderr[-3000:]}}
     with open(log, "a") as f:
         f.write(f"==== {spec['method']} {spec.get('budget_name', '')}\n{proc.stderr[-20000:]}\n")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+            result = json.loads(line[len("RESULT "):])
+            if "exception" in result and "root cause" in result["exception"]["message"].lower():
+                # vLLM's "see root cause above": a failure in an engine-core or worker process,
+                # whose traceback is only in the log.
+                result["exception"]["log_tracebacks"] = tracebacks(proc.stderr)[:-1]
+            return result
+    # No result: the process died (a signal, e.g. SIGKILL from the OOM killer) or exited early.
+    code = proc.returncode
+    status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+    found = tracebacks(proc.stderr)
+    last = found[-1].strip().splitlines()[-1] if found else (proc.stderr.strip().splitlines() or [""])[-1]
+    return {"error": f"{status}: {last}", "exception": {
+        "type": status, "message": last, "traceback": found[-1] if found else proc.stderr[-3000:],
+        "log_tracebacks": found[:-1]}}
+
+
+def tracebacks(log: str) -> list[str]:
+    """The Python tracebacks printed in ``log``, each up to the exception line that ends it."""
+    found = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        lines = ["Traceback (most recent call last):"]
+        for line in block.splitlines()[1:]:
+            lines.append(line)
+            if line and not line[0].isspace():  # frames are indented; the exception line is not
+                break
+        found.append("\n".join(lines))
+    return found
+
+
+def describe_error(result: dict) -> str:
+    """What stopped an engine: the first line of the exception, then its traceback (which ends with
+    the whole message) and any from engine-core processes, indented, for printing."""
+    exception = result.get("exception", {})
+    parts = [result["error"].splitlines()[0] if exception.get("traceback") else result["error"]]
+    for trace in [*exception.get("log_tracebacks", []), exception.get("traceback", "")]:
+        if trace:
+            parts.append("\n".join("    " + line for line in trace.rstrip().splitlines()))
+    return "\n".join(parts)
 
 
 def sweep(args) -> dict:
@@ -267,7 +321,7 @@ def sweep(args) -> dict:
                              "offload": {**OFFLOAD_METHODS["+budget"], "direct": True}}})
     plan = [spec for spec in plan if spec["method"] in args.methods
             and spec.get("budget_name", args.budgets[0]) in args.budgets]
-    log = RESULTS / f"{args.name}.log"
+    log = args.results_dir / f"{args.name}.log"
     log.write_text("")
     results = []
     for spec in plan:
@@ -275,7 +329,8 @@ def sweep(args) -> dict:
         result = run_worker({**common, **spec}, log)
         print(f"{spec['method']:16s} {spec.get('budget_name', 'all resident'):12s} "
               f"{time.perf_counter() - started:6.1f} s  "
-              + (result.get("error", "")[:200] or " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])),
+              + (f"FAILED: {describe_error(result)}" if "error" in result
+                 else " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])),
               flush=True)
         results.append({k: v for k, v in spec.items() if k not in ("prompts",)} | result)
     bf16_expert_bytes = budgets(checkpoint, bits)["1/3 bf16"] * 3
@@ -322,7 +377,7 @@ def table(report: dict) -> str:
     for r in report["results"]:
         name = f"{r['method']:16s}  {r.get('budget_name', 'all resident'):12s}"
         if "rows" not in r:
-            lines.append(f"{name}  error: {r['error'][:120]}")
+            lines.append(f"{name}  error: {' '.join(r['error'].split())[:160]}")
             continue
         cells = "".join(f"  {row['decode_tokens_per_s']:7.1f}" for row in r["rows"])
         extra = ""
@@ -378,14 +433,15 @@ def main() -> None:
     parser.add_argument("--router", type=Path,
                         help="a copy of the conversion with a trained router: adds the router+budget method")
     parser.add_argument("--name", default="budget_sweep")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json/.png/.log go")
     args = parser.parse_args()
     if ran_as_worker(args, run_engine):
         return
-    RESULTS.mkdir(exist_ok=True)
+    args.results_dir.mkdir(exist_ok=True)
     report = sweep(args)
     report["goals"] = goals(report)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, RESULTS / f"{args.name}.png")
+    (args.results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, args.results_dir / f"{args.name}.png")
     print(table(report))
     print("\n".join(report["goals"]))
 

@@ -38,6 +38,7 @@ from budget_sweep import (
     RESULTS,
     add_run_arguments,
     converted,
+    describe_error,
     ran_as_worker,
     run_worker,
     text_prompts,
@@ -290,7 +291,8 @@ def main() -> None:
             }
             result = run_worker(spec, log, __file__)
             print(f"== {method} {mode}", flush=True)
-            print("\n".join(report_lines(result)) if "rows" in result else result["error"], flush=True)
+            print("\n".join(report_lines(result)) if "rows" in result else f"FAILED: {describe_error(result)}",
+                  flush=True)
             report["runs"].append({"method": method, "mode": mode} | result)
     report["load_average_at_end"] = os.getloadavg()
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))

@@ -412,8 +412,10 @@ def timed_run(spec: dict, log: Path, args) -> dict:
             "seconds": seconds,
         }
         attempts.append(result)
-        cells = result.get("error", "")[:300] or " ".join(
-            f"{r['decode_tokens_per_s']:7.1f}" for r in result["rows"]
+        cells = (
+            f"FAILED: {budget_sweep.describe_error(result)}"
+            if "error" in result
+            else " ".join(f"{r['decode_tokens_per_s']:7.1f}" for r in result["rows"])
         )
         print(
             f"  {spec['name']:18s} {seconds:6.1f} s  others {result['other_cores_during']:.2f} cores  "
@@ -512,6 +514,8 @@ def quality(
             "threads": args.threads,
         }
         result = budget_sweep.run_worker(spec, RESULTS / f"{args.name}.log", script=__file__)
+        if "error" in result:
+            print(f"  {spec['name']} quality FAILED: {budget_sweep.describe_error(result)}", flush=True)
         results[spec["name"]] = result
     return {
         "tokens": int(windows.shape[0] * args.window),

@@ -23,10 +23,10 @@ import torch
 from conftest import PROMPTS, run_engines
 from vllm_d2moe.kernels import load_backend
 
+from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager
-from vllm_d2moe.offload.budget import format_bytes, parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore, read_buffered
@@ -76,16 +76,19 @@ def random_call(gen: torch.Generator, tokens: int, experts: int, lo: int = MIN_B
     return x, weights, ids, widths
 
 
+BUDGET_OPTION = "d2moe option 'memory_budget'"
+
+
 @pytest.mark.parametrize("text, nbytes", [("1.5GiB", 3 * 2**29), ("200 MB", 200 * 10**6), ("4096", 4096),
                                           (123, 123), (".5KiB", 512)])
 def test_budget_parses_sizes(text, nbytes):
-    assert parse_budget(text) == nbytes
+    assert parse_bytes(text, BUDGET_OPTION) == nbytes
 
 
 @pytest.mark.parametrize("text", ["lots", "1.5 parsecs", "-1GiB", "0", 0, True, 1.5])
 def test_budget_rejects_non_sizes_naming_the_option(text):
-    with pytest.raises(ValueError, match="d2moe option 'memory_budget'"):
-        parse_budget(text)
+    with pytest.raises(ValueError, match=BUDGET_OPTION):
+        parse_bytes(text, BUDGET_OPTION)
 
 
 LAYER_CASES = [("cpu_bitplanes", policy, slots) for policy in POLICIES for slots in (1, 3, 20)]

@@ -14,9 +14,10 @@ import json
 
 import pytest
 
+from vllm_d2moe.byte_sizes import parse_bytes
 from vllm_d2moe.cli import main
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
-from vllm_d2moe.placement import Device, ep_experts, parse_devices, parse_size, plan_placement
+from vllm_d2moe.placement import Device, ep_experts, parse_devices, plan_placement
 
 FULL_8, FULL_4, HALF_8 = 122880, 61440, 61440
 TOP_K = 2
@@ -34,9 +35,9 @@ def dense_bytes(ckpt) -> int:
 
 def test_parse_devices_and_sizes():
     assert parse_devices("cpu:8GiB, cuda:0:24GB") == [Device("cpu", 8 * 2**30), Device("cuda:0", 24 * 10**9)]
-    assert parse_size("1.5MiB") == 1572864
+    assert parse_bytes("1.5MiB", "size") == 1572864
     with pytest.raises(ValueError, match="not a memory size"):
-        parse_size("8 gigs")
+        parse_bytes("8 gigs", "size")
     with pytest.raises(ValueError, match="NAME:SIZE"):
         parse_devices("24GiB")
 

@@ -26,44 +26,14 @@ layer is rescaled to sum to ``top_k``. Layers left out stay uniform.
 """
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.mwq.checkpoint import CheckpointError, MWQCheckpoint
 from vllm_d2moe.mwq.inspect import _ranges
 from vllm_d2moe.mwq.layout import ExpertLayout
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str) -> int:
-    """``"24GiB"`` -> bytes; ``GB`` is decimal, ``GiB`` binary, a bare number is bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 512MiB, 24GiB, 8GB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def human(nbytes: float) -> str:
-    if nbytes < 1024:
-        return f"{nbytes:,.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        nbytes /= 1024
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:,.2f} {unit}"
 
 
 @dataclass(frozen=True)
@@ -79,7 +49,7 @@ def parse_devices(text: str) -> list[Device]:
         name, sep, size = entry.strip().rpartition(":")
         if not sep or not name:
             raise ValueError(f"device {entry!r} is not NAME:SIZE (e.g. cuda:0:24GiB)")
-        devices.append(Device(name, parse_size(size)))
+        devices.append(Device(name, parse_bytes(size, f"--devices {name}", allow_zero=True)))
     return devices
 
 
@@ -215,19 +185,19 @@ def format_report(
         missed = {layer: sorted(set(es) - set(p.resident[layer])) for layer, es in p.experts.items()}
         fits = [w for w, nbytes in p.bytes_per_width.items() if nbytes <= p.budget]
         lines += [
-            f"rank {p.rank} {p.device.name} ({human(p.device.memory)}): "
-            f"non-expert weights {human(p.dense_bytes)}, expert budget (memory_budget) {human(p.budget)}",
-            f"  resident at {bits} bits: {held}/{total} experts, {human(p.resident_bytes)}",
+            f"rank {p.rank} {p.device.name} ({format_bytes(p.device.memory)}): "
+            f"non-expert weights {format_bytes(p.dense_bytes)}, expert budget (memory_budget) {format_bytes(p.budget)}",
+            f"  resident at {bits} bits: {held}/{total} experts, {format_bytes(p.resident_bytes)}",
             *_layer_lines(p.resident),
             f"  read from disk when routed to: {total - held} experts",
             *_layer_lines(missed),
             "  all its experts resident would need: "
-            + ", ".join(f"{w} bits {human(b)}" for w, b in p.bytes_per_width.items())
+            + ", ".join(f"{w} bits {format_bytes(b)}" for w, b in p.bytes_per_width.items())
             + (f" (all fit at up to {max(fits)} bits)" if fits else " (none fits)"),
-            f"  expected disk reads per token: {human(p.disk_bytes_per_token)}",
+            f"  expected disk reads per token: {format_bytes(p.disk_bytes_per_token)}",
         ]
     lines.append(
-        f"expected disk reads per token, all ranks: {human(sum(p.disk_bytes_per_token for p in plans))}"
+        f"expected disk reads per token, all ranks: {format_bytes(sum(p.disk_bytes_per_token for p in plans))}"
     )
     return "\n".join(lines)
 
@@ -254,7 +224,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
-        devices, reserve = parse_devices(args.devices), parse_size(args.reserve)
+        devices, reserve = parse_devices(args.devices), parse_bytes(args.reserve, "--reserve", allow_zero=True)
         ckpt = MWQCheckpoint(args.model_dir)
         config = json.loads((args.model_dir / "config.json").read_text())
         top_k = config["num_experts_per_tok"]

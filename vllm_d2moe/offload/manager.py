@@ -10,9 +10,9 @@ import weakref
 from dataclasses import replace
 from types import ModuleType
 
+from vllm_d2moe.byte_sizes import format_bytes
 from vllm_d2moe.experts import shard_expert
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
-from vllm_d2moe.offload.budget import format_bytes
 from vllm_d2moe.offload.faults import FaultSink
 from vllm_d2moe.offload.layer import OffloadedLayerExperts
 from vllm_d2moe.offload.metrics import OffloadMetrics

@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
-from vllm_d2moe.offload.budget import format_bytes
+from vllm_d2moe.byte_sizes import format_bytes
 
 logger = logging.getLogger(__name__)
 

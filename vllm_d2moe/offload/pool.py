@@ -16,10 +16,10 @@ from types import ModuleType
 
 import torch
 
-from vllm_d2moe.mwq.stacked import StackedProjection
+from vllm_d2moe.byte_sizes import format_bytes
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
-from vllm_d2moe.offload.budget import format_bytes
+from vllm_d2moe.mwq.stacked import StackedProjection
 
 FREQUENCY_HALF_LIFE = 32  # layer calls
 Key = tuple[int, int]  # (layer, expert)

@@ -23,10 +23,10 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
+from vllm_d2moe.byte_sizes import parse_bytes
 from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.kernels import select_backend
 from vllm_d2moe.offload import OffloadManager
-from vllm_d2moe.offload.budget import parse_budget
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
 from vllm_d2moe.router.model import RouterSet
@@ -64,7 +64,9 @@ class D2MoEConfig(QuantizationConfig):
         self.width_options = {"width_policy": width_policy, "target_bits": target_bits, "capacities": capacities}
         self.checkpoint: MWQCheckpoint | None = None
         # Expert offloading (vllm_d2moe.offload): resident expert bytes, and how to stream the rest.
-        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
+        self.memory_budget = (
+            None if memory_budget is None else parse_bytes(memory_budget, "d2moe option 'memory_budget'")
+        )
         self.offload_policy = OffloadPolicy.from_option(offload)
         self._offload: OffloadManager | None = None
         self._routers: RouterSet | None = None

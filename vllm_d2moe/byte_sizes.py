@@ -1,4 +1,4 @@
-"""The ``memory_budget`` option: bytes of expert data one process may keep resident."""
+"""Byte sizes as options take them ("1.5GiB", "200 MB", "4096") and as messages print them ("1.50 GiB")."""
 
 import re
 
@@ -12,8 +12,9 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_budget(value: int | str, what: str = "d2moe option 'memory_budget'") -> int:
-    """Bytes in ``value``: an integer, or a number with a unit ("1.5GiB", "200 MB", "4096")."""
+def parse_bytes(value: int | str, what: str, allow_zero: bool = False) -> int:
+    """Bytes in ``value``: an integer, or a number with a unit ("1.5GiB", "200 MB", "4096"; ``GB``
+    is decimal, ``GiB`` binary). Errors name ``what``; zero is refused unless ``allow_zero``."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"{what} must be bytes as an integer or a string like '1.5GiB', got {value!r}")
     if isinstance(value, int):
@@ -23,18 +24,18 @@ def parse_budget(value: int | str, what: str = "d2moe option 'memory_budget'") -
         unit = match and _UNITS.get(match.group(2).lower())
         if not unit:
             raise ValueError(
-                f"{what} {value!r} is not a size; write e.g. '1.5GiB', '200MB' or a number of bytes "
+                f"{what} {value!r} is not a memory size; write e.g. '1.5GiB', '200MB' or a number of bytes "
                 f"(units: {', '.join(u for u in _UNITS if u)})"
             )
         nbytes = int(float(match.group(1)) * unit)
-    if nbytes <= 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+    if nbytes < 0 or (nbytes == 0 and not allow_zero):
+        raise ValueError(f"{what} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
     return nbytes
 
 
-def format_bytes(nbytes: int) -> str:
+def format_bytes(nbytes: float) -> str:
     """``nbytes`` in the largest binary unit that keeps it at least 1 ("1.50 GiB")."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= size:
             return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
+    return f"{nbytes:.0f} B"

@@ -11,6 +11,11 @@ CUDA graphs: the op is kept out of them, the way vLLM keeps its attention ops
 out (:func:`keep_out_of_cuda_graphs`: the op is one of the compilation config's
 ``splitting_ops``, so piecewise graphs are captured around it and it runs
 eagerly between them; full graphs, which would capture it, are turned off).
+For the graph to be split at the op, torch.compile must see it: on GPUs vLLM's
+MoE runner hides the whole MoE layer inside its own opaque ``vllm::moe_forward``
+op (which returns a fresh tensor, so it cannot be a splitting op itself), so for
+d2moe layers the runner calls that op's body directly, as it does on CPUs
+(:func:`runner_forward_entry`).
 The alternative, every per-call decision on the device, was not taken because
 much of what the op decides cannot be a device computation: which experts the
 offload manager must read from disk (and their faults, which fail requests),
@@ -107,6 +112,15 @@ direct_register_custom_op(
     fake_impl=_moe_experts_fake,
     target_lib=_LIBRARY,
 )
+
+
+def runner_forward_entry(runner):
+    """The function vLLM's ``MoERunner`` of a d2moe layer calls for the layer's forward: the body of
+    ``vllm::moe_forward`` (``_shared`` with shared experts) itself, traced by torch.compile down to
+    ``d2moe::moe_experts``, instead of the opaque op that vLLM picks on GPUs (why: module docstring)."""
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    return moe_runner._moe_forward if runner._shared_experts is None else moe_runner._moe_forward_shared
 
 
 def keep_out_of_cuda_graphs(compilation_config, quantization: str | None) -> None:

@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +123,19 @@ def _wrap_update_from_output(original):
     return update_from_output
 
 
+def _wrap_select_forward(original):
+    def _select_forward(self):
+        # Not imported for other models: a d2moe layer's method has imported it already.
+        moe_method = sys.modules.get("vllm_d2moe.vllm_glue.moe_method")
+        if moe_method is not None and isinstance(self._quant_method, moe_method.D2MoEMethod):
+            from vllm_d2moe.vllm_glue.expert_op import runner_forward_entry
+
+            return runner_forward_entry(self)
+        return original(self)
+
+    return _select_forward
+
+
 def _wrap_vllm_config_post_init(original):
     def __post_init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -155,6 +169,12 @@ PATCHES = (
         "finish requests whose experts could not be read with FINISHED_ERROR, reusing "
         "encoder_cache_mismatch_reqs, and keep the rest of the batch going (request_faults)",
         _wrap_update_from_output,
+    ),
+    Patch(
+        "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner", "_select_forward",
+        "on GPUs the runner hides a MoE layer in the opaque vllm::moe_forward; for d2moe layers call "
+        "its body, so torch.compile sees d2moe::moe_experts and splits CUDA graphs there (expert_op)",
+        _wrap_select_forward,
     ),
     Patch(
         "vllm.config.vllm:VllmConfig", "__post_init__",

@@ -7,10 +7,11 @@ The embedded reference model (4 MoE layers of 8 experts) is converted to 2..8 bi
 served in bfloat16 at its widest width three times through ``vllm_d2moe.testing.engine_runs``:
 ``enforce_eager=True``; ``enforce_eager=False`` (torch.compile and vLLM's piecewise CUDA graphs,
 the d2moe op between them); and the latter with ``memory_budget`` a quarter of the expert bytes,
-so experts stream through the offload pool. Checks: every run generates for every prompt; the
-graph run agrees with eager on at least 90 % of generated tokens (compiled and eager bf16 may
-round differently elsewhere in the model, stale graph buffers would disagree almost
-everywhere); the budget run's tokens equal the graph run's (the same kernel on the same rows).
+so experts stream through the offload pool. Checks: every run generates for every prompt; where
+the graph run's greedy tokens first differ from eager's, the two were a near-tie in eager's
+log-probabilities (``vllm_d2moe.testing.compare``: compiled and eager bf16 round differently
+elsewhere in the model, stale graph buffers would pick tokens far from the top); the budget
+run's tokens equal the graph run's (the same kernel on the same rows).
 Exit status 1 when a check fails.
 """
 
@@ -38,6 +39,7 @@ def main(workdir: Path) -> int:
     from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.offload.pool import expert_nbytes
+    from vllm_d2moe.testing.compare import diverge_only_at_near_ties
     from vllm_d2moe.testing.engine_runs import Run, run_engine
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,7 @@ def main(workdir: Path) -> int:
     budget = all_experts // 4
     base = dict(model=str(model), prompts=PROMPTS, max_tokens=MAX_TOKENS, dtype="bfloat16")
     runs = [
-        Run("eager", enforce_eager=True, **base),
+        Run("eager", enforce_eager=True, logprobs=20, **base),
         Run("cuda-graphs", enforce_eager=False, **base),
         Run("cuda-graphs-budget", enforce_eager=False,
             hf_overrides={"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}}, **base),
@@ -77,10 +79,10 @@ def main(workdir: Path) -> int:
         if empty:
             failures.append(f"runs with a prompt that generated nothing: {empty}")
         pairs = [(a, b) for x, y in zip(tokens["eager"], tokens["cuda-graphs"]) for a, b in zip(x, y)]
-        agreement = sum(a == b for a, b in pairs) / len(pairs)
-        results["graphs_vs_eager_token_agreement"] = agreement
-        if agreement < 0.9:
-            failures.append(f"CUDA graphs agree with eager on only {agreement:.0%} of tokens")
+        results["graphs_vs_eager_token_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+        problems = diverge_only_at_near_ties(results["runs"]["eager"], results["runs"]["cuda-graphs"])
+        results["graphs_vs_eager_divergences"] = problems
+        failures += [f"CUDA graphs vs eager: {p}" for p in problems]
         results["budget_equals_resident"] = tokens["cuda-graphs-budget"] == tokens["cuda-graphs"]
         if not results["budget_equals_resident"]:
             failures.append("the budget run's tokens differ from the resident run's")

@@ -23,6 +23,7 @@ import torch
 from test_kernels import float64_mlp, random_layer, tolerance
 from vllm_d2moe.experts import ExpertSegments, LayerExperts
 from vllm_d2moe.mwq.quantize import MWQSpec
+from vllm_d2moe.testing.compare import diverge_only_at_near_ties
 
 pytestmark = [
     pytest.mark.gpu,
@@ -182,7 +183,7 @@ def served(tiny_d2moe, tmp_path_factory) -> dict:
     budget = 3 * expert_nbytes(checkpoint.layer(0).layout, 8) + 4096
     base = {"model": str(tiny_d2moe), "prompts": PROMPTS, "max_tokens": 16, "dtype": "bfloat16"}
     runs = [
-        {**base, "name": "eager", "enforce_eager": True},
+        {**base, "name": "eager", "enforce_eager": True, "logprobs": 20},
         {**base, "name": "cuda-graphs", "enforce_eager": False},
         {**base, "name": "cuda-graphs-budget", "enforce_eager": False,
          "hf_overrides": {"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}}},
@@ -191,12 +192,9 @@ def served(tiny_d2moe, tmp_path_factory) -> dict:
 
 
 def test_served_completion_with_cuda_graphs_matches_eager(served):
-    eager, graphs = _tokens(served["eager"]), _tokens(served["cuda-graphs"])
-    assert all(len(t) == 16 for t in graphs)
-    pairs = [(a, b) for x, y in zip(eager, graphs) for a, b in zip(x, y)]
-    # torch.compile may round bf16 elsewhere in the model differently from eager; a graph replaying
-    # stale expert inputs or outputs would disagree almost everywhere.
-    assert sum(a == b for a, b in pairs) / len(pairs) >= 0.9, (eager, graphs)
+    """Equal greedy tokens up to a near-tie (``vllm_d2moe.testing.compare``)."""
+    problems = diverge_only_at_near_ties(served["eager"], served["cuda-graphs"])
+    assert not problems, (problems, _tokens(served["eager"]), _tokens(served["cuda-graphs"]))
 
 
 def test_served_completion_under_a_memory_budget_matches_resident(served):

@@ -25,11 +25,11 @@ from vllm_d2moe.kernels import load_backend
 
 from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.experts import load_layer_experts
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
-from vllm_d2moe.offload.store import ExpertStore, read_buffered
+from vllm_d2moe.offload.store import ExpertStore
 from vllm_d2moe.testing.engine_runs import Run
 
 MIN_BITS, MAX_BITS, GROUP = 2, 8, 64

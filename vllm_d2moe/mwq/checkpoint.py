@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ FORMAT_VERSION = 1
 EXPERTS_DIR = "d2moe"
 INDEX_NAME = "index.json"
 QUANT_METHOD = "d2moe"
+
+# read(blob file name, offset, length) -> a writable buffer of those bytes (fewer at the end of the file)
+FileRead = Callable[[str, int, int], memoryview]
 
 
 class CheckpointError(RuntimeError):
@@ -125,6 +129,12 @@ class CheckpointWriter:
             **index["spec"],
             "num_experts": {str(k): v["num_experts"] for k, v in sorted(self.layers.items())},
         }
+
+
+def read_buffered(fd: int, offset: int, length: int) -> memoryview:
+    """``length`` bytes of ``fd`` from ``offset`` (fewer at its end), in a writable buffer (tensors view it)."""
+    buffer = bytearray(length)
+    return memoryview(buffer)[: os.preadv(fd, [buffer], offset)]
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -225,18 +235,26 @@ class MWQCheckpoint:
             )
         return str(path), offset, nbytes
 
-    def read_sections(self, layer: int, expert: int, first: int, last: int) -> torch.Tensor:
-        """Bytes of sections ``first .. last`` (inclusive) of an expert, verified."""
+    def read_sections(
+        self, layer: int, expert: int, first: int, last: int, read: FileRead | None = None
+    ) -> torch.Tensor:
+        """Bytes of sections ``first .. last`` (inclusive) of an expert, verified.
+
+        ``read(file, offset, length)`` reads from the layer's blob file (by name); by default a
+        positional read of this checkpoint's own descriptor (the offload store passes its own).
+        """
         entry = self.layer(layer)
         path, offset, _ = self.expert_extent(layer, expert)
-        fd, _ = self._file(entry.file)
         start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
         try:
-            data = os.pread(fd, end - start, offset + start)
+            if read is None:
+                data = read_buffered(self._file(entry.file)[0], offset + start, end - start)
+            else:
+                data = read(entry.file, offset + start, end - start)
         except OSError as e:
             raise CheckpointError(f"{path}: reading layer {layer} expert {expert} failed ({e})") from e
         self.verify_sections(layer, expert, first, last, data)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return torch.frombuffer(data, dtype=torch.uint8)
 
     def verify_sections(self, layer: int, expert: int, first: int, last: int, data) -> None:
         """Check ``data``, the bytes of sections ``first .. last`` of an expert, against the index."""

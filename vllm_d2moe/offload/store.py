@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.mwq.layout import PROJECTIONS, ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
 
@@ -27,11 +27,6 @@ RETRY_DELAY_S = 0.01
 
 # read_at(fd, offset, length) -> buffer holding at least those bytes from ``offset``
 ReadAt = Callable[[int, int, int], memoryview]
-
-
-def read_buffered(fd: int, offset: int, length: int) -> memoryview:
-    buffer = bytearray(length)  # writable, so tensors can view it without a copy
-    return memoryview(buffer)[: os.preadv(fd, [buffer], offset)]
 
 
 def read_direct(fd: int, offset: int, length: int) -> memoryview:
@@ -110,21 +105,18 @@ class ExpertStore:
     def read(self, layer: int, expert: int, first: int, last: int) -> SectionBytes:
         """Sections ``first .. last`` of an expert, verified; a failed read or a checksum
         mismatch is retried ``retries`` times before the last error is raised."""
-        entry = self.checkpoint.layer(layer)
-        path, offset, _ = self.checkpoint.expert_extent(layer, expert)
-        start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
         for attempt in range(self.retries + 1):
             try:
-                data = self.read_at(self._fds[entry.file], offset + start, end - start)
-                self.checkpoint.verify_sections(layer, expert, first, last, data)
-                return SectionBytes(layer, expert, first, last, torch.frombuffer(data, dtype=torch.uint8))
-            except OSError as e:
-                error = CheckpointError(f"{path}: reading layer {layer} expert {expert} failed ({e})")
+                data = self.checkpoint.read_sections(layer, expert, first, last, self._read)
+                return SectionBytes(layer, expert, first, last, data)
             except CheckpointError as e:
                 error = e
             if attempt < self.retries:
                 time.sleep(RETRY_DELAY_S)
         raise CheckpointError(f"{error} (after {self.retries + 1} attempts)") from error
+
+    def _read(self, file: str, offset: int, length: int) -> memoryview:
+        return self.read_at(self._fds[file], offset, length)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -72,20 +72,19 @@ TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeli
 
 def run_engine(spec: dict) -> dict:
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from vllm_d2moe.offload import metrics_snapshots
+    from vllm_d2moe.vllm_glue.llm import start_llm
 
-    llm = LLM(
-        model=spec["model"],
+    llm = start_llm(
+        spec["model"],
         hf_overrides={"quantization_config": spec["quantization_config"]} if spec["quantization_config"] else None,
         dtype="bfloat16",
         enforce_eager=True,
         max_model_len=spec["input_len"] + spec["output_len"] + 8,
         max_num_seqs=max(spec["concurrency"]),
-        gpu_memory_utilization=0.3,
-        seed=0,
     )
     torch.set_num_threads(spec["threads"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]

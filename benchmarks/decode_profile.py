@@ -137,11 +137,13 @@ def time_op_body(expert_op, timers: Timers) -> None:
 def run_engine(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=spec["model"],
+    from vllm_d2moe.vllm_glue.llm import start_llm
+
+    llm = start_llm(
+        spec["model"],
         hf_overrides={"quantization_config": spec["quantization_config"]}
         if spec["quantization_config"]
         else None,
@@ -149,8 +151,6 @@ def run_engine(spec: dict) -> dict:
         enforce_eager=spec["mode"] == "eager",
         max_model_len=spec["input_len"] + spec["output_len"] + 8,
         max_num_seqs=max(spec["concurrency"]),
-        gpu_memory_utilization=0.3,
-        seed=0,
     )
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
 

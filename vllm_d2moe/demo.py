@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from vllm_d2moe.reference.corpus import cache_root
+from vllm_d2moe.vllm_glue.llm import start_llm
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "reference-small"
 DEFAULT_PROMPTS = [
@@ -70,18 +71,16 @@ def run(args) -> int:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     for bits in widths:
         expert_mib = sum(e.layout.nbytes(bits) * e.num_experts for e in layers) / 2**20
         print(f"\n=== vLLM, quantization='d2moe', experts at {bits} bits ({expert_mib:.1f} MiB of experts) ===")
-        llm = LLM(
-            model=str(checkpoint),
+        llm = start_llm(
+            str(checkpoint),
             quantization="d2moe",
             hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": bits}},
-            gpu_memory_utilization=0.3,
             max_model_len=512,
-            seed=0,
         )
         # Greedy, with a repetition penalty: a model this small loops without one.
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.3)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from vllm_d2moe.eval.variants import Variant
+from vllm_d2moe.vllm_glue.llm import start_llm
 from vllm_d2moe.width_selection import WIDTH_STATS
 
 SCORES_FILE = "scores.npz"
@@ -96,12 +97,10 @@ def _score_batches(llm, windows: torch.Tensor):
 
 
 def _start_engine(variant: Variant, dtype: str, window: int):
-    from vllm import LLM
-
-    return LLM(
-        model=variant.model,
+    return start_llm(
+        variant.model,
         quantization=variant.quantization,
-        hf_overrides=variant.hf_overrides or None,
+        hf_overrides=variant.hf_overrides,
         dtype=dtype,
         enforce_eager=True,
         # No worker process: spawning one re-imports vLLM, a third of an engine's start-up here.
@@ -109,8 +108,6 @@ def _start_engine(variant: Variant, dtype: str, window: int):
         max_model_len=window + 2,  # the window's window + 1 tokens and the one generated token
         max_logprobs=-1,
         enable_prefix_caching=False,
-        gpu_memory_utilization=0.3,
-        seed=0,
     )
 
 

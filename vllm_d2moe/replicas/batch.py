@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from vllm_d2moe.replicas.cluster import failure_reason, import_ray, local_cluster
 from vllm_d2moe.replicas.spec import ReplicaSpec, add_replica_arguments, specs_from_args
+from vllm_d2moe.vllm_glue.llm import start_llm
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,7 @@ class BatchReplica:
     """One vLLM engine in its Ray actor's own process (wrapped by :class:`ReplicaPool`)."""
 
     def __init__(self, spec: ReplicaSpec):
-        from vllm import LLM
-
-        self.llm = LLM(**spec.llm_kwargs())
+        self.llm = start_llm(**spec.llm_kwargs())
 
     def generate(self, prompts: list[str], sampling: dict) -> list[dict]:
         from vllm import SamplingParams

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from vllm_d2moe.offload.sampling import OffloadSampler
+from vllm_d2moe.vllm_glue.llm import start_llm
 from vllm_d2moe.width_selection import WIDTH_STATS
 
 
@@ -54,12 +55,12 @@ def _logprob_vectors(positions) -> list[dict[str, float]]:
 
 
 def run_engine(run: Run, earlier: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(
-        model=run.model,
+    llm = start_llm(
+        run.model,
         quantization=run.quantization,
-        hf_overrides=run.hf_overrides or None,
+        hf_overrides=run.hf_overrides,
         enforce_eager=run.enforce_eager,
         tensor_parallel_size=run.tensor_parallel_size,
         enable_expert_parallel=run.enable_expert_parallel,
@@ -69,8 +70,6 @@ def run_engine(run: Run, earlier: dict) -> dict:
         dtype=run.dtype,
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,
-        gpu_memory_utilization=0.3,
-        seed=0,
     )
     try:
         params = [

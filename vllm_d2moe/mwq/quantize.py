@@ -160,7 +160,9 @@ class MWQTensor:
     def cat_rows(top: "MWQTensor", bottom: "MWQTensor") -> "MWQTensor":
         """Stack two quantized matrices with equal columns and widths (e.g. gate over up)."""
         if top.shape[1] != bottom.shape[1] or top.bits != bottom.bits:
-            raise MWQError(f"cannot stack {top.shape}@{top.bits}b over {bottom.shape}@{bottom.bits}b")
+            raise MWQError(
+                f"cannot stack {top.shape}@{top.bits}b over {bottom.shape}@{bottom.bits}b"
+            )
         return MWQTensor(
             shape=(top.shape[0] + bottom.shape[0], top.shape[1]),
             group_size=top.group_size,
@@ -180,23 +182,50 @@ class MWQTensor:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTensor:
-    """Quantize a 2-D weight ``[rows, cols]`` (any float dtype) to MWQ widths ``spec.widths``."""
+def _check_matrix(weight: torch.Tensor, spec: MWQSpec, name: str, finite: bool = True) -> int:
+    """The number of groups per row of ``weight``; raises for unusable input."""
     if weight.dim() != 2:
         raise MWQError(f"{name}: expected a 2-D matrix, got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
+    if finite and not torch.isfinite(weight).all():
         raise MWQError(f"{name}: contains NaN or infinite values")
+    return spec.num_groups(weight.shape[1], name)
+
+
+def _scale_and_zero(
+    lo: torch.Tensor, hi: torch.Tensor, levels: int, name: str, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float16 scale and zero of groups with float64 minima ``lo`` and maxima ``hi``.
+
+    Both quantizers call this, so their scales and zeros are identical by construction.
+    """
+    scale = ((hi - lo) / levels).to(SCALE_DTYPE)
+    # A constant group has no range: any positive scale reconstructs it via the zero.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = (-lo / scale.double()).to(SCALE_DTYPE)
+    bad = ~(torch.isfinite(scale) & torch.isfinite(zero))
+    if bad.any():
+        flat = int(bad.flatten().nonzero()[0])
+        row, group = divmod(flat, groups)
+        raise MWQError(
+            f"{name}: group {group} of row {row} spans [{lo.flatten()[flat]:.6g}, "
+            f"{hi.flatten()[flat]:.6g}], whose scale or zero point overflows float16"
+        )
+    return scale, zero
+
+
+def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTensor:
+    """Quantize a 2-D weight ``[rows, cols]`` (any float dtype) to MWQ widths ``spec.widths``.
+
+    The float64 reference: :func:`quantize_float32` produces the same bytes faster.
+    """
+    groups = _check_matrix(weight, spec, name)
     rows, cols = weight.shape
-    groups = spec.num_groups(cols, name)
     w = weight.detach().to(torch.float64).reshape(rows, groups, spec.group_size)
 
     lo, hi = w.amin(-1), w.amax(-1)
     levels = (1 << spec.min_bits) - 1
-    scale = ((hi - lo) / levels).to(SCALE_DTYPE)
-    # A constant group has no range: any positive scale reconstructs it via the zero.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale, zero = _scale_and_zero(lo, hi, levels, name, groups)
     scale64 = scale.double().unsqueeze(-1)
-    zero = (-lo / scale64.squeeze(-1)).to(SCALE_DTYPE)
     zero64 = zero.double().unsqueeze(-1)
     q = torch.clamp(torch.round(w / scale64 + zero64), 0, levels).to(torch.uint8)
     residual = w - scale64 * (q.double() - zero64)
@@ -221,6 +250,237 @@ def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTe
     )
 
 
+# --- float32 quantization, byte-identical to the float64 reference ---------------------
+#
+# quantize_float32 runs the reference's arithmetic in float32 on blocks of groups laid
+# out group-major ([group_size, groups]: every reduction runs across contiguous rows,
+# which vectorises). It proves, per group, that its float32 decisions equal the float64
+# ones, and hands every group it cannot prove (about 1% of normally distributed bf16
+# weights) to the float64 reference, so the output equals the reference's byte for byte:
+#
+# * rounding t = w / s + z: float32 is within 2U (2 max|w| / s + |z|) of float64
+#   (U = 2**-24, the float32 unit roundoff); the group is proven when no element's t
+#   lies that close to a rounding boundary k + 1/2.
+# * the residuals r_0 = w + (s z - s q) and r_j = r_{j-1} - copysign(a_j, r_{j-1}):
+#   every value computed is a multiple of the smallest unit in last place (ulp) among
+#   the group's nonzero weights, s, s z (the exact product of two float16) and the a_j,
+#   and none exceeds M = s max(|z|, |levels - z|, max|t - q|) (|r_j| <= max(|r_{j-1}|,
+#   a_j), a_j <= max|r_{j-1}| (1 + 2**-11)). When M < 2**24 ulp, all of them are
+#   float32 numbers: float32 and float64 compute the same exact residuals, hence the same
+#   signs (r_0 is formed as w + (...) so that it is never -0.0, for which copysign and
+#   the reference's r >= 0 would disagree).
+# * a_j = float16(mean |r_{j-1}|): summed pairwise over 8 in float32, then in float64.
+#   When 8 M < 2**24 ulp the sum is exact, as is the reference's: the same mean. Else
+#   the float32 sum is within 3U of it, and the group is proven when both ends of
+#   mean (1 -+ 4U) round to the same float16 (rounding is monotone).
+
+_U = 2.0**-24
+# Multiples of a unit up to 2**24 of it are float32 numbers; the margin covers the float64
+# rounding of the bounds compared with it.
+_LOG2_FLOAT32_INTEGERS = 24 - 0.01
+# Float32 elements per block: a block's working set (a few [group_size, block] arrays)
+# stays in cache, and each torch call still has enough work to split across threads.
+_BLOCK_ELEMENTS = 1 << 18
+# Explicit mantissa bits of the source dtypes quantize_float32 takes, and the log2 ulp of
+# their subnormals.
+_MANTISSA_BITS = {torch.bfloat16: (7, -133), torch.float16: (10, -24)}
+# Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to the
+# nearest integer, ties to even (as torch.round, which is several times slower).
+_ROUNDING_MAGIC = 1.5 * 2**23
+
+
+def _log2_ulp(x: torch.Tensor, mantissa_bits: int, min_log2: int) -> torch.Tensor:
+    """log2 of the unit in last place of ``x >= 0`` (float64) in a format with
+    ``mantissa_bits`` explicit bits; +inf where x is 0 or infinite (no constraint)."""
+    _, exponent = torch.frexp(x)
+    ulp = torch.clamp(exponent.double() - 1 - mantissa_bits, min=min_log2)
+    return torch.where((x > 0) & torch.isfinite(x), ulp, torch.full_like(ulp, float("inf")))
+
+
+def _byte_weights(g: int) -> torch.Tensor:
+    """``[g, g // 8]`` float32 with ``2**i`` at ``(8 k + i, k)``: ``bits.t() @ it`` packs
+    each group's bits into bytes, least-significant bit first."""
+    weights = torch.zeros(g, g // 8)
+    rows = torch.arange(g)
+    weights[rows, rows // 8] = (2.0 ** (rows % 8)).float()
+    return weights
+
+
+def _pack_group_major(bits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``bits`` {0,1} float32 ``[G, n]`` -> packed uint8 ``[n, G // 8]`` (as :func:`pack_bits`
+    packs each group's row segment). Each sum has 8 nonzero terms, an exact integer < 256."""
+    return torch.mm(bits.t(), weights).to(torch.uint8)
+
+
+def _pack_signs(signed: torch.Tensor, alpha: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pack the signs of ``signed`` = +-``alpha`` (float32 ``[G, n]``, alpha ``[1, n]`` > 0;
+    bit 1 for +) like :func:`_pack_group_major`: each sum is alpha * (2 byte - 255),
+    exact in any order."""
+    total = torch.mm(signed.t(), weights)
+    return total.div_(alpha.view(-1, 1)).add_(255).mul_(0.5).to(torch.uint8)
+
+
+class _Float32Block:
+    """One block of groups (columns of ``w``, float32 ``[G, n]``, overwritten) quantized in
+    float32, with the groups it could not prove equal to the reference (``undecided``)."""
+
+    def __init__(
+        self,
+        w: torch.Tensor,
+        spec: MWQSpec,
+        name: str,
+        source_dtype: torch.dtype,
+        first_group: int,
+        groups_per_row: int,
+    ):
+        levels = (1 << spec.min_bits) - 1
+        lo, hi = w.amin(0).double(), w.amax(0).double()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise MWQError(f"{name}: contains NaN or infinite values")
+        scale, zero = _scale_and_zero(lo, hi, levels, name, groups_per_row)
+        self.scale, self.zero = scale, zero
+        s64, z64 = scale.double(), zero.double()
+        s, z = scale.float().view(1, -1), zero.float().view(1, -1)
+        work = torch.empty_like(w)
+
+        # log2 of the unit every residual is a multiple of (see above), and bounds on |r_j|.
+        magnitude = torch.abs(w, out=work)
+        smallest_weight = magnitude.amin(0)
+        with_zero = (smallest_weight == 0).nonzero().flatten()
+        if len(with_zero):
+            columns = magnitude[:, with_zero]
+            smallest_weight[with_zero] = columns.masked_fill_(columns == 0, float("inf")).amin(0)
+        mantissa_bits, min_log2 = _MANTISSA_BITS[source_dtype]
+        log2_unit = torch.minimum(
+            _log2_ulp(smallest_weight.double(), mantissa_bits, min_log2),
+            _log2_ulp(s64, 10, -24) + torch.clamp(_log2_ulp(z64.abs(), 10, -24), max=0),
+        )
+        largest_sz_sq = s64 * torch.maximum(z64.abs(), (levels - z64).abs())
+        largest = s64 * torch.stack([lo / s64 + z64, hi / s64 + z64 - levels]).abs().amax(0)
+        largest = torch.clamp(largest, min=s64 * (0.5 + 2**-20))
+        inexact = (
+            torch.log2(torch.maximum(largest_sz_sq, largest)) >= _LOG2_FLOAT32_INTEGERS + log2_unit
+        )
+
+        t = torch.div(w, s, out=work).add_(z)
+        # |t| <= max(|lo|, |hi|) / s + |z| < 2**22 (|z| and 3 / s are float16).
+        q = torch.add(t, _ROUNDING_MAGIC).sub_(_ROUNDING_MAGIC)
+        t -= q  # t - round(t), exact
+        distance = torch.maximum(t.amax(0), -t.amin(0)).double()
+        w_max = torch.maximum(lo.abs(), hi.abs())
+        undecided = 0.5 - distance <= 2 * _U * (2 * w_max / s64 + z64.abs())
+        q.clamp_(0, levels)
+        byte_weights = _byte_weights(spec.group_size)
+        q_bytes = q.to(torch.uint8)
+        self.base_bits = [
+            _pack_group_major(
+                torch.bitwise_right_shift(q_bytes, i).bitwise_and_(1).float(), byte_weights
+            )
+            for i in range(spec.min_bits)
+        ]
+        del q_bytes
+
+        # r_0 = w + (s z - s q): never -0.0 (see above). s z is exact: float16 times float16.
+        residual = q.mul_(-s).add_(s * z).add_(w)
+        del w
+        g = spec.group_size
+        self.planes = []
+        planes = spec.max_bits - spec.min_bits
+        for j in range(planes):
+            partial = torch.abs(residual, out=work)
+            half = g // 2
+            partial = partial[:half].add_(partial[half:])
+            for _ in range(2):  # pairwise sums over 8 elements in all
+                half //= 2
+                partial = partial[:half].add_(partial[half:])
+            mean = partial.double().sum(0) / g
+            alpha = mean.to(SCALE_DTYPE)
+            sum_inexact = torch.log2(8 * largest) >= _LOG2_FLOAT32_INTEGERS + log2_unit
+            slack = 4 * _U * mean
+            rounding_unproven = (mean - slack).to(SCALE_DTYPE) != (mean + slack).to(SCALE_DTYPE)
+            undecided |= (sum_inexact & rounding_unproven) | (alpha == 0)
+            a = alpha.float().view(1, -1)
+            signed = torch.copysign(a, residual, out=work)
+            self.planes.append((_pack_signs(signed, a, byte_weights), alpha))
+            if j + 1 < planes:
+                residual -= signed
+                a64 = alpha.double()
+                log2_unit = torch.minimum(log2_unit, _log2_ulp(a64, 10, -24))
+                largest = torch.maximum(largest - a64, a64)
+                inexact |= torch.log2(largest) >= _LOG2_FLOAT32_INTEGERS + log2_unit
+        if planes:  # without planes the residuals are never formed
+            undecided |= inexact
+        self.undecided = undecided.nonzero().flatten() + first_group
+
+
+def quantize_float32(
+    weight: torch.Tensor, spec: MWQSpec, name: str = "weight", counts: dict | None = None
+) -> MWQTensor:
+    """:func:`quantize` computed in float32, with the same output bytes.
+
+    Groups whose float32 result could differ from the float64 reference's (see the
+    bounds above) are recomputed by the reference; ``counts``, when given, gains
+    ``groups`` and ``recomputed`` (their numbers). Bit-packing by group requires a group
+    size that is a multiple of 8; other group sizes (and float64 input) use the reference
+    throughout.
+    """
+    if spec.group_size % 8 or weight.dtype not in _MANTISSA_BITS:
+        return quantize(weight, spec, name)
+    groups_per_row = _check_matrix(weight, spec, name, finite=False)  # blocks check that
+    rows, cols = weight.shape
+    g = spec.group_size
+    total_groups = rows * groups_per_row
+    grouped = weight.detach().reshape(total_groups, g)
+    # Whole rows per block keep each block's packed output a contiguous row range.
+    block_rows = max(1, _BLOCK_ELEMENTS // cols)
+    packed_cols = cols // 8
+    base_bits = torch.empty(spec.min_bits, rows, packed_cols, dtype=torch.uint8)
+    scale = torch.empty(rows, groups_per_row, dtype=SCALE_DTYPE)
+    zero = torch.empty(rows, groups_per_row, dtype=SCALE_DTYPE)
+    planes_count = spec.max_bits - spec.min_bits
+    plane_bits = torch.empty(planes_count, rows, packed_cols, dtype=torch.uint8)
+    plane_scale = torch.empty(planes_count, rows, groups_per_row, dtype=SCALE_DTYPE)
+    undecided = []
+    for row in range(0, rows, block_rows):
+        n_rows = min(block_rows, rows - row)
+        first, last = row * groups_per_row, (row + n_rows) * groups_per_row
+        w = torch.empty(g, last - first).copy_(grouped[first:last].t())
+        block = _Float32Block(w, spec, name, weight.dtype, first, groups_per_row)
+        scale[row : row + n_rows] = block.scale.view(n_rows, groups_per_row)
+        zero[row : row + n_rows] = block.zero.view(n_rows, groups_per_row)
+        for i, bits in enumerate(block.base_bits):
+            base_bits[i, row : row + n_rows] = bits.view(n_rows, packed_cols)
+        for j, (bits, alpha) in enumerate(block.planes):
+            plane_bits[j, row : row + n_rows] = bits.view(n_rows, packed_cols)
+            plane_scale[j, row : row + n_rows] = alpha.view(n_rows, groups_per_row)
+        undecided.append(block.undecided)
+
+    undecided = torch.cat(undecided)
+    if len(undecided):
+        exact = quantize(grouped[undecided], MWQSpec(spec.min_bits, spec.max_bits, g), name)
+        r, c = undecided // groups_per_row, undecided % groups_per_row
+        byte_cols = (c * (g // 8)).unsqueeze(-1) + torch.arange(g // 8)
+        rr = r.unsqueeze(-1)
+        scale[r, c], zero[r, c] = exact.base_scale[:, 0], exact.base_zero[:, 0]
+        for i in range(spec.min_bits):
+            base_bits[i][rr, byte_cols] = exact.base_bits[i]
+        for j, (bits, alpha) in enumerate(exact.planes):
+            plane_bits[j][rr, byte_cols] = bits
+            plane_scale[j][r, c] = alpha[:, 0]
+    if counts is not None:
+        counts["groups"] = counts.get("groups", 0) + total_groups
+        counts["recomputed"] = counts.get("recomputed", 0) + len(undecided)
+
+    return MWQTensor(
+        shape=(rows, cols),
+        group_size=g,
+        base_bits=base_bits,
+        base_scale=scale,
+        base_zero=zero,
+        planes=tuple((plane_bits[j], plane_scale[j]) for j in range(planes_count)),
+    )
+
+
 def dequantize(t: MWQTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reconstruct ``W_b`` (``b = t.bits``) by the formula in the module docstring, in float32."""
     rows, cols = t.shape
@@ -228,7 +488,9 @@ def dequantize(t: MWQTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor
     q = torch.zeros(rows, cols, dtype=torch.float32, device=t.base_bits.device)
     for i in range(t.min_bits):
         q += unpack_bits(t.base_bits[i], cols).float() * (1 << i)
-    w = (q.view(rows, -1, g) - t.base_zero.float().unsqueeze(-1)) * t.base_scale.float().unsqueeze(-1)
+    w = (q.view(rows, -1, g) - t.base_zero.float().unsqueeze(-1)) * t.base_scale.float().unsqueeze(
+        -1
+    )
     for bits, alpha in t.planes:
         sign = unpack_bits(bits, cols).float().view(rows, -1, g) * 2 - 1
         w += alpha.float().unsqueeze(-1) * sign

@@ -51,7 +51,6 @@ a message.
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import math
 import os
@@ -67,6 +66,8 @@ from pathlib import Path
 
 import budget_sweep
 
+from vllm_d2moe.eval.peer_engines import llama_cpp_version
+
 RESULTS = budget_sweep.RESULTS
 REPO = budget_sweep.REPO
 CACHE = Path.home() / ".cache" / "vllm_d2moe" / "peers"
@@ -80,7 +81,6 @@ RANDOM_SIZES = {
     "num_key_value_heads": 8,
     "head_dim": 128,
 }
-PEERS_HINT = 'pip install -e ".[peers]" (or scripts/install.sh peers; builds llama.cpp from source, ~6 min)'
 
 
 # ---------------------------------------------------------------- models
@@ -102,16 +102,6 @@ def random_model(reference: Path, out: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copyfile(reference / name, out / name)
     return out
-
-
-def llama_cpp_version() -> str | None:
-    """The installed llama-cpp-python version, or None with a message saying how to install it."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        print(f"peers: llama.cpp skipped: llama-cpp-python is not installed; {PEERS_HINT}", flush=True)
-        return None
-    from importlib.metadata import version
-
-    return version("llama-cpp-python")
 
 
 def vendored_converter(version: str, cache: Path) -> Path | None:

@@ -1,16 +1,12 @@
-"""benchmarks/peers.py's pieces that decide what is reported: a missing peer is skipped with a message,
-and log-probs from another engine are scored against the reference exactly as vLLM's are."""
+"""What benchmarks/peers.py reports rests on: a missing peer is skipped with a message, and
+log-probs from another engine are scored against the reference exactly as vLLM's are."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
+from vllm_d2moe.eval.peer_engines import llama_cpp_version
 from vllm_d2moe.eval.scoring import compare_batches
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import peers
 
 
 def test_missing_llama_cpp_is_skipped_with_the_install_command(monkeypatch, capsys):
@@ -20,7 +16,7 @@ def test_missing_llama_cpp_is_skipped_with_the_install_command(monkeypatch, caps
         "find_spec",
         lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a),
     )
-    assert peers.llama_cpp_version() is None
+    assert llama_cpp_version() is None
     message = capsys.readouterr().out
     assert "llama.cpp skipped" in message and ".[peers]" in message
 

@@ -9,6 +9,7 @@ top-1 agreement of MWQ widths and baseline quantizers, measured through vLLM.
   and top-1 agreement against the unquantized model),
 * ``crosscheck``: the same perplexity from a plain transformers forward pass,
 * ``report``: markdown table, JSON and plot,
+* ``peer_engines``: whether the engines ``benchmarks/peers.py`` compares with are installed,
 * ``harness``: the ``d2moe eval`` command,
 * ``zero_shot``: a next-line multiple-choice task for the lm-eval harness.
 """

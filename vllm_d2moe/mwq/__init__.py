@@ -1,2 +1,2 @@
-"""Matryoshka weight quantization (MWQ): quantizer, bit packing, and the
-on-disk checkpoint format."""
+"""Matryoshka weight quantization (MWQ): quantizer, bit packing, the
+on-disk checkpoint format, and the stacked form a layer's experts are resident in."""

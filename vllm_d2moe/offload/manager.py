@@ -87,3 +87,9 @@ def _shard(tensors: dict, tp_rank: int, tp_size: int) -> dict:
 def metrics_snapshots() -> list[dict]:
     """Current metrics of every live offload manager in this process (one per engine)."""
     return [m.metrics.snapshot() for m in list(_MANAGERS)]
+
+
+def reset_metrics() -> None:
+    """Zero the counters of every live offload manager in this process."""
+    for manager in list(_MANAGERS):
+        manager.metrics.reset()

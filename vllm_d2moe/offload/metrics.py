@@ -1,5 +1,6 @@
 """Offload counters per MoE layer and in total, readable from Python and logged periodically."""
 
+import itertools
 import logging
 import resource
 import time
@@ -11,6 +12,7 @@ from vllm_d2moe.byte_sizes import format_bytes
 logger = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 30.0
+_SERIALS = itertools.count()
 
 
 @dataclass
@@ -37,17 +39,24 @@ class OffloadMetrics:
     def __init__(self, pool):
         self.pool = pool
         self.layers: dict[int, LayerCounters] = defaultdict(LayerCounters)
+        # Which counters these are (one per manager in the process) and how often they restarted:
+        # a reader keeping totals across engines and resets (the Prometheus publisher) needs both.
+        self.serial = next(_SERIALS)
+        self.resets = 0
         self._last_log = time.monotonic()
 
     def layer(self, layer: int) -> LayerCounters:
         return self.layers[layer]
 
     def snapshot(self) -> dict:
+        # One copy of the items (taken without releasing the GIL): other threads (the publisher,
+        # a sampler) read while the forward adds a layer's first counters.
+        layers = sorted(self.layers.items())
         total = LayerCounters()
-        for counters in self.layers.values():
+        for _, counters in layers:
             total.add(counters)
         return {
-            "layers": {layer: asdict(c) for layer, c in sorted(self.layers.items())},
+            "layers": {layer: asdict(c) for layer, c in layers},
             "total": asdict(total),
             "pool": {
                 "budget_bytes": self.pool.budget,
@@ -57,7 +66,17 @@ class OffloadMetrics:
                 "occupancy_bytes": self.pool.occupancy_nbytes,
             },
             "peak_rss_bytes": peak_rss_bytes(),
+            "serial": self.serial,
+            "resets": self.resets,
         }
+
+    def reset(self) -> None:
+        """Start counting again, in place: a layer call in flight keeps its counters object. (The
+        pool's occupancy is state, not a count: it stays.)"""
+        self.resets += 1
+        for counters in list(self.layers.values()):
+            for f in fields(counters):
+                setattr(counters, f.name, f.default)
 
     def maybe_log(self) -> None:
         """Log the totals at most every ``LOG_INTERVAL_S`` seconds (called after each layer call)."""

@@ -21,6 +21,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import select_backend
 from vllm_d2moe.vllm_glue.expert_op import moe_experts, register_layer
+from vllm_d2moe.vllm_glue.metrics import start_publishing
 from vllm_d2moe.width_selection import WidthSelector
 
 logger = init_logger(__name__)
@@ -117,6 +118,8 @@ class D2MoEMethod(FusedMoEMethodBase):
         self.experts = experts
         self.width_selector = self.quant_config.width_selector(self.layer_index, device)
         self.layer_id = register_layer(self)
+        # Counters out to Prometheus (/metrics); width choices are the same on every TP rank.
+        start_publishing(publish_widths=parallel.tp_rank == 0)
         logger.debug(
             "d2moe: %s holds %d experts at %d bits (%.1f MiB), widths by %s",
             layer.layer_name, len(global_ids), experts.bits, experts.nbytes / 2**20, self.quant_config.widths,

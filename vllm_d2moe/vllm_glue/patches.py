@@ -147,6 +147,17 @@ def _wrap_vllm_config_post_init(original):
     return __post_init__
 
 
+def _wrap_worker_getattr(original):
+    def __getattr__(self, attr):
+        from vllm_d2moe.vllm_glue import metrics
+
+        if attr == metrics.WORKER_STATS_METHOD:
+            return metrics.process_stats
+        return original(self, attr)
+
+    return __getattr__
+
+
 PATCHES = (
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs",
@@ -181,6 +192,12 @@ PATCHES = (
         "keep the d2moe expert op out of CUDA graphs once vLLM has settled its compilation config "
         "(expert_op.keep_out_of_cuda_graphs)",
         _wrap_vllm_config_post_init,
+    ),
+    Patch(
+        "vllm.v1.worker.worker_base:WorkerWrapperBase", "__getattr__",
+        "answer collective_rpc('d2moe_stats') in every worker with its offload and width statistics "
+        "(metrics.engine_stats): a callable would need VLLM_ALLOW_INSECURE_SERIALIZATION",
+        _wrap_worker_getattr,
     ),
 )
 

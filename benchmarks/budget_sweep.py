@@ -55,7 +55,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "vllm_d2moe" / "assets" / "reference-small"
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the worker process: its RSS, its metrics
+    # The engine core stays in the benchmark's worker process (not vLLM's default spawned
+    # ones): the thread count it sets and the peak RSS it reads (getrusage) are the engine's.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
 OFFLOAD_METHODS = {

@@ -109,9 +109,8 @@ def install_timers(llm, timers: Timers) -> None:
     # MWQ: the op body as the dispatcher runs it (compiled mode; eager calls it directly, which
     # only the parts below see) and its parts. The layer forward is timed where it still goes
     # through ``cpu_bitplanes.layer_forward`` (the tree before ``bind``).
-    from vllm_d2moe.kernels import cpu_bitplanes
-
     from vllm_d2moe import experts, width_selection
+    from vllm_d2moe.kernels import cpu_bitplanes
     from vllm_d2moe.vllm_glue import expert_op
 
     time_op_body(expert_op, timers)

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from vllm_d2moe.kernels import load_backend
 
 from vllm_d2moe.experts import ExpertSegments
+from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.stacked import StackedProjection
 
 HIDDEN, INTER, GROUP = 2048, 1408, 128

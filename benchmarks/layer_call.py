@@ -43,9 +43,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vllm_d2moe" / "budget_sweep")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from vllm_d2moe.kernels import select_backend
-
     from vllm_d2moe.experts import load_layer_experts
+    from vllm_d2moe.kernels import select_backend
     from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
     from vllm_d2moe.router.policy import ServingWidths
     from vllm_d2moe.vllm_glue import expert_op

@@ -75,8 +75,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.cpp_extension
 
-from vllm_d2moe.mwq.stacked import check_storable
 from vllm_d2moe.mwq.quantize import MWQTensor
+from vllm_d2moe.mwq.stacked import check_storable
 
 NAME = "cpu-bitplanes-avx2"
 

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, run_engines
-from vllm_d2moe.kernels import load_backend
 
 from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.experts import load_layer_experts
+from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
 from vllm_d2moe.testing.engine_runs import Run
+
+from conftest import PROMPTS, run_engines
 
 MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
 POLICIES = {
@@ -44,7 +45,6 @@ POLICIES = {
 def model(tmp_path_factory) -> Path:
     """A tiny Mixtral (2 MoE layers of 8 experts, hidden 128) converted to MWQ 2..8 bits."""
     from vllm_d2moe.converters.convert import convert
-
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.testing.tiny_models import make_tiny_model
 

@@ -23,8 +23,9 @@ def test_entry_point_is_installed():
 
 
 def test_register_is_idempotent_and_adds_the_method():
-    import vllm_d2moe
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    import vllm_d2moe
 
     vllm_d2moe.register()
     vllm_d2moe.register()

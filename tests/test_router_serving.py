@@ -17,14 +17,15 @@ import time
 
 import pytest
 import torch
-from conftest import PROMPTS, run_engines
-from conftest import ROUTER_CAPACITIES as CAPACITIES
-from conftest import ROUTER_WIDTHS as WIDTHS
 
 from vllm_d2moe.router.model import RouterSet
 from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, simulated_experts
 from vllm_d2moe.testing.engine_runs import Run
+
+from conftest import PROMPTS, run_engines
+from conftest import ROUTER_CAPACITIES as CAPACITIES
+from conftest import ROUTER_WIDTHS as WIDTHS
 
 MAX_TOKENS = 12
 

@@ -12,9 +12,9 @@ Exit status 1 if an engine failed or vLLM and transformers disagree.
 
 import importlib.util
 import shlex
-from dataclasses import replace
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from vllm_d2moe.converters.architectures import ConversionError

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 
+from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
 from vllm_d2moe.offload.pool import Key, ResidentPool
-from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.offload.store import ExpertStore, SectionBytes
 
 

@@ -24,8 +24,8 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 
 from vllm_d2moe.byte_sizes import parse_bytes
-from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.kernels import select_backend
+from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget

@@ -27,46 +27,21 @@ each row's sums are unchanged). The extension compiles at first use
 (about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);
 if it cannot be built the dispatcher logs why and serves with the reference.
 
-Chosen by measurement (2026-11-24, this 2-core AMD EPYC (Zen 3) VM; one
-thread, per-thread CPU time to discount the other jobs sharing the machine;
-whole expert MLP, hidden 2048, intermediate 1408, group 128, 1 token, weights
-rotating through a 64 MB pool; ``benchmarks/results/kernels-1thread.json``):
-
-=================================================  =======  =======  =======
-                                                    width 2  width 4  width 8
-=================================================  =======  =======  =======
-this kernel: plane pairs, 4-entry codebooks         0.89 ms  1.20 ms  2.30 ms
-C++, planes as stored: a 0/1 lane table + FMA/plane 1.10 ms  1.75 ms  3.7 ms
-numba, the same sums as byte lookup tables over x   3.0 ms   6.1 ms   12.8 ms
-numba, one weight at a time                         49 ms    118 ms   164 ms
-torch reference (dequantizes every call)            46 ms    135 ms   279 ms
-bf16 ``F.linear`` / int8 / int4 weight-only         1.87 / 1.21 / 1.28 ms (any width)
-=================================================  =======  =======  =======
-
-(The second to fourth rows were timed on one expert called repeatedly, warm
-in the L3 cache, which favours them.) The plane-as-stored kernel spends about
-a cycle per plane per eight weights on data-dependent table loads and the
-integer work to index them; pairs with
-codebooks halve the lookups and need no data-dependent loads. Three-plane
-chunks with 8-entry ``vpermps`` codebooks measured 1.4x slower than pairs at
-width 4 (``vpermps`` issues at about one per 1.4 cycles here, ``vpermilps``
-faster). numba was 3x slower at best, has no float16 arrays and runs its own
-thread pool beside torch's (its two-thread runs were slower than one thread
-here). Torch's int8/int4 weight-only kernels cannot run MWQ exactly: a width-b
-weight is ``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual
-scales ``a_j``, not an integer code times one scale.
-
-With both cores (``benchmarks/results/kernels.json``, same expert, 1 token):
-width 2 / 4 / 8 take 0.52 / 0.62 / 1.36 ms against bf16 0.99, int8 0.67 and
-int4 0.66 ms; at 64 tokens every width (10-11 ms) beats them all (bf16 52 ms,
-int8 13 ms), the rebuilt tile feeding torch's float32 GEMM.
+Why plane pairs with 4-entry codebooks: the kernel designs compared (C++ on
+the planes as stored, numba lookup tables, torch's int8/int4 weight-only
+kernels, bf16) and their timings are in ``benchmarks/results/kernels.md``
+("Kernel designs compared"). The plane-as-stored kernel spends about a cycle
+per plane per eight weights on data-dependent table loads; pairs with
+codebooks halve the lookups and need no data-dependent loads. Torch's
+int8/int4 weight-only kernels cannot run MWQ exactly: a width-b weight is
+``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual scales
+``a_j``, not an integer code times one scale.
 
 What bounds it: compute, one codebook lookup per plane pair per eight weights,
 so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
-memory bandwidth (7 GB/s of the 19 GB/s two cores read). At width 8 that is
-2x torch's int8 kernel, which converts each int8 weight once and is bound by
-bytes. An odd width reads its pair's second plane too (coefficient zero): 1/b
-more bytes.
+memory bandwidth; at width 8 that makes it slower than torch's int8 kernel,
+which converts each int8 weight once and is bound by bytes. An odd width reads
+its pair's second plane too (coefficient zero): 1/b more bytes.
 """
 
 import platform

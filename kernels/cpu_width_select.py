@@ -29,29 +29,11 @@ scores of a pair, or two pairs' scores at a capacity cut, lie within those
 few ulp: the tolerance of serving itself, whose hidden states differ from
 any reference by more.
 
-Measured (2026-11-24, this 2-core AMD EPYC VM; one thread, per-thread CPU
-time; capacities on, per-expert router; ``benchmarks/router_cost.py``,
-``benchmarks/results/router_cost.json``), per layer call at 1 / 8 / 64 tokens:
-
-================  ====================  ===================  ===============  ===================
-shape             torch ops (ms)        C++, after a layer   C++, warm (us)   expert compute (ms)
-                                        call (us)
-================  ====================  ===================  ===============  ===================
-reference-small   0.37 / 0.51 / 0.54    16 / 24 / 47         4.6 / 7.1 / 24   0.16 / 0.78 / 3.3
-mixtral-like      0.46 / 0.77 / 1.03    30 / 90 / 174        5.8 / 14 / 75    2.3 / 13.8 / 64
-olmoe-like        0.79 / 1.02 / 1.72    56 / 156 / 483       9.5 / 50 / 331   5.9 / 44 / 209
-================  ====================  ===================  ===============  ===================
-
-(reference-small: hidden 256, intermediate 512, 8 experts, top-2;
-mixtral-like: 2048 / 1408 / 8 / top-2; olmoe-like: 2048 / 1024 / 64 / top-8.)
-The decision is timed right after a layer call, as serving makes it: the
-layer's weights have pushed everything else out of the caches, and a cold
-Python call into C++ then costs some 10 us before any work (a Python no-op
-call alone about 6 us); "warm" is the same call back to back. With more
-tokens the dot products dominate, bound by loading the router rows (a pair
-reads its expert's ``K x hidden`` floats). That is under 2 % of the layer for
-every shape and token count except the small reference model at 1 token (9 %)
-and 8 tokens (3 %), where the whole layer is 0.16 / 0.8 ms.
+Its cost per layer call against the torch ops and the expert compute, for
+three model shapes: ``benchmarks/results/router_cost.md``. A cold Python call
+into C++ right after a layer call costs some microseconds before any work;
+with more tokens the dot products dominate, bound by loading the router rows
+(a pair reads its expert's ``K x hidden`` floats).
 
 The extension compiles at first use into torch's extensions directory
 (``~/.cache/torch_extensions``, about a minute); ``WidthSelector`` falls back

@@ -91,30 +91,36 @@ def run_engine(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
 
-    def timed(n: int, tokens: int) -> float:
+    def timed(n: int, tokens: int) -> tuple[float, dict]:
+        """Seconds of one generation and the offload counters it added (empty when nothing is offloaded)."""
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        before = offload_totals(llm)
         start = time.perf_counter()
         outputs = llm.generate(prompts[:n], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
-        return elapsed
+        return elapsed, {k: v - before[k] for k, v in offload_totals(llm).items()}
 
     timed(2, 8)  # warm-up (first-call set-up; fills a pool like steady serving)
     rows = []
     for c in spec["concurrency"]:
-        rates, prefills = [], []
+        rates, prefills, decode_io = [], [], []
         for _ in range(spec["repeats"]):
-            prefill = timed(c, 1)
-            full = timed(c, spec["output_len"])
+            prefill, prefill_io = timed(c, 1)
+            full, full_io = timed(c, spec["output_len"])
             prefills.append(prefill)
             rates.append(c * (spec["output_len"] - 1) / max(full - prefill, 1e-9))
+            # The decode part's reads and waits: the full generation's minus the prefill-only one's.
+            decode_io.append({k: v - prefill_io[k] for k, v in full_io.items()} | {"seconds": full - prefill})
+        fastest = max(range(len(rates)), key=rates.__getitem__)
         rows.append({
             "concurrency": c,
-            "decode_tokens_per_s": max(rates),  # the least disturbed repeat (shared machine)
+            "decode_tokens_per_s": rates[fastest],  # the least disturbed repeat (shared machine)
             "median_decode_tokens_per_s": statistics.median(rates),
             "all_decode_tokens_per_s": rates,
             # Until every one of the c requests has its first token (prefill of all c prompts).
             "first_token_seconds": min(prefills),
+            "offload_decode": decode_io[fastest] if len(decode_io[fastest]) > 1 else None,
         })
     snapshots = metrics_snapshots()
     return {
@@ -123,6 +129,26 @@ def run_engine(spec: dict) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory": engine_memory(llm),
     }
+
+
+def _worker_offload_totals(worker) -> dict:
+    from vllm_d2moe.offload import metrics_snapshots
+
+    totals: dict = {}
+    for snapshot in metrics_snapshots():
+        for name, value in snapshot["total"].items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+def offload_totals(llm) -> dict:
+    """The offload counters (reads, bytes read, seconds waited, ...) summed over the engine's workers
+    and their offload managers; empty without offloading. A worker RPC: any process layout."""
+    totals: dict = {}
+    for worker in llm.collective_rpc(_worker_offload_totals):
+        for name, value in worker.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 def _worker_memory(worker) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.mwq.checkpoint import CheckpointError, MWQCheckpoint
-from vllm_d2moe.mwq.inspect import _ranges
+from vllm_d2moe.mwq.inspect import number_ranges
 from vllm_d2moe.mwq.layout import ExpertLayout
 
 
@@ -156,7 +156,7 @@ def plan_placement(
 
 
 def _layer_lines(by_layer: dict[int, list[int]]) -> list[str]:
-    return [f"    layer {layer}: experts {_ranges(es)}" for layer, es in by_layer.items() if es]
+    return [f"    layer {layer}: experts {number_ranges(es)}" for layer, es in by_layer.items() if es]
 
 
 def format_report(

@@ -8,7 +8,7 @@ from vllm_d2moe.mwq.checkpoint import CheckpointError, LayerEntry, MWQCheckpoint
 from vllm_d2moe.mwq.quantize import MWQError
 
 
-def _ranges(numbers: list[int]) -> str:
+def number_ranges(numbers: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     spans: list[list[int]] = []
     for n in numbers:
@@ -25,7 +25,7 @@ def _layer_group_lines(layers: list[LayerEntry]) -> list[str]:
     layout = first.layout
     weights = sum(rows * cols for rows, cols in map(layout.shape, ("gate_up", "down")))
     lines = [
-        f"{'layer' if len(layers) == 1 else 'layers'} {_ranges([e.layer for e in layers])}: "
+        f"{'layer' if len(layers) == 1 else 'layers'} {number_ranges([e.layer for e in layers])}: "
         f"{first.num_experts} experts, "
         f"gate_up {list(layout.shape('gate_up'))}, down {list(layout.shape('down'))}",
         f"  {'bits':>4}  {'bytes/expert':>14}  {'bytes/layer':>14}  {'bits/weight':>11}",

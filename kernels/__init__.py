@@ -34,6 +34,7 @@ import functools
 import importlib
 import logging
 import os
+import platform
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,15 @@ logger = logging.getLogger(__name__)
 # Names a backend explicitly (tests, benchmarks, debugging); errors are then not masked.
 BACKEND_ENV = "D2MOE_KERNEL"
 _BY_DEVICE = {"cuda": "triton_mwq", "cpu": "cpu_bitplanes"}
+
+
+def require_avx2() -> None:
+    """Raise with the reason unless this CPU runs the C++ kernels (x86-64 with AVX2, hence FMA)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
+        raise RuntimeError(f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}")
 
 
 def load_backend(name: str) -> ModuleType:

@@ -44,12 +44,12 @@ which converts each int8 weight once and is bound by bytes. An odd width reads
 its pair's second plane too (coefficient zero): 1/b more bytes.
 """
 
-import platform
 from dataclasses import dataclass
 
 import torch
 import torch.utils.cpp_extension
 
+from vllm_d2moe.kernels import require_avx2
 from vllm_d2moe.mwq.quantize import MWQTensor
 from vllm_d2moe.mwq.stacked import check_storable
 
@@ -187,11 +187,7 @@ def load():
     global _module
     if _module is not None:
         return _module
-    capability = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
-        raise RuntimeError(
-            f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}"
-        )
+    require_avx2()
     _module = torch.utils.cpp_extension.load(
         name="d2moe_cpu_bitplanes",
         sources=[_SOURCE],

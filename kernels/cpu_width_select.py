@@ -40,10 +40,10 @@ The extension compiles at first use into torch's extensions directory
 to the torch path, saying why once, when it cannot be built.
 """
 
-import platform
-
 import torch
 import torch.utils.cpp_extension
+
+from vllm_d2moe.kernels import require_avx2
 
 _SOURCE = __file__.removesuffix(".py") + ".cpp"
 # CPU_CAPABILITY selects ATen's AVX2 vector code (the log-softmax torch runs on
@@ -64,11 +64,7 @@ def load():
     """Compile the extension (cached) and return it; raises with the reason where it cannot run."""
     global _module
     if _module is None:
-        capability = torch.backends.cpu.get_cpu_capability()
-        if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
-            raise RuntimeError(
-                f"needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()} / {capability}"
-            )
+        require_avx2()
         # A Python module, not a torch.ops op: the dispatcher's argument parsing would
         # cost more than the decision on a small model.
         _module = torch.utils.cpp_extension.load(

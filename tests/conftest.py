@@ -3,7 +3,8 @@ their d2moe conversions, and vLLM engine runs over them.
 
 vLLM engines take ~30 s each to start here, so every engine a test needs is
 declared up front and all of them run once per session in one subprocess
-(``vllm_d2moe.testing.engine_runs``).
+(``vllm_d2moe.testing.engine_runs``), in vLLM's default process layout (engine
+core and worker spawned) unless a run says ``in_process``.
 """
 
 import json
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# Small CPU KV cache, engine core in the engine's own process (start-up ~10 s instead
-# of ~50 s here): the same environment as a Ray replica's engine.
+# Small CPU KV cache (what vLLM reserves per engine).
 from vllm_d2moe.replicas.spec import ENGINE_ENV
 from vllm_d2moe.testing.engine_runs import Run
 
@@ -129,8 +129,17 @@ def vocab_size(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 
+def routed_budget(model_dir: Path, experts: int = 3) -> int:
+    """A memory budget of ``experts`` experts at 4 bits (the routed model's widest width) per rank."""
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+    from vllm_d2moe.offload.pool import expert_nbytes
+
+    # A few bytes over: the CPU kernel's layout adds read slack per tensor.
+    return experts * expert_nbytes(MWQCheckpoint(model_dir).layer(0).layout, 4) + 256
+
+
 @pytest.fixture(scope="session")
-def engine_results(model_zoo, tmp_path_factory) -> dict:
+def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
     """Greedy outputs (with full log-prob vectors) of every engine the serving tests compare."""
     runs = []
     for arch, dirs in model_zoo.items():
@@ -156,6 +165,16 @@ def engine_results(model_zoo, tmp_path_factory) -> dict:
         ),
         # No --quantization flag: detected from config.json; torch.compile on.
         Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False),
+        # In-process twins of default-layout engines (a fixed width; the router under a memory
+        # budget): outputs must not depend on the process layout (test_process_layout.py). The
+        # router runs without per-batch capacities: a spawned engine core may start stepping before
+        # all prompts arrived, so its batches (and what capacities allow in them) can differ.
+        Run("mixtral/d2moe-2/in-process", mixtral, PROMPTS, in_process=True,
+            hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 2}}),
+        *(Run(f"mixtral/routed-budget{suffix}", str(routed_mixtral), PROMPTS, in_process=bool(suffix),
+              hf_overrides={"quantization_config": {"quant_method": "d2moe", "capacities": "off",
+                                                    "memory_budget": routed_budget(routed_mixtral)}})
+          for suffix in ("", "/in-process")),
         Run(
             "mixtral/bits-out-of-range",
             mixtral,

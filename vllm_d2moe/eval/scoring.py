@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_d2moe import engine_stats
 from vllm_d2moe.eval.variants import Variant
 from vllm_d2moe.vllm_glue.llm import start_llm
-from vllm_d2moe.width_selection import WIDTH_STATS
 
 SCORES_FILE = "scores.npz"
 ENGINES_FILE = "engines.json"
@@ -143,10 +143,10 @@ def compare_batches(batches, count: int, window: int, reference: np.ndarray | No
     return TokenScores(nll, kl, top1), reference
 
 
-def _width_histogram() -> dict[int, int]:
-    """Pairs served at each width over all layers (the engine runs in this process)."""
+def _width_histogram(llm) -> dict[int, int]:
+    """Pairs served at each width over all layers (asked from the engine's first worker)."""
     total: dict[int, int] = {}
-    for hist in WIDTH_STATS.snapshot().values():
+    for hist in engine_stats(llm)[0]["widths"]["per_layer"].values():
         for bits, pairs in hist.items():
             total[bits] = total.get(bits, 0) + pairs
     return dict(sorted(total.items()))
@@ -165,10 +165,10 @@ def score_all(
             llm = _start_engine(variant, dtype, windows.shape[1] - 1)
             timing = {"start_seconds": round(time.monotonic() - started, 1)}
             started = time.monotonic()
-            WIDTH_STATS.reset()
+            engine_stats(llm, reset=True)  # not vLLM's warm-up passes
             try:
                 scores, reference = _compare(llm, windows, reference)
-                timing["width_histogram"] = _width_histogram()
+                timing["width_histogram"] = _width_histogram(llm)
             finally:
                 llm.llm_engine.engine_core.shutdown()
                 del llm
@@ -204,7 +204,9 @@ def score_with_vllm(
     (work_dir / "scoring-job.json").write_text(json.dumps(job, indent=1))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB reserved per engine; vLLM's default is larger
-    # The engine core runs in the scoring process instead of a spawned one (faster start-up).
+    # The engine core runs in the scoring process, not vLLM's default spawned one: the
+    # full-vocabulary prompt log-probs (Python floats, about 170 MB per window) are then not
+    # serialised between processes, and start-up skips two vLLM imports.
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_d2moe.eval.scoring", str(work_dir / "scoring-job.json"), str(work_dir)],

@@ -4,14 +4,16 @@ import json
 import os
 from dataclasses import dataclass, field
 
-# vLLM reserves its CPU KV cache up front (GiB per replica); the engine core runs
-# inside the actor's process instead of a spawned one (one vLLM import, one PID
-# per replica, so killing the actor ends its engine).
+# vLLM reserves its CPU KV cache up front (GiB per engine; its default is larger).
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# A replica's engine core runs inside its actor's process, not vLLM's default spawned
+# ones (engine core and, on CPU, an mp worker): one PID per replica, which Ray kills
+# or restarts as a whole and which holds only the core it is bound to, and one vLLM
+# import per replica instead of three.
+REPLICA_ENGINE_ENV = {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ReplicaSpec:
 
     def runtime_env(self) -> dict:
         """Ray runtime environment of this replica's actor (read by vLLM at import)."""
-        return {"env_vars": {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(self.core)}}
+        return {"env_vars": {**REPLICA_ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(self.core)}}
 
     def llm_kwargs(self) -> dict:
         """Arguments of ``vllm.LLM`` for this replica."""

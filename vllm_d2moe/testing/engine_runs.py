@@ -12,18 +12,24 @@ compared position by position without one early difference derailing the
 rest of the sequence. Tests share engines this way: vLLM spawns
 its workers, so engines must start from a ``__main__`` module, and one
 process that starts several engines pays vLLM's import once.
+
+Engines run in vLLM's default process layout (engine core and worker spawned);
+a run with ``in_process`` (or ``sample_offload``) keeps the engine core in this
+process instead. Width statistics and offload counters come from the workers
+either way (:func:`vllm_d2moe.engine_stats`), as ``"widths"`` and ``"offload_metrics"``.
 """
 
 import gc
 import json
+import os
 import sys
+import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from vllm_d2moe.offload.sampling import OffloadSampler
 from vllm_d2moe.vllm_glue.llm import start_llm
-from vllm_d2moe.width_selection import WIDTH_STATS
 
 
 @dataclass
@@ -43,9 +49,12 @@ class Run:
     score_against: str | None = None  # name of this run or an earlier one in the same file
     # or the continuations to score given directly: [{"prompt_token_ids", "token_ids"}, ...]
     score_continuations: list[dict] | None = None
-    # Sample the offload pools and the RSS while generating (engine in this process:
-    # VLLM_ENABLE_V1_MULTIPROCESSING=0); recorded as "offload".
+    # Sample the offload pools and the RSS while generating; recorded as "offload". The sampler
+    # reads the pools from a thread of this process, so the engine runs in it (as with in_process).
     sample_offload: bool = False
+    # Engine core (and its worker) in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead
+    # of vLLM's default spawned process.
+    in_process: bool = False
     # Per prompt (None: none), e.g. {"d2moe_target_bits": 2.5}.
     extra_args: list[dict | None] | None = None
 
@@ -54,9 +63,22 @@ def _logprob_vectors(positions) -> list[dict[str, float]]:
     return [{str(tok): lp.logprob for tok, lp in position.items()} for position in positions]
 
 
+def _set_process_layout(in_process: bool) -> None:
+    """vLLM reads the variable when an engine starts; an in-process engine core caches vLLM's
+    environment in this process (``enable_envs_cache``), so the cache is dropped first."""
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+
+
 def run_engine(run: Run, earlier: dict) -> dict:
     from vllm import SamplingParams
 
+    from vllm_d2moe import engine_stats
+
+    _set_process_layout(run.in_process or run.sample_offload)
+    started = time.monotonic()
     llm = start_llm(
         run.model,
         quantization=run.quantization,
@@ -64,28 +86,26 @@ def run_engine(run: Run, earlier: dict) -> dict:
         enforce_eager=run.enforce_eager,
         tensor_parallel_size=run.tensor_parallel_size,
         enable_expert_parallel=run.enable_expert_parallel,
-        # One process per rank only when there are ranks: "uni" skips spawning
-        # (and re-importing vLLM in) a worker, a third of an engine's start-up here.
+        # One process per rank only when there are ranks: in process, "uni" skips spawning
+        # (and re-importing vLLM in) a worker, a third of an engine's start-up here. (Spawned,
+        # vLLM's CPU platform makes it "mp": an engine-core and a worker process.)
         distributed_executor_backend="mp" if run.tensor_parallel_size > 1 else "uni",
         dtype=run.dtype,
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,
     )
+    start_seconds = time.monotonic() - started
     try:
         params = [
             SamplingParams(max_tokens=run.max_tokens, temperature=0.0, logprobs=run.logprobs, extra_args=extra)
             for extra in (run.extra_args or [None] * len(run.prompts))
         ]
         sampler = OffloadSampler() if run.sample_offload else nullcontext()
-        WIDTH_STATS.reset()
+        engine_stats(llm, reset=True)  # vLLM's profiling and warm-up passes count too
         with sampler:
             outputs = llm.generate(run.prompts, params, use_tqdm=False)
-        # Only meaningful with the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
-        widths = {
-            "average_bits": WIDTH_STATS.average_bits(),
-            "per_layer": WIDTH_STATS.snapshot(),
-            "capacity_excess": WIDTH_STATS.capacity_excess(),
-        }
+        # Tensor-parallel ranks choose the same widths; the first worker's pools stand for all.
+        stats = engine_stats(llm)[0]
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -106,7 +126,11 @@ def run_engine(run: Run, earlier: dict) -> dict:
                 record["teacher_forced_logprobs"] = score_continuation(llm, reference, run.logprobs or 1)
         return {
             "outputs": results,
-            "widths": widths,
+            "widths": stats["widths"],
+            "offload_metrics": stats["offload"],
+            "engine_pid": stats["pid"],  # the worker's process: this one only when in process
+            "runner_pid": os.getpid(),
+            "start_seconds": round(start_seconds, 1),
             **({"offload": sampler.result()} if run.sample_offload else {}),
         }
     finally:

@@ -28,8 +28,9 @@ the pipeline are extra). Budgets run from one layer's experts (at the serving wi
 Decode tokens/s is ``c * (output_len - 1) / (t(output_len) - t(1))``: the time
 of the full generation minus that of the prefill-only (one token) generation of
 the same prompts; of ``--repeats`` measurements the fastest (least disturbed by
-the other jobs on a shared machine) is reported, the median kept in the JSON. Prompts are windows of real Python/English text (the model's
-training domain), so routing follows the trained router.
+the other jobs on a shared machine) is reported, the median kept in the JSON.
+Prompts are windows of real Python/English text (the model's training domain),
+so routing follows the trained router.
 
 Writes ``benchmarks/results/budget_sweep.json``, ``budget_sweep.png`` (tokens/s
 against budget per method, one panel per concurrency) and prints a table.
@@ -377,7 +378,7 @@ def goals(report: dict) -> list[str]:
     runs = {(r["method"], r.get("budget_name")): r for r in report["results"] if "rows" in r}
     lines = []
     for c_index, c in enumerate(report["concurrency"]):
-        def rate(key):
+        def rate(key, c_index=c_index):
             return runs[key]["rows"][c_index]["decode_tokens_per_s"] if key in runs else float("nan")
 
         bf16 = rate(("bf16", None))

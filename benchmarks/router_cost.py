@@ -72,7 +72,10 @@ def layer_call(layer, shape, tokens: int, kind: str, capacities, reps: int, inne
     widths = selector(x, weights, ids)
     with torch_ops:
         assert torch.equal(unfused(x, weights, ids), widths)
-    experts_call = lambda: layer.forward(x, weights, ids, widths)
+
+    def experts_call():
+        return layer.forward(x, weights, ids, widths)
+
     samples = {"experts_ms": [], "decision_ms": [], "decision_warm_ms": [], "decision_torch_ms": []}
     for rep in range(reps + WARMUP):
         # Each decision timed right after a layer call, as in serving (the router's

@@ -276,7 +276,7 @@ def test_unreadable_expert_fails_only_its_pairs_with_a_fault_sink(damaged_copy, 
     x, weights = torch.randn(5, 128), torch.rand(5, 2)
     ids = torch.tensor([[7, 1], [2, 7], [1, 2], [7, 3], [0, 5]])
     widths = torch.tensor([[8, 8], [4, 8], [8, 8], [4, 4], [8, 8]], dtype=torch.int8)
-    for call in range(2):  # the second call finds width 4 resident and fails the upgrade alone
+    for _ in range(2):  # the second call finds width 4 resident and fails the upgrade alone
         faults.clear()
         out = layer.forward(x, weights, ids, widths)
         torch.testing.assert_close(out, resident.forward(x, weights, _without(ids, widths, 7, 8), widths),

@@ -51,7 +51,7 @@ class OffloadManager:
         if len(layouts) != 1:
             raise ValueError(
                 f"{checkpoint.model_dir}: MoE layers with different expert shapes "
-                f"({sorted((l.hidden, l.intermediate) for l in layouts)}) cannot share one offload pool"
+                f"({sorted((layout.hidden, layout.intermediate) for layout in layouts)}) cannot share one offload pool"
             )
         self.backend = backend
         self.fault_sink = fault_sink

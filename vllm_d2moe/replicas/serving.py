@@ -77,10 +77,10 @@ class ServerReplica:
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2)
                 return self.url
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"not healthy after {timeout_s:.0f} s; log: {self.log_path}")
+                    raise RuntimeError(f"not healthy after {timeout_s:.0f} s; log: {self.log_path}") from e
                 time.sleep(1)
         tail = Path(self.log_path).read_text()[-2000:]
         raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{tail}")

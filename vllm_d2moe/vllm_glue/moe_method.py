@@ -90,7 +90,7 @@ class D2MoEMethod(FusedMoEMethodBase):
             global_ids = list(range(layer.global_num_experts))
         else:
             local = layer.expert_map.tolist()
-            global_ids = sorted((i for i, l in enumerate(local) if l >= 0), key=local.__getitem__)
+            global_ids = sorted((i for i, local_id in enumerate(local) if local_id >= 0), key=local.__getitem__)
         parallel = self.moe.moe_parallel_config
         device = torch.device(self.moe.device) if self.moe.device else torch.device("cpu")
         if self.quant_config.memory_budget is None:

@@ -532,11 +532,11 @@ def quality(
 
 def expert_bits(mwq_dir: Path) -> dict[int, float]:
     """Stored bits per routed-expert weight of each MWQ width (scales and zeros included)."""
-    from vllm_d2moe.eval.variants import _layout_bits
+    from vllm_d2moe.eval.variants import stored_bits_per_weight
     from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 
     layouts = [(e.layout, e.num_experts) for e in MWQCheckpoint(mwq_dir).layers.values()]
-    return {b: _layout_bits(layouts, b) for b in MWQ_WIDTHS}
+    return {b: stored_bits_per_weight(layouts, b) for b in MWQ_WIDTHS}
 
 
 def compare_model(label: str, model_dir: Path, args, llama_version: str | None, save) -> dict:

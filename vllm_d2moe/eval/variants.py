@@ -69,7 +69,7 @@ def _expert_shapes(model_dir: Path) -> tuple[int, int]:
     return config["hidden_size"], architecture(config.get("model_type")).intermediate_size(config)
 
 
-def _layout_bits(layouts: list[tuple[ExpertLayout, int]], bits: int) -> float:
+def stored_bits_per_weight(layouts: list[tuple[ExpertLayout, int]], bits: int) -> float:
     """Stored bits per weight of experts with these ``(layout, number of experts)``."""
     stored = sum(8 * layout.nbytes(bits) * n for layout, n in layouts)
     weights = sum(
@@ -82,7 +82,7 @@ def measured_bits_per_weight(model_dir: str | Path, width_histogram: dict) -> fl
     """Stored bits per weight of the widths actually served (``{bits: pairs}``)."""
     layouts = [(e.layout, e.num_experts) for e in MWQCheckpoint(model_dir).layers.values()]
     pairs = sum(width_histogram.values())
-    return sum(_layout_bits(layouts, int(b)) * n for b, n in width_histogram.items()) / pairs
+    return sum(stored_bits_per_weight(layouts, int(b)) * n for b, n in width_histogram.items()) / pairs
 
 
 def routed_variants(mwq_dir: Path, router: Path, targets: list[float]) -> list[Variant]:
@@ -138,7 +138,7 @@ def build_variants(
         mwq_layouts = [(e.layout, e.num_experts) for e in MWQCheckpoint(mwq_dir).layers.values()]
         variants += [
             Variant(
-                f"mwq-{b}", "mwq", b, str(mwq_dir), _layout_bits(mwq_layouts, b), quantization=QUANT_METHOD,
+                f"mwq-{b}", "mwq", b, str(mwq_dir), stored_bits_per_weight(mwq_layouts, b), quantization=QUANT_METHOD,
                 hf_overrides={"quantization_config": {"quant_method": QUANT_METHOD, "bits": b}},
             )
             for b in widths
@@ -152,7 +152,7 @@ def build_variants(
             rtn_dir = work_dir / f"rtn-{b}"
             write_fake_quantized(src, rtn_dir, partial(rtn_fake_quantize, bits=b, group_size=group_size))
             layout = ExpertLayout(MWQSpec(b, b, group_size), hidden, intermediate)
-            variants.append(Variant(f"rtn-{b}", "rtn", b, str(rtn_dir), _layout_bits([(layout, 1)], b)))
+            variants.append(Variant(f"rtn-{b}", "rtn", b, str(rtn_dir), stored_bits_per_weight([(layout, 1)], b)))
     if "int8" in methods:
         int8_dir = work_dir / "int8"
         write_fake_quantized(src, int8_dir, int8_fake_quantize)

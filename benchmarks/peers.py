@@ -64,9 +64,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import budget_sweep
-
 from vllm_d2moe.eval.peer_engines import llama_cpp_version
+
+import budget_sweep
 
 RESULTS = budget_sweep.RESULTS
 REPO = budget_sweep.REPO

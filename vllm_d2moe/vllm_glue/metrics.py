@@ -22,8 +22,9 @@ Under vLLM's default process layout the experts run in the engine-core process
   with the engine in the user's process as well as spawned (then the workers are
   vLLM's ``mp`` executor's processes on CPU).
 
-Counters keep growing across resets (``engine_stats(llm, reset=True)``) and across
-engines started one after another in one process.
+``/metrics`` lags the counts by up to ``PUBLISH_INTERVAL_S``. Counters keep growing
+across resets (``engine_stats(llm, reset=True)``) and across engines started one
+after another in one process.
 
 Series (counters are summed over processes; under tensor parallelism each rank
 reads its own slice of an expert, so reads and bytes count per rank, while the

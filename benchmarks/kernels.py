@@ -44,16 +44,17 @@ RESULTS = Path(__file__).parent / "results"
 REFERENCE_WIDTHS = (2, 4, 8)
 
 
-def random_stacked(rows: int, cols: int, experts: int) -> StackedProjection:
+def random_stacked(rows: int, cols: int, experts: int, device: str = "cpu") -> StackedProjection:
+    """Random planes with plausible scales (speed does not depend on the values)."""
     groups, planes = cols // GROUP, MAX_BITS - MIN_BITS
-    scale = torch.rand(experts, rows, groups) * 0.01 + 0.005
+    scale = torch.rand(experts, rows, groups, device=device) * 0.01 + 0.005
     return StackedProjection(
         shape=(rows, cols),
         group_size=GROUP,
-        base_bits=torch.randint(0, 256, (experts, MIN_BITS, rows, cols // 8), dtype=torch.uint8),
+        base_bits=torch.randint(0, 256, (experts, MIN_BITS, rows, cols // 8), dtype=torch.uint8, device=device),
         base_scale=scale.half(),
-        base_zero=(torch.rand(experts, rows, groups) * 3).half(),
-        plane_bits=torch.randint(0, 256, (experts, planes, rows, cols // 8), dtype=torch.uint8),
+        base_zero=(torch.rand(experts, rows, groups, device=device) * 3).half(),
+        plane_bits=torch.randint(0, 256, (experts, planes, rows, cols // 8), dtype=torch.uint8, device=device),
         plane_scale=torch.stack([scale / 2 ** (j + 2) for j in range(planes)], 1).half(),
     )
 

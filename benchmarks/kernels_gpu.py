@@ -24,26 +24,10 @@ import torch.nn.functional as F
 
 from vllm_d2moe.experts import ExpertSegments
 from vllm_d2moe.kernels import load_backend
-from vllm_d2moe.mwq.stacked import StackedProjection
 
-HIDDEN, INTER, GROUP = 2048, 1408, 128
-MIN_BITS, MAX_BITS = 2, 8
+from kernels import GROUP, HIDDEN, INTER, random_stacked  # benchmarks/kernels.py: the same expert shape
+
 WIDTHS = (2, 4, 6, 8)
-
-
-def random_stacked(rows: int, cols: int, experts: int) -> StackedProjection:
-    """Random planes with plausible scales (speed does not depend on the values), on the GPU."""
-    groups, planes = cols // GROUP, MAX_BITS - MIN_BITS
-    scale = torch.rand(experts, rows, groups, device="cuda") * 0.01 + 0.005
-    return StackedProjection(
-        shape=(rows, cols),
-        group_size=GROUP,
-        base_bits=torch.randint(0, 256, (experts, MIN_BITS, rows, cols // 8), dtype=torch.uint8, device="cuda"),
-        base_scale=scale.half(),
-        base_zero=(torch.rand(experts, rows, groups, device="cuda") * 3).half(),
-        plane_bits=torch.randint(0, 256, (experts, planes, rows, cols // 8), dtype=torch.uint8, device="cuda"),
-        plane_scale=torch.stack([scale / 2 ** (j + 2) for j in range(planes)], 1).half(),
-    )
 
 
 def time_calls(calls, reps: int) -> tuple[float, float]:
@@ -72,10 +56,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kernels_gpu.py needs a CUDA device")
     backend = load_backend("triton_mwq")
-    full = random_stacked(2 * INTER, HIDDEN, 1), random_stacked(HIDDEN, INTER, 1)
+    full = random_stacked(2 * INTER, HIDDEN, 1, "cuda"), random_stacked(HIDDEN, INTER, 1, "cuda")
     expert_bytes = sum(p.nbytes for p in full)
     experts = max(2, int(args.pool_mb * 2**20 / expert_bytes) + 1)
-    gate_up, down = random_stacked(2 * INTER, HIDDEN, experts), random_stacked(HIDDEN, INTER, experts)
+    gate_up, down = random_stacked(2 * INTER, HIDDEN, experts, "cuda"), random_stacked(HIDDEN, INTER, experts, "cuda")
     bf16_bytes = 3 * HIDDEN * INTER * 2
     bf16_experts = max(2, int(args.pool_mb * 2**20 / bf16_bytes) + 1)
     w13 = torch.randn(bf16_experts, 2 * INTER, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02

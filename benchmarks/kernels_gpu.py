@@ -70,7 +70,7 @@ def main() -> None:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(tokens, HIDDEN, device="cuda")
 
-        def bf16_mlp(e):
+        def bf16_mlp(e, x=x):
             gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
             return F.linear(F.silu(gate) * up, w2[e])
 
@@ -78,7 +78,7 @@ def main() -> None:
         rows.append({"method": "bf16 F.linear", "tokens": tokens, "bits": 16, "median_us": median,
                      "min_us": best, "weight_bytes": bf16_bytes})
         for bits in WIDTHS:
-            def mwq(e, bits=bits):
+            def mwq(e, bits=bits, tokens=tokens, x=x, out=out):
                 segments = ExpertSegments((e,), (bits,), (0, tokens))
                 backend.grouped_mlp(x, gate_up, down, segments, out)
 

@@ -28,8 +28,8 @@ share of decode time compute spent waiting for reads:
   run at that budget plus 15%; the report says whether llama.cpp's model fits.
 
 Before the engines, the same run measures the machine's bounds: ``O_DIRECT``
-sequential reads of the conversion's largest expert file (1 and 4 threads; the
-faster is the disk bandwidth) and memory copy bandwidth (numpy copies of 512
+sequential reads of the conversion's expert files (up to ``--disk-probe`` bytes; 1
+and 4 threads; the faster is the disk bandwidth) and memory copy bandwidth (numpy copies of 512
 MiB). Each streamed run's read rate (bytes read / decode seconds) is reported
 as a share of that disk bandwidth, with the tokens/s the disk alone would allow
 (disk bandwidth / bytes read per token).
@@ -85,27 +85,23 @@ MWQ_WIDTHS = (8, 4, 3, 2)
 STREAM_FRACTIONS = ("1/2", "1/4", "1/8")
 LLAMA_QUANTS = ("q8_0", "q4_K_M", "q2_K")
 WAITING = 0.05  # compute "waits" when it spends at least this share of decode time waiting for reads
-QUICK_ENGINES = ("vLLM bf16", "MWQ-4", "MWQ-4 streamed 1/2", "MWQ-4 streamed 1/4", "llama.cpp q4_K_M")
+QUICK_ENGINES = ("vLLM bf16", "MWQ-4", "MWQ router", "MWQ-4 streamed 1/2", "MWQ-4 streamed 1/4", "llama.cpp q4_K_M")
 
 
 # ---------------------------------------------------------------- the machine's bounds
 
 
-def disk_bandwidth(path: Path, probe_bytes: int, threads: int, chunk: int = 8 * 2**20) -> float:
-    """Bytes/s of ``O_DIRECT`` reads of the first ``probe_bytes`` of ``path`` in ``chunk``-sized pieces,
-    ``threads`` reading at once (the page cache bypassed, as the offload pool reads)."""
-    size = min(path.stat().st_size, probe_bytes) // chunk * chunk
-    if size == 0:
-        raise ValueError(f"{path} is smaller than one {format_bytes(chunk)} read")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+def disk_bandwidth(paths: list[Path], probe_bytes: int, threads: int, chunk: int = 8 * 2**20) -> float:
+    """Bytes/s of ``O_DIRECT`` reads of up to ``probe_bytes`` of ``paths`` (in order) in ``chunk``-sized
+    pieces, ``threads`` reading at once (the page cache bypassed, as the offload pool reads)."""
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECT) for path in paths]
     try:
-        offsets = list(range(0, size, chunk))
+        pieces = [(fd, offset) for fd, path in zip(fds, paths) for offset in range(0, path.stat().st_size, chunk)]
+        pieces = pieces[: -(-probe_bytes // chunk)]
 
         def read(first: int) -> int:
-            buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-            done = 0
-            for offset in offsets[first::threads]:
-                done += os.preadv(fd, [buffer], offset)
+            buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs; a file's last piece reads short
+            done = sum(os.preadv(fd, [buffer], offset) for fd, offset in pieces[first::threads])
             buffer.close()
             return done
 
@@ -114,7 +110,8 @@ def disk_bandwidth(path: Path, probe_bytes: int, threads: int, chunk: int = 8 * 
             total = sum(pool.map(read, range(threads)))
         return total / (time.perf_counter() - start)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def memory_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -131,12 +128,11 @@ def memory_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 
 
 def machine_bounds(mwq_dir: Path, probe_bytes: int) -> dict:
-    files = sorted((mwq_dir / "d2moe").glob("*.safetensors"), key=lambda p: p.stat().st_size)
-    probe = files[-1]
-    disk = {f"{t} thread{'s' if t > 1 else ''}": disk_bandwidth(probe, probe_bytes, t) for t in (1, 4)}
+    files = sorted((mwq_dir / "d2moe").glob("*.safetensors"))
+    disk = {f"{t} thread{'s' if t > 1 else ''}": disk_bandwidth(files, probe_bytes, t) for t in (1, 4)}
     return {
-        "disk_probe_file": str(probe),
-        "disk_probe_bytes": min(probe.stat().st_size, probe_bytes),
+        "disk_probe_files": f"{mwq_dir / 'd2moe'}/*.safetensors",
+        "disk_probe_bytes": min(sum(f.stat().st_size for f in files), probe_bytes),
         "disk_read_bytes_per_s": disk,
         "disk_bandwidth": max(disk.values()),
         "memory_copy_bytes_per_s": memory_copy_bandwidth(),
@@ -318,7 +314,8 @@ def measure_model(model_dir: Path, args, llama_version: str | None, save) -> dic
     """Every engine on ``model_dir``; ``save(report)`` after each (a stopped run keeps what it measured)."""
     print(f"scale: {model_dir}", flush=True)
     mwq_dir = budget_sweep.converted(model_dir, args.cache)
-    if args.train_router_steps and not (mwq_dir / "d2moe" / "router.safetensors").is_file():
+    trained_here = args.train_router_steps and not (mwq_dir / "d2moe" / "router.safetensors").is_file()
+    if trained_here:
         train_router(mwq_dir, args.train_router_steps, args.threads)
     has_router = (mwq_dir / "d2moe" / "router.safetensors").is_file()
     if not has_router:
@@ -340,6 +337,7 @@ def measure_model(model_dir: Path, args, llama_version: str | None, save) -> dic
         "shape": model_shape(model_dir),
         "mwq_checkpoint": str(mwq_dir),
         "router": has_router,
+        "router_trained_by_this_run": f"{args.train_router_steps} steps" if has_router and trained_here else None,
         "mwq_expert_bytes": {b: mwq_expert_bytes(mwq_dir, b) for b in MWQ_WIDTHS},
         "stream_budgets": budgets,
         "gguf": gguf_stats,
@@ -517,9 +515,11 @@ def model_section(report: dict, full: dict) -> list[str]:
         "",
     ]
     if report["router"]:
+        trained = report.get("router_trained_by_this_run")
+        origin = f"trained by this run, {trained}" if trained else "found in the conversion"
+        speed_only = ": on random weights it learns nothing about quality; the row measures serving speed"
         out += [
-            "The router row's router was trained on this random-weight model: it measures serving speed "
-            "at the widths it picks, not quality.",
+            f"The router row serves the conversion's learned router ({origin}){speed_only if random_note else '.'}",
             "",
         ]
     if "free_memory_bytes" in report.get("constrained", {}):
@@ -611,7 +611,7 @@ def markdown(full: dict) -> str:
         + ".",
         "",
         f"Measured in this run: disk {bounds['disk_bandwidth'] / 1e9:.2f} GB/s (O_DIRECT sequential reads of "
-        f"{format_bytes(bounds['disk_probe_bytes'])} of `{Path(bounds['disk_probe_file']).name}`; "
+        f"{format_bytes(bounds['disk_probe_bytes'])} of the expert files; "
         + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bounds["disk_read_bytes_per_s"].items())
         + f"); memory copy {bounds['memory_copy_bytes_per_s'] / 1e9:.2f} GB/s (one thread).",
         "",

@@ -761,6 +761,30 @@ def markdown(full: dict) -> str:
     return "\n".join(out)
 
 
+def throughput_panel(
+    ax, runs: dict, concurrency: list[int], title: str, dotted: str, crossed: str | None = None, rate=None
+) -> None:
+    """Decode tokens/s against concurrent requests on log axes, a line per engine that ran: llama.cpp
+    dashed, names containing ``dotted`` dotted, names containing ``crossed`` marked x. ``rate(row)``
+    (default: the row's rate) may return NaN for a rate not to draw."""
+    import matplotlib.ticker
+
+    for name, run in runs.items():
+        if "rows" in run:
+            style = "--" if name.startswith("llama.cpp") else (":" if dotted in name else "-")
+            ax.plot(
+                [r["concurrency"] for r in run["rows"]],
+                [rate(r) if rate else r["decode_tokens_per_s"] for r in run["rows"]],
+                style,
+                marker="x" if crossed and crossed in name else "o",
+                label=name,
+            )
+    ax.set(title=title, xlabel="concurrent requests", ylabel="decode tokens/s", xscale="log", yscale="log")
+    ax.set_xticks(concurrency, [str(c) for c in concurrency])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=7)
+
+
 def plot(full: dict, path: Path) -> None:
     import matplotlib
 
@@ -770,26 +794,9 @@ def plot(full: dict, path: Path) -> None:
     models = full["models"]
     fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8), squeeze=False)
     for column, report in enumerate(models):
-        ax = axes[0][column]
-        for name, run in report["runs"].items():
-            if "rows" in run:
-                style = "--" if name.startswith("llama.cpp") else (":" if "@budget" in name else "-")
-                ax.plot(
-                    [r["concurrency"] for r in run["rows"]],
-                    [r["decode_tokens_per_s"] for r in run["rows"]],
-                    style,
-                    marker="o",
-                    label=name,
-                )
-        ax.set(
-            title=f"{report['label']}: decode throughput",
-            xlabel="concurrent requests",
-            ylabel="decode tokens/s",
-            xscale="log",
-            yscale="log",
+        throughput_panel(
+            axes[0][column], report["runs"], full["concurrency"], f"{report['label']}: decode throughput", "@budget"
         )
-        ax.set_xticks(full["concurrency"], [str(c) for c in full["concurrency"]])
-        ax.legend(fontsize=7)
         ax = axes[1][column]
         for name, q in report.get("quality", {}).get("engines", {}).items():
             bits = expert_row_bits(report, name)

@@ -631,27 +631,15 @@ def plot(full: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, max(len(models), 1), figsize=(7 * max(len(models), 1), 9), squeeze=False)
     disk = full["bounds"]["disk_bandwidth"]
     for column, report in enumerate(models):
-        ax = axes[0][column]
-        for name, run in report["runs"].items():
-            if "rows" in run:
-                style = "--" if name.startswith("llama.cpp") else (":" if "streamed" in name else "-")
-                ax.plot(
-                    [r["concurrency"] for r in run["rows"]],
-                    [decode_rate(r) or math.nan for r in run["rows"]],
-                    style,
-                    marker="o" if "free" not in name else "x",
-                    label=name,
-                )
-        ax.set(
-            title=f"{Path(report['model']).name}: decode throughput",
-            xlabel="concurrent requests",
-            ylabel="decode tokens/s",
-            xscale="log",
-            yscale="log",
+        peers.throughput_panel(
+            axes[0][column],
+            report["runs"],
+            full["concurrency"],
+            f"{Path(report['model']).name}: decode throughput",
+            dotted="streamed",
+            crossed="free",
+            rate=lambda row: decode_rate(row) or math.nan,
         )
-        ax.set_xticks(full["concurrency"], [str(c) for c in full["concurrency"]])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.legend(fontsize=7)
         ax = axes[1][column]
         bars = [
             (f"{name}\n{row['concurrency']} req", io["of_disk"])

@@ -1,5 +1,5 @@
 # The two set-up commands of the README.
-.PHONY: demo test install install-test
+.PHONY: demo test install install-test lint wheel-check
 
 install:
 	bash scripts/install.sh
@@ -10,6 +10,13 @@ install-test:
 demo: install
 	d2moe demo
 
-# pytest exits 5 when it collects no test; that is a failure here too.
-test: install-test
+lint:
+	ruff check .
+
+# A non-editable install from a built wheel, served from outside the repo.
+wheel-check:
+	bash scripts/wheel_check.sh
+
+# What CI runs (.ci/run). pytest exits 5 when it collects no test: a failure here too.
+test: install-test lint wheel-check
 	python -m pytest -q

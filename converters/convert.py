@@ -2,7 +2,7 @@
 
 Every routed expert's ``gate_up`` (``cat([gate, up])``, ``[2I, H]``) and ``down``
 (``[H, I]``) are quantized (:func:`quantize_float32`, byte-identical to the float64
-reference) and written layer by layer as in :class:`CheckpointWriter`; every dense
+reference) and written layer by layer (:func:`vllm_d2moe.mwq.checkpoint.layer_file`); every dense
 tensor is copied byte for byte, with its name and dtype, into a safetensors file named
 like its source shard. ``config.json`` gains the ``quantization_config`` and the
 tokenizer and other small files are copied.
@@ -51,10 +51,11 @@ from vllm_d2moe.mwq.checkpoint import (
     EXPERTS_DIR,
     FORMAT_VERSION,
     CheckpointError,
-    CheckpointWriter,
     expert_tensor_name,
+    layer_file,
     read_safetensors_header,
     section_checksums,
+    write_index,
 )
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, quantize, quantize_float32
@@ -454,7 +455,7 @@ def _convert_layer(
     """Quantize and write one MoE layer; return its entry of the d2moe index."""
     hidden, intermediate = experts[0].down.tensor.shape[-2:]
     layout = ExpertLayout(spec, hidden, intermediate)
-    file = f"experts-layer-{layer:03d}.safetensors"
+    file = layer_file(layer)
     entries = [
         (expert_tensor_name(layer, e), "U8", [layout.blob_nbytes], layout.blob_nbytes)
         for e in range(len(experts))
@@ -702,11 +703,12 @@ def _build(
         bar.close()
         source.close()
 
-    writer = CheckpointWriter(out, spec)
-    writer.layers = {int(k): v for k, v in progress["layers"].items()}
     expert_dtypes = sorted({FLOAT_DTYPES[t.dtype] for t in plan.experts.expert_tensors.values()})
     config = dict(plan.config)
-    config["quantization_config"] = writer.finish(
+    config["quantization_config"] = write_index(
+        out,
+        spec,
+        {int(k): v for k, v in progress["layers"].items()},
         {
             "model_type": plan.arch.model_type,
             "path": str(plan.src.resolve()),

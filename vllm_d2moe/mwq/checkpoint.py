@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor
@@ -45,12 +44,6 @@ class CheckpointError(RuntimeError):
 
 def expert_tensor_name(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _crc(data) -> int:
@@ -76,59 +69,29 @@ class LayerEntry:
         return len(self.crc32)
 
 
-class CheckpointWriter:
-    """Writes expert layers of a d2moe checkpoint into ``model_dir`` one layer at a time."""
+def layer_file(layer: int) -> str:
+    """The file in ``EXPERTS_DIR`` that holds MoE layer ``layer``'s expert blobs."""
+    return f"experts-layer-{layer:03d}.safetensors"
 
-    def __init__(self, model_dir: Path, spec: MWQSpec):
-        self.model_dir = Path(model_dir)
-        self.spec = spec
-        self.layers: dict[int, dict] = {}
-        (self.model_dir / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
 
-    def write_layer(self, layer: int, experts: list[dict[str, MWQTensor]]) -> None:
-        """Store one layer's experts, each ``{"gate_up": MWQTensor, "down": MWQTensor}``."""
-        if not experts:
-            raise ValueError(f"MoE layer {layer} has no experts to write")
-        hidden, intermediate = experts[0]["down"].shape
-        layout = ExpertLayout(self.spec, hidden, intermediate)
-        blobs, crcs = {}, []
-        for e, tensors in enumerate(experts):
-            blob = layout.encode(tensors)
-            blobs[expert_tensor_name(layer, e)] = blob
-            crcs.append(section_checksums(layout, blob))
-        file = f"experts-layer-{layer:03d}.safetensors"
-        path = self.model_dir / EXPERTS_DIR / file
-        save_file(blobs, str(path))
-        # safetensors creates files owner-only; a served model must be readable like its other files.
-        os.chmod(path, 0o666 & ~_umask())
-        self.layers[layer] = {
-            "hidden": hidden,
-            "intermediate": intermediate,
-            "num_experts": len(experts),
-            "file": file,
-            "crc32": crcs,
-        }
-
-    def finish(self, source: dict) -> dict:
-        """Write the index; return the ``quantization_config`` for config.json."""
-        index = {
-            "format_version": FORMAT_VERSION,
-            "spec": {
-                "min_bits": self.spec.min_bits,
-                "max_bits": self.spec.max_bits,
-                "group_size": self.spec.group_size,
-            },
-            "source": source,
-            "layers": {str(k): v for k, v in sorted(self.layers.items())},
-        }
-        with open(self.model_dir / EXPERTS_DIR / INDEX_NAME, "w") as f:
-            json.dump(index, f, indent=1)
-        return {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            **index["spec"],
-            "num_experts": {str(k): v["num_experts"] for k, v in sorted(self.layers.items())},
-        }
+def write_index(model_dir: Path, spec: MWQSpec, layers: dict[int, dict], source: dict) -> dict:
+    """Write the index of expert files already written (``layers``: per MoE layer its ``hidden``,
+    ``intermediate``, ``num_experts``, ``file`` and ``crc32`` per expert and section); return the
+    ``quantization_config`` for config.json."""
+    index = {
+        "format_version": FORMAT_VERSION,
+        "spec": {"min_bits": spec.min_bits, "max_bits": spec.max_bits, "group_size": spec.group_size},
+        "source": source,
+        "layers": {str(k): v for k, v in sorted(layers.items())},
+    }
+    with open(Path(model_dir) / EXPERTS_DIR / INDEX_NAME, "w") as f:
+        json.dump(index, f, indent=1)
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        **index["spec"],
+        "num_experts": {str(k): v["num_experts"] for k, v in sorted(layers.items())},
+    }
 
 
 def read_buffered(fd: int, offset: int, length: int) -> memoryview:

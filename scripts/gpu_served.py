@@ -4,14 +4,16 @@ CUDA graphs under a memory budget. Part of ``scripts/gpu_check.sh``.
 Usage: python scripts/gpu_served.py WORKDIR   (writes WORKDIR/served.json)
 
 The embedded reference model (4 MoE layers of 8 experts) is converted to 2..8 bits and
-served in bfloat16 at its widest width three times through ``vllm_d2moe.testing.engine_runs``:
-``enforce_eager=True``; ``enforce_eager=False`` (torch.compile and vLLM's piecewise CUDA graphs,
-the d2moe op between them); and the latter with ``memory_budget`` a quarter of the expert bytes,
-so experts stream through the offload pool. Checks: every run generates for every prompt; where
-the graph run's greedy tokens first differ from eager's, the two were a near-tie in eager's
-log-probabilities (``vllm_d2moe.testing.compare``: compiled and eager bf16 round differently
-elsewhere in the model, stale graph buffers would pick tokens far from the top); the budget
-run's tokens equal the graph run's (the same kernel on the same rows).
+served in bfloat16 at its widest width four times through ``vllm_d2moe.testing.engine_runs``:
+``enforce_eager=True``; compiled without CUDA graphs (``cudagraph_mode`` NONE); compiled with
+vLLM's piecewise CUDA graphs, the d2moe op between them; and the latter with ``memory_budget`` a
+quarter of the expert bytes, so experts stream through the offload pool. Checks: every run
+generates for every prompt; the graph run's tokens equal the compiled run's without graphs (the
+same pieces either way: stale buffers in a replayed graph would change them); the budget run's
+tokens equal the graph run's (the same kernel on the same rows). Recorded, not checked: where the
+graph run first leaves eager's greedy tokens and whether that was a near-tie
+(``vllm_d2moe.testing.compare``; compiled and eager bf16 round differently, and on CPUs vLLM's own
+unquantized models already diverge far from eager's top at times).
 Exit status 1 when a check fails.
 """
 
@@ -55,6 +57,7 @@ def main(workdir: Path) -> int:
     base = dict(model=str(model), prompts=PROMPTS, max_tokens=MAX_TOKENS, dtype="bfloat16")
     runs = [
         Run("eager", enforce_eager=True, logprobs=20, **base),
+        Run("compiled-no-graphs", enforce_eager=False, compilation_config={"cudagraph_mode": "NONE"}, **base),
         Run("cuda-graphs", enforce_eager=False, **base),
         Run("cuda-graphs-budget", enforce_eager=False,
             hf_overrides={"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}}, **base),
@@ -80,9 +83,13 @@ def main(workdir: Path) -> int:
             failures.append(f"runs with a prompt that generated nothing: {empty}")
         pairs = [(a, b) for x, y in zip(tokens["eager"], tokens["cuda-graphs"]) for a, b in zip(x, y)]
         results["graphs_vs_eager_token_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
-        problems = diverge_only_at_near_ties(results["runs"]["eager"], results["runs"]["cuda-graphs"])
-        results["graphs_vs_eager_divergences"] = problems
-        failures += [f"CUDA graphs vs eager: {p}" for p in problems]
+        # Reported only: compiled and eager bf16 round differently (see the docstring).
+        results["graphs_vs_eager_divergences"] = diverge_only_at_near_ties(
+            results["runs"]["eager"], results["runs"]["cuda-graphs"]
+        )
+        results["graphs_equal_compiled_without_graphs"] = tokens["cuda-graphs"] == tokens["compiled-no-graphs"]
+        if not results["graphs_equal_compiled_without_graphs"]:
+            failures.append("the CUDA-graph run's tokens differ from the same compiled model's without graphs")
         results["budget_equals_resident"] = tokens["cuda-graphs-budget"] == tokens["cuda-graphs"]
         if not results["budget_equals_resident"]:
             failures.append("the budget run's tokens differ from the resident run's")

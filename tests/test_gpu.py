@@ -184,6 +184,7 @@ def served(tiny_d2moe, tmp_path_factory) -> dict:
     base = {"model": str(tiny_d2moe), "prompts": PROMPTS, "max_tokens": 16, "dtype": "bfloat16"}
     runs = [
         {**base, "name": "eager", "enforce_eager": True, "logprobs": 20},
+        {**base, "name": "compiled-no-graphs", "enforce_eager": False, "compilation_config": {"cudagraph_mode": "NONE"}},
         {**base, "name": "cuda-graphs", "enforce_eager": False},
         {**base, "name": "cuda-graphs-budget", "enforce_eager": False,
          "hf_overrides": {"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}}},
@@ -191,10 +192,21 @@ def served(tiny_d2moe, tmp_path_factory) -> dict:
     return _run_engines(runs, tmp_path_factory.mktemp("gpu-engines"))
 
 
-def test_served_completion_with_cuda_graphs_matches_eager(served):
-    """Equal greedy tokens up to a near-tie (``vllm_d2moe.testing.compare``)."""
+def test_served_completion_with_cuda_graphs_matches_the_same_compiled_model_without(served):
+    """Piecewise CUDA graphs around the d2moe op replay what the same compiled pieces compute
+    without graphs (they split at the op either way): equal greedy tokens. Stale inputs or
+    outputs of the op in a replayed graph would change them."""
+    assert _tokens(served["cuda-graphs"]) == _tokens(served["compiled-no-graphs"])
+
+
+def test_served_completion_with_cuda_graphs_against_eager(served, report):
+    """Reported, not asserted: torch.compile and eager bf16 round differently, and on CPUs vLLM's
+    own unquantized tiny Mixtral already picks tokens far from eager's top once in a while
+    (compiled vs eager, position 7 of two of four prompts), so a disagreement here says nothing
+    about d2moe by itself."""
     problems = diverge_only_at_near_ties(served["eager"], served["cuda-graphs"])
-    assert not problems, (problems, _tokens(served["eager"]), _tokens(served["cuda-graphs"]))
+    report.add(f"gpu: CUDA graphs vs eager (tiny Mixtral, bf16): "
+               f"{'equal up to near-ties' if not problems else '; '.join(problems)}")
 
 
 def test_served_completion_under_a_memory_budget_matches_resident(served):

@@ -41,10 +41,10 @@ def test_the_override_allows_another_version_with_a_warning(monkeypatch, caplog)
 
 def test_apply_wraps_each_method_once():
     patches.apply()  # whatever registration already did
-    wrapped = {p.name: getattr(p.resolve(), p.method) for p in patches.PATCHES}
+    wrapped = {p.name: patches.wrapped(p) for p in patches.PATCHES}
     assert patches.apply() == []
     for patch in patches.PATCHES:
-        method = getattr(patch.resolve(), patch.method)
+        method = patches.wrapped(patch)
         assert patches.is_applied(patch) and method is wrapped[patch.name], patch.name
         # One layer of wrapping over vLLM's own method.
         assert not hasattr(method.__wrapped__, "_d2moe_patch"), patch.name
@@ -124,9 +124,20 @@ def test_other_models_and_graphless_configs_are_left_alone():
         config = _compilation_config(CUDAGraphMode.FULL_AND_PIECEWISE)
         keep_out_of_cuda_graphs(config, quantization)
         assert config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE and OP_NAME not in config.splitting_ops
-    config = _compilation_config(CUDAGraphMode.NONE)  # CPU, or enforce_eager
+    cpu = _compilation_config(CUDAGraphMode.NONE, splitting_ops=[])  # vLLM's CPU platform: no splitting
+    keep_out_of_cuda_graphs(cpu, "d2moe")
+    assert cpu.cudagraph_mode == CUDAGraphMode.NONE and cpu.splitting_ops == []
+
+
+def test_compiled_without_graphs_splits_where_graphs_would():
+    """So that a run with graphs and one without compile the same pieces (and give equal tokens)."""
+    from vllm.config import CUDAGraphMode
+
+    from vllm_d2moe.vllm_glue.expert_op import OP_NAME, keep_out_of_cuda_graphs
+
+    config = _compilation_config(CUDAGraphMode.NONE)
     keep_out_of_cuda_graphs(config, "d2moe")
-    assert config.cudagraph_mode == CUDAGraphMode.NONE and OP_NAME not in config.splitting_ops
+    assert config.cudagraph_mode == CUDAGraphMode.NONE and OP_NAME in config.splitting_ops
 
 
 def test_full_graphs_without_piecewise_splitting_are_turned_off(caplog):
@@ -139,3 +150,74 @@ def test_full_graphs_without_piecewise_splitting_are_turned_off(caplog):
         keep_out_of_cuda_graphs(config, "d2moe")
     assert config.cudagraph_mode == CUDAGraphMode.NONE
     assert "CUDA graphs off" in caplog.text
+
+
+# --- the MoE runner of a d2moe layer calls its body directly, on every platform ---
+
+_RUNNER_PROBE = r'''
+import json, sys
+from unittest import mock
+
+
+def probe(model):
+    """For each MoE runner: what _select_forward picks where vLLM would hide the layer in its op."""
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.platforms import current_platform
+
+    picked = []
+    for module in model.modules():
+        if isinstance(module, moe_runner.MoERunner):
+            with mock.patch.object(type(current_platform), "is_cpu", lambda self: False):
+                entry = module._select_forward()
+            picked.append("direct" if entry is moe_runner._moe_forward else str(entry))
+    return picked
+
+
+if __name__ == "__main__":
+    from vllm import LLM
+
+    llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=128, gpu_memory_utilization=0.3,
+              distributed_executor_backend="uni")
+    print("PICKED", json.dumps(llm.apply_model(probe)[0]))
+'''
+
+
+@pytest.mark.slow
+def test_moe_runner_of_a_d2moe_layer_calls_the_layer_body(model_zoo, tmp_path):
+    """On GPUs vLLM's runner would call the opaque ``vllm::moe_forward``; the patch makes a d2moe
+    layer's runner call its body (so torch.compile sees ``d2moe::moe_experts``) and leaves other
+    models' runners alone. The GPU platform's choice is simulated on a real engine's runners."""
+    import json
+    import os
+
+    script = tmp_path / "probe.py"
+    script.write_text(_RUNNER_PROBE)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    picked = {}
+    for kind in ("d2moe", "hf"):
+        proc = subprocess.run([sys.executable, str(script), str(model_zoo["mixtral"][kind])], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        picked[kind] = json.loads(proc.stdout.split("PICKED", 1)[1])
+    assert picked["d2moe"] and set(picked["d2moe"]) == {"direct"}
+    assert picked["hf"] and "direct" not in picked["hf"] and "moe_forward" in picked["hf"][0]
+
+
+@pytest.mark.slow
+def test_d2moe_models_run_on_the_v1_model_runner(model_zoo, monkeypatch, caplog):
+    """vLLM picks Model Runner V2 on GPUs with Triton; the step patches wrap V1's runner, so a d2moe
+    model stays on V1 even when V2 is asked for (with a warning), and other models are left alone."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    patches.apply()
+    configs = {
+        kind: EngineArgs(model=str(model_zoo["mixtral"][kind]), max_model_len=128).create_engine_config()
+        for kind in ("d2moe", "hf")
+    }
+    assert configs["d2moe"].model_config.quantization == "d2moe"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    monkeypatch.setattr(patches, "_warned_v2", [])
+    with caplog.at_level(logging.WARNING, logger=patches.__name__):
+        assert configs["d2moe"].use_v2_model_runner is False
+    assert "VLLM_USE_V2_MODEL_RUNNER=1 is ignored" in caplog.text
+    assert configs["hf"].use_v2_model_runner is True

@@ -57,6 +57,8 @@ class Run:
     in_process: bool = False
     # Per prompt (None: none), e.g. {"d2moe_target_bits": 2.5}.
     extra_args: list[dict | None] | None = None
+    # vLLM's compilation config, e.g. {"cudagraph_mode": "NONE"} (None: vLLM's default).
+    compilation_config: dict | None = None
 
 
 def _logprob_vectors(positions) -> list[dict[str, float]]:
@@ -93,6 +95,7 @@ def run_engine(run: Run, earlier: dict) -> dict:
         dtype=run.dtype,
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,
+        **({"compilation_config": run.compilation_config} if run.compilation_config else {}),
     )
     start_seconds = time.monotonic() - started
     try:

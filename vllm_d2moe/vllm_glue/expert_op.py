@@ -126,28 +126,33 @@ def runner_forward_entry(runner):
 def keep_out_of_cuda_graphs(compilation_config, quantization: str | None) -> None:
     """For a d2moe model, amend vLLM's settled ``compilation_config`` so that CUDA graphs never
     capture the expert op (why: module docstring). Run after ``VllmConfig.__post_init__``
-    (``vllm_glue/patches.py``); changes nothing where no CUDA graphs are used (CPU, eager).
+    (``vllm_glue/patches.py``).
 
-    The op joins ``splitting_ops``; a mode with full graphs (vLLM's default
-    ``FULL_AND_PIECEWISE``, which captures whole decode steps, splitting ops included)
-    becomes ``PIECEWISE`` where the graph is split at attention already, ``NONE``
-    otherwise (no piecewise compilation, or breakable graphs, which break only at ops
-    vLLM marks for it).
+    Where vLLM splits the compiled graph at attention (GPUs, compilation mode VLLM_COMPILE) the op
+    joins ``splitting_ops``, with CUDA graphs or without, so that both compile the same pieces.
+    A mode with full graphs (vLLM's default ``FULL_AND_PIECEWISE``, which captures whole decode
+    steps, splitting ops included) becomes ``PIECEWISE``; where the graph is not split at
+    attention (no piecewise compilation, or breakable graphs, which break only at ops vLLM
+    marks for it) graphs are turned off. CPUs (no graphs, no splitting) are left as they are.
     """
     from vllm import envs
     from vllm.config import CompilationMode, CUDAGraphMode
 
     from vllm_d2moe.mwq.checkpoint import QUANT_METHOD
 
-    mode = compilation_config.cudagraph_mode
-    if quantization != QUANT_METHOD or mode is None or mode == CUDAGraphMode.NONE:
+    if quantization != QUANT_METHOD:
         return
-    piecewise = (
+    split = (
         compilation_config.mode == CompilationMode.VLLM_COMPILE
         and compilation_config.splitting_ops_contain_attention()
         and not envs.VLLM_USE_BREAKABLE_CUDAGRAPH
     )
-    if not piecewise:
+    if split and OP_NAME not in compilation_config.splitting_ops:
+        compilation_config.splitting_ops.append(OP_NAME)
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return
+    if not split:
         logger.warning(
             "d2moe: CUDA graphs off (cudagraph_mode %s -> NONE): the d2moe expert op runs outside "
             "graphs, which needs piecewise compilation split at attention (compilation mode "
@@ -155,8 +160,6 @@ def keep_out_of_cuda_graphs(compilation_config, quantization: str | None) -> Non
         )
         compilation_config.cudagraph_mode = CUDAGraphMode.NONE
         return
-    if OP_NAME not in compilation_config.splitting_ops:
-        compilation_config.splitting_ops.append(OP_NAME)
     if mode.has_full_cudagraphs():
         logger.info(
             "d2moe: cudagraph_mode %s -> PIECEWISE: the d2moe expert op runs outside CUDA graphs "

@@ -16,6 +16,7 @@ there unless ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1`` is set; then it warns.
 
 import functools
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -136,6 +137,27 @@ def _wrap_select_forward(original):
     return _select_forward
 
 
+_warned_v2 = []
+
+
+def _wrap_use_v2_model_runner(original):
+    """(The property's getter.) d2moe models run on V1's ``GPUModelRunner``, the class the step
+    patches above wrap; vLLM 0.32 picks Model Runner V2 on GPUs with Triton by default."""
+
+    def use_v2_model_runner(self):
+        from vllm_d2moe.mwq.checkpoint import QUANT_METHOD
+
+        if self.model_config is None or self.model_config.quantization != QUANT_METHOD:
+            return original(self)
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true") and not _warned_v2:
+            _warned_v2.append(True)
+            logger.warning("d2moe: VLLM_USE_V2_MODEL_RUNNER=1 is ignored: d2moe models run on vLLM's V1 "
+                           "model runner (per-request targets and expert faults hook into it)")
+        return False
+
+    return use_v2_model_runner
+
+
 def _wrap_vllm_config_post_init(original):
     def __post_init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -188,6 +210,12 @@ PATCHES = (
         _wrap_select_forward,
     ),
     Patch(
+        "vllm.config.vllm:VllmConfig", "use_v2_model_runner",
+        "d2moe models run on the V1 GPUModelRunner the step patches wrap, not Model Runner V2 "
+        "(vLLM's default on GPUs with Triton)",
+        _wrap_use_v2_model_runner,
+    ),
+    Patch(
         "vllm.config.vllm:VllmConfig", "__post_init__",
         "keep the d2moe expert op out of CUDA graphs once vLLM has settled its compilation config "
         "(expert_op.keep_out_of_cuda_graphs)",
@@ -209,17 +237,26 @@ def apply() -> list[str]:
     applied = []
     for patch in PATCHES:
         cls = patch.resolve()
-        original = getattr(cls, patch.method)
-        if getattr(original, _MARK, None) == patch.name:
+        if is_applied(patch):
             continue
+        original = inspect.getattr_static(cls, patch.method)
+        is_property = isinstance(original, property)
+        if is_property:  # the getter is wrapped
+            original = original.fget
         wrapper = functools.wraps(original)(patch.wrap(original))
         setattr(wrapper, _MARK, patch.name)
-        setattr(cls, patch.method, wrapper)
+        setattr(cls, patch.method, property(wrapper) if is_property else wrapper)
         applied.append(patch.name)
     if applied:
         logger.debug("d2moe: patched %s", ", ".join(applied))
     return applied
 
 
+def wrapped(patch: Patch):
+    """The function now in place of ``patch``'s method (a property's getter)."""
+    current = inspect.getattr_static(patch.resolve(), patch.method)
+    return current.fget if isinstance(current, property) else getattr(patch.resolve(), patch.method)
+
+
 def is_applied(patch: Patch) -> bool:
-    return getattr(getattr(patch.resolve(), patch.method), _MARK, None) == patch.name
+    return getattr(wrapped(patch), _MARK, None) == patch.name

@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -263,6 +264,20 @@ def run_settings(args, prompts: list[list[int]]) -> dict:
     """The part of a worker's spec every engine of a run shares."""
     return {"prompts": prompts, "concurrency": args.concurrency, "input_len": args.input_len,
             "output_len": args.output_len, "threads": args.threads, "repeats": args.repeats}
+
+
+def run_header(args, script: str) -> dict:
+    """The head of a results file whose engines share ``run_settings``: the command that ran ``script``,
+    the machine, the settings and the load average at the start."""
+    from vllm_d2moe.byte_sizes import format_bytes
+
+    memory = format_bytes(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {
+        "command": shlex.join(["python", f"benchmarks/{Path(script).name}", *sys.argv[1:]]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {memory} RAM",
+        "threads": args.threads, "input_len": args.input_len, "output_len": args.output_len,
+        "concurrency": args.concurrency, "repeats": args.repeats, "load_average_at_start": os.getloadavg(),
+    }
 
 
 def run_worker(spec: dict, log: Path, script: str = __file__) -> dict:

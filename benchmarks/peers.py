@@ -54,9 +54,7 @@ import ctypes
 import json
 import math
 import os
-import platform
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
@@ -868,17 +866,9 @@ def main() -> None:
         "reference": lambda: reference,
         "random": lambda: random_model(reference, args.cache / "random-mixtral-1024"),
     }
-    full = {
-        "command": shlex.join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    full = budget_sweep.run_header(args, __file__) | {
         "llama_cpp_python": llama_version or "not installed",
-        "threads": args.threads,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "concurrency": args.concurrency,
-        "repeats": args.repeats,
         "idle_cpu": args.idle_cpu,
-        "load_average_at_start": os.getloadavg(),
     }
     done = []
 

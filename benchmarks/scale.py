@@ -64,7 +64,6 @@ import json
 import math
 import mmap
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -725,18 +724,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.log").write_text("")
     llama_version = peers.llama_cpp_version()
-    full = {
-        "command": shlex.join(["python", "benchmarks/scale.py", *sys.argv[1:]]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{format_bytes(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM",
-        "llama_cpp_python": llama_version or "not installed",
-        "threads": args.threads,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "concurrency": args.concurrency,
-        "repeats": args.repeats,
-        "load_average_at_start": os.getloadavg(),
-    }
+    full = budget_sweep.run_header(args, __file__) | {"llama_cpp_python": llama_version or "not installed"}
     done = []
 
     def save(report: dict) -> None:  # rewritten after each engine: a stopped run keeps what it measured

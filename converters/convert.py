@@ -28,7 +28,6 @@ import json
 import mmap
 import os
 import shutil
-import struct
 import sys
 import time
 from collections import deque
@@ -54,6 +53,7 @@ from vllm_d2moe.mwq.checkpoint import (
     expert_tensor_name,
     layer_file,
     read_safetensors_header,
+    safetensors_header,
     section_checksums,
     write_index,
 )
@@ -400,21 +400,6 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _safetensors_header(
-    entries: list[tuple[str, str, list[int], int]], metadata: dict | None
-) -> bytes:
-    """A safetensors header for ``(name, dtype, shape, nbytes)`` entries laid out in order."""
-    header, offset = {}, 0
-    for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(raw)) + raw
-
-
 class _Progress:
     """A tqdm bar in expert parameters, with the bytes read and written beside it."""
 
@@ -463,7 +448,7 @@ def _convert_layer(
     crcs = []
 
     def write(f) -> None:
-        f.write(_safetensors_header(entries, None))
+        f.write(safetensors_header(entries, None))
         pending = deque()
         for expert in experts:
             pending.append(
@@ -504,7 +489,7 @@ def _copy_tensors(
 
     def write(out) -> None:
         out.write(
-            _safetensors_header(
+            safetensors_header(
                 [(t.name, t.dtype, list(t.shape), t.nbytes) for t in tensors], metadata
             )
         )

@@ -17,7 +17,6 @@ import importlib.resources
 import json
 import math
 import shutil
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -27,8 +26,10 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
+
 from vllm_d2moe.converters.architectures import architecture
 from vllm_d2moe.converters.output_dir import OutputDirectory
+from vllm_d2moe.mwq.checkpoint import safetensors_header
 
 TOKENIZER_DIR = Path(str(importlib.resources.files("vllm_d2moe") / "assets" / "reference-small"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -442,22 +443,6 @@ def _hf_config_json(config: dict) -> dict:
     return out
 
 
-def _safetensors_header(tensors: list[TensorPlan]) -> bytes:
-    header, offset = {}, 0
-    for t in tensors:
-        nbytes = t.numel * DTYPE.itemsize
-        header[t.name] = {
-            "dtype": SAFETENSORS_DTYPE,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _random_tensor(t: TensorPlan, std: float, generator: torch.Generator) -> torch.Tensor:
     if t.is_norm:
         return torch.ones(t.shape, dtype=DTYPE)
@@ -470,7 +455,8 @@ def _write_shard(path: Path, tensors: list[TensorPlan], std: float, seed: int, b
     """Write one shard tensor by tensor (the header is known from the shapes)."""
     generator = torch.Generator().manual_seed(seed)
     with open(path, "wb") as f:
-        f.write(_safetensors_header(tensors))
+        entries = [(t.name, SAFETENSORS_DTYPE, list(t.shape), t.numel * DTYPE.itemsize) for t in tensors]
+        f.write(safetensors_header(entries, {"format": "pt"}))
         for t in tensors:
             value = _random_tensor(t, std, generator)
             f.write(value.view(torch.int16).numpy().data)

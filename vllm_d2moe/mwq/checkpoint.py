@@ -100,6 +100,21 @@ def read_buffered(fd: int, offset: int, length: int) -> memoryview:
     return memoryview(buffer)[: os.preadv(fd, [buffer], offset)]
 
 
+def safetensors_header(
+    entries: list[tuple[str, str, list[int], int]], metadata: dict | None
+) -> bytes:
+    """A safetensors header for ``(name, dtype, shape, nbytes)`` entries laid out in order."""
+    header, offset = {}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's header and the file offset where its tensor data starts."""
     try:

@@ -19,14 +19,16 @@ ALLOWED = {
     "vllm_d2moe.stop_signal": (),
     "vllm_d2moe.mwq": ("vllm_d2moe.mwq",),
     "vllm_d2moe.kernels": ("vllm_d2moe.kernels", "vllm_d2moe.mwq"),
-    "vllm_d2moe.experts": ("vllm_d2moe.mwq",),
+    "vllm_d2moe.experts": ("vllm_d2moe.mwq", "vllm_d2moe.kernels"),
     "vllm_d2moe.reference": ("vllm_d2moe.reference", "vllm_d2moe.token_windows", "vllm_d2moe.stop_signal"),
     "vllm_d2moe.router": (
         "vllm_d2moe.router", "vllm_d2moe.mwq", "vllm_d2moe.token_windows", "vllm_d2moe.stop_signal",
         "vllm_d2moe.reference.corpus", "vllm_d2moe.reference.tokenizer",
     ),
     "vllm_d2moe.width_selection": ("vllm_d2moe.router", "vllm_d2moe.kernels"),
-    "vllm_d2moe.offload": ("vllm_d2moe.offload", "vllm_d2moe.mwq", "vllm_d2moe.experts", "vllm_d2moe.byte_sizes"),
+    "vllm_d2moe.offload": (
+        "vllm_d2moe.offload", "vllm_d2moe.mwq", "vllm_d2moe.kernels", "vllm_d2moe.experts", "vllm_d2moe.byte_sizes",
+    ),
 }
 BENCHMARK_MODULES = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
 

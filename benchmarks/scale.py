@@ -227,10 +227,9 @@ def drop_from_page_cache(paths: list[Path]) -> None:
 
 def mwq_expert_bytes(mwq_dir: Path, bits: int) -> int:
     """Bytes of every routed expert at width ``bits`` (what MWQ-``bits`` holds resident)."""
-    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
     from vllm_d2moe.offload.pool import expert_nbytes
 
-    return sum(e.num_experts * expert_nbytes(e.layout, bits) for e in MWQCheckpoint(mwq_dir).layers.values())
+    return sum(e.num_experts * expert_nbytes(e.layout, bits) for e in _layers(mwq_dir))
 
 
 def streamed(mwq_dir: Path, fraction: str, budget: int) -> dict:
@@ -275,7 +274,7 @@ def train_router(mwq_dir: Path, steps: int, threads: int) -> None:
     if need > available_memory():
         print(
             f"scale: router not trained: its training model holds about {format_bytes(need)} of dequantized "
-            f"experts, {format_bytes(available_memory())} available (train on a shallower --layers copy)",
+            f"experts, {format_bytes(available_memory())} available: the router row is skipped",
             flush=True,
         )
         return

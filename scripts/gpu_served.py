@@ -10,10 +10,10 @@ vLLM's piecewise CUDA graphs, the d2moe op between them; and the latter with ``m
 quarter of the expert bytes, so experts stream through the offload pool. Checks: every run
 generates for every prompt; the graph run's tokens equal the compiled run's without graphs (the
 same pieces either way: stale buffers in a replayed graph would change them); the budget run's
-tokens equal the graph run's (the same kernel on the same rows). Recorded, not checked: where the
-graph run first leaves eager's greedy tokens and whether that was a near-tie
-(``vllm_d2moe.testing.compare``; compiled and eager bf16 round differently, and on CPUs vLLM's own
-unquantized models already diverge far from eager's top at times).
+tokens equal the graph run's (the same kernel on the same rows), and it read experts. Recorded,
+not checked: where the graph run first leaves eager's greedy tokens and whether that was a
+near-tie (``vllm_d2moe.testing.compare``; compiled and eager bf16 round differently, and on CPUs
+vLLM's own unquantized models already diverge far from eager's top at times).
 Exit status 1 when a check fails.
 """
 
@@ -90,6 +90,11 @@ def main(workdir: Path) -> int:
         results["graphs_equal_compiled_without_graphs"] = tokens["cuda-graphs"] == tokens["compiled-no-graphs"]
         if not results["graphs_equal_compiled_without_graphs"]:
             failures.append("the CUDA-graph run's tokens differ from the same compiled model's without graphs")
+        # The budget run must have streamed experts (offload counters of its worker).
+        streamed = results["runs"]["cuda-graphs-budget"].get("offload_metrics") or [{}]
+        results["budget_reads"] = streamed[0].get("total", {}).get("misses", 0)
+        if not results["budget_reads"]:
+            failures.append("the budget run read no expert from disk (no offload counters, or all resident)")
         results["budget_equals_resident"] = tokens["cuda-graphs-budget"] == tokens["cuda-graphs"]
         if not results["budget_equals_resident"]:
             failures.append("the budget run's tokens differ from the resident run's")

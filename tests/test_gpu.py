@@ -210,5 +210,7 @@ def test_served_completion_with_cuda_graphs_against_eager(served, report):
 
 
 def test_served_completion_under_a_memory_budget_matches_resident(served):
-    """The same kernel on the same rows, whether the experts are resident or streamed."""
+    """The same kernel on the same rows, whether the experts are resident or streamed (and they were)."""
+    metrics = served["cuda-graphs-budget"].get("offload_metrics") or [{}]
+    assert metrics[0].get("total", {}).get("misses", 0) > 0, "the budget run read no expert"
     assert _tokens(served["cuda-graphs-budget"]) == _tokens(served["cuda-graphs"])

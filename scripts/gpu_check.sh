@@ -14,7 +14,8 @@
 #   6. the gpu-marked serving tests (three engines on the tiny Mixtral).
 #
 #   bash scripts/gpu_check.sh            # outputs under $OUT if set, else ./gpu_check_out
-#   GPU_CHECK_SECONDS=480 (overall limit), PYTHON=python3, GPU_CHECK_INSTALL_VLLM=1
+#   GPU_CHECK_SECONDS=480 (overall limit; about 570 lets every step run when vLLM is installed),
+#   PYTHON=python3, GPU_CHECK_INSTALL_VLLM=1
 #
 # Steps run in that order while time is left (each under `timeout`, killed at the overall
 # limit); each one's log is OUT/NN-name.log, the verdicts OUT/summary.txt. Exit status: 0 when
@@ -35,17 +36,18 @@ FAILED=0
 say() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $((LIMIT - (SECONDS - START))); }
 
-# step NAME MAX_SECONDS COMMAND...: run COMMAND with at most MAX_SECONDS and what is left of the
-# limit (less a margin to write the summary); too little left skips it.
+# step NAME LEAST MAX COMMAND...: run COMMAND with at most MAX seconds and what is left of the
+# limit (less a margin to write the summary); skipped when less than LEAST seconds are left (a
+# step that could not finish is not started, rather than reported as a failure).
 step() {
-    local name=$1 max=$2 budget log rc began
-    shift 2
+    local name=$1 least=$2 max=$3 budget log rc began
+    shift 3
     budget=$(left)
     budget=$((budget - 10))
     ((budget > max)) && budget=$max
     log=$OUT/$name.log
-    if ((budget < 30)); then
-        say "$name: SKIPPED (time limit: $(left) s left)"
+    if ((budget < least)); then
+        say "$name: SKIPPED (time limit: $(left) s left, needs about $least)"
         return 0
     fi
     began=$SECONDS
@@ -96,7 +98,7 @@ case "$vllm_state" in
     *)
         say "vllm: '${vllm_state:-not importable}' is not vLLM 0.32.0 for CUDA"
         if [[ ${GPU_CHECK_INSTALL_VLLM:-1} == 1 ]]; then
-            step 01-install-vllm 300 "$PY" -m pip install --quiet "vllm==0.32.0" pytest || true
+            step 01-install-vllm 60 300 "$PY" -m pip install --quiet "vllm==0.32.0" pytest || true
             vllm_state=$("$PY" -c 'import torch, vllm; print(vllm.__version__, "cuda" if torch.version.cuda else "cpu")' 2>/dev/null | tail -n 1)
             say "vllm after install: '${vllm_state:-not importable}'"
         fi
@@ -119,25 +121,25 @@ assert any(e.value == "vllm_d2moe:register" for e in md.entry_points(group="vllm
 }
 export -f install_wheel
 export OUT PY REPO
-step 02-install-wheel 120 bash -c install_wheel || { say "no installed plugin: stopping"; exit 1; }
+step 02-install-wheel 30 120 bash -c install_wheel || { say "no installed plugin: stopping"; exit 1; }
 export PYTHONSAFEPATH=1 TOKENIZERS_PARALLELISM=false
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 
 # --- 3. kernel and CUDA-graph tests -------------------------------------------------------
-step 03-gpu-tests 150 "${PYTEST[@]}" --junitxml="$OUT/03-gpu-tests.xml" -m gpu -k "not served" \
+step 03-gpu-tests 60 150 "${PYTEST[@]}" --junitxml="$OUT/03-gpu-tests.xml" -m gpu -k "not served" \
     tests/test_gpu.py
-step 04-triton-kernel-tests 120 "${PYTEST[@]}" --junitxml="$OUT/04-triton-kernel-tests.xml" \
+step 04-triton-kernel-tests 40 120 "${PYTEST[@]}" --junitxml="$OUT/04-triton-kernel-tests.xml" \
     -k triton_mwq tests/test_kernels.py
 
 # --- 4. served completions, with and without a budget ---------------------------------------
-step 05-served 300 "$PY" scripts/gpu_served.py "$OUT/served"
+step 05-served 200 300 "$PY" scripts/gpu_served.py "$OUT/served"
 [[ -f $OUT/served/served.json ]] && cp "$OUT/served/served.json" "$OUT/served.json"
 
 # --- 5. kernel benchmark ------------------------------------------------------------------
-step 06-kernel-benchmark 90 "$PY" benchmarks/kernels_gpu.py --out "$OUT"
+step 06-kernel-benchmark 30 90 "$PY" benchmarks/kernels_gpu.py --out "$OUT"
 
 # --- 6. serving tests ---------------------------------------------------------------------
-step 07-gpu-serving-tests 300 "${PYTEST[@]}" --junitxml="$OUT/07-gpu-serving-tests.xml" -m gpu -k served \
+step 07-gpu-serving-tests 200 300 "${PYTEST[@]}" --junitxml="$OUT/07-gpu-serving-tests.xml" -m gpu -k served \
     tests/test_gpu.py
 
 rm -rf "$OUT/wheel" "$OUT/served/reference-d2moe"  # large, and rebuilt by the next run

@@ -57,7 +57,6 @@ def pytest_terminal_summary(terminalreporter):
 def model_zoo(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """``{arch: {"hf": dir, "d2moe": dir}}`` for every supported tiny architecture."""
     from vllm_d2moe.converters.convert import convert
-
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS, make_tiny_model
 

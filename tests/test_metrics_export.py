@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from vllm_d2moe.kernels import load_backend
 
+from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager, metrics_snapshots
 from vllm_d2moe.offload.pipeline import OffloadPolicy
@@ -94,7 +94,8 @@ def test_widths_are_left_to_another_rank_when_asked(offloaded_layer):
 
 
 def _in_fresh_process(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
 
 
 def test_serve_sets_a_fresh_multiprocess_directory_before_prometheus_loads():

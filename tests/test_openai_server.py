@@ -12,11 +12,12 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import ENGINE_ENV, PROMPTS
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.pool import expert_nbytes
+
+from conftest import ENGINE_ENV, PROMPTS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

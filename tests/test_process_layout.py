@@ -3,6 +3,7 @@ test's own process: the same greedy outputs, and the offload and width statistic
 workers through ``vllm_d2moe.engine_stats`` (the session's engine runs, ``conftest.engine_results``)."""
 
 import pytest
+
 from conftest import ROUTER_WIDTHS, routed_budget
 
 PAIRS = ["mixtral/d2moe-2", "mixtral/routed-budget"]  # a fixed width; the router under a budget

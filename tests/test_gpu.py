@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_kernels import float64_mlp, random_layer, tolerance
+
 from vllm_d2moe.experts import ExpertSegments, LayerExperts
 from vllm_d2moe.mwq.quantize import MWQSpec
 from vllm_d2moe.testing.compare import diverge_only_at_near_ties
@@ -184,7 +184,8 @@ def served(tiny_d2moe, tmp_path_factory) -> dict:
     base = {"model": str(tiny_d2moe), "prompts": PROMPTS, "max_tokens": 16, "dtype": "bfloat16"}
     runs = [
         {**base, "name": "eager", "enforce_eager": True, "logprobs": 20},
-        {**base, "name": "compiled-no-graphs", "enforce_eager": False, "compilation_config": {"cudagraph_mode": "NONE"}},
+        {**base, "name": "compiled-no-graphs", "enforce_eager": False,
+         "compilation_config": {"cudagraph_mode": "NONE"}},
         {**base, "name": "cuda-graphs", "enforce_eager": False},
         {**base, "name": "cuda-graphs-budget", "enforce_eager": False,
          "hf_overrides": {"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}}},

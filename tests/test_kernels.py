@@ -10,8 +10,8 @@ for the Triton backend's tensor-core dots, which round weights, inputs and the
 intermediate activations to the dot dtype, about ten unit roundoffs of that
 dtype: ``5e-3`` with float32 (TF32) or float16 inputs (unit roundoff 2^-11) and
 ``4e-2`` with bfloat16 (2^-8). Seen under the interpreter: at most 9e-4
-(float16) and 1.8e-2 (bfloat16) of the output scale over 12 random layers. Outputs are pre-filled with NaN, so a row a backend forgets to
-write fails. Inputs are fresh random draws per test.
+(float16) and 1.8e-2 (bfloat16) of the output scale over 12 random layers.
+Outputs are pre-filled with NaN, so a row a backend forgets to write fails. Inputs are fresh random draws per test.
 
 The Triton backend runs compiled on a CUDA device when there is one, otherwise
 under ``TRITON_INTERPRET=1`` on CPU tensors. The variable must hold from the

@@ -2,6 +2,7 @@
 settings a d2moe model gets (expert_op.keep_out_of_cuda_graphs, on vLLM's real config class)."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -55,13 +56,13 @@ def test_apply_wraps_each_method_once():
 def _register_under(version: str, allow: bool) -> subprocess.CompletedProcess:
     """``register()`` in a fresh process whose vLLM reports ``version`` (patches are per process)."""
     code = (
-        "import vllm; vllm.__version__ = %r\n"
+        f"import vllm; vllm.__version__ = {version!r}\n"
         "import vllm_d2moe\n"
         "from vllm_d2moe.vllm_glue import patches\n"
         "vllm_d2moe.register()\n"
         "print('registered', all(patches.is_applied(p) for p in patches.PATCHES))\n"
-    ) % version
-    env = {k: v for k, v in __import__("os").environ.items() if k != patches.ALLOW_UNTESTED_ENV}
+    )
+    env = {k: v for k, v in os.environ.items() if k != patches.ALLOW_UNTESTED_ENV}
     if allow:
         env[patches.ALLOW_UNTESTED_ENV] = "1"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -188,7 +189,6 @@ def test_moe_runner_of_a_d2moe_layer_calls_the_layer_body(model_zoo, tmp_path):
     layer's runner call its body (so torch.compile sees ``d2moe::moe_experts``) and leaves other
     models' runners alone. The GPU platform's choice is simulated on a real engine's runners."""
     import json
-    import os
 
     script = tmp_path / "probe.py"
     script.write_text(_RUNNER_PROBE)

@@ -591,7 +591,7 @@ def plan_conversion(src) -> _Plan:
 def _load_progress(work: OutputDirectory, fingerprint: dict) -> dict:
     """The finished parts recorded in a partial conversion of the same source and options,
     or a fresh record (the partial directory emptied) when there is none or it differs."""
-    fresh = {"fingerprint": fingerprint, "dense": False, "layers": {}}
+    fresh = {"fingerprint": fingerprint, "dense": False, "layers": {}, "sizes": {}}
     if not work.resumed:
         return fresh
     try:
@@ -609,8 +609,8 @@ def _load_progress(work: OutputDirectory, fingerprint: dict) -> dict:
         return fresh
     for layer, entry in list(progress["layers"].items()):
         path = work.path / EXPERTS_DIR / entry["file"]
-        if not path.is_file():
-            del progress["layers"][layer]
+        if not path.is_file() or path.stat().st_size != progress["sizes"].get(layer):
+            del progress["layers"][layer]  # changed since: redo it
     return progress
 
 
@@ -677,6 +677,9 @@ def _build(
                     finally:
                         source.release({p.tensor for e in experts for p in e.parts})
                     progress["layers"][str(layer)] = entry
+                    progress["sizes"][str(layer)] = (
+                        (out / EXPERTS_DIR / entry["file"]).stat().st_size
+                    )
                     _save_progress(work, progress)
                     counts["layers_converted"] += 1
             except BaseException:
@@ -698,7 +701,7 @@ def _build(
             "model_type": plan.arch.model_type,
             "path": str(plan.src.resolve()),
             "dtype": ", ".join(expert_dtypes),
-        }
+        },
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_small_files(plan.src, out)

@@ -450,16 +450,18 @@ def test_partial_state_is_trusted_only_when_complete_and_matching(
 ):
     src = tiny_source("olmoe", num_hidden_layers=3)
     dst = tmp_path / "out"
-    Interrupt(monkeypatch, at=(1, 3))
+    Interrupt(monkeypatch, at=(2, 3))
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, SPEC, progress=False, workers=1)
     partial = partial_path(dst)
-    # A layer file without its progress record (killed between rename and record) is redone.
-    half = partial / EXPERTS_DIR / "experts-layer-001.safetensors"
-    half.write_bytes(b"not a finished layer")
+    # A layer file without its progress record (killed between rename and record) is redone,
+    # and so is a recorded one that changed since.
+    (partial / EXPERTS_DIR / "experts-layer-002.safetensors").write_bytes(b"not a finished layer")
+    with open(partial / EXPERTS_DIR / "experts-layer-000.safetensors", "ab") as f:
+        f.write(b"\0")
     second = Interrupt(monkeypatch, at=None)
     convert(src, dst, SPEC, progress=False, workers=1)
-    assert second.layers == {1, 2}
+    assert second.layers == {0, 2}
     assert MWQCheckpoint(dst).verify() > 0
 
     # Other options: the partial state is discarded, with a message.

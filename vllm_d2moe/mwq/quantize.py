@@ -252,11 +252,12 @@ def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTe
 
 # --- float32 quantization, byte-identical to the float64 reference ---------------------
 #
-# quantize_float32 runs the reference's arithmetic in float32 on blocks of groups laid
-# out group-major ([group_size, groups]: every reduction runs across contiguous rows,
-# which vectorises). It proves, per group, that its float32 decisions equal the float64
-# ones, and hands every group it cannot prove (about 1% of normally distributed bf16
-# weights) to the float64 reference, so the output equals the reference's byte for byte:
+# quantize_float32 runs the reference's arithmetic in float32 on cache-sized blocks of
+# groups (rows of [groups, group_size]; reductions halve rows pairwise, packing is one
+# matrix-vector product per plane). It proves, per group, that its float32 decisions
+# equal the float64 ones, and hands every group it cannot prove (about 1% of normally
+# distributed bf16 weights) to the float64 reference, so the output equals the
+# reference's byte for byte:
 #
 # * rounding t = w / s + z: float32 is within 2U (2 max|w| / s + |z|) of float64
 #   (U = 2**-24, the float32 unit roundoff); the group is proven when no element's t
@@ -278,9 +279,9 @@ _U = 2.0**-24
 # Multiples of a unit up to 2**24 of it are float32 numbers; the margin covers the float64
 # rounding of the bounds compared with it.
 _LOG2_FLOAT32_INTEGERS = 24 - 0.01
-# Float32 elements per block: a block's working set (a few [group_size, block] arrays)
+# Float32 elements per block: a block's working set (a few arrays of the block's size)
 # stays in cache, and each torch call still has enough work to split across threads.
-_BLOCK_ELEMENTS = 1 << 18
+_BLOCK_ELEMENTS = 1 << 19
 # Explicit mantissa bits of the source dtypes quantize_float32 takes, and the log2 ulp of
 # their subnormals.
 _MANTISSA_BITS = {torch.bfloat16: (7, -133), torch.float16: (10, -24)}
@@ -297,31 +298,27 @@ def _log2_ulp(x: torch.Tensor, mantissa_bits: int, min_log2: int) -> torch.Tenso
     return torch.where((x > 0) & torch.isfinite(x), ulp, torch.full_like(ulp, float("inf")))
 
 
-def _byte_weights(g: int) -> torch.Tensor:
-    """``[g, g // 8]`` float32 with ``2**i`` at ``(8 k + i, k)``: ``bits.t() @ it`` packs
-    each group's bits into bytes, least-significant bit first."""
-    weights = torch.zeros(g, g // 8)
-    rows = torch.arange(g)
-    weights[rows, rows // 8] = (2.0 ** (rows % 8)).float()
-    return weights
+# 2**i for the i-th of 8 bits: ``bits.view(-1, 8) @ it`` packs bits into bytes,
+# least-significant bit first (each sum has 8 terms: exact in any order).
+_BIT_VALUES = torch.tensor([float(1 << i) for i in range(8)])
 
 
-def _pack_group_major(bits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``bits`` {0,1} float32 ``[G, n]`` -> packed uint8 ``[n, G // 8]`` (as :func:`pack_bits`
-    packs each group's row segment). Each sum has 8 nonzero terms, an exact integer < 256."""
-    return torch.mm(bits.t(), weights).to(torch.uint8)
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``bits`` {0,1} float32 ``[n, G]`` -> packed uint8 ``[n, G // 8]``, as :func:`pack_bits`."""
+    n, g = bits.shape
+    return torch.mv(bits.view(-1, 8), _BIT_VALUES).view(n, g // 8).to(torch.uint8)
 
 
-def _pack_signs(signed: torch.Tensor, alpha: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Pack the signs of ``signed`` = +-``alpha`` (float32 ``[G, n]``, alpha ``[1, n]`` > 0;
-    bit 1 for +) like :func:`_pack_group_major`: each sum is alpha * (2 byte - 255),
-    exact in any order."""
-    total = torch.mm(signed.t(), weights)
-    return total.div_(alpha.view(-1, 1)).add_(255).mul_(0.5).to(torch.uint8)
+def _pack_signs(signed: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Pack the signs of ``signed`` = +-``alpha`` (float32 ``[n, G]``, alpha ``[n, 1]`` > 0;
+    bit 1 for +) like :func:`_pack_bits`: each byte's sum is alpha * (2 byte - 255), exact."""
+    n, g = signed.shape
+    total = torch.mv(signed.view(-1, 8), _BIT_VALUES).view(n, g // 8)
+    return total.div_(alpha).add_(255).mul_(0.5).to(torch.uint8)
 
 
 class _Float32Block:
-    """One block of groups (columns of ``w``, float32 ``[G, n]``, overwritten) quantized in
+    """One block of groups (rows of ``w``, float32 ``[n, G]``, overwritten) quantized in
     float32, with the groups it could not prove equal to the reference (``undecided``)."""
 
     def __init__(
@@ -334,22 +331,22 @@ class _Float32Block:
         groups_per_row: int,
     ):
         levels = (1 << spec.min_bits) - 1
-        lo, hi = w.amin(0).double(), w.amax(0).double()
+        lo, hi = w.amin(1).double(), w.amax(1).double()
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise MWQError(f"{name}: contains NaN or infinite values")
         scale, zero = _scale_and_zero(lo, hi, levels, name, groups_per_row)
         self.scale, self.zero = scale, zero
         s64, z64 = scale.double(), zero.double()
-        s, z = scale.float().view(1, -1), zero.float().view(1, -1)
+        s, z = scale.float().view(-1, 1), zero.float().view(-1, 1)
         work = torch.empty_like(w)
 
         # log2 of the unit every residual is a multiple of (see above), and bounds on |r_j|.
         magnitude = torch.abs(w, out=work)
-        smallest_weight = magnitude.amin(0)
+        smallest_weight = magnitude.amin(1)
         with_zero = (smallest_weight == 0).nonzero().flatten()
         if len(with_zero):
-            columns = magnitude[:, with_zero]
-            smallest_weight[with_zero] = columns.masked_fill_(columns == 0, float("inf")).amin(0)
+            groups = magnitude[with_zero]
+            smallest_weight[with_zero] = groups.masked_fill_(groups == 0, float("inf")).amin(1)
         mantissa_bits, min_log2 = _MANTISSA_BITS[source_dtype]
         log2_unit = torch.minimum(
             _log2_ulp(smallest_weight.double(), mantissa_bits, min_log2),
@@ -366,16 +363,13 @@ class _Float32Block:
         # |t| <= max(|lo|, |hi|) / s + |z| < 2**22 (|z| and 3 / s are float16).
         q = torch.add(t, _ROUNDING_MAGIC).sub_(_ROUNDING_MAGIC)
         t -= q  # t - round(t), exact
-        distance = torch.maximum(t.amax(0), -t.amin(0)).double()
+        distance = torch.maximum(t.amax(1), -t.amin(1)).double()
         w_max = torch.maximum(lo.abs(), hi.abs())
         undecided = 0.5 - distance <= 2 * _U * (2 * w_max / s64 + z64.abs())
         q.clamp_(0, levels)
-        byte_weights = _byte_weights(spec.group_size)
         q_bytes = q.to(torch.uint8)
         self.base_bits = [
-            _pack_group_major(
-                torch.bitwise_right_shift(q_bytes, i).bitwise_and_(1).float(), byte_weights
-            )
+            _pack_bits(torch.bitwise_right_shift(q_bytes, i).bitwise_and_(1).float())
             for i in range(spec.min_bits)
         ]
         del q_bytes
@@ -389,19 +383,19 @@ class _Float32Block:
         for j in range(planes):
             partial = torch.abs(residual, out=work)
             half = g // 2
-            partial = partial[:half].add_(partial[half:])
+            partial = partial[:, :half].add_(partial[:, half:])
             for _ in range(2):  # pairwise sums over 8 elements in all
                 half //= 2
-                partial = partial[:half].add_(partial[half:])
-            mean = partial.double().sum(0) / g
+                partial = partial[:, :half].add_(partial[:, half : 2 * half])
+            mean = partial.double().sum(1) / g
             alpha = mean.to(SCALE_DTYPE)
             sum_inexact = torch.log2(8 * largest) >= _LOG2_FLOAT32_INTEGERS + log2_unit
             slack = 4 * _U * mean
             rounding_unproven = (mean - slack).to(SCALE_DTYPE) != (mean + slack).to(SCALE_DTYPE)
             undecided |= (sum_inexact & rounding_unproven) | (alpha == 0)
-            a = alpha.float().view(1, -1)
+            a = alpha.float().view(-1, 1)
             signed = torch.copysign(a, residual, out=work)
-            self.planes.append((_pack_signs(signed, a, byte_weights), alpha))
+            self.planes.append((_pack_signs(signed, a), alpha))
             if j + 1 < planes:
                 residual -= signed
                 a64 = alpha.double()
@@ -444,7 +438,7 @@ def quantize_float32(
     for row in range(0, rows, block_rows):
         n_rows = min(block_rows, rows - row)
         first, last = row * groups_per_row, (row + n_rows) * groups_per_row
-        w = torch.empty(g, last - first).copy_(grouped[first:last].t())
+        w = grouped[first:last].float()
         block = _Float32Block(w, spec, name, weight.dtype, first, groups_per_row)
         scale[row : row + n_rows] = block.scale.view(n_rows, groups_per_row)
         zero[row : row + n_rows] = block.zero.view(n_rows, groups_per_row)

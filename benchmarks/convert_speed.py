@@ -204,13 +204,16 @@ def write_results(report: dict) -> None:
     lines = [
         "# `d2moe convert` speed",
         "",
-        f"Source: {'a random OLMoE-1B-7B (`d2moe random-model olmoe-1b-7b`)' if report['generated'] else report['model']}, "
+        "Source: "
+        f"{'a random OLMoE-1B-7B (`d2moe random-model olmoe-1b-7b`)' if report['generated'] else report['model']}, "
         f"{report['layers']} MoE layers, {report['expert_params'] / 1e6:.0f}M expert parameters "
-        f"({report['expert_source_bytes'] / 1e9:.2f} GB bf16; one layer {report['layer_source_bytes'] / 1e9:.2f} GB). "
+        f"({report['expert_source_bytes'] / 1e9:.2f} GB bf16; "
+        f"one layer {report['layer_source_bytes'] / 1e9:.2f} GB). "
         f"{report['cpus']} CPUs. Each run is a fresh process with the source dropped from the page cache; "
         "RSS sampled every 0.5 s. Written by `python benchmarks/convert_speed.py`.",
         "",
-        "| run | wall s | M params/s | M params/CPU-s | peak anon MiB | peak file-backed MiB | load avg before (1/5/15 min) |",
+        "| run | wall s | M params/s | M params/CPU-s | peak anon MiB | peak file-backed MiB "
+        "| load avg before (1/5/15 min) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:

@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+
+from vllm_d2moe import cli
 from vllm_d2moe.converters.architectures import architecture
 from vllm_d2moe.converters.convert import convert
 from vllm_d2moe.converters.random_model import (
@@ -22,8 +24,6 @@ from vllm_d2moe.converters.random_model import (
     shard_plans,
     write_random_model,
 )
-
-from vllm_d2moe import cli
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.mwq.quantize import MWQSpec
 
@@ -171,7 +171,7 @@ def test_written_model_loads_in_transformers_and_runs(preset, written):
     config = json.loads((written / "config.json").read_text())
     assert config["architectures"] == PRESETS[preset].config["architectures"]
     assert config["num_hidden_layers"] == SMALL_DEPTH[preset] + 1
-    for key, value in SHRINK[preset].items():
+    for key in SHRINK[preset]:
         assert config["d2moe_random_model"]["original"][key] == PRESETS[preset].config[key]
     tokenizer = transformers.AutoTokenizer.from_pretrained(written)
     ids = tokenizer("def main():\n    return 0", return_tensors="pt").input_ids

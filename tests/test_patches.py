@@ -175,10 +175,9 @@ def probe(model):
 
 
 if __name__ == "__main__":
-    from vllm import LLM
+    from vllm_d2moe.vllm_glue.llm import start_llm
 
-    llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=128, gpu_memory_utilization=0.3,
-              distributed_executor_backend="uni")
+    llm = start_llm(sys.argv[1], enforce_eager=True, max_model_len=128, distributed_executor_backend="uni")
     print("PICKED", json.dumps(llm.apply_model(probe)[0]))
 '''
 

@@ -52,15 +52,16 @@ import time
 import traceback
 from pathlib import Path
 
+from vllm_d2moe.vllm_glue.llm import ENGINE_ENV as BASE_ENGINE_ENV
+
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "vllm_d2moe" / "assets" / "reference-small"
 ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
+    **BASE_ENGINE_ENV,
     # The engine core stays in the benchmark's worker process (not vLLM's default spawned
     # ones): the thread count it sets and the peak RSS it reads (getrusage) are the engine's.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
 }
 OFFLOAD_METHODS = {
     "matryoshka-free": {"order": "id", "overlap": False, "reuse": False, "keep": False},

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 # Small CPU KV cache (what vLLM reserves per engine).
-from vllm_d2moe.replicas.spec import ENGINE_ENV
 from vllm_d2moe.testing.engine_runs import Run
+from vllm_d2moe.vllm_glue.llm import ENGINE_ENV
 
 PROMPTS = [
     "def parse_args(argv):\n",

@@ -4,11 +4,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-# vLLM reserves its CPU KV cache up front (GiB per engine; its default is larger).
-ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from vllm_d2moe.vllm_glue.llm import ENGINE_ENV
+
 # A replica's engine core runs inside its actor's process, not vLLM's default spawned
 # ones (engine core and, on CPU, an mp worker): one PID per replica, which Ray kills
 # or restarts as a whole and which holds only the core it is bound to, and one vLLM

@@ -1,4 +1,11 @@
-"""The one place this project's offline vLLM engines are built (tests, eval, Ray replicas, demo, benchmarks)."""
+"""The one place this project's offline vLLM engines are built (tests, eval, Ray replicas, demo, benchmarks),
+and the environment the ones in their own processes start in."""
+
+# vLLM reserves its CPU KV cache up front (GiB per engine; its default is larger).
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def start_llm(model: str, *, hf_overrides: dict | None = None, **options):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-# Small CPU KV cache (what vLLM reserves per engine).
 from vllm_d2moe.testing.engine_runs import Run
-from vllm_d2moe.vllm_glue.llm import ENGINE_ENV
+from vllm_d2moe.vllm_glue.llm import ENGINE_ENV  # small CPU KV cache (what vLLM reserves per engine)
 
 PROMPTS = [
     "def parse_args(argv):\n",

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from vllm_d2moe.reference.corpus import cache_root
-from vllm_d2moe.vllm_glue.llm import start_llm
+from vllm_d2moe.vllm_glue.llm import ENGINE_ENV, start_llm
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "reference-small"
 DEFAULT_PROMPTS = [
@@ -69,8 +69,8 @@ def run(args) -> int:
         spec.check_width(bits, "--bits")
     prompts = args.prompts or DEFAULT_PROMPTS
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name, value in {**ENGINE_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(name, value)  # a user's own settings win
     from vllm import SamplingParams
 
     for bits in widths:

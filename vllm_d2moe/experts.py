@@ -7,7 +7,7 @@ tokens routed to each (expert, width) segment through the kernel backend.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from types import ModuleType
 
@@ -24,23 +24,75 @@ class ExpertWeights:
     down: MWQTensor  # [hidden, intermediate_per_rank]
 
 
-def shard_expert(tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int) -> ExpertWeights:
-    """This rank's slice of the expert intermediate dimension (vLLM's TP split of MoE)."""
-    gate_up, down = tensors["gate_up"], tensors["down"]
-    if tp_size == 1:
-        return ExpertWeights(gate_up, down)
-    inter = down.shape[1]
-    if inter % tp_size:
-        raise MWQError(
-            f"expert intermediate size {inter} does not split across tensor-parallel size {tp_size}"
+@dataclass(frozen=True)
+class TensorParallelSlice:
+    """Rank ``rank`` of ``size``'s slice of an expert's intermediate dimension (vLLM's TP split of
+    MoE): rows ``[start, start + part)`` of gate and the same rows of up, columns
+    ``[start, start + part)`` of down.
+
+    Every array of a projection (base bits, scales, zeros, each residual plane) has its rows on
+    dim -2 and its columns, as packed bytes or as groups, on dim -1, so one rule per projection
+    slices a whole expert and an upgrade's residual planes alike, and every array splits evenly.
+    """
+
+    rank: int
+    size: int
+    intermediate: int  # of a whole expert
+    group_size: int
+
+    def __post_init__(self):
+        part = self.intermediate // self.size
+        if self.size > 1 and (self.intermediate % self.size or part % self.group_size or part % 8):
+            raise MWQError(
+                f"expert intermediate size {self.intermediate} does not split across tensor-parallel size "
+                f"{self.size}: each rank's share of down's columns must be whole groups of {self.group_size} "
+                f"and whole packed bytes (8 columns)"
+            )
+
+    @property
+    def part(self) -> int:
+        return self.intermediate // self.size
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.part
+
+    def nbytes(self, whole: int) -> int:
+        """Bytes of this rank's slice of arrays holding ``whole`` bytes (every array splits evenly)."""
+        return whole // self.size
+
+    def expert(self, tensors: dict[str, MWQTensor]) -> ExpertWeights:
+        gate_up, down = tensors["gate_up"], tensors["down"]
+        if self.size == 1:
+            return ExpertWeights(gate_up, down)
+        return ExpertWeights(
+            replace(gate_up.map_tensors(self._gate_up_rows), shape=(2 * self.part, gate_up.shape[1])),
+            replace(down.map_tensors(self._down_columns), shape=(down.shape[0], self.part)),
         )
-    part = inter // tp_size
-    start = tp_rank * part
-    gate_up_part = MWQTensor.cat_rows(
-        gate_up.narrow_rows(start, part), gate_up.narrow_rows(inter + start, part)
-    )
-    # Copy the down slice out of its strided view so the full blob can be freed.
-    return ExpertWeights(gate_up_part, down.narrow_cols(start, part).map_tensors(torch.Tensor.contiguous))
+
+    def planes(self, planes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, list]:
+        """This rank's slice of whole-expert residual ``(bits, scale)`` planes, per projection."""
+        if self.size == 1:
+            return planes
+        cut = {"gate_up": self._gate_up_rows, "down": self._down_columns}
+        return {proj: [(cut[proj](b), cut[proj](s)) for b, s in pairs] for proj, pairs in planes.items()}
+
+    def _gate_up_rows(self, array: torch.Tensor) -> torch.Tensor:
+        gate = array.narrow(-2, self.start, self.part)
+        up = array.narrow(-2, self.intermediate + self.start, self.part)
+        return torch.cat([gate, up], dim=-2)
+
+    def _down_columns(self, array: torch.Tensor) -> torch.Tensor:
+        # The last dim counts packed bytes or groups: the same share of it as of the columns.
+        units = array.shape[-1] // self.size
+        # Copied out of its strided view so the whole expert's bytes can be freed.
+        return array.narrow(-1, self.rank * units, units).contiguous()
+
+
+def shard_expert(tensors: dict[str, MWQTensor], tp_rank: int, tp_size: int) -> ExpertWeights:
+    """This rank's slice of a whole expert (:class:`TensorParallelSlice`)."""
+    down = tensors["down"]
+    return TensorParallelSlice(tp_rank, tp_size, down.shape[1], down.group_size).expert(tensors)
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,11 @@ One manager serves every MoE layer of an engine (the budget is global); each
 layer gets an :class:`OffloadedLayerExperts` view of it.
 """
 
-import functools
 import logging
 import weakref
-from dataclasses import replace
 from types import ModuleType
 
 from vllm_d2moe.byte_sizes import format_bytes
-from vllm_d2moe.experts import shard_expert
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.faults import FaultSink
 from vllm_d2moe.offload.layer import OffloadedLayerExperts
@@ -44,8 +41,9 @@ class OffloadManager:
         one such a call raises.
 
         Under tensor parallelism (``tp_size > 1``) the pool holds this rank's slice of each
-        expert; an upgrade then reads the whole width prefix again (``reuse`` off), since the
-        slice of a plane is not a contiguous byte range of the blob.
+        expert and the budget is per rank. Reads are the same as one process's (the slice of a
+        plane is not one contiguous byte range, so a rank reads whole sections and keeps its
+        slice): a resident width serves any narrower one, an upgrade reads only the planes above.
         """
         layouts = {entry.layout for entry in checkpoint.layers.values()}
         if len(layouts) != 1:
@@ -55,14 +53,9 @@ class OffloadManager:
             )
         self.backend = backend
         self.fault_sink = fault_sink
-        shard = None
-        if tp_size > 1:
-            policy = replace(policy, reuse=False)
-            shard = functools.partial(_shard, tp_rank=tp_rank, tp_size=tp_size)
-        self.shard = shard or (lambda tensors: tensors)
         self.policy = policy
         self.store = store or ExpertStore(checkpoint, direct=policy.direct)
-        self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device, shard)
+        self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device, tp_rank, tp_size)
         self.metrics = OffloadMetrics(self.pool)
         self.pipeline = LoadPipeline(self.store, self.pool, policy, self.metrics)
         weakref.finalize(self, self.pipeline.close)
@@ -77,11 +70,6 @@ class OffloadManager:
 
     def layer(self, layer: int, global_ids: list[int], bits: int) -> OffloadedLayerExperts:
         return OffloadedLayerExperts(self, layer, global_ids, bits)
-
-
-def _shard(tensors: dict, tp_rank: int, tp_size: int) -> dict:
-    weights = shard_expert(tensors, tp_rank, tp_size)
-    return {"gate_up": weights.gate_up, "down": weights.down}
 
 
 def metrics_snapshots() -> list[dict]:

@@ -5,6 +5,8 @@ resident projections (the kernel backend's layout, e.g. ``PlanePairs``) with a
 slot per expert, allocated once at the widest serving width. A slot holds one
 ``(layer, expert)`` at some width; the kernels read it by slot index like a
 resident layer's expert, and a narrower width reads a prefix of its planes.
+Under tensor parallelism a slot holds this rank's slice of the expert, cut
+from whatever the store read: a whole prefix, or an upgrade's residual planes.
 
 Eviction keeps the experts with the highest recent activation frequency:
 routed-token counts decayed by half every ``FREQUENCY_HALF_LIFE`` layer calls.
@@ -17,6 +19,7 @@ from types import ModuleType
 import torch
 
 from vllm_d2moe.byte_sizes import format_bytes
+from vllm_d2moe.experts import TensorParallelSlice
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
 from vllm_d2moe.mwq.stacked import StackedProjection
@@ -29,38 +32,49 @@ class BudgetError(ValueError):
     """The memory budget cannot hold what serving needs."""
 
 
-def expert_nbytes(layout: ExpertLayout, bits: int) -> int:
-    """Resident bytes of one expert at width ``bits`` (its pieces without the blob's alignment)."""
-    return sum(p.nbytes for section in layout.sections[: bits - layout.spec.min_bits + 1] for p in section)
+def expert_nbytes(layout: ExpertLayout, bits: int, tp_size: int = 1) -> int:
+    """Resident bytes of one expert at width ``bits`` (its pieces without the blob's alignment), or
+    of one rank's slice of it under tensor-parallel size ``tp_size``."""
+    whole = sum(p.nbytes for section in layout.sections[: bits - layout.spec.min_bits + 1] for p in section)
+    return _tp_slice(layout, 0, tp_size).nbytes(whole)
 
 
-def check_budget(budget: int, layout: ExpertLayout, bits: int) -> None:
-    """The budget must hold one expert at the widest width a batch can ask for."""
-    need = expert_nbytes(layout, bits)
+def _tp_slice(layout: ExpertLayout, tp_rank: int, tp_size: int) -> TensorParallelSlice:
+    return TensorParallelSlice(tp_rank, tp_size, layout.intermediate, layout.spec.group_size)
+
+
+def _one_expert(tp_size: int, width: str) -> str:
+    if tp_size == 1:
+        return f"one expert {width}"
+    return f"this rank's 1/{tp_size} slice of one expert {width} (tensor-parallel size {tp_size})"
+
+
+def check_budget(budget: int, layout: ExpertLayout, bits: int, tp_size: int = 1) -> None:
+    """The budget (per rank) must hold one expert, or under tensor parallelism one rank's slice of
+    one, at the widest width a batch can ask for."""
+    need = expert_nbytes(layout, bits, tp_size)
     if budget < need:
         raise BudgetError(
             f"d2moe option 'memory_budget' is {budget} bytes ({format_bytes(budget)}); serving at up to "
-            f"{bits} bits needs at least {need} bytes ({format_bytes(need)}), one expert at that width"
+            f"{bits} bits needs at least {need} bytes ({format_bytes(need)}), {_one_expert(tp_size, 'at that width')}"
         )
 
 
 class ResidentPool:
-    """``slots`` experts at up to ``bits`` bits each, in ``backend``'s resident layout."""
+    """``slots`` experts at up to ``bits`` bits each, in ``backend``'s resident layout; under tensor
+    parallelism (``tp_size > 1``) each slot holds rank ``tp_rank``'s slice of its expert."""
 
     def __init__(self, layout: ExpertLayout, bits: int, budget: int, backend: ModuleType, device="cpu",
-                 shard=None):
-        """``shard`` maps an expert's tensors to this rank's tensor-parallel slice (None: whole experts)."""
-        if shard is None:
-            check_budget(budget, layout, bits)
-        self.shard = shard or (lambda tensors: tensors)
-        like = self.shard(layout.decode(torch.zeros(layout.nbytes(bits), dtype=torch.uint8), bits))
+                 tp_rank: int = 0, tp_size: int = 1):
+        check_budget(budget, layout, bits, tp_size)
+        self.tp_slice = _tp_slice(layout, tp_rank, tp_size)
+        like = self.tp_slice.expert(layout.decode(torch.zeros(layout.nbytes(bits), dtype=torch.uint8), bits))
         prepare = getattr(backend, "prepare", lambda projection: projection)
 
         def allocate(slots: int):
-            return [prepare(StackedProjection.allocate(like[p], slots, device)) for p in ("gate_up", "down")]
+            return [prepare(StackedProjection.allocate(p, slots, device)) for p in (like.gate_up, like.down)]
 
-        # A tensor-parallel slice is smaller than the layout's expert (which the budget check counts).
-        self.slot_nbytes = expert_nbytes(layout, bits) if shard is None else sum(t.nbytes for t in like.values())
+        self.slot_nbytes = expert_nbytes(layout, bits, tp_size)
         # A backend's layout may add a few bytes per tensor (the CPU kernel's read slack).
         overhead = sum(p.nbytes for p in allocate(1)) - self.slot_nbytes
         slots = (budget - overhead) // self.slot_nbytes
@@ -68,8 +82,8 @@ class ResidentPool:
             need = self.slot_nbytes + overhead
             raise BudgetError(
                 f"d2moe option 'memory_budget' is {budget} bytes ({format_bytes(budget)}); the "
-                f"{backend.NAME} kernels need at least {need} bytes ({format_bytes(need)}) for one expert "
-                f"at {bits} bits"
+                f"{backend.NAME} kernels need at least {need} bytes ({format_bytes(need)}) for "
+                f"{_one_expert(tp_size, f'at {bits} bits')}"
             )
         self.gate_up, self.down = allocate(slots)
         self.budget = budget
@@ -145,18 +159,20 @@ class ResidentPool:
         """Write a whole expert into ``slot`` without making it visible; returns its width for
         :meth:`publish`. Safe off the compute thread for a slot reserved for this load (width 0: no
         call reads it; pinned: none evicts it)."""
-        tensors = self.shard(tensors)
-        self.gate_up.store(slot, tensors["gate_up"])
-        self.down.store(slot, tensors["down"])
-        return tensors["down"].bits
+        weights = self.tp_slice.expert(tensors)
+        self.gate_up.store(slot, weights.gate_up)
+        self.down.store(slot, weights.down)
+        return weights.down.bits
 
     def publish(self, key: Key, width: int) -> None:
         """``key``'s slot now holds width ``width`` (written by :meth:`write`)."""
         self.widths[self.slot_of[key]] = width
 
     def store_planes(self, key: Key, planes: dict[str, list], width: int) -> None:
-        """Upgrade ``key``'s slot to ``width`` with the residual planes above its current width."""
+        """Upgrade ``key``'s slot to ``width`` with the residual planes above its current width
+        (whole-expert planes: a tensor-parallel rank keeps its slice)."""
         slot = self.slot_of[key]
+        planes = self.tp_slice.planes(planes)
         first = self.widths[slot] - self.min_bits
         assert first + len(planes["down"]) == width - self.min_bits, (self.widths[slot], width)
         self.gate_up.store_planes(slot, first, planes["gate_up"])

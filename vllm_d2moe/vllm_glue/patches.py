@@ -118,10 +118,32 @@ def _wrap_update_from_output(original):
     def update_from_output(self, scheduler_output, model_runner_output):
         from vllm_d2moe.vllm_glue import request_faults
 
-        request_faults.finish_failed(self, model_runner_output)
-        return original(self, scheduler_output, model_runner_output)
+        failed = request_faults.finish_failed(self, model_runner_output)
+        outputs = original(self, scheduler_output, model_runner_output)
+        request_faults.attach_reasons(outputs, failed)
+        return outputs
 
     return update_from_output
+
+
+def _wrap_process_outputs(original):
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        from vllm_d2moe.vllm_glue import request_faults
+
+        request_faults.note_failures(self, engine_core_outputs)
+        return original(self, engine_core_outputs, *args, **kwargs)
+
+    return process_outputs
+
+
+def _wrap_raise_if_error(original):
+    def _raise_if_error(self, finish_reason, request_id):
+        from vllm_d2moe.vllm_glue import request_faults
+
+        request_faults.raise_with_reason(finish_reason, request_id)
+        return original(self, finish_reason, request_id)
+
+    return _raise_if_error
 
 
 def _wrap_select_forward(original):
@@ -165,6 +187,9 @@ def _wrap_vllm_config_post_init(original):
             from vllm_d2moe.vllm_glue.expert_op import keep_out_of_cuda_graphs
 
             keep_out_of_cuda_graphs(self.compilation_config, self.model_config.quantization)
+        quant_config = sys.modules.get("vllm_d2moe.vllm_glue.quant_config")
+        if quant_config is not None and isinstance(self.quant_config, quant_config.D2MoEConfig):
+            self.quant_config.check_memory_budget(self.parallel_config)
 
     return __post_init__
 
@@ -200,7 +225,8 @@ PATCHES = (
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler", "update_from_output",
         "finish requests whose experts could not be read with FINISHED_ERROR, reusing "
-        "encoder_cache_mismatch_reqs, and keep the rest of the batch going (request_faults)",
+        "encoder_cache_mismatch_reqs, keep the rest of the batch going, and send why in the failed "
+        "requests' stop_reason (request_faults)",
         _wrap_update_from_output,
     ),
     Patch(
@@ -218,7 +244,8 @@ PATCHES = (
     Patch(
         "vllm.config.vllm:VllmConfig", "__post_init__",
         "keep the d2moe expert op out of CUDA graphs once vLLM has settled its compilation config "
-        "(expert_op.keep_out_of_cuda_graphs)",
+        "(expert_op.keep_out_of_cuda_graphs); check memory_budget against one rank's share of an "
+        "expert once the parallel layout is known (D2MoEConfig.check_memory_budget)",
         _wrap_vllm_config_post_init,
     ),
     Patch(
@@ -230,12 +257,32 @@ PATCHES = (
 )
 
 
+# The OpenAI server's process imports this module before vLLM loads plugins; other processes
+# never import it (it costs seconds), so the server patches apply only where it is loaded.
+SERVER_MODULE = "vllm.entrypoints.generate.base.serving"
+SERVER_PATCHES = (
+    Patch(
+        "vllm.v1.engine.output_processor:OutputProcessor", "process_outputs",
+        "keep the message of a request failed by an unreadable expert, sent in its stop_reason, "
+        "by the request id the server gave (request_faults)",
+        _wrap_process_outputs,
+    ),
+    Patch(
+        f"{SERVER_MODULE}:GenerateBaseServing", "_raise_if_error",
+        "answer HTTP 500 with the failed expert's message rather than a bare 'Internal server "
+        "error' (request_faults)",
+        _wrap_raise_if_error,
+    ),
+)
+
+
 def apply() -> list[str]:
-    """Check the vLLM version, then wrap every method of :data:`PATCHES` not wrapped yet;
-    returns the names of those wrapped by this call."""
+    """Check the vLLM version, then wrap every method of :data:`PATCHES` (and of
+    :data:`SERVER_PATCHES` in the OpenAI server's process) not wrapped yet; returns the names
+    of those wrapped by this call."""
     check_vllm_version()
     applied = []
-    for patch in PATCHES:
+    for patch in PATCHES + (SERVER_PATCHES if SERVER_MODULE in sys.modules else ()):
         cls = patch.resolve()
         if is_applied(patch):
             continue

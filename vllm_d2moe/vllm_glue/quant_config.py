@@ -113,9 +113,17 @@ class D2MoEConfig(QuantizationConfig):
         self.widths = resolve_policy(
             model_name, self.checkpoint.spec, bits=self.requested_bits, **self.width_options
         )
-        if self.memory_budget is not None:
-            for entry in self.checkpoint.layers.values():
-                check_budget(self.memory_budget, entry.layout, self.serving_bits)
+
+    def check_memory_budget(self, parallel_config) -> None:
+        """Refuse a ``memory_budget`` below what one rank's pool needs: one expert at the serving
+        width, or this rank's slice of one when vLLM splits experts across ranks. Called once vLLM
+        knows its parallel layout, before any worker starts (``patches.py``: ``maybe_update_config``
+        is not told it)."""
+        if self.memory_budget is None:
+            return
+        tp_size = moe_tensor_parallel_size(parallel_config)
+        for entry in self.checkpoint.layers.values():
+            check_budget(self.memory_budget, entry.layout, self.serving_bits, tp_size)
 
     def width_selector(self, layer: int, device: torch.device) -> WidthSelector:
         """The width decision of MoE layer ``layer``; the checkpoint's routers are read once per process."""
@@ -160,3 +168,13 @@ class D2MoEConfig(QuantizationConfig):
 
             return D2MoEMethod(self, layer.moe_config)
         return None
+
+
+def moe_tensor_parallel_size(parallel_config) -> int:
+    """How many ranks split each expert, from vLLM's ``ParallelConfig``: its MoE layers shard
+    experts across all tensor-, data- and prefill-context-parallel ranks, or give each rank whole
+    experts under expert parallelism (``FusedMoEParallelConfig.make``)."""
+    if parallel_config.enable_expert_parallel:
+        return 1
+    return (parallel_config.tensor_parallel_size * parallel_config.data_parallel_size
+            * parallel_config.prefill_context_parallel_size)

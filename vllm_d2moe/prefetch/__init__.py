@@ -1,0 +1,8 @@
+"""Expert prediction for cross-layer prefetch: which experts, at which widths,
+the next MoE layers will need, guessed from the current hidden state.
+
+``routing``: each architecture's top-k rule as vLLM serves it; ``gates``: a
+checkpoint's routers and the norms in front of them; ``predictors``: the
+predictor interface and the ``gate`` predictor; ``recall``: how well a
+prediction covers what was routed (``benchmarks/prefetch_recall.py``).
+"""

@@ -1,0 +1,127 @@
+"""Expert predictors: which experts (and widths) the next MoE layers will need.
+
+Given a batch's hidden states at MoE layer ``l`` (a residual-stream state:
+the input of layer ``l``, or its post-attention residual, which
+:meth:`~vllm_d2moe.prefetch.gates.CheckpointGates.residual_direction`
+recovers from the normed MoE input the expert op sees), a predictor returns
+one :class:`LayerForecast` for each of the next ``depth`` MoE layers (a
+DeepSeek dense layer is skipped, not counted).
+
+``gate`` (the one predictor so far; chosen by name in :func:`build_predictor`):
+each later layer's own router read from the checkpoint, applied to the current
+state through that layer's own norm, top-k exactly as vLLM routes the model
+(:mod:`vllm_d2moe.prefetch.routing`). With a width policy the checkpoint's
+bit-width router applied to the same predicted input and weights gives each
+routed pair's width by serving's rule (``router`` and ``shuffled`` alike:
+the re-deal of ``shuffled`` is random, so the router's own choice is the best
+guess); ``extra`` widens each token's set by the next likeliest experts, as
+spare reads at the narrowest candidate width.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from vllm_d2moe.prefetch.gates import CheckpointGates
+from vllm_d2moe.router.model import RouterSet
+from vllm_d2moe.router.policy import ServingWidths, choose_pair_widths
+
+
+@dataclass(frozen=True)
+class LayerForecast:
+    """What one later MoE layer is predicted to need for each token of the batch."""
+
+    layer: int
+    depth: int  # 1 = the next MoE layer
+    expert_ids: torch.Tensor  # [tokens, top_k + extra] int64: the routed guess best first, then spares
+    widths: torch.Tensor | None  # [tokens, top_k + extra] int8 bits; None without a width policy
+
+
+class ExpertPredictor(Protocol):
+    depth: int
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[LayerForecast]:
+        """Forecasts for the ``depth`` MoE layers after ``layer`` from residual states ``[tokens, hidden]``."""
+
+
+class GatePredictor:
+    """The ``gate`` predictor: later layers' routers applied to the current hidden state."""
+
+    def __init__(
+        self,
+        gates: CheckpointGates,
+        depth: int,
+        extra: int = 0,
+        policy: ServingWidths | None = None,
+        routers: RouterSet | None = None,
+    ):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        rule = gates.rule
+        if not 0 <= extra <= rule.num_experts - rule.top_k:
+            raise ValueError(f"prefetch extra experts must be in [0, {rule.num_experts - rule.top_k}] "
+                             f"(the model routes {rule.top_k} of {rule.num_experts}), got {extra}")
+        if policy is not None and policy.mode != "fixed" and routers is None:
+            raise ValueError(f"width policy {policy.mode!r} needs the checkpoint's bit-width routers")
+        self.gates = gates
+        self.depth = depth
+        self.extra = extra
+        self.policy = policy
+        self.routers = routers
+
+    @staticmethod
+    def from_checkpoint(
+        model_dir: str | Path, depth: int, extra: int = 0, policy: ServingWidths | None = None
+    ) -> "GatePredictor":
+        gates = CheckpointGates(model_dir)
+        routers = None
+        if policy is not None and policy.mode != "fixed":
+            routers = RouterSet.load(model_dir, layers=gates.moe_layers)
+        return GatePredictor(gates, depth, extra, policy, routers)
+
+    def later_layers(self, layer: int) -> list[int]:
+        """The MoE layers ``depth`` ahead of ``layer``, nearest first."""
+        return [m for m in self.gates.moe_layers if m > layer][: self.depth]
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[LayerForecast]:
+        top_k = self.gates.rule.top_k
+        forecasts = []
+        for depth, later in enumerate(self.later_layers(layer), start=1):
+            x = self.gates.moe_input(later, hidden)
+            weights, ids = self.gates.route(later, x, top_k + self.extra)
+            widths = None if self.policy is None else self._widths(later, x, weights[:, :top_k], ids)
+            forecasts.append(LayerForecast(later, depth, ids, widths))
+        return forecasts
+
+    def _widths(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Serving's width choice for the routed guess; the spares at the narrowest width."""
+        policy = self.policy
+        widths = torch.full(ids.shape, min(policy.widths), dtype=torch.int8)
+        top_k = weights.shape[1]
+        if policy.mode == "fixed":
+            widths[:, :top_k] = policy.widths[0]
+            return widths
+        routed = ids[:, :top_k]
+        scores = torch.log_softmax(self.routers.routers[layer](x, weights, routed), dim=-1)
+        choice = choose_pair_widths(scores.reshape(-1, len(policy.widths)), policy)
+        table = torch.tensor(policy.widths, dtype=torch.int8)
+        widths[:, :top_k] = table[choice].view_as(routed)
+        return widths
+
+
+PREDICTORS = ("gate",)
+
+
+def build_predictor(
+    model_dir: str | Path,
+    predictor: str,
+    depth: int,
+    extra: int = 0,
+    policy: ServingWidths | None = None,
+) -> ExpertPredictor:
+    """The predictor named by the ``prefetch`` option's ``predictor``; errors name the option."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"prefetch option 'predictor' must be one of {list(PREDICTORS)}, got {predictor!r}")
+    return GatePredictor.from_checkpoint(model_dir, depth, extra, policy)

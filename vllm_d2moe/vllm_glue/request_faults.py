@@ -17,11 +17,23 @@ steps, each called from a wrapper of the pinned vLLM release
   lets vLLM finish them with ``FINISHED_ERROR``: finish reason ``"error"``
   offline, HTTP 500 on the OpenAI server. Every other request of the batch continues.
 
+The message travels with the request: :func:`attach_reasons`, after
+``Scheduler.update_from_output``, puts it in the ``stop_reason`` of the
+request's final ``EngineCoreOutput`` (offline, ``CompletionOutput.stop_reason``
+then says which expert failed). In the OpenAI server's process,
+:func:`note_failures`, before ``OutputProcessor.process_outputs``, keeps it by
+the request id the server gave, and :func:`raise_with_reason`, before the
+server's ``_raise_if_error``, answers HTTP 500 with it as the error body's
+message instead of vLLM's bare "Internal server error".
+
 Under tensor parallelism only rank 0's output reaches the scheduler, so a rank
 that is not rank 0 gets no sink and a failed read fails the step as before.
 """
 
 import logging
+
+from vllm.exceptions import GenerationError
+from vllm.v1.engine import FinishReason
 
 from vllm_d2moe.offload.faults import ExpertFault
 from vllm_d2moe.vllm_glue.request_targets import token_requests
@@ -67,11 +79,12 @@ def attach_failures(output):
     return output
 
 
-def finish_failed(scheduler, model_runner_output) -> None:
-    """Drop the failed requests' token of this step and have ``scheduler`` finish them with an error."""
+def finish_failed(scheduler, model_runner_output) -> dict[str, str]:
+    """Drop the failed requests' token of this step and have ``scheduler`` finish them with an error;
+    returns them as ``{request id: message}``."""
     failed = getattr(model_runner_output, FAILED_REQUESTS_ATTR, None)
     if not failed:
-        return
+        return {}
     sampled = model_runner_output.sampled_token_ids
     for req_id in failed:
         index = model_runner_output.req_id_to_index.get(req_id)
@@ -79,3 +92,50 @@ def finish_failed(scheduler, model_runner_output) -> None:
             sampled[index] = []
     # The set vLLM finishes with FINISHED_ERROR at the end of this update.
     scheduler.encoder_cache_mismatch_reqs.update(failed)
+    return failed
+
+
+def attach_reasons(engine_core_outputs: dict, failed: dict[str, str]) -> None:
+    """Put each failed request's message in the ``stop_reason`` of its final output
+    (``engine_core_outputs``: ``Scheduler.update_from_output``'s, by client)."""
+    if not failed:
+        return
+    for outputs in engine_core_outputs.values():
+        for output in outputs.outputs:
+            if output.finish_reason == FinishReason.ERROR and output.request_id in failed:
+                output.stop_reason = failed[output.request_id]
+
+
+# In the OpenAI server's process: {request id the server gave: message}, until the server reads it.
+_server_failures: dict[str, str] = {}
+# Messages of requests whose client went away before reading them are dropped, oldest first, past this.
+_MAX_SERVER_FAILURES = 10_000
+
+
+def note_failures(output_processor, engine_core_outputs) -> None:
+    """Keep the messages :func:`attach_reasons` sent, by the id the server gave each request
+    (vLLM appends a random suffix to it for the engine)."""
+    for output in engine_core_outputs:
+        if output.finish_reason == FinishReason.ERROR and isinstance(output.stop_reason, str):
+            state = output_processor.request_states.get(output.request_id)
+            if state is None:  # aborted meanwhile: nobody reads it
+                continue
+            if len(_server_failures) >= _MAX_SERVER_FAILURES:
+                del _server_failures[next(iter(_server_failures))]
+            _server_failures[state.external_req_id] = output.stop_reason
+
+
+def _take_server_failure(request_id: str) -> str | None:
+    """The message of ``request_id`` or of one of its sub-requests (the completions endpoint
+    sends prompt ``i`` as ``{id}-{i}``, chat as ``{id}_{i}``)."""
+    key = next((k for k in _server_failures
+                if k == request_id or k.startswith((request_id + "-", request_id + "_"))), None)
+    return None if key is None else _server_failures.pop(key)
+
+
+def raise_with_reason(finish_reason: str | None, request_id: str) -> None:
+    """Fail a request that finished with an error because of an expert with that expert's message."""
+    if finish_reason == "error":
+        message = _take_server_failure(request_id)
+        if message is not None:
+            raise GenerationError(message)

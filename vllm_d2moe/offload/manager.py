@@ -62,9 +62,10 @@ class OffloadManager:
         _MANAGERS.add(self)
         non_expert = sum(f.stat().st_size for f in checkpoint.model_dir.glob("*.safetensors"))
         logger.info(
-            "d2moe offload: budget %s holds %d experts at up to %d bits (%s each, %s allocated); "
+            "d2moe offload: budget %s holds %d experts%s at up to %d bits (%s each, %s allocated); "
             "non-expert weights (not in the budget): %s; %s",
-            format_bytes(budget), self.pool.num_slots, bits, format_bytes(self.pool.slot_nbytes),
+            format_bytes(budget), self.pool.num_slots, f" (rank {tp_rank}'s 1/{tp_size} slices)" if tp_size > 1 else "",
+            bits, format_bytes(self.pool.slot_nbytes),
             format_bytes(self.pool.nbytes), format_bytes(non_expert), policy,
         )
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-SHIPPED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "reference_metrics.json")
+SHIPPED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "reference_metrics.json")
 
 
 def export_for_shipping(trained: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -6,8 +6,11 @@ in front of every encoded text (as Llama/Mixtral do), so prompts served by
 vLLM start the same way training documents do.  Training documents are encoded
 as ``<s> text </s>`` and concatenated into one token stream.
 
-Saved with ``save_pretrained`` as ``tokenizer.json`` + ``tokenizer_config.json``,
-loadable by ``transformers.AutoTokenizer`` and hence by vLLM.
+Saved with ``save_pretrained`` as ``tokenizer.json`` + ``tokenizer_config.json``
++ ``chat_template.jinja``, loadable by ``transformers.AutoTokenizer`` and hence by
+vLLM. The model saw no dialogue in training; the minimal chat template
+(:data:`CHAT_TEMPLATE`: ``role: content`` lines, then ``assistant:``) only lets
+chat clients (vLLM's ``/v1/chat/completions``) use it out of the box.
 
 Note for llama.cpp's ``convert_hf_to_gguf.py``: it recognises BPE pre-tokenizers
 by a hash of the token ids for a fixed string, so this vocabulary needs its
@@ -28,6 +31,10 @@ BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 BOS_ID = 0
 EOS_ID = 1
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
@@ -50,6 +57,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         model_max_length=model_max_length,
+        chat_template=CHAT_TEMPLATE,
         # Byte-level BPE reproduces spaces exactly; the legacy cleanup would not.
         clean_up_tokenization_spaces=False,
     )

@@ -24,13 +24,14 @@ then says which expert failed). In the OpenAI server's process,
 :func:`note_failures`, before ``OutputProcessor.process_outputs``, keeps it by
 the request id the server gave, and :func:`raise_with_reason`, before the
 server's ``_raise_if_error``, answers HTTP 500 with it as the error body's
-message instead of vLLM's bare "Internal server error".
+message (the file by its name alone) instead of vLLM's bare "Internal server error".
 
 Under tensor parallelism only rank 0's output reaches the scheduler, so a rank
 that is not rank 0 gets no sink and a failed read fails the step as before.
 """
 
 import logging
+import re
 
 from vllm.exceptions import GenerationError
 from vllm.v1.engine import FinishReason
@@ -133,9 +134,15 @@ def _take_server_failure(request_id: str) -> str | None:
     return None if key is None else _server_failures.pop(key)
 
 
+# An absolute path in a message: the server names the file alone (it would otherwise send
+# "<path>": vLLM blanks paths in error bodies).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s:/]+/)*([^\s:/]+)")
+
+
 def raise_with_reason(finish_reason: str | None, request_id: str) -> None:
-    """Fail a request that finished with an error because of an expert with that expert's message."""
+    """Fail a request that finished with an error because of an expert with that expert's message
+    (layer, expert, width, file name, what is wrong)."""
     if finish_reason == "error":
         message = _take_server_failure(request_id)
         if message is not None:
-            raise GenerationError(message)
+            raise GenerationError(_ABSOLUTE_PATH.sub(r"\1", message))

@@ -111,41 +111,6 @@ class MWQTensor:
             raise MWQError(f"width {bits} is outside [{self.min_bits}, {self.bits}]")
         return replace(self, planes=self.planes[: bits - self.min_bits])
 
-    def narrow_rows(self, start: int, length: int) -> "MWQTensor":
-        """Rows ``start .. start+length`` (tensor-parallel slice of an output dimension)."""
-        return MWQTensor(
-            shape=(length, self.shape[1]),
-            group_size=self.group_size,
-            base_bits=self.base_bits[:, start : start + length],
-            base_scale=self.base_scale[start : start + length],
-            base_zero=self.base_zero[start : start + length],
-            planes=tuple(
-                (b[start : start + length], s[start : start + length]) for b, s in self.planes
-            ),
-        )
-
-    def narrow_cols(self, start: int, length: int) -> "MWQTensor":
-        """Columns ``start .. start+length`` (tensor-parallel slice of the input dimension).
-
-        The slice must keep whole groups and whole packed bytes.
-        """
-        g = self.group_size
-        if start % g or length % g or start % 8 or length % 8:
-            raise MWQError(
-                f"cannot split the input dimension {self.shape[1]} at [{start}, "
-                f"{start + length}): the split must fall on group ({g}) and byte boundaries"
-            )
-        bytes_ = slice(start // 8, (start + length) // 8)
-        groups = slice(start // g, (start + length) // g)
-        return MWQTensor(
-            shape=(self.shape[0], length),
-            group_size=g,
-            base_bits=self.base_bits[:, :, bytes_],
-            base_scale=self.base_scale[:, groups],
-            base_zero=self.base_zero[:, groups],
-            planes=tuple((b[:, bytes_], s[:, groups]) for b, s in self.planes),
-        )
-
     def map_tensors(self, fn) -> "MWQTensor":
         """The same tensor with ``fn`` applied to every stored array (copy, move, ...)."""
         return replace(
@@ -154,25 +119,6 @@ class MWQTensor:
             base_scale=fn(self.base_scale),
             base_zero=fn(self.base_zero),
             planes=tuple((fn(b), fn(s)) for b, s in self.planes),
-        )
-
-    @staticmethod
-    def cat_rows(top: "MWQTensor", bottom: "MWQTensor") -> "MWQTensor":
-        """Stack two quantized matrices with equal columns and widths (e.g. gate over up)."""
-        if top.shape[1] != bottom.shape[1] or top.bits != bottom.bits:
-            raise MWQError(
-                f"cannot stack {top.shape}@{top.bits}b over {bottom.shape}@{bottom.bits}b"
-            )
-        return MWQTensor(
-            shape=(top.shape[0] + bottom.shape[0], top.shape[1]),
-            group_size=top.group_size,
-            base_bits=torch.cat([top.base_bits, bottom.base_bits], dim=1),
-            base_scale=torch.cat([top.base_scale, bottom.base_scale]),
-            base_zero=torch.cat([top.base_zero, bottom.base_zero]),
-            planes=tuple(
-                (torch.cat([tb, bb]), torch.cat([ts, bs]))
-                for (tb, ts), (bb, bs) in zip(top.planes, bottom.planes)
-            ),
         )
 
     @property

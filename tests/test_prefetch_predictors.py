@@ -10,13 +10,18 @@ from unittest import mock
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vllm_d2moe import width_selection
+from vllm_d2moe.mwq.checkpoint import CheckpointError
+from vllm_d2moe.mwq.quantize import MWQSpec
 from vllm_d2moe.prefetch.gates import CheckpointGates, GateError
+from vllm_d2moe.prefetch.learned import LearnedPredictor, predictor_path
 from vllm_d2moe.prefetch.predictors import GatePredictor, build_predictor
 from vllm_d2moe.prefetch.recall import SetCounts, set_counts
 from vllm_d2moe.prefetch.routing import RoutingRule
+from vllm_d2moe.prefetch.train import train_predictor
 from vllm_d2moe.router.model import RouterSet, WidthRouter
 from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.testing.tiny_models import SUPPORTED_TINY_ARCHS, tiny_config
@@ -242,7 +247,7 @@ def test_bad_checkpoints_are_clear_errors(tiny_checkpoints, tmp_path):
 
 def test_bad_options_are_clear_errors(tiny_checkpoints):
     model_dir, _ = tiny_checkpoints["mixtral"]
-    with pytest.raises(ValueError, match=r"'predictor' must be one of \['gate'\], got 'shadow'"):
+    with pytest.raises(ValueError, match=r"'predictor' must be one of \['gate', 'learned'\], got 'shadow'"):
         build_predictor(model_dir, "shadow", depth=1)
     gates = CheckpointGates(model_dir)
     with pytest.raises(ValueError, match="depth must be at least 1"):
@@ -251,3 +256,53 @@ def test_bad_options_are_clear_errors(tiny_checkpoints):
         GatePredictor(gates, depth=1, extra=7)
     with pytest.raises(ValueError, match="width policy 'router' needs the checkpoint's bit-width routers"):
         GatePredictor(gates, depth=1, policy=ServingWidths("router", (2, 3)))
+
+
+# The learned predictor: trained on a tiny MWQ conversion, from its gate predictor up.
+
+
+@pytest.fixture(scope="module")
+def converted_pair(tiny_checkpoints, tmp_path_factory):
+    """Two d2moe conversions of tiny Mixtrals with different weights."""
+    from vllm_d2moe.converters.convert import convert
+
+    root = tmp_path_factory.mktemp("converted")
+    other_dir = root / "other-hf"
+    torch.manual_seed(5)
+    transformers.AutoModelForCausalLM.from_config(_config("mixtral"), dtype=torch.float32).save_pretrained(other_dir)
+    return [convert(src, root / name, MWQSpec(2, 4, 64), progress=False, workers=1)
+            for name, src in (("mixtral", tiny_checkpoints["mixtral"][0]), ("other", other_dir))]
+
+
+def test_learned_predictor_trains_saves_and_loads(converted_pair):
+    checkpoint, other = converted_pair
+    windows = torch.randint(2, 512, (8, 32), generator=torch.Generator().manual_seed(4))
+    gates = CheckpointGates(checkpoint)
+    hidden = torch.randn(6, 128, generator=torch.Generator().manual_seed(6))
+    untrained = LearnedPredictor.untrained(gates, depth=2, width=16)
+    for a, b in zip(untrained.predict(0, hidden), GatePredictor(gates, depth=2).predict(0, hidden)):
+        assert torch.equal(a.expert_ids, b.expert_ids), "zero corrections: the gate predictor"
+    path = train_predictor(checkpoint, windows, depth=2, width=16, steps=40, batch_size=64, lr=1e-2, seed=0)
+    assert path == predictor_path(checkpoint)
+    with safe_open(path, "pt") as f:
+        training = json.loads(f.metadata()["training"])
+    assert set(training["history"]) == {"0->1", "0->2", "1->2"}
+    for losses in training["history"].values():
+        assert losses["last_loss"] < losses["first_loss"], losses
+    learned = build_predictor(checkpoint, "learned", depth=1, extra=1)
+    [forecast] = learned.predict(0, hidden)
+    assert forecast.layer == 1 and forecast.expert_ids.shape == (6, 3)
+    trained_logits = learned.logits(0, 1, gates.moe_input(1, hidden))
+    assert not torch.equal(trained_logits, gates.logits(1, gates.moe_input(1, hidden))), "the correction is loaded"
+    with pytest.raises(CheckpointError, match="predicts 2 layers ahead; prefetch depth 3 asks for more"):
+        LearnedPredictor.load(checkpoint, depth=3)
+    # A predictor trained for another model, a corrupt file, no file: each named.
+    predictor_path(other).write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"predictor\.safetensors was trained for another model"):
+        LearnedPredictor.load(other, depth=1)
+    predictor_path(other).write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"predictor\.safetensors: unreadable expert predictor file"):
+        LearnedPredictor.load(other, depth=1)
+    predictor_path(other).unlink()
+    with pytest.raises(CheckpointError, match=r"has no learned expert predictor .*vllm_d2moe\.prefetch\.train"):
+        build_predictor(other, "learned", depth=1)

@@ -7,7 +7,8 @@ recovers from the normed MoE input the expert op sees), a predictor returns
 one :class:`LayerForecast` for each of the next ``depth`` MoE layers (a
 DeepSeek dense layer is skipped, not counted).
 
-``gate`` (the one predictor so far; chosen by name in :func:`build_predictor`):
+``gate`` (chosen by name in :func:`build_predictor`, like ``learned``, its
+trained refinement in :mod:`vllm_d2moe.prefetch.learned`):
 each later layer's own router read from the checkpoint, applied to the current
 state through that layer's own norm, top-k exactly as vLLM routes the model
 (:mod:`vllm_d2moe.prefetch.routing`). With a width policy the checkpoint's
@@ -90,10 +91,16 @@ class GatePredictor:
         forecasts = []
         for depth, later in enumerate(self.later_layers(layer), start=1):
             x = self.gates.moe_input(later, hidden)
-            weights, ids = self.gates.route(later, x, top_k + self.extra)
+            logits = self.logits(layer, later, x)
+            weights, ids = self.gates.rule.rank(logits, self.gates.gates[later].correction_bias, top_k + self.extra)
             widths = None if self.policy is None else self._widths(later, x, weights[:, :top_k], ids)
             forecasts.append(LayerForecast(later, depth, ids, widths))
         return forecasts
+
+    def logits(self, layer: int, later: int, x: torch.Tensor) -> torch.Tensor:
+        """Predicted router logits of MoE layer ``later`` from layer ``layer``'s state, normed as
+        ``later``'s input: here that layer's own router."""
+        return self.gates.logits(later, x)
 
     def _widths(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Serving's width choice for the routed guess; the spares at the narrowest width."""
@@ -111,7 +118,7 @@ class GatePredictor:
         return widths
 
 
-PREDICTORS = ("gate",)
+PREDICTORS = ("gate", "learned")
 
 
 def build_predictor(
@@ -121,7 +128,11 @@ def build_predictor(
     extra: int = 0,
     policy: ServingWidths | None = None,
 ) -> ExpertPredictor:
-    """The predictor named by the ``prefetch`` option's ``predictor``; errors name the option."""
-    if predictor not in PREDICTORS:
-        raise ValueError(f"prefetch option 'predictor' must be one of {list(PREDICTORS)}, got {predictor!r}")
-    return GatePredictor.from_checkpoint(model_dir, depth, extra, policy)
+    """The predictor named by the ``prefetch`` option's ``predictor``; errors name the option or file."""
+    if predictor == "gate":
+        return GatePredictor.from_checkpoint(model_dir, depth, extra, policy)
+    if predictor == "learned":
+        from vllm_d2moe.prefetch.learned import LearnedPredictor  # it builds on this module
+
+        return LearnedPredictor.load(model_dir, depth, extra, policy)
+    raise ValueError(f"prefetch option 'predictor' must be one of {list(PREDICTORS)}, got {predictor!r}")

@@ -1,6 +1,7 @@
 """Data-parallel replicas as Ray actors on CPU: two single-core vLLM replicas give the
-single-process run's greedy outputs, and a failed replica's prompts are retried on the
-other one (offline batches and the serving front)."""
+single-process run's greedy outputs, a failed replica's prompts are retried on the
+other one (offline batches and the serving front), and a chunk whose ``generate`` raised
+is retried once elsewhere, its failures recorded."""
 
 import json
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -57,12 +59,17 @@ def single_process(model, tmp_path_factory) -> list[dict]:
     return results["single"]["outputs"]
 
 
+# Replica 1's context: the prompts of BATCH fit, a prompt of MEDIUM_PROMPT_TOKENS does not
+# (its generate raises there and not on replica 0).
+SHORT_CONTEXT = 64
+MEDIUM_PROMPT_TOKENS, LONG_PROMPT_TOKENS = 200, 600
+
+
 @pytest.fixture(scope="class")
 def pool(model):
     specs = [
-        ReplicaSpec(
-            model, core=i, quantization="d2moe", dtype="float32", max_model_len=512, enforce_eager=True
-        )
+        ReplicaSpec(model, core=i, quantization="d2moe", dtype="float32",
+                    max_model_len=512 if i == 0 else SHORT_CONTEXT, enforce_eager=True)
         for i in range(2)
     ]
     with local_cluster(num_cpus=2, show_replica_logs=False):
@@ -95,6 +102,34 @@ class TestReplicaPool:
         assert {r["replica"] for r in results.values()} == {0, 1}
         assert pool.failures == {}
 
+    def test_a_raising_generate_is_retried_once_on_the_other_replica(self, pool, single_process, model):
+        """Chunks of one prompt: the medium prompt goes to replica 1 first (the second chunk) and
+        raises there, then completes on replica 0; the long one raises on both and is reported;
+        every other prompt completes and both replicas stay in the pool."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+
+        def prompt_of(tokens: int) -> str:  # about that many tokens
+            ids = tokenizer("def parse(argv): " * tokens, add_special_tokens=False).input_ids
+            return tokenizer.decode(ids[:tokens])
+
+        batch = [PROMPTS[0], prompt_of(MEDIUM_PROMPT_TOKENS), PROMPTS[1], prompt_of(LONG_PROMPT_TOKENS)]
+        task_failures = pool.task_failures
+        results = dict(pool.generate(batch, SAMPLING, chunk_size=1))
+        assert sorted(results) == [0, 1, 2, 3]
+        for index, reference in ((0, single_process[0]), (2, single_process[1])):
+            assert results[index]["token_ids"] == reference["token_ids"] and "failures" not in results[index]
+        medium = results[1]
+        assert medium["replica"] == 0 and len(medium["token_ids"]) == MAX_TOKENS
+        (failure,) = medium["failures"]
+        assert failure["replica"] == 1 and f"maximum model length of {SHORT_CONTEXT}" in failure["error"]
+        long = results[3]
+        assert "token_ids" not in long and "maximum model length" in long["error"]
+        assert sorted(f["replica"] for f in long["failures"]) == [0, 1]
+        assert pool.task_failures - task_failures == 3
+        assert pool.failures == {}  # a raising generate drops no replica
+
     def test_killed_replica_chunks_go_to_the_other(self, pool, single_process):
         results = {}
         for index, result in pool.generate(BATCH, SAMPLING, chunk_size=1):
@@ -106,6 +141,75 @@ class TestReplicaPool:
         assert_same_tokens(results, single_process)
         late = [r["replica"] for r in results.values()][1:]
         assert late.count(1) <= 1  # at most the chunk it had finished before the kill was noticed
+
+
+class _InProcessRay:
+    """The Ray calls of ``ReplicaPool``, answered in this process (no cluster, no engines): replica
+    ``r``'s ``generate`` raises (as a task error) for a prompt in ``raises[r]`` and otherwise
+    returns each prompt as its text. Tasks finish in the order they were sent."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self, raises: list[set[str]]):
+        self.raises = raises
+
+    def remote(self, num_cpus):  # ray.remote(num_cpus=1)(BatchReplica)
+        return lambda _cls: _InProcessActors()
+
+    def kill(self, _actor):
+        pass
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        replica, prompts = ref
+        bad = [p for p in prompts if p in self.raises[replica]]
+        if bad:
+            cause = ValueError(f"cannot take {bad[0]!r}")
+            raise ray.exceptions.RayTaskError("generate", f"ValueError: {cause}", cause).as_instanceof_cause()
+        return [{"text": p} for p in prompts]
+
+
+class _InProcessActors:
+    """``actor.options(...).remote(spec)``: replicas numbered in start order; a task is its ref."""
+
+    def __init__(self):
+        self.started = 0
+
+    def options(self, runtime_env):
+        return self
+
+    def remote(self, _spec):
+        replica, self.started = self.started, self.started + 1
+        return SimpleNamespace(generate=SimpleNamespace(remote=lambda prompts, _sampling: (replica, tuple(prompts))))
+
+
+def _in_process_pool(monkeypatch, raises: list[set[str]]) -> ReplicaPool:
+    monkeypatch.setattr("vllm_d2moe.replicas.batch.import_ray", lambda: _InProcessRay(raises))
+    return ReplicaPool([ReplicaSpec("unused", core=i) for i in range(len(raises))])
+
+
+@pytest.mark.parametrize("raises, outcome", [
+    ([set(), {"b"}], {"replica": 0, "failed_on": [1]}),  # retried on the other replica, which answers
+    ([{"b"}, {"b"}], {"error": "cannot take 'b'", "failed_on": [1, 0]}),  # fails there too: reported
+    ([{"b"}], {"error": "cannot take 'b'", "failed_on": [0]}),  # no other replica to try
+])
+def test_a_raising_generate_is_retried_once_elsewhere_and_recorded(monkeypatch, raises, outcome):
+    pool = _in_process_pool(monkeypatch, raises)
+    prompts = ["a", "b", "c", "d"]
+    results = dict(pool.generate(prompts, SAMPLING, chunk_size=1))
+    assert sorted(results) == [0, 1, 2, 3]
+    for index in (0, 2, 3):
+        assert results[index]["text"] == prompts[index] and "failures" not in results[index]
+    b = results[1]
+    assert [f["replica"] for f in b["failures"]] == outcome["failed_on"]
+    assert all("cannot take 'b'" in f["error"] for f in b["failures"])
+    if "error" in outcome:
+        assert outcome["error"] in b["error"] and "text" not in b and pool.failed_prompts == 1
+    else:
+        assert (b["text"], b["replica"]) == ("b", outcome["replica"]) and pool.failed_prompts == 0
+    assert pool.task_failures == len(outcome["failed_on"]) and pool.failures == {}
 
 
 def test_ray_batch_command_with_a_replica_that_fails_to_start(model, single_process, tmp_path):

@@ -5,13 +5,19 @@ object plus the completion (``text``, ``token_ids``, ``finish_reason``) and the
 index of the ``replica`` that produced it, in input order. Prompts go out in
 chunks, one chunk in flight per replica, so faster replicas take more chunks;
 when a replica dies (or never starts), its chunk goes to another replica.
+
+A chunk whose ``generate`` raised (a ``RayTaskError``: the replica lives on) is
+tried once more on another replica; its lines then say what failed in
+``failures`` (``[{"replica", "error"}]``). When the retry fails too, or no
+other replica is left to try, its prompts' lines carry ``error`` (the last
+failure) and ``failures`` instead of a completion, and the batch goes on.
 """
 
 import json
 import logging
 import sys
-from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -42,6 +48,19 @@ class NoReplicaLeft(RuntimeError):
     pass
 
 
+# Tries of a chunk whose task failed (replicas that died do not count: their chunks always move on).
+TASK_TRIES = 2
+
+
+@dataclass
+class Chunk:
+    start: int  # index of its first prompt
+    failures: dict[int, str] = field(default_factory=dict)  # replica -> why its task failed there
+
+    def failure_records(self) -> list[dict]:
+        return [{"replica": replica, "error": error} for replica, error in self.failures.items()]
+
+
 class ReplicaPool:
     """Batch replicas as Ray actors (one CPU each), started at once, engines loading in parallel."""
 
@@ -50,40 +69,68 @@ class ReplicaPool:
         actor = ray.remote(num_cpus=1)(BatchReplica)
         self.actors = [actor.options(runtime_env=s.runtime_env()).remote(s) for s in specs]
         self.failures: dict[int, str] = {}  # replica -> why it was dropped
-        self.retried_chunks = 0
+        self.retried_chunks = 0  # chunks of replicas that died, sent to another
+        self.task_failures = 0  # generate calls that raised
+        self.failed_prompts = 0  # prompts without a completion (every try failed)
 
     def generate(self, prompts: list[str], sampling: dict, chunk_size: int) -> Iterator[tuple[int, dict]]:
         """``(prompt index, result)`` pairs in completion order."""
         ray = import_ray()
-        todo = deque(range(0, len(prompts), chunk_size))  # chunk start indices
-        in_flight: dict = {}  # ObjectRef -> (replica, chunk start)
+        todo = [Chunk(start) for start in range(0, len(prompts), chunk_size)]
+        in_flight: dict = {}  # ObjectRef -> (replica, chunk)
 
-        def dispatch(replica: int) -> None:
-            if todo and replica not in self.failures:
-                start = todo.popleft()
-                ref = self.actors[replica].generate.remote(prompts[start : start + chunk_size], sampling)
-                in_flight[ref] = (replica, start)
+        def dispatch() -> None:
+            """Give each idle live replica the first chunk it has not failed yet."""
+            busy = {replica for replica, _ in in_flight.values()}
+            for replica in range(len(self.actors)):
+                if replica in busy or replica in self.failures:
+                    continue
+                chunk = next((c for c in todo if replica not in c.failures), None)
+                if chunk is not None:
+                    todo.remove(chunk)
+                    ref = self.actors[replica].generate.remote(
+                        prompts[chunk.start : chunk.start + chunk_size], sampling
+                    )
+                    in_flight[ref] = (replica, chunk)
 
-        for replica in range(len(self.actors)):
-            dispatch(replica)
+        def failed(chunk: Chunk) -> list[tuple[int, dict]]:
+            """Its prompts' results: ``error`` (the last failure) and ``failures`` (every replica tried)."""
+            size = len(prompts[chunk.start : chunk.start + chunk_size])
+            self.failed_prompts += size
+            logger.error("prompts %d-%d failed on every replica tried: %s", chunk.start,
+                         chunk.start + size - 1, chunk.failures)
+            result = {"error": list(chunk.failures.values())[-1], "failures": chunk.failure_records()}
+            return [(chunk.start + offset, result) for offset in range(size)]
+
+        dispatch()
         while in_flight:
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            replica, start = in_flight.pop(ref)
+            replica, chunk = in_flight.pop(ref)
+            done: list[tuple[int, dict]] = []
             try:
                 results = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 self._drop(replica, e)
-                todo.appendleft(start)
+                todo.insert(0, chunk)
                 self.retried_chunks += 1
-                busy = {r for r, _ in in_flight.values()}
-                for idle in set(range(len(self.actors))) - busy:
-                    dispatch(idle)
-                if not in_flight:
-                    raise NoReplicaLeft(f"every replica failed: {self.failures}") from e
-                continue
-            dispatch(replica)
-            for offset, result in enumerate(results):
-                yield start + offset, {**result, "replica": replica}
+            except ray.exceptions.RayTaskError as e:
+                self.task_failures += 1
+                chunk.failures[replica] = failure_reason(e)
+                logger.warning("replica %d failed prompts %d..: %s", replica, chunk.start, chunk.failures[replica])
+                if len(chunk.failures) < TASK_TRIES:
+                    todo.insert(0, chunk)
+                else:
+                    done = failed(chunk)
+            else:
+                extra = {"failures": chunk.failure_records()} if chunk.failures else {}
+                done = [(chunk.start + offset, {**result, "replica": replica, **extra})
+                        for offset, result in enumerate(results)]
+            dispatch()  # before handing results out: the replicas work while the caller writes
+            yield from done
+        if todo and len(self.failures) == len(self.actors):
+            raise NoReplicaLeft(f"every replica failed: {self.failures}")
+        for chunk in todo:  # every live replica has failed it already
+            yield from failed(chunk)
 
     def _drop(self, replica: int, error: Exception) -> None:
         reason = failure_reason(error)
@@ -173,13 +220,16 @@ def run(args) -> int:
     except NoReplicaLeft as e:
         print(f"d2moe ray-batch: error: {e}", file=sys.stderr)
         return 1
+    notes = []
+    if pool.failures:
+        notes.append(f"{len(pool.failures)} replica(s) failed, {pool.retried_chunks} chunk(s) retried")
+    if pool.task_failures:
+        notes.append(f"{pool.task_failures} generate call(s) raised (their lines list them in 'failures')")
+    if pool.failed_prompts:
+        notes.append(f"{pool.failed_prompts} prompt(s) failed on every replica tried (lines with 'error')")
     print(
-        f"{len(records)} completions written to {args.output}"
-        + (
-            f"; {len(pool.failures)} replica(s) failed, {pool.retried_chunks} chunk(s) retried"
-            if pool.failures
-            else ""
-        ),
+        f"{len(records) - pool.failed_prompts} of {len(records)} completions written to {args.output}"
+        + "".join(f"; {note}" for note in notes),
         file=sys.stderr,
     )
-    return 0
+    return 1 if pool.failed_prompts else 0

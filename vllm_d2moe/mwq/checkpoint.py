@@ -12,10 +12,13 @@ safetensors files with every non-expert tensor in its original dtype) plus::
 The experts live in a sub-folder so that vLLM's (non-recursive) safetensors
 loader never sees them; the plugin reads them itself, by byte offset, which
 lets later stages stream single widths from disk. Every read is verified
-against the section checksums.
+against the section checksums; :class:`BlobFiles` opens every expert file once
+and locates every blob through the open descriptor, so a file deleted or
+replaced afterwards is still read as it was opened.
 """
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -34,12 +37,33 @@ EXPERTS_DIR = "d2moe"
 INDEX_NAME = "index.json"
 QUANT_METHOD = "d2moe"
 
-# read(blob file name, offset, length) -> a writable buffer of those bytes (fewer at the end of the file)
-FileRead = Callable[[str, int, int], memoryview]
+# O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block.
+DIRECT_ALIGNMENT = 4096
+
+# read_at(fd, offset, length) -> a writable buffer of those bytes (fewer at the end of the file)
+ReadAt = Callable[[int, int, int], memoryview]
 
 
 class CheckpointError(RuntimeError):
     """A d2moe checkpoint is missing, malformed or corrupt; the message names what."""
+
+
+class CorruptSectionsError(CheckpointError):
+    """Sections of one expert's blob whose bytes are not the ones the index records (a checksum
+    mismatch, or cut off by a truncated file): re-reading them gives the same bytes.
+    ``new_sections`` are those this error is the first to report (a store remembers the others)."""
+
+    def __init__(self, message: str, layer: int, expert: int, sections: tuple[int, ...],
+                 new_sections: tuple[int, ...]):
+        super().__init__(message)
+        self.layer, self.expert, self.sections, self.new_sections = layer, expert, sections, new_sections
+
+    def __reduce__(self):
+        return type(self), (str(self), self.layer, self.expert, self.sections, self.new_sections)
+
+
+def describe_section(section: int) -> str:
+    return f"{section} ({'base' if section == 0 else f'residual plane {section}'})"
 
 
 def expert_tensor_name(layer: int, expert: int) -> str:
@@ -100,6 +124,15 @@ def read_buffered(fd: int, offset: int, length: int) -> memoryview:
     return memoryview(buffer)[: os.preadv(fd, [buffer], offset)]
 
 
+def read_direct(fd: int, offset: int, length: int) -> memoryview:
+    """An ``O_DIRECT`` read: the aligned blocks around the range into a page-aligned buffer."""
+    start = offset // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
+    end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+    buffer = mmap.mmap(-1, end - start)  # anonymous maps are page aligned
+    got = os.preadv(fd, [buffer], start)
+    return memoryview(buffer)[offset - start : min(offset - start + length, got)]
+
+
 def safetensors_header(
     entries: list[tuple[str, str, list[int], int]], metadata: dict | None
 ) -> bytes:
@@ -118,21 +151,89 @@ def safetensors_header(
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's header and the file offset where its tensor data starts."""
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(header_len)), 8 + header_len
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        return _header_at(fd, path, read_buffered)
+    finally:
+        os.close(fd)
+
+
+def _header_at(fd: int, path: Path, read_at: ReadAt) -> tuple[dict, int]:
+    """``read_safetensors_header`` through an open descriptor."""
+    try:
+        (header_len,) = struct.unpack("<Q", read_at(fd, 0, 8))
+        if 8 + header_len > os.fstat(fd).st_size:
+            raise ValueError(f"a {header_len}-byte header does not fit in the file")
+        return json.loads(bytes(read_at(fd, 8, header_len))), 8 + header_len
     except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute ``(offset, nbytes)`` of each tensor in a safetensors file."""
-    header, base = read_safetensors_header(path)
-    return {
-        name: (base + meta["data_offsets"][0], meta["data_offsets"][1] - meta["data_offsets"][0])
-        for name, meta in header.items()
-        if name != "__metadata__"
-    }
+class BlobFiles:
+    """Every expert file of a checkpoint opened once (``O_DIRECT`` with ``direct``), with every
+    expert's blob located through the open descriptor: reads never look a path up again, and a
+    blob missing from its file or of the wrong size is refused here, naming file and tensor."""
+
+    def __init__(self, checkpoint: "MWQCheckpoint", direct: bool = False, read_at: ReadAt | None = None):
+        self.read_at = read_at or (read_direct if direct else read_buffered)
+        self.paths: dict[str, Path] = {}
+        self.fds: dict[str, int] = {}
+        self.offsets: dict[tuple[int, int], int] = {}  # (layer, expert) -> file offset of its blob
+        try:
+            headers = {}
+            for _, entry in sorted(checkpoint.layers.items()):
+                if entry.file not in self.fds:
+                    headers[entry.file] = self._open(checkpoint.model_dir / EXPERTS_DIR / entry.file, direct)
+                self._locate(entry, *headers[entry.file])
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path, direct: bool) -> tuple[dict, int]:
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except OSError as e:
+            mode = " with O_DIRECT (unsupported by this file system?)" if direct else ""
+            raise CheckpointError(f"{path}: cannot open{mode} ({e})") from e
+        self.paths[path.name], self.fds[path.name] = path, fd
+        return _header_at(fd, path, read_direct if direct else read_buffered)
+
+    def _locate(self, entry: "LayerEntry", header: dict, base: int) -> None:
+        path = self.paths[entry.file]
+        for expert in range(entry.num_experts):
+            name = expert_tensor_name(entry.layer, expert)
+            if name not in header:
+                raise CheckpointError(f"{path}: tensor {name} is missing")
+            try:
+                begin, end = header[name]["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry ({e})") from e
+            if end - begin != entry.layout.blob_nbytes:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has {end - begin} bytes, the layout needs "
+                    f"{entry.layout.blob_nbytes}"
+                )
+            self.offsets[(entry.layer, expert)] = base + begin
+
+    def read(self, entry: "LayerEntry", expert: int, start: int, length: int) -> memoryview:
+        """``length`` bytes from ``start`` of the blob of ``entry``'s expert ``expert``."""
+        try:
+            return self.read_at(self.fds[entry.file], self.offsets[(entry.layer, expert)] + start, length)
+        except OSError as e:
+            raise CheckpointError(
+                f"{self.paths[entry.file]}: reading layer {entry.layer} expert {expert} failed ({e})"
+            ) from e
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __del__(self):
+        if hasattr(self, "fds"):
+            self.close()
 
 
 class MWQCheckpoint:
@@ -171,8 +272,7 @@ class MWQCheckpoint:
             )
             for k, v in index["layers"].items()
         }
-        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
-        self._fds: dict[str, int] = {}
+        self._blobs: BlobFiles | None = None
         self._lock = threading.Lock()
 
     def layer(self, layer: int) -> LayerEntry:
@@ -184,73 +284,62 @@ class MWQCheckpoint:
                 f"(layers: {sorted(self.layers)})"
             ) from None
 
-    def _file(self, name: str) -> tuple[int, dict[str, tuple[int, int]]]:
-        with self._lock:
-            if name not in self._fds:
-                path = self.model_dir / EXPERTS_DIR / name
-                offsets = _safetensors_offsets(path)
-                self._fds[name] = os.open(path, os.O_RDONLY)
-                self._offsets[name] = offsets
-            return self._fds[name], self._offsets[name]
-
-    def expert_extent(self, layer: int, expert: int) -> tuple[str, int, int]:
-        """``(file path, byte offset, blob bytes)`` of one expert's full blob."""
+    def _expert(self, layer: int, expert: int) -> LayerEntry:
         entry = self.layer(layer)
         if not 0 <= expert < entry.num_experts:
             raise CheckpointError(
                 f"layer {layer} has {entry.num_experts} experts; expert {expert} does not exist"
             )
-        _, offsets = self._file(entry.file)
-        name = expert_tensor_name(layer, expert)
-        path = self.model_dir / EXPERTS_DIR / entry.file
-        if name not in offsets:
-            raise CheckpointError(f"{path}: tensor {name} is missing")
-        offset, nbytes = offsets[name]
-        if nbytes != entry.layout.blob_nbytes:
-            raise CheckpointError(
-                f"{path}: tensor {name} has {nbytes} bytes, the layout needs "
-                f"{entry.layout.blob_nbytes}"
-            )
-        return str(path), offset, nbytes
+        return entry
+
+    def blob_files(self) -> BlobFiles:
+        """This checkpoint's own :class:`BlobFiles` (buffered reads), opened at first use."""
+        with self._lock:
+            if self._blobs is None:
+                self._blobs = BlobFiles(self)
+            return self._blobs
+
+    def expert_extent(self, layer: int, expert: int) -> tuple[str, int, int]:
+        """``(file path, byte offset, blob bytes)`` of one expert's full blob."""
+        entry = self._expert(layer, expert)
+        blobs = self.blob_files()
+        return str(blobs.paths[entry.file]), blobs.offsets[(layer, expert)], entry.layout.blob_nbytes
 
     def read_sections(
-        self, layer: int, expert: int, first: int, last: int, read: FileRead | None = None
+        self, layer: int, expert: int, first: int, last: int, blobs: BlobFiles | None = None
     ) -> torch.Tensor:
         """Bytes of sections ``first .. last`` (inclusive) of an expert, verified.
 
-        ``read(file, offset, length)`` reads from the layer's blob file (by name); by default a
-        positional read of this checkpoint's own descriptor (the offload store passes its own).
+        ``blobs`` reads the layer's blob file (the offload store passes its own); by default
+        this checkpoint's :meth:`blob_files`.
         """
-        entry = self.layer(layer)
-        path, offset, _ = self.expert_extent(layer, expert)
+        entry = self._expert(layer, expert)
         start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
-        try:
-            if read is None:
-                data = read_buffered(self._file(entry.file)[0], offset + start, end - start)
-            else:
-                data = read(entry.file, offset + start, end - start)
-        except OSError as e:
-            raise CheckpointError(f"{path}: reading layer {layer} expert {expert} failed ({e})") from e
+        data = (blobs or self.blob_files()).read(entry, expert, start, end - start)
         self.verify_sections(layer, expert, first, last, data)
         return torch.frombuffer(data, dtype=torch.uint8)
 
     def verify_sections(self, layer: int, expert: int, first: int, last: int, data) -> None:
-        """Check ``data``, the bytes of sections ``first .. last`` of an expert, against the index."""
+        """Check ``data``, the bytes of sections ``first .. last`` of an expert, against the index;
+        every section that is cut off or fails its checksum is named in the error."""
         entry = self.layer(layer)
         path = self.model_dir / EXPERTS_DIR / entry.file
         start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
-        if len(data) != end - start:
-            raise CheckpointError(
-                f"{path}: layer {layer} expert {expert} is truncated "
-                f"(read {len(data)} of {end - start} bytes)"
-            )
+        bad = []
         for s in range(first, last + 1):
             lo, hi = (x - start for x in entry.layout.section_range(s))
-            if _crc(memoryview(data)[lo:hi]) != entry.crc32[expert][s]:
-                raise CheckpointError(
-                    f"{path}: checksum mismatch in layer {layer} expert {expert} section {s} "
-                    f"({'base' if s == 0 else f'residual plane {s}'}); the file is corrupt"
-                )
+            if hi > len(data) or _crc(memoryview(data)[lo:hi]) != entry.crc32[expert][s]:
+                bad.append(s)
+        if not bad:
+            return
+        if len(data) < end - start:
+            message = (f"{path}: layer {layer} expert {expert} is truncated "
+                       f"(read {len(data)} of {end - start} bytes)")
+        else:
+            named = ", ".join(map(describe_section, bad))
+            message = (f"{path}: checksum mismatch in layer {layer} expert {expert} "
+                       f"section{'s' if len(bad) > 1 else ''} {named}; the file is corrupt")
+        raise CorruptSectionsError(message, layer, expert, tuple(bad), tuple(bad))
 
     def read_expert(self, layer: int, expert: int, bits: int) -> dict[str, MWQTensor]:
         """The width-``bits`` tensors of one expert (reads only that prefix)."""
@@ -276,10 +365,6 @@ class MWQCheckpoint:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __del__(self):
-        if hasattr(self, "_fds"):
-            self.close()
+            if self._blobs is not None:
+                self._blobs.close()
+                self._blobs = None

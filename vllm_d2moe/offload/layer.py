@@ -70,9 +70,9 @@ class OffloadedLayerExperts:
         manager = self.manager
         bounds = list(pairwise(segments.starts))
 
-        def run_segment(i: int, slot: int) -> None:
+        def run_segment(i: int, slot: int, width: int) -> None:  # width: narrower for a damaged expert
             start, end = bounds[i]
-            one = ExpertSegments((slot,), (segments.bits[i],), (0, end - start))
+            one = ExpertSegments((slot,), (width,), (0, end - start))
             manager.backend.grouped_mlp(xs[start:end], manager.pool.gate_up, manager.pool.down, one, y[start:end])
 
         errors = manager.pipeline.run(

@@ -23,6 +23,8 @@ class LayerCounters:
     bytes_read: int = 0
     io_seconds: float = 0.0  # time the reads took, summed over the I/O threads
     wait_seconds: float = 0.0  # time compute waited for reads (pipeline bubbles)
+    bad_sections: int = 0  # expert sections found damaged (each counted once; never read again)
+    degraded_pairs: int = 0  # (token, expert) pairs served narrower than asked: a damaged section
 
     def add(self, other: "LayerCounters") -> None:
         for f in fields(self):
@@ -87,10 +89,12 @@ class OffloadMetrics:
         s = self.snapshot()
         t, pool = s["total"], s["pool"]
         lookups = t["hits"] + t["misses"]
+        damage = (f"; {t['bad_sections']} damaged sections, {t['degraded_pairs']} pairs served narrower"
+                  if t["bad_sections"] or t["degraded_pairs"] else "")
         logger.info(
             "d2moe offload: %d layer calls, hit rate %.1f%%, read %s in %.2f s of I/O, compute waited "
-            "%.2f s; pool %d/%d slots (%s of %s budget); peak RSS %s",
+            "%.2f s; pool %d/%d slots (%s of %s budget); peak RSS %s%s",
             t["calls"], 100 * t["hits"] / max(lookups, 1), format_bytes(t["bytes_read"]), t["io_seconds"],
             t["wait_seconds"], pool["occupied_slots"], pool["slots"], format_bytes(pool["occupancy_bytes"]),
-            format_bytes(pool["budget_bytes"]), format_bytes(s["peak_rss_bytes"]),
+            format_bytes(pool["budget_bytes"]), format_bytes(s["peak_rss_bytes"]), damage,
         )

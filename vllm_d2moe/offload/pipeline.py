@@ -13,6 +13,11 @@ are pinned; a pool smaller than the call's working set is streamed through
 as computed experts unpin their slots. A read that fails for good (a corrupt or
 truncated blob, an I/O error after the store's retries) fails only the segments
 of that expert it was needed for; the call computes the rest and reports it.
+Under ``on_read_error="degrade"`` (the default) segments whose width needs a
+damaged section are computed instead at the widest width whose sections are
+intact (logged once per expert, counted per pair); only a damaged base, or a
+disk error, fails them. A slot is released only once no I/O thread reads or
+writes for it any more, whatever made the call fail.
 
 :class:`OffloadPolicy` switches each step off for the benchmark's ablations:
 expert-id order instead of HEBF, reads on the compute thread instead of
@@ -20,17 +25,21 @@ overlapped, full re-reads instead of MWQ upgrades, and nothing kept across
 calls instead of the frequency-kept pool.
 """
 
+import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 
-from vllm_d2moe.mwq.checkpoint import CheckpointError
+from vllm_d2moe.mwq.checkpoint import CheckpointError, CorruptSectionsError
 from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
 from vllm_d2moe.offload.pool import Key, ResidentPool
 from vllm_d2moe.offload.store import ExpertStore, SectionBytes
 
+logger = logging.getLogger(__name__)
+
+READ_ERROR_MODES = ("fail", "degrade")
 
 @dataclass(frozen=True)
 class OffloadPolicy:
@@ -40,17 +49,22 @@ class OffloadPolicy:
     keep: bool = True  # keep experts across calls, evicting the least frequent
     io_threads: int = 2
     direct: bool = False  # O_DIRECT reads (bypass the page cache)
+    # A damaged section: serve the widest intact width ("degrade") or fail the pairs ("fail").
+    on_read_error: str = "degrade"
 
     @classmethod
-    def from_option(cls, option: dict | None) -> "OffloadPolicy":
-        """From the ``offload`` option of ``quantization_config`` (a dict of these fields)."""
+    def from_option(cls, option: dict | None, on_read_error: str | None = None) -> "OffloadPolicy":
+        """From the ``offload`` option of ``quantization_config`` (a dict of these fields but
+        ``on_read_error``, an option of its own)."""
         option = option or {}
-        known = {f.name: f.type for f in fields(cls)}
-        if not isinstance(option, dict) or set(option) - set(known):
+        known = {f.name for f in fields(cls)} - {"on_read_error"}
+        if not isinstance(option, dict) or set(option) - known:
             raise ValueError(
                 f"d2moe option 'offload' must be a dict with keys among {sorted(known)}, got {option!r}"
             )
-        policy = cls(**option)
+        if on_read_error is not None and on_read_error not in READ_ERROR_MODES:
+            raise ValueError(f"d2moe option 'on_read_error' must be 'fail' or 'degrade', got {on_read_error!r}")
+        policy = cls(**option, **({"on_read_error": on_read_error} if on_read_error is not None else {}))
         if policy.order not in ("hebf", "id"):
             raise ValueError(f"d2moe option offload.order must be 'hebf' or 'id', got {policy.order!r}")
         if not isinstance(policy.io_threads, int) or policy.io_threads < 1:
@@ -75,6 +89,7 @@ class LoadPipeline:
         # Reads in flight at once: enough to keep every thread busy while one result waits
         # for the compute thread; each holds its bytes until installed.
         self.max_in_flight = policy.io_threads + 1 if policy.overlap else 1
+        self._degraded_to: dict[Key, int] = {}  # width a degraded expert was last logged at
 
     def run(
         self,
@@ -82,15 +97,18 @@ class LoadPipeline:
         experts: list[int],
         widths: list[int],
         rows: list[int],
-        compute: Callable[[int, int], None],
+        compute: Callable[[int, int, int], None],
     ) -> dict[int, CheckpointError]:
         """Compute segments ``i`` (expert ``experts[i]`` at ``widths[i]`` over ``rows[i]`` pairs,
-        sorted by expert then width) by calling ``compute(i, slot)`` once each the expert is resident.
+        sorted by expert then width) by calling ``compute(i, slot, width)`` once each the expert is
+        resident; ``width`` is ``widths[i]``, or narrower where ``on_read_error="degrade"`` serves
+        a damaged expert at its widest intact width.
 
         Returns the segments left uncomputed because their expert could not be read, with the
         read's error."""
         counters = self.metrics.layer(layer)
         counters.calls += 1
+        widths = [self._servable(layer, e, w, n, counters) for e, w, n in zip(experts, widths, rows)]
         segments: dict[Key, deque[int]] = defaultdict(deque)
         tokens: dict[Key, int] = defaultdict(int)
         for i, (expert, n) in enumerate(zip(experts, rows)):
@@ -108,8 +126,9 @@ class LoadPipeline:
             if key in self.pool.slot_of:
                 self.pool.pin(key)
         try:
-            failed = self._execute(queue, chains, segments, widths, compute, counters)
+            failed = self._execute(queue, chains, segments, widths, rows, compute, counters)
         except BaseException:
+            self._settle(load for chain in chains.values() for load in chain)
             for key in order:
                 if key in self.pool.slot_of and self.pool.width(key) == 0:
                     self.pool.release(key)  # a reserved slot whose load failed
@@ -121,6 +140,16 @@ class LoadPipeline:
                 self.pool.release(key)
         self.metrics.maybe_log()
         return failed
+
+    def _servable(self, layer: int, expert: int, width: int, pairs: int, counters: LayerCounters) -> int:
+        """``width``, or under ``on_read_error="degrade"`` the expert's widest intact width when a
+        damaged section makes that narrower (its ``pairs`` counted); a damaged base serves nothing
+        and the read fails."""
+        intact = self.store.intact_width(layer, expert) if self.policy.on_read_error == "degrade" else None
+        if intact is None or not self.pool.min_bits <= intact < width:
+            return width
+        counters.degraded_pairs += pairs
+        return intact
 
     def resident_slots(self, layer: int, pairs: list[tuple[int, int]], tokens: dict[int, int]) -> dict[int, int] | None:
         """The fast path of a call that reads nothing: when every ``(expert, width)`` of ``pairs`` is
@@ -153,7 +182,7 @@ class LoadPipeline:
         counters.misses += len(loads)
         return loads
 
-    def _execute(self, queue, chains, segments, widths, compute, counters) -> dict[int, CheckpointError]:
+    def _execute(self, queue, chains, segments, widths, rows, compute, counters) -> dict[int, CheckpointError]:
         def compute_ready(key: Key) -> bool:
             """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
             it; without: exactly it); unpin it when none is left."""
@@ -161,24 +190,51 @@ class LoadPipeline:
             served = (lambda w: w <= have) if self.policy.reuse else (lambda w: w == have)
             ran = False
             while pending and have and served(widths[pending[0]]):
-                compute(pending.popleft(), self.pool.slot_of[key])
+                i = pending.popleft()
+                compute(i, self.pool.slot_of[key], widths[i])
                 ran = True
             if pending is not None and not pending:
                 del segments[key]
                 self.pool.unpin(key)
             return ran
 
-        def give_up(key: Key, error: CheckpointError) -> None:
-            """``key`` cannot reach the widths still pending: fail those segments, drop its
-            remaining loads (a read in flight finishes unused) and free or unpin its slot."""
+        def drop_loads(key: Key) -> None:
+            """Forget ``key``'s remaining loads; those in flight are cancelled or waited for."""
             nonlocal in_flight
-            for i in segments.pop(key, ()):
-                failed[i] = error
-            for load in chains.pop(key):
+            loads = chains.pop(key)
+            for load in loads:
                 if load.future is None:
                     queue.remove(load)
                 else:
                     in_flight -= 1
+            self._settle(loads)
+
+        def degrade(key: Key, error: CorruptSectionsError) -> bool:
+            """Under ``on_read_error="degrade"``, serve ``key``'s pending segments at its widest intact
+            width, re-planning its loads; False where no width of it is intact."""
+            intact = self.store.intact_width(*key)
+            if self.policy.on_read_error != "degrade" or intact < self.pool.min_bits or key not in segments:
+                return False
+            for i in segments[key]:
+                if widths[i] > intact:
+                    widths[i] = intact
+                    counters.degraded_pairs += rows[i]
+            drop_loads(key)
+            chains[key] = self._plan(key, [widths[i] for i in segments[key]], counters)
+            queue.extendleft(reversed(chains[key]))
+            if self._degraded_to.get(key) != intact:
+                self._degraded_to[key] = intact
+                logger.warning("d2moe: MoE layer %d expert %d is served at up to %d bits from now on "
+                               "(on_read_error=degrade): %s", *key, intact, error)
+            compute_ready(key)
+            return True
+
+        def give_up(key: Key, error: CheckpointError) -> None:
+            """``key`` cannot reach the widths still pending: fail those segments, drop its
+            remaining loads and free or unpin its slot."""
+            for i in segments.pop(key, ()):
+                failed[i] = error
+            drop_loads(key)
             if self.pool.width(key) == 0:
                 self.pool.release(key)  # reserved for the failed read, nothing resident
             else:
@@ -210,7 +266,11 @@ class LoadPipeline:
                         self._install(chain[0], counters)
                     except CheckpointError as error:
                         compute_ready(key)  # what the resident width serves still runs
-                        give_up(key, error)
+                        damaged = isinstance(error, CorruptSectionsError)
+                        if damaged:
+                            counters.bad_sections += len(error.new_sections)
+                        if not (damaged and degrade(key, error)):
+                            give_up(key, error)
                         break
                     chain.popleft()
                     in_flight -= 1
@@ -224,6 +284,12 @@ class LoadPipeline:
             wait(futures, return_when=FIRST_COMPLETED)
             counters.wait_seconds += time.perf_counter() - start
         return failed
+
+    @staticmethod
+    def _settle(loads) -> None:
+        """Cancel those of ``loads`` not started and wait for the others: afterwards no I/O thread
+        reads for them or writes into their slots, which may then be released or reused."""
+        wait([load.future for load in loads if load.future is not None and not load.future.cancel()])
 
     def _submit(self, load: _Load, counters: LayerCounters) -> Future:
         slot = self.pool.slot_of[load.key]

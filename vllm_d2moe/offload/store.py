@@ -2,40 +2,38 @@
 
 Every read is a positional read of a section range of one expert's blob
 (``layout.py``: width ``b`` is a prefix, an upgrade ``b -> b'`` is the sections
-in between), checked against the index's CRC32s and retried a bounded number
-of times. With ``direct=True`` files are opened with ``O_DIRECT`` so that
-reads go to the disk, not the page cache (benchmarks). Files are opened when
-the store is made: a checkpoint file deleted while serving stays readable
-through its open descriptor.
+in between), checked against the index's CRC32s. A disk error is retried a
+bounded number of times; bytes that fail their checksum (or are cut off by a
+truncated file) are not: reading them again gives the same bytes. Their
+sections are remembered, logged once each and never read again, and
+:meth:`ExpertStore.intact_width` tells how wide that expert can still be
+served. With ``direct=True`` files are opened with ``O_DIRECT`` so that reads
+go to the disk, not the page cache (benchmarks). Every file is opened and every
+blob located when the store is made (``BlobFiles``): a checkpoint file deleted
+while serving stays readable through its open descriptor.
 """
 
-import mmap
-import os
+import logging
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
+from vllm_d2moe.mwq.checkpoint import (
+    BlobFiles,
+    CheckpointError,
+    CorruptSectionsError,
+    MWQCheckpoint,
+    ReadAt,
+    describe_section,
+)
 from vllm_d2moe.mwq.layout import PROJECTIONS, ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
 
-# O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block.
-DIRECT_ALIGNMENT = 4096
+logger = logging.getLogger(__name__)
+
 RETRY_DELAY_S = 0.01
-
-# read_at(fd, offset, length) -> buffer holding at least those bytes from ``offset``
-ReadAt = Callable[[int, int, int], memoryview]
-
-
-def read_direct(fd: int, offset: int, length: int) -> memoryview:
-    """An ``O_DIRECT`` read: the aligned blocks around the range into a page-aligned buffer."""
-    start = offset // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
-    end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-    buffer = mmap.mmap(-1, end - start)  # anonymous maps are page aligned
-    got = os.preadv(fd, [buffer], start)
-    return memoryview(buffer)[offset - start : min(offset - start + length, got)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,8 @@ class SectionBytes:
 
 
 class ExpertStore:
-    """Verified, retried section reads of a checkpoint's experts; thread-safe."""
+    """Verified section reads of a checkpoint's experts, disk errors retried, damaged sections
+    remembered; thread-safe."""
 
     def __init__(
         self,
@@ -85,44 +84,62 @@ class ExpertStore:
         read_at: ReadAt | None = None,
     ):
         self.checkpoint = checkpoint
-        self.direct = direct
         self.retries = retries
-        self.read_at = read_at or (read_direct if direct else read_buffered)
-        self._fds: dict[str, int] = {}
-        for entry in checkpoint.layers.values():
-            path = checkpoint.model_dir / EXPERTS_DIR / entry.file
-            if entry.file in self._fds:
-                continue
-            try:
-                self._fds[entry.file] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            except OSError as e:
-                mode = " with O_DIRECT (unsupported by this file system?)" if direct else ""
-                raise CheckpointError(f"{path}: cannot open{mode} ({e})") from e
+        self.files = BlobFiles(checkpoint, direct, read_at)
+        self._damaged: dict[tuple[int, int], dict[int, str]] = {}  # (layer, expert) -> {section: error}
+        self._lock = threading.Lock()
 
     def layout(self, layer: int) -> ExpertLayout:
         return self.checkpoint.layer(layer).layout
 
     def read(self, layer: int, expert: int, first: int, last: int) -> SectionBytes:
-        """Sections ``first .. last`` of an expert, verified; a failed read or a checksum
-        mismatch is retried ``retries`` times before the last error is raised."""
+        """Sections ``first .. last`` of an expert, verified. A section known damaged fails the read
+        at once; a failed read is retried ``retries`` times before its error is raised, unless
+        its bytes failed their checksum."""
+        self._raise_if_known(layer, expert, first, last)
         for attempt in range(self.retries + 1):
             try:
-                data = self.checkpoint.read_sections(layer, expert, first, last, self._read)
+                data = self.checkpoint.read_sections(layer, expert, first, last, self.files)
                 return SectionBytes(layer, expert, first, last, data)
+            except CorruptSectionsError as e:
+                raise self._remember(e) from e
             except CheckpointError as e:
                 error = e
             if attempt < self.retries:
                 time.sleep(RETRY_DELAY_S)
         raise CheckpointError(f"{error} (after {self.retries + 1} attempts)") from error
 
-    def _read(self, file: str, offset: int, length: int) -> memoryview:
-        return self.read_at(self._fds[file], offset, length)
+    def intact_width(self, layer: int, expert: int) -> int | None:
+        """The widest width of the expert below its lowest known damaged section (``min_bits - 1``:
+        the base is damaged); ``None`` while none is known damaged."""
+        with self._lock:
+            damaged = self._damaged.get((layer, expert))
+            return None if not damaged else self.checkpoint.spec.min_bits + min(damaged) - 1
+
+    def _raise_if_known(self, layer: int, expert: int, first: int, last: int) -> None:
+        with self._lock:
+            damaged = self._damaged.get((layer, expert), {})
+            known = tuple(s for s in sorted(damaged) if first <= s <= last)
+            if known:
+                raise CorruptSectionsError(f"{damaged[known[0]]} (found before; not read again)",
+                                           layer, expert, known, ())
+
+    def _remember(self, error: CorruptSectionsError) -> CorruptSectionsError:
+        """Record ``error``'s sections (each logged once); return it with the sections it is the
+        first to report (another thread may have found some of them at the same time)."""
+        with self._lock:
+            damaged = self._damaged.setdefault((error.layer, error.expert), {})
+            new = tuple(s for s in error.sections if s not in damaged)
+            damaged.update({s: str(error) for s in new})
+            intact = self.checkpoint.spec.min_bits + min(damaged) - 1
+        for section in new:
+            logger.error(
+                "d2moe: MoE layer %d expert %d section %s is damaged and will not be read again; %s: %s",
+                error.layer, error.expert, describe_section(section),
+                f"widths up to {intact} bits of it are intact" if intact >= self.checkpoint.spec.min_bits
+                else "no width of it is intact", error,
+            )
+        return CorruptSectionsError(str(error), error.layer, error.expert, error.sections, new)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self):
-        if hasattr(self, "_fds"):
-            self.close()
+        self.files.close()

@@ -33,6 +33,9 @@ width choices, identical on every rank, are published by tensor-parallel rank 0)
 * ``d2moe_expert_reads_total{layer}``, ``d2moe_expert_hits_total{layer}``,
   ``d2moe_bytes_read_total{layer}``, ``d2moe_read_wait_seconds_total{layer}``
   (time compute waited for reads);
+* ``d2moe_bad_sections_total{layer}`` (expert sections found damaged, each once) and
+  ``d2moe_degraded_pairs_total{layer}`` ((token, expert) pairs served narrower than asked
+  because of one; option ``on_read_error``);
 * ``d2moe_pool_bytes{kind="budget"|"allocated"|"occupied"}``;
 * ``d2moe_width_pairs_total{layer, bits}`` ((token, expert) pairs served at that width);
 * ``d2moe_average_bits`` (mean width of every pair counted by this process's layers;
@@ -56,6 +59,8 @@ _OFFLOAD_COUNTERS = {
     "hits": ("d2moe_expert_hits", "(expert, width) demands served by the resident pool without a read"),
     "bytes_read": ("d2moe_bytes_read", "Bytes of expert weights read from disk"),
     "wait_seconds": ("d2moe_read_wait_seconds", "Seconds compute waited for expert reads"),
+    "bad_sections": ("d2moe_bad_sections", "Expert sections found damaged (checksum or truncation), each once"),
+    "degraded_pairs": ("d2moe_degraded_pairs", "(token, expert) pairs served narrower than asked: a damaged section"),
 }
 _POOL_GAUGES = {"budget": "budget_bytes", "allocated": "allocated_bytes", "occupied": "occupancy_bytes"}
 

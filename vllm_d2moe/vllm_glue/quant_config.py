@@ -37,7 +37,7 @@ from vllm_d2moe.width_selection import WidthSelector
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
-_OPTION_KEYS = {"bits", "memory_budget", "offload", "width_policy", "target_bits", "capacities"}
+_OPTION_KEYS = {"bits", "memory_budget", "offload", "on_read_error", "width_policy", "target_bits", "capacities"}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -52,6 +52,7 @@ class D2MoEConfig(QuantizationConfig):
         capacities: list[float] | str | None = None,
         memory_budget: int | str | None = None,
         offload: dict | None = None,
+        on_read_error: str | None = None,
     ):
         super().__init__()
         if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
@@ -67,7 +68,7 @@ class D2MoEConfig(QuantizationConfig):
         self.memory_budget = (
             None if memory_budget is None else parse_bytes(memory_budget, "d2moe option 'memory_budget'")
         )
-        self.offload_policy = OffloadPolicy.from_option(offload)
+        self.offload_policy = OffloadPolicy.from_option(offload, on_read_error)
         self._offload: OffloadManager | None = None
         self._routers: RouterSet | None = None
         self.widths: ServingWidths | None = None

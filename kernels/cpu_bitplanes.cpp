@@ -1,7 +1,8 @@
-// MWQ expert MLP on x86-64 CPUs with AVX2: weights rebuilt eight at a time in
-// a register from bit-plane pairs, multiplied straight into the tokens; never
-// more than a 32-row tile of float weights. Why this design, and its speed:
-// cpu_bitplanes.py.
+// MWQ expert MLP on x86-64 CPUs, one source compiled for AVX2 and for AVX-512
+// (kernels/cpu_bitplanes.py picks the build): weights rebuilt a vector (8 or 16
+// lanes) at a time in a register from bit-plane pairs, multiplied straight into
+// the tokens; never more than a 128-row tile of float weights. Why this design,
+// and its speed: cpu_bitplanes.py.
 //
 // Every width is "b binary planes with per-group coefficients plus a per-group
 // offset" (vllm_d2moe/mwq/quantize.py):
@@ -10,8 +11,8 @@
 //   residual plane j:          coef   = 2 * a_j
 //   offset = -s * z - sum_j a_j
 // The planes are resident in pairs (plane 2p, 2p + 1), each column's two bits
-// side by side, so eight columns of a pair are one 16-bit field: broadcast,
-// shift lane l right by 2l, and an in-lane permute of the group's 4-entry
+// side by side, so a vector's columns of a pair are one 16- or 32-bit field:
+// broadcast, shift lane l right by 2l, and a permute of the group's 4-entry
 // codebook {0, c_2p, c_2p+1, c_2p + c_2p+1} yields their contribution. An odd
 // last plane is a chunk of one bit per column (its codebook ignores bit 1).
 
@@ -21,6 +22,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#ifdef D2MOE_SIMDE_AVX512
+#include <simde/x86/avx512.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -34,10 +38,9 @@ namespace {
 constexpr int kMaxPlanes = 8;
 constexpr int kMaxChunks = kMaxPlanes / 2;
 // Up to kRegisterTokens tokens the weights are rebuilt in registers once per block of
-// kTokenBlock tokens; above it a tile of kTileRows rows (1 MB of float32 at 2048 columns)
-// is rebuilt once and multiplied by torch's GEMM (measured at width 4: 8 tokens take 0.65x
-// the tile path's time; at 16 they are even).
-constexpr int64_t kTokenBlock = 4;
+// kTokenBlock tokens (by instruction set, below); above it a tile of kTileRows rows (1 MB of
+// float32 at 2048 columns) is rebuilt once and multiplied by torch's GEMM (measured with AVX2 at
+// width 4: 8 tokens take 0.65x the tile path's time; at 16 they are even).
 constexpr int64_t kRegisterTokens = 8;
 constexpr int64_t kTileRows = 128;
 // Rows per thread at least this many plane-bits, so a small projection does not pay a thread
@@ -130,7 +133,83 @@ struct GroupCoefs {
   }
 };
 
-// ---------------------------------------------------------------- AVX2 path (group_size % 8 == 0)
+// ---------------------------------------------------------------- vector width
+// One source, compiled once per instruction set (kernels/cpu_bitplanes.py): AVX2 (8 float lanes,
+// 16 registers) or AVX-512 F/BW/VL/DQ (16 lanes, 32 registers), the latter also through SIMDe's
+// portable AVX-512 intrinsics, so that CPUs without AVX-512 test its arithmetic. Only the
+// functions below name the instructions.
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+#ifdef D2MOE_SIMDE_AVX512
+#define D2MOE_MM512(name) simde_mm512_##name
+using Vec = simde__m512;
+using VecI = simde__m512i;
+#else
+#define D2MOE_MM512(name) _mm512_##name
+using Vec = __m512;
+using VecI = __m512i;
+#endif
+constexpr int kLanes = 16;
+// 32 registers hold eight tokens' accumulators beside the codebooks.
+constexpr int64_t kTokenBlock = 8;
+inline Vec vzero() { return D2MOE_MM512(setzero_ps)(); }
+inline Vec vset1(float f) { return D2MOE_MM512(set1_ps)(f); }
+inline Vec vload(const float* p) { return D2MOE_MM512(loadu_ps)(p); }
+inline void vstore(float* p, Vec v) { D2MOE_MM512(storeu_ps)(p, v); }
+inline Vec vadd(Vec a, Vec b) { return D2MOE_MM512(add_ps)(a, b); }
+inline Vec vmul(Vec a, Vec b) { return D2MOE_MM512(mul_ps)(a, b); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return D2MOE_MM512(fmadd_ps)(a, b, c); }
+inline VecI vbroadcast(uint32_t w) { return D2MOE_MM512(set1_epi32)(int(w)); }
+inline VecI vsrlv(VecI a, VecI n) { return D2MOE_MM512(srlv_epi32)(a, n); }
+inline VecI vlane_times(int n) {
+  return D2MOE_MM512(setr_epi32)(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n, 8 * n, 9 * n, 10 * n, 11 * n,
+                                 12 * n, 13 * n, 14 * n, 15 * n);
+}
+// Entry (index & 3) of each 128-bit quarter's 4 entries (vpermilps). SIMDe lacks its
+// intrinsic; there vpermps, entry (index & 15) of all 16, gives the same here: the codebooks
+// repeat their 4 entries in every quarter.
+#ifdef D2MOE_SIMDE_AVX512
+inline Vec vlookup(Vec table, VecI index) { return D2MOE_MM512(permutexvar_ps)(index, table); }
+#else
+inline Vec vlookup(Vec table, VecI index) { return _mm512_permutevar_ps(table, index); }
+#endif
+inline __m256 vlow_plus_high(Vec v) {
+  const Vec high = D2MOE_MM512(castpd_ps)(D2MOE_MM512(castpd256_pd512)(
+      D2MOE_MM512(extractf64x4_pd)(D2MOE_MM512(castps_pd)(v), 1)));
+  return D2MOE_MM512(castps512_ps256)(vadd(v, high));
+}
+#else
+constexpr int kLanes = 8;
+constexpr int64_t kTokenBlock = 4;
+using Vec = __m256;
+using VecI = __m256i;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float f) { return _mm256_set1_ps(f); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecI vbroadcast(uint32_t w) { return _mm256_set1_epi32(int(w)); }
+inline VecI vsrlv(VecI a, VecI n) { return _mm256_srlv_epi32(a, n); }
+inline VecI vlane_times(int n) { return _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n); }
+// Entry (index & 3) of each 128-bit half's 4 entries (vpermilps).
+inline Vec vlookup(Vec table, VecI index) { return _mm256_permutevar_ps(table, index); }
+inline __m256 vlow_plus_high(Vec v) { return v; }
+#endif
+
+inline float horizontal_sum(Vec v) {
+  const __m256 v8 = vlow_plus_high(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane i: i & 1 and (i >> 1) & 1, the two bits of a codebook index.
+alignas(64) constexpr float kIndexBit0[16] = {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1};
+alignas(64) constexpr float kIndexBit1[16] = {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1};
+
+// ---------------------------------------------------------------- vector path (group_size % kLanes == 0)
 
 // The chunks a width reads, known at compile time: NC chunks of two bits per column,
 // the last of LAST (1 when the resident width is odd and it is the last plane).
@@ -140,94 +219,85 @@ struct Chunks {
   static constexpr int bits_per_column(int c) { return c == NC - 1 ? LAST : 2; }
 };
 
-// The 4-entry codebook of each chunk, repeated in both 128-bit halves for vpermilps;
-// the offset rides on chunk 0.
+// The 4-entry codebook of each chunk, repeated across the register; the offset rides on chunk 0.
 template <class L>
 struct Codebooks {
-  __m256 entries[L::count];
+  Vec entries[L::count];
   Codebooks() = default;
-  Codebooks(const Projection& p, int64_t row, int64_t group) { set(p, row, group); }
   [[gnu::always_inline]] inline void set(const Projection& p, int64_t row, int64_t group) {
     const GroupCoefs<2 * L::count> k(p, row, group);
-    const __m256 bit0 = _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1), bit1 = _mm256_setr_ps(0, 0, 1, 1, 0, 0, 1, 1);
+    const Vec bit0 = vload(kIndexBit0), bit1 = vload(kIndexBit1);
     for (int c = 0; c < L::count; ++c) {
-      const __m256 low = _mm256_mul_ps(_mm256_set1_ps(k.coef[2 * c]), bit0);
-      entries[c] = _mm256_fmadd_ps(_mm256_set1_ps(k.coef[2 * c + 1]), bit1, low);
+      const Vec low = vmul(vset1(k.coef[2 * c]), bit0);
+      entries[c] = vfmadd(vset1(k.coef[2 * c + 1]), bit1, low);
     }
-    entries[0] = _mm256_add_ps(entries[0], _mm256_set1_ps(k.offset));
+    entries[0] = vadd(entries[0], vset1(k.offset));
   }
 };
 
-// The weights of columns [8 * block, 8 * block + 16) of a row (`row_bits`: each chunk's
-// row), eight per register. Each chunk's bits for them are one 32-bit word (at one or two
-// bits per column), which may run up to 3 bytes past the row: resident chunks carry 4
-// bytes of slack at the end.
+// The weights of columns [col, col + kLanes) of a row (`row_bits`: each chunk's row; col a
+// multiple of 8). Each chunk's bits for them are one 32-bit word read at the column's byte (at one
+// or two bits per column), shifted right by each lane's bit offset; the word may run up to 3 bytes
+// past the row: resident chunks carry 4 bytes of slack at the end.
 template <class L>
-[[gnu::always_inline]] inline void weights16(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t block,
-                                             __m256& first, __m256& second) {
+[[gnu::always_inline]] inline Vec weights(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t col) {
+  Vec w;
   for (int c = 0; c < L::count; ++c) {
     const int n = L::bits_per_column(c);
-    const __m256i shift = _mm256_setr_epi32(0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n);
-    const float* bits = reinterpret_cast<const float*>(row_bits[c] + n * block);
-    const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(bits));
-    const __m256i next_shift = _mm256_add_epi32(shift, _mm256_set1_epi32(8 * n));
-    const __m256 a = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, shift));
-    const __m256 b = _mm256_permutevar_ps(cb.entries[c], _mm256_srlv_epi32(word, next_shift));
-    first = c == 0 ? a : _mm256_add_ps(first, a);
-    second = c == 0 ? b : _mm256_add_ps(second, b);
+    uint32_t word;
+    std::memcpy(&word, row_bits[c] + n * col / 8, 4);
+    const Vec a = vlookup(cb.entries[c], vsrlv(vbroadcast(word), vlane_times(n)));
+    w = c == 0 ? a : vadd(w, a);
   }
+  return w;
 }
 
-// Calls step(i, weights, first column) for every eight weights of rows row .. row + R - 1, group
+// Calls step(i, weights, first column) for every kLanes weights of rows row .. row + R - 1, group
 // by group; each row's calls come in the same order whatever R is. R > 1 interleaves independent
 // rows so that their dependency chains (the accumulators' FMAs) overlap.
 template <class L, int R, typename Step>
-[[gnu::always_inline]] inline void for_each_weights8(const Projection& p, int64_t row, Step&& step) {
+[[gnu::always_inline]] inline void for_each_weights(const Projection& p, int64_t row, Step&& step) {
   const uint8_t* row_bits[R][L::count];
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < L::count; ++c) row_bits[i][c] = p.chunk_bits[c] + (row + i) * p.chunk_row_bytes[c];
-  const int64_t blocks_per_group = p.group_size / 8;
+  const int64_t vectors_per_group = p.group_size / kLanes;
   for (int64_t g = 0; g < p.groups; ++g) {
     Codebooks<L> cb[R];
     for (int i = 0; i < R; ++i) cb[i].set(p, row + i, g);
-    const int64_t end = (g + 1) * blocks_per_group;
-    int64_t block = g * blocks_per_group;
-    __m256 first[R], second[R];
+    const int64_t end = (g + 1) * vectors_per_group;
+    int64_t v = g * vectors_per_group;
+    Vec first[R], second[R];
 #pragma GCC unroll 2
-    for (; block + 2 <= end; block += 2) {
-      for (int i = 0; i < R; ++i) weights16<L>(cb[i], row_bits[i], block, first[i], second[i]);
-      for (int i = 0; i < R; ++i) step(i, first[i], 8 * block);
-      for (int i = 0; i < R; ++i) step(i, second[i], 8 * block + 8);
+    for (; v + 2 <= end; v += 2) {
+      for (int i = 0; i < R; ++i) {
+        first[i] = weights<L>(cb[i], row_bits[i], kLanes * v);
+        second[i] = weights<L>(cb[i], row_bits[i], kLanes * v + kLanes);
+      }
+      for (int i = 0; i < R; ++i) step(i, first[i], kLanes * v);
+      for (int i = 0; i < R; ++i) step(i, second[i], kLanes * v + kLanes);
     }
-    if (block < end) {  // an odd number of blocks per group
-      for (int i = 0; i < R; ++i) weights16<L>(cb[i], row_bits[i], block, first[i], second[i]);
-      for (int i = 0; i < R; ++i) step(i, first[i], 8 * block);
+    if (v < end) {  // an odd number of vectors per group
+      for (int i = 0; i < R; ++i) first[i] = weights<L>(cb[i], row_bits[i], kLanes * v);
+      for (int i = 0; i < R; ++i) step(i, first[i], kLanes * v);
     }
   }
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // out[t, r] = sum_c W[r, c] x[t, c] for TT tokens and rows r .. r + R - 1, weights rebuilt in registers.
 template <class L, int TT, int R>
 [[gnu::always_inline]] inline void register_row_block(const Projection& p, const float* x, float* out, int64_t r) {
-  __m256 acc[R][TT], spare[R];
+  Vec acc[R][TT], spare[R];
   for (int i = 0; i < R; ++i) {
-    spare[i] = _mm256_setzero_ps();
-    for (int t = 0; t < TT; ++t) acc[i][t] = _mm256_setzero_ps();
+    spare[i] = vzero();
+    for (int t = 0; t < TT; ++t) acc[i][t] = vzero();
   }
-  for_each_weights8<L, R>(p, r, [&](int i, __m256 w, int64_t col) {
-    for (int t = 0; t < TT; ++t) acc[i][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * p.cols + col), acc[i][t]);
+  for_each_weights<L, R>(p, r, [&](int i, Vec w, int64_t col) {
+    for (int t = 0; t < TT; ++t) acc[i][t] = vfmadd(w, vload(x + t * p.cols + col), acc[i][t]);
     // A single token alternates two accumulators so consecutive FMAs do not wait on each other.
     if constexpr (TT == 1) std::swap(acc[i][0], spare[i]);
   });
   for (int i = 0; i < R; ++i) {
-    if constexpr (TT == 1) acc[i][0] = _mm256_add_ps(acc[i][0], spare[i]);
+    if constexpr (TT == 1) acc[i][0] = vadd(acc[i][0], spare[i]);
     for (int t = 0; t < TT; ++t) out[t * p.rows + r + i] = horizontal_sum(acc[i][t]);
   }
 }
@@ -249,9 +319,9 @@ void register_rows(const Projection& p, const float* x, float* out, int64_t r0, 
 }
 
 template <class L>
-void dequantize_rows_avx2(const Projection& p, int64_t r0, int64_t r1, float* dst) {
+void dequantize_rows_vector(const Projection& p, int64_t r0, int64_t r1, float* dst) {
   for (int64_t r = r0; r < r1; ++r, dst += p.cols)
-    for_each_weights8<L, 1>(p, r, [&](int, __m256 w, int64_t col) { _mm256_storeu_ps(dst + col, w); });
+    for_each_weights<L, 1>(p, r, [&](int, Vec w, int64_t col) { vstore(dst + col, w); });
 }
 
 // ---------------------------------------------------------------- any group size
@@ -290,20 +360,18 @@ void with_chunks(const Projection& p, Args&&... args) {
 
 template <class L>
 struct RegisterRows {
+  // register_rows<L, tokens>, for 1 <= tokens <= TT.
+  template <int TT = kTokenBlock>
   static void run(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1) {
-    switch (tokens) {
-      case 1: register_rows<L, 1>(p, x, out, r0, r1); break;
-      case 2: register_rows<L, 2>(p, x, out, r0, r1); break;
-      case 3: register_rows<L, 3>(p, x, out, r0, r1); break;
-      case 4: register_rows<L, 4>(p, x, out, r0, r1); break;
-      default: TORCH_CHECK(false, "register blocks hold at most ", kTokenBlock, " tokens");
-    }
+    if (tokens == TT) return register_rows<L, TT>(p, x, out, r0, r1);
+    if constexpr (TT > 1) return run<TT - 1>(p, x, tokens, out, r0, r1);
+    TORCH_CHECK(false, "register blocks hold 1 to ", kTokenBlock, " tokens, not ", tokens);
   }
 };
 
 template <class L>
 struct DequantizeRows {
-  static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_avx2<L>(p, r0, r1, dst); }
+  static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_vector<L>(p, r0, r1, dst); }
 };
 
 // out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]).
@@ -312,12 +380,14 @@ void register_linear(const Projection& p, const float* x, int64_t tokens, float*
     with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1);
 }
 
-bool fits_registers(const Projection& p, int64_t tokens) { return p.group_size % 8 == 0 && tokens <= kRegisterTokens; }
+bool fits_registers(const Projection& p, int64_t tokens) {
+  return p.group_size % kLanes == 0 && tokens <= kRegisterTokens;
+}
 
 // out [tokens, rows] = x [tokens, cols] @ W^T, rows split across torch's intra-op threads.
 void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const int64_t tokens = x.size(0);
-  const bool vector_groups = p.group_size % 8 == 0;
+  const bool vector_groups = p.group_size % kLanes == 0;
   const int64_t grain = std::max<int64_t>(1, kBitsPerThread / (p.cols * p.planes));
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -608,7 +678,10 @@ void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second)
 }  // namespace
 }  // namespace d2moe_cpu
 
-TORCH_LIBRARY(d2moe_cpu, m) {
+// D2MOE_LIBRARY: the op namespace of this build (one per instruction set, kernels/cpu_bitplanes.py);
+// expanded before TORCH_LIBRARY pastes it into its names.
+#define D2MOE_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+D2MOE_TORCH_LIBRARY(D2MOE_LIBRARY, m) {
   m.def(
       "moe_segments(Tensor x, Tensor segments, Tensor[] gate_up_chunks, Tensor[] gate_up_scales, "
       "Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size, Tensor(a!) out) -> ()",
@@ -624,7 +697,7 @@ TORCH_LIBRARY(d2moe_cpu, m) {
 // The same layer forward bound to one layer's tensors once (kernels/cpu_bitplanes.py, bind): a call
 // then converts only its four tensors, without the dispatcher parsing the layer's lists every time.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<d2moe_cpu::Layer>(m, "Layer")
+  pybind11::class_<d2moe_cpu::Layer>(m, "Layer", pybind11::module_local())
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, int64_t, int64_t>())
       .def("forward", &d2moe_cpu::Layer::forward);

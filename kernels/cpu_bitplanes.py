@@ -1,18 +1,19 @@
-"""Fused MWQ expert MLP for x86-64 CPUs with AVX2 (C++ in ``cpu_bitplanes.cpp``).
+"""Fused MWQ expert MLP for x86-64 CPUs with AVX2 or AVX-512 (C++ in ``cpu_bitplanes.cpp``).
 
 Every MWQ width is "b binary planes with per-group coefficients plus a
 per-group offset". At load (:func:`prepare`) the planes are re-laid in pairs,
 each column's two bits side by side (:class:`PlanePairs`: same bytes, the
-MWQ tensors stay recoverable bit for bit). The kernel then rebuilds eight
-float32 weights in a register with, per plane pair, a per-lane shift of one
-broadcast 32-bit word (sixteen columns' bits) and an in-lane permute
-(``vpermilps``) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``,
+MWQ tensors stay recoverable bit for bit). The kernel then rebuilds a vector
+of float32 weights (8 with AVX2, 16 with AVX-512) in a register with, per plane
+pair, a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``;
+``vpermps`` with AVX-512) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``,
 and multiplies them straight into the tokens; no float copy of the expert
 exists. Up to 8 tokens the rebuilt weights feed per-token accumulators (in
-blocks of 4); above that a 128-row tile is rebuilt across the threads and
-multiplied with torch's GEMM. Rows are split across torch's own intra-op
-(OpenMP) threads with ``at::parallel_for`` (small projections stay on one
-thread), so both cores work and no second thread pool competes with torch's.
+blocks of 4 with AVX2's 16 registers, of 8 with AVX-512's 32); above that a
+128-row tile is rebuilt across the threads and multiplied with torch's GEMM.
+Rows are split across torch's own intra-op (OpenMP) threads with
+``at::parallel_for`` (small projections stay on one thread), so both cores
+work and no second thread pool competes with torch's.
 A whole layer call (grouping by expert and width, gather, weighted sum) is
 one C++ call (:func:`layer_forward`, or the layer's :func:`bind` object, which
 holds its tensors so that a call hands over only its own four): on the small
@@ -26,6 +27,16 @@ or two chunks two rows are rebuilt side by side (their FMA chains overlap;
 each row's sums are unchanged). The extension compiles at first use
 (about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);
 if it cannot be built the dispatcher logs why and serves with the reference.
+
+One source, one build per instruction set (:data:`ISAS`), chosen at load by the
+CPU's features and logged once with the reason: ``avx512`` (AVX-512 F/BW/VL/DQ:
+16-lane vectors, 32 registers, so the register path rebuilds the weights once
+per 8 tokens instead of 4; group sizes that are multiples of 16) where torch
+reports AVX-512, ``avx2`` otherwise. ``D2MOE_CPU_ISA`` forces one (``avx2`` on an
+AVX-512 CPU tests what CPUs without it run); ``avx512-simde`` builds the AVX-512
+source on SIMDe's portable intrinsics (Debian's ``libsimde-dev``), so a CPU
+without AVX-512 tests its arithmetic (slowly; never chosen by itself). The
+resident layout is the same for all of them.
 
 Why plane pairs with 4-entry codebooks: the kernel designs compared (C++ on
 the planes as stored, numba lookup tables, torch's int8/int4 weight-only
@@ -44,6 +55,9 @@ which converts each int8 weight once and is bound by bytes. An odd width reads
 its pair's second plane too (coefficient zero): 1/b more bytes.
 """
 
+import functools
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +67,24 @@ from vllm_d2moe.kernels import require_avx2
 from vllm_d2moe.mwq.quantize import MWQTensor
 from vllm_d2moe.mwq.stacked import check_storable
 
-NAME = "cpu-bitplanes-avx2"
+logger = logging.getLogger(__name__)
+
+NAME = "cpu-bitplanes"
 
 _SOURCE = __file__.removesuffix(".py") + ".cpp"
 # Every AVX2 CPU (Haswell, Zen on) has FMA, F16C and BMI2. Without -fopenmp the
 # at::parallel_for in ATen's headers compiles to a serial loop; the OpenMP runtime
 # it links is the libgomp.so.1 torch has already loaded.
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
-_SLACK = 4  # the kernel reads each eight columns' bits as one 32-bit word
-_module = None
+_AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
+# Instruction set -> compiler flags of its build; each build registers its ops as torch.ops.d2moe_cpu_<isa>.
+ISAS = {
+    "avx2": _AVX2_FLAGS,
+    "avx512": [*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "avx512-simde": [*_AVX2_FLAGS, "-DD2MOE_SIMDE_AVX512"],
+}
+ISA_ENV = "D2MOE_CPU_ISA"
+_SLACK = 4  # the kernel reads each vector's bits of a chunk as one 32-bit word
+_modules: dict = {}  # instruction set -> its built extension
 
 
 @dataclass(frozen=True)
@@ -98,7 +121,7 @@ class PlanePairs:
             )
             for e in range(p.num_experts):  # one expert's plane is contiguous
                 if len(pair) == 2:
-                    torch.ops.d2moe_cpu.pair_planes(pair[0][e], pair[1][e], chunk[e])
+                    _ops().pair_planes(pair[0][e], pair[1][e], chunk[e])
                 else:
                     chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
@@ -150,10 +173,10 @@ class PlanePairs:
                 continue
             kept_first, kept_second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
             if 2 * c < start:
-                torch.ops.d2moe_cpu.unpair_planes(chunk, kept_first, kept_second)
+                _ops().unpair_planes(chunk, kept_first, kept_second)
             first = planes[2 * c - start] if 2 * c >= start else kept_first
             second = planes[2 * c + 1 - start] if 2 * c + 1 < end else kept_second
-            torch.ops.d2moe_cpu.pair_planes(first.contiguous(), second.contiguous(), chunk)
+            _ops().pair_planes(first.contiguous(), second.contiguous(), chunk)
 
     def expert(self, expert: int, bits: int | None = None) -> MWQTensor:
         """Expert ``expert`` at width ``bits`` (default: all resident planes), planes unpaired (a copy)."""
@@ -166,7 +189,7 @@ class PlanePairs:
                 planes.append(chunk[expert].clone())
                 continue
             first, second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
-            torch.ops.d2moe_cpu.unpair_planes(chunk[expert], first, second)
+            _ops().unpair_planes(chunk[expert], first, second)
             planes += [first, second]
         planes = planes[:bits]
         return MWQTensor(
@@ -181,21 +204,51 @@ class PlanePairs:
         )
 
 
+def choose_isa() -> tuple[str, str]:
+    """The instruction set whose build runs here, and why: ``D2MOE_CPU_ISA`` if set, else the best the CPU has."""
+    if forced := os.environ.get(ISA_ENV):
+        if forced not in ISAS:
+            raise ValueError(f"{ISA_ENV}={forced!r} is not one of {', '.join(ISAS)}")
+        return forced, f"set by {ISA_ENV}"
+    return cpu_isa()
+
+
+@functools.cache
+def cpu_isa() -> tuple[str, str]:
+    """The best build this CPU runs, and why."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "avx512", "torch reports AVX-512 (F/BW/VL/DQ) on this CPU"
+    return "avx2", f"torch reports {capability}, no AVX-512, on this CPU"
+
+
+def _library(isa: str) -> str:
+    return "d2moe_cpu_" + isa.replace("-", "_")
+
+
+def _ops():
+    """The ops of the build :func:`load` chose (``torch.ops.d2moe_cpu_<isa>``)."""
+    return getattr(torch.ops, _library(choose_isa()[0]))
+
+
 def load():
-    """Compile the extension (cached under torch's extensions dir, ``~/.cache/torch_extensions``),
-    register its ops and return its Python module."""
-    global _module
-    if _module is not None:
-        return _module
+    """Compile the build for this CPU (:func:`choose_isa`; cached under torch's extensions dir,
+    ``~/.cache/torch_extensions``), register its ops, log the choice once and return its Python module."""
+    isa, reason = choose_isa()
+    if (module := _modules.get(isa)) is not None:
+        return module
     require_avx2()
-    _module = torch.utils.cpp_extension.load(
-        name="d2moe_cpu_bitplanes",
+    library = _library(isa)
+    module = torch.utils.cpp_extension.load(
+        name=library.replace("d2moe_cpu", "d2moe_cpu_bitplanes", 1),
         sources=[_SOURCE],
-        extra_cflags=_FLAGS,
+        extra_cflags=[*ISAS[isa], f"-DD2MOE_LIBRARY={library}"],
         extra_ldflags=["-fopenmp"],
         is_python_module=True,
     )
-    return _module
+    _modules[isa] = module
+    logger.info("d2moe: cpu_bitplanes runs its %s build (%s)", isa, reason)
+    return module
 
 
 def prepare(projection) -> PlanePairs:
@@ -220,14 +273,14 @@ def grouped_mlp(x, gate_up: PlanePairs, down: PlanePairs, segments, out) -> None
     table = torch.tensor(
         [segments.experts, segments.bits, segments.starts[:-1], segments.starts[1:]], dtype=torch.int64
     ).T.contiguous()
-    torch.ops.d2moe_cpu.moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
+    _ops().moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
 
 
 def layer_forward(x, topk_weights, local_ids, widths, gate_up: PlanePairs, down: PlanePairs) -> torch.Tensor:
     """See ``kernels/__init__.py``: grouping, gather and weighted scatter in the same C++ call
     (on the reference model the dozen torch ops for them cost more than its small experts)."""
     load()
-    return torch.ops.d2moe_cpu.moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
+    return _ops().moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
 
 
 def bind(gate_up: PlanePairs, down: PlanePairs):

@@ -13,6 +13,12 @@ dtype: ``5e-3`` with float32 (TF32) or float16 inputs (unit roundoff 2^-11) and
 (float16) and 1.8e-2 (bfloat16) of the output scale over 12 random layers.
 Outputs are pre-filled with NaN, so a row a backend forgets to write fails. Inputs are fresh random draws per test.
 
+The CPU backend runs as this CPU's build (``cpu_bitplanes``: AVX-512 where torch
+reports it, else AVX2), and forced through ``D2MOE_CPU_ISA`` as the AVX2 build on an
+AVX-512 CPU (``cpu_bitplanes:avx2``) and as the AVX-512 source on SIMDe's portable
+intrinsics on a CPU without AVX-512 (``cpu_bitplanes:avx512-simde``, needs
+``libsimde-dev``), so that both vector widths are tested on any x86-64 CPU.
+
 The Triton backend runs compiled on a CUDA device when there is one, otherwise
 under ``TRITON_INTERPRET=1`` on CPU tensors. The variable must hold from the
 first import of triton on (vLLM, imported by other tests, loads it without), so
@@ -31,10 +37,11 @@ import torch.nn.functional as F
 
 from vllm_d2moe import kernels
 from vllm_d2moe.experts import ExpertSegments, LayerExperts
+from vllm_d2moe.kernels import cpu_bitplanes
 from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor, dequantize, quantize
 from vllm_d2moe.mwq.stacked import StackedProjection
 
-BACKENDS = ["reference", "cpu_bitplanes", "triton_mwq"]
+BACKENDS = ["reference", "cpu_bitplanes", "cpu_bitplanes:avx2", "cpu_bitplanes:avx512-simde", "triton_mwq"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TENSOR_CORE_TOLERANCE = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
@@ -46,10 +53,11 @@ def tolerance(module, dtype: torch.dtype = torch.float32) -> float:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
-    """(backend module, device its tensors live on)."""
-    name = request.param
-    if name == "cpu_bitplanes" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("the CPU backend needs AVX2")
+    """(backend module, device its tensors live on); ``cpu_bitplanes:ISA`` runs the CPU backend's build for ISA."""
+    name, _, isa = request.param.partition(":")
+    if name == "cpu_bitplanes":
+        yield from cpu_build(isa)
+        return
     if name != "triton_mwq":
         yield kernels.load_backend(name), torch.device("cpu")
         return
@@ -61,6 +69,27 @@ def backend(request):
         # interpreter, interpreted kernels fail in this process.
         pytest.skip("runs in its own TRITON_INTERPRET=1 process (test_triton_backend_interpreted)")
     yield kernels.load_backend(name), torch.device("cpu")
+
+
+def cpu_build(isa: str):
+    """The CPU backend with ``D2MOE_CPU_ISA=isa`` (unset: the CPU's own choice) while the fixture lasts."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the CPU backend needs AVX2")
+    own = cpu_bitplanes.cpu_isa()[0]
+    if isa == own or (isa == "avx512-simde" and own == "avx512"):
+        pytest.skip(f"the cpu_bitplanes case runs this CPU's own {own} build")
+    if isa == "avx512-simde" and not os.path.exists("/usr/include/simde/x86/avx512.h"):
+        pytest.skip("the AVX-512 source without AVX-512 needs SIMDe's headers (Debian: libsimde-dev)")
+    saved = os.environ.get(cpu_bitplanes.ISA_ENV)
+    if isa:
+        os.environ[cpu_bitplanes.ISA_ENV] = isa
+    try:
+        yield kernels.load_backend("cpu_bitplanes"), torch.device("cpu")
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_bitplanes.ISA_ENV, None)
+        else:
+            os.environ[cpu_bitplanes.ISA_ENV] = saved
 
 
 def random_stacked(spec: MWQSpec, experts: int, rows: int, cols: int, device) -> StackedProjection:
@@ -107,6 +136,8 @@ CASES = {
     "g12-unaligned": (MWQSpec(3, 6, 12), 36, 24, [(0, 3, 1), (1, 6, 2), (2, 4, 6)]),
     "one-width": (MWQSpec(4, 4, 16), 32, 16, [(1, 4, 1), (0, 4, 2)]),
     "many-tokens": (MWQSpec(2, 4, 64), 128, 64, [(1, 3, 70), (0, 4, 1)]),
+    # 3 (AVX-512) or 6 (AVX2) vectors per group; 6 to 8 tokens fill the AVX-512 build's register block.
+    "g48-token-blocks": (MWQSpec(2, 8, 48), 96, 48, [(0, 2, 8), (1, 5, 7), (2, 8, 6), (0, 4, 8), (1, 7, 3)]),
 }
 
 
@@ -220,12 +251,38 @@ def test_cpu_dispatch_uses_the_fused_kernel_and_logs_why(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="vllm_d2moe.kernels"):
         chosen = kernels.select_backend.__wrapped__("cpu")
     expected = (
-        "cpu-bitplanes-avx2"
-        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-        else "torch-reference"
+        "cpu-bitplanes" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "torch-reference"
     )
     assert chosen.NAME == expected
     assert chosen.NAME in caplog.text
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the CPU backend needs AVX2"
+)
+@pytest.mark.parametrize("forced", [None, "avx2"])
+def test_cpu_build_follows_the_cpu_or_the_option_and_is_logged_once(forced):
+    """A fresh process loads the CPU backend twice: one log line names the build and why."""
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s');"
+        "from vllm_d2moe.kernels import cpu_bitplanes as c; c.load(); c.load()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != cpu_bitplanes.ISA_ENV}
+    if forced:
+        env[cpu_bitplanes.ISA_ENV] = forced
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    isa, reason = (forced, "set by D2MOE_CPU_ISA") if forced else cpu_bitplanes.cpu_isa()
+    chosen = [line for line in proc.stderr.splitlines() if "cpu_bitplanes runs its" in line]
+    assert chosen == [f"d2moe: cpu_bitplanes runs its {isa} build ({reason})"]
+    want = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    assert forced or isa == want
+
+
+def test_unknown_cpu_build_option_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx10")
+    with pytest.raises(ValueError, match="D2MOE_CPU_ISA='avx10' is not one of avx2, avx512, avx512-simde"):
+        cpu_bitplanes.load()
 
 
 def test_failed_build_falls_back_to_the_reference_with_the_reason(caplog, monkeypatch):

@@ -72,12 +72,13 @@ def served_widths(routers: RouterSet, policy: ServingWidths, layer: int, x, weig
     return torch.cat(out)
 
 
-def make_predictors(args, gates: CheckpointGates, policy: ServingWidths | None, routers: RouterSet | None):
+def make_predictors(args, gates: CheckpointGates, policy: ServingWidths | None, routers: RouterSet | None,
+                    taps: tuple[str, ...]) -> dict:
     """``{name: (taps it is scored at, extra -> predictor)}``; ``learned`` reads from ``--learned``'s checkpoint
-    and is scored where it was trained to read (the MoE input)."""
-    predictors = {"gate": (tuple(TAPS), lambda extra: GatePredictor(gates, args.depth, extra, policy, routers))}
+    and is scored only where it was trained to read (the MoE input)."""
+    predictors = {"gate": (taps, lambda extra: GatePredictor(gates, args.depth, extra, policy, routers))}
     if args.learned is not None:
-        predictors["learned"] = (("MoE input",),
+        predictors["learned"] = (tuple(t for t in taps if t == "MoE input"),
                                  lambda extra: LearnedPredictor.load(args.learned, args.depth, extra, policy))
     return predictors
 
@@ -196,24 +197,29 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--extras", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--width-batches", type=int, nargs="+", default=[8],
+                        help="decode batch sizes for the --d2moe (router widths) model (default 8)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json)")
     args = parser.parse_args()
 
     started = time.monotonic()
     windows = heldout_windows(args.model, args.split, args.tokens, args.window)[:, :-1]
     gates = CheckpointGates(args.model)
-    variants = [(args.label, None, None)]
+    # (label, width policy, routers, extras, batches, taps)
+    variants = [(args.label, None, None, args.extras, args.batches, tuple(TAPS))]
     if args.d2moe is not None:
         routers = RouterSet.load(args.d2moe)
         policy = ServingWidths("router", routers.widths, routers.capacities, calibration=routers.calibration)
-        variants.append((f"{args.label} MWQ, router widths", policy, routers))
+        # Capacities make widths depend on the call: one predictor call per decode step, so fewer settings.
+        variants.append((f"{args.label} MWQ, router widths", policy, routers, [0], args.width_batches,
+                         ("MoE input",)))
     rows = []
-    for label, policy, routers in variants:
+    for label, policy, routers, extras, batches, taps in variants:
         model = load_model(args, policy, routers)
         cap = capture(model, gates, windows)
         del model
-        rows += evaluate(label, cap, gates, make_predictors(args, gates, policy, routers), args.extras,
-                         args.batches, policy, routers)
+        predictors = make_predictors(args, gates, policy, routers, taps)
+        rows += evaluate(label, cap, gates, predictors, extras, batches, policy, routers)
         print(f"{label}: measured ({time.monotonic() - started:.0f} s)", flush=True)
     summary = summarise(rows, ("model", "predictor", "tap", "batch", "extra", "depth"))
     setup = {"label": args.label, "command": "python benchmarks/prefetch_recall.py " + " ".join(sys.argv[1:]),

@@ -159,7 +159,8 @@ def _write_routers(model_dir, layers, experts=8, hidden=128, widths=(2, 3, 4)) -
                 p.copy_(torch.randn(p.shape, generator=generator))
         routers[layer] = router.requires_grad_(False)
     (model_dir / "d2moe").mkdir(exist_ok=True)
-    routers = RouterSet(widths=widths, kind="expert", routers=routers, capacities=(0.3, 0.4, 0.3))
+    routers = RouterSet(widths=widths, kind="expert", routers=routers, capacities=(0.3, 0.4, 0.3),
+                        calibration=((-4.0, 4.0), (0.0, 3.0), (4.0, 2.0)))
     routers.save(model_dir)
     return routers
 
@@ -167,15 +168,13 @@ def _write_routers(model_dir, layers, experts=8, hidden=128, widths=(2, 3, 4)) -
 def test_predicted_widths_are_servings_choice(tiny_checkpoints):
     model_dir, model = tiny_checkpoints["mixtral"]
     gates = CheckpointGates(model_dir)
-    _write_routers(model_dir, gates.moe_layers)
+    calibration = _write_routers(model_dir, gates.moe_layers).calibration
     captured = _capture(model, torch.randint(2, 512, (2, 40), generator=torch.Generator().manual_seed(1)))
-    for policy in (ServingWidths("router", (2, 3, 4), capacities=(0.3, 0.4, 0.3)),
-                   ServingWidths("router", (2, 3, 4), shift=0.5)):
+    for policy in (ServingWidths("router", (2, 3, 4), capacities=(0.3, 0.4, 0.3), calibration=calibration),
+                   ServingWidths("router", (2, 3, 4), shift=0.5, calibration=calibration)):
         predictor = GatePredictor.from_checkpoint(model_dir, depth=1, extra=2, policy=policy)
         routers = RouterSet.load(model_dir)
         for layer, (residual, router_input, weights, routed) in captured.items():
-            if layer == 0:
-                continue
             [forecast] = predictor.predict(layer - 1, residual)
             # Serving's width decision (the torch ops: the C++ one is tested against them in test_router.py).
             with mock.patch.object(width_selection, "_fused_kernel", lambda: None):
@@ -183,6 +182,13 @@ def test_predicted_widths_are_servings_choice(tiny_checkpoints):
             assert torch.equal(forecast.expert_ids[:, :2], routed.long())
             assert torch.equal(forecast.widths[:, :2], served)
             assert bool((forecast.widths[:, 2:] == 2).all()), "spares at the narrowest width"
+            # Per-request targets: half the tokens ask for 2.5 bits.
+            targets = torch.full((router_input.shape[0],), float("nan"))
+            targets[::2] = 2.5
+            [forecast] = predictor.predict(layer - 1, residual, targets)
+            with mock.patch.object(width_selection, "_fused_kernel", lambda: None):
+                served = WidthSelector(layer, policy, routers.routers[layer])(router_input, weights, routed, targets)
+            assert torch.equal(forecast.widths[:, :2], served)
     fixed = GatePredictor.from_checkpoint(model_dir, depth=2, policy=ServingWidths("fixed", (3,)))
     assert all(bool((f.widths == 3).all()) for f in fixed.predict(0, captured[1][0]))
 

@@ -43,8 +43,10 @@ class LayerForecast:
 class ExpertPredictor(Protocol):
     depth: int
 
-    def predict(self, layer: int, hidden: torch.Tensor) -> list[LayerForecast]:
-        """Forecasts for the ``depth`` MoE layers after ``layer`` from residual states ``[tokens, hidden]``."""
+    def predict(self, layer: int, hidden: torch.Tensor, token_targets: torch.Tensor | None = None
+                ) -> list[LayerForecast]:
+        """Forecasts for the ``depth`` MoE layers after ``layer`` from residual states ``[tokens, hidden]``;
+        ``token_targets [tokens]``: per-request target widths (NaN = none), as the width selector gets them."""
 
 
 class GatePredictor:
@@ -86,14 +88,17 @@ class GatePredictor:
         """The MoE layers ``depth`` ahead of ``layer``, nearest first."""
         return [m for m in self.gates.moe_layers if m > layer][: self.depth]
 
-    def predict(self, layer: int, hidden: torch.Tensor) -> list[LayerForecast]:
+    def predict(self, layer: int, hidden: torch.Tensor, token_targets: torch.Tensor | None = None
+                ) -> list[LayerForecast]:
         top_k = self.gates.rule.top_k
         forecasts = []
         for depth, later in enumerate(self.later_layers(layer), start=1):
             x = self.gates.moe_input(later, hidden)
             logits = self.logits(layer, later, x)
             weights, ids = self.gates.rule.rank(logits, self.gates.gates[later].correction_bias, top_k + self.extra)
-            widths = None if self.policy is None else self._widths(later, x, weights[:, :top_k], ids)
+            widths = None
+            if self.policy is not None:
+                widths = self._widths(later, x, weights[:, :top_k], ids, token_targets)
             forecasts.append(LayerForecast(later, depth, ids, widths))
         return forecasts
 
@@ -102,7 +107,8 @@ class GatePredictor:
         ``later``'s input: here that layer's own router."""
         return self.gates.logits(later, x)
 
-    def _widths(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _widths(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                token_targets: torch.Tensor | None) -> torch.Tensor:
         """Serving's width choice for the routed guess; the spares at the narrowest width."""
         policy = self.policy
         widths = torch.full(ids.shape, min(policy.widths), dtype=torch.int8)
@@ -112,7 +118,8 @@ class GatePredictor:
             return widths
         routed = ids[:, :top_k]
         scores = torch.log_softmax(self.routers.routers[layer](x, weights, routed), dim=-1)
-        choice = choose_pair_widths(scores.reshape(-1, len(policy.widths)), policy)
+        pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
+        choice = choose_pair_widths(scores.reshape(-1, len(policy.widths)), policy, pair_targets)
         table = torch.tensor(policy.widths, dtype=torch.int8)
         widths[:, :top_k] = table[choice].view_as(routed)
         return widths

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.prefetch.capture import Capture, capture, load_capture_model
 from vllm_d2moe.prefetch.gates import CheckpointGates
 from vllm_d2moe.prefetch.learned import LearnedPredictor
@@ -77,8 +78,7 @@ def train_predictor(checkpoint: Path, windows: torch.Tensor, depth: int, width: 
     return predictor.save(checkpoint, training)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="d2moe checkpoint directory (from `d2moe convert`)")
     parser.add_argument("--calib", default="corpus:train",
                         help="calibration text: a UTF-8 file, or corpus:SPLIT of the reference corpus (default "
@@ -93,18 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bits", type=int, default=None, help="served width of the experts (default the widest)")
-    args = parser.parse_args(argv)
 
+
+def run(args) -> int:
     from vllm_d2moe.router.train import calibration_tokens
     from vllm_d2moe.token_windows import eval_windows
 
-    stream = calibration_tokens(args.checkpoint, args.calib, args.calib_chars)
-    windows = eval_windows(stream, args.window, args.tokens)[:, :-1]
-    path = train_predictor(args.checkpoint, windows, args.depth, args.width, args.steps, args.batch_size,
-                           args.lr, args.seed, args.bits)
+    try:
+        stream = calibration_tokens(args.checkpoint, args.calib, args.calib_chars)
+        windows = eval_windows(stream, args.window, args.tokens)[:, :-1]
+        path = train_predictor(args.checkpoint, windows, args.depth, args.width, args.steps, args.batch_size,
+                               args.lr, args.seed, args.bits)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"train-predictor: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -269,19 +269,21 @@ def test_bad_options_are_clear_errors(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def converted_pair(tiny_checkpoints, tmp_path_factory):
-    """Two d2moe conversions of tiny Mixtrals with different weights."""
+    """Conversions of a tiny Mixtral, of another with different weights, and of the first at other widths."""
     from vllm_d2moe.converters.convert import convert
 
     root = tmp_path_factory.mktemp("converted")
     other_dir = root / "other-hf"
     torch.manual_seed(5)
     transformers.AutoModelForCausalLM.from_config(_config("mixtral"), dtype=torch.float32).save_pretrained(other_dir)
-    return [convert(src, root / name, MWQSpec(2, 4, 64), progress=False, workers=1)
-            for name, src in (("mixtral", tiny_checkpoints["mixtral"][0]), ("other", other_dir))]
+    mixtral = tiny_checkpoints["mixtral"][0]
+    return [convert(src, root / name, spec, progress=False, workers=1)
+            for name, src, spec in (("mixtral", mixtral, MWQSpec(2, 4, 64)), ("other", other_dir, MWQSpec(2, 4, 64)),
+                                    ("mixtral-2-8", mixtral, MWQSpec(2, 8, 64)))]
 
 
 def test_learned_predictor_trains_saves_and_loads(converted_pair):
-    checkpoint, other = converted_pair
+    checkpoint, other, reconverted = converted_pair
     windows = torch.randint(2, 512, (8, 32), generator=torch.Generator().manual_seed(4))
     gates = CheckpointGates(checkpoint)
     hidden = torch.randn(6, 128, generator=torch.Generator().manual_seed(6))
@@ -306,6 +308,9 @@ def test_learned_predictor_trains_saves_and_loads(converted_pair):
     predictor_path(other).write_bytes(path.read_bytes())
     with pytest.raises(CheckpointError, match=r"predictor\.safetensors was trained for another model"):
         LearnedPredictor.load(other, depth=1)
+    predictor_path(reconverted).write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"predictor\.safetensors was trained for another conversion"):
+        LearnedPredictor.load(reconverted, depth=1)
     predictor_path(other).write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match=r"predictor\.safetensors: unreadable expert predictor file"):
         LearnedPredictor.load(other, depth=1)

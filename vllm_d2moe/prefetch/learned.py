@@ -13,8 +13,9 @@ logits is the model's own (:mod:`vllm_d2moe.prefetch.routing`).
 
 File: ``d2moe/predictor.safetensors`` beside the expert blobs, tensors
 ``pairs.L.M.{up,down}.{weight,bias}`` (float32), and in the header metadata the
-format version, depth, width, the fingerprint of the routers it was trained
-against (a predictor trained for another model is refused) and how it was trained.
+format version, depth, width, the fingerprints of the routers and of the
+conversion it was trained on (a predictor trained for another model or
+conversion is refused) and how it was trained.
 """
 
 import json
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError
+from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, INDEX_NAME, CheckpointError
 from vllm_d2moe.prefetch.gates import CheckpointGates
 from vllm_d2moe.prefetch.predictors import GatePredictor
 from vllm_d2moe.router.model import RouterSet
@@ -61,6 +62,12 @@ def gates_fingerprint(gates: CheckpointGates) -> str:
     return f"{crc:08x}"
 
 
+def conversion_fingerprint(model_dir: str | Path) -> str:
+    """CRC32 of the checkpoint's ``d2moe/index.json`` (its MWQ spec and every section checksum): the
+    served experts the predictor's training states came from."""
+    return f"{zlib.crc32((Path(model_dir) / EXPERTS_DIR / INDEX_NAME).read_bytes()):08x}"
+
+
 def predictor_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / EXPERTS_DIR / PREDICTOR_FILE
 
@@ -91,7 +98,8 @@ class LearnedPredictor(GatePredictor):
                    for (layer, later), c in self.corrections.items() for name, t in c.state_dict().items()}
         width = next(iter(self.corrections.values())).up.out_features
         metadata = {"format_version": str(PREDICTOR_FORMAT_VERSION), "depth": str(self.depth),
-                    "width": str(width), "gates": gates_fingerprint(self.gates), "training": json.dumps(training)}
+                    "width": str(width), "gates": gates_fingerprint(self.gates),
+                    "conversion": conversion_fingerprint(model_dir), "training": json.dumps(training)}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -117,6 +125,10 @@ class LearnedPredictor(GatePredictor):
                     raise CheckpointError(f"{path} was trained for another model (router fingerprint "
                                           f"{meta.get('gates')}, this checkpoint's {gates_fingerprint(gates)}); "
                                           f"retrain it for {model_dir}")
+                if meta.get("conversion") != conversion_fingerprint(model_dir):
+                    raise CheckpointError(f"{path} was trained for another conversion of this model (index "
+                                          f"fingerprint {meta.get('conversion')}, this checkpoint's "
+                                          f"{conversion_fingerprint(model_dir)}); retrain it for {model_dir}")
                 trained_depth, width = int(meta["depth"]), int(meta["width"])
                 if depth > trained_depth:
                     raise CheckpointError(f"{path} predicts {trained_depth} layers ahead; prefetch depth {depth} "

@@ -77,6 +77,7 @@ class _Load:
     key: Key
     first: int  # sections first .. last of the expert's blob
     last: int
+    write_ahead: bool  # into a slot reserved for it, on the I/O thread: no call reads the slot yet
     future: Future | None = None
 
 
@@ -177,7 +178,7 @@ class LoadPipeline:
                 counters.hits += 1
                 continue
             first = have - min_bits + 1 if self.policy.reuse and have else 0
-            loads.append(_Load(key, first, width - min_bits))
+            loads.append(_Load(key, first, width - min_bits, write_ahead=have == 0))
             have = width
         counters.misses += len(loads)
         return loads
@@ -307,24 +308,27 @@ class LoadPipeline:
 
     def _fetch(self, load: _Load, slot: int) -> tuple[SectionBytes, float, int | None]:
         """Read ``load`` (timed); a new expert is also written into its reserved slot here, so that
-        an I/O thread, not the compute thread, converts it to the kernels' layout. An upgrade is
-        written at install: the slot's lower width may be computing meanwhile."""
+        an I/O thread, not the compute thread, converts it to the kernels' layout. Every other load
+        (an upgrade, or without MWQ reuse a whole re-read) is written at install: the slot's
+        resident width may be computing meanwhile, and the chain's earlier loads install first."""
         layer, expert = load.key
         start = time.perf_counter()
         data = self.store.read(layer, expert, load.first, load.last)
         seconds = time.perf_counter() - start
-        width = self.pool.write(slot, data.tensors(self.store.layout(layer))) if load.first == 0 else None
+        width = self.pool.write(slot, data.tensors(self.store.layout(layer))) if load.write_ahead else None
         return data, seconds, width
 
     def _install(self, load: _Load, counters: LayerCounters) -> None:
         data, seconds, width = load.future.result()
         counters.io_seconds += seconds
         counters.bytes_read += data.nbytes
-        if width is not None:
+        layout = self.store.layout(load.key[0])
+        if load.write_ahead:
             self.pool.publish(load.key, width)
+        elif load.first == 0:  # a whole re-read (no MWQ reuse) over a resident width
+            self.pool.publish(load.key, self.pool.write(self.pool.slot_of[load.key], data.tensors(layout)))
         else:
-            self.pool.store_planes(load.key, data.planes(self.store.layout(load.key[0])),
-                                   self.pool.min_bits + load.last)
+            self.pool.store_planes(load.key, data.planes(layout), self.pool.min_bits + load.last)
 
     def close(self) -> None:
         if self.executor is not None:

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.mwq.quantize import MWQError
-from vllm_d2moe.offload import OffloadManager
+from vllm_d2moe.offload import OffloadManager, metrics_snapshots
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
+from vllm_d2moe.vllm_glue.metrics import PrometheusPublisher
 
 MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
 LAYER_FILE = "experts-layer-001.safetensors"
@@ -286,6 +288,12 @@ def test_degrade_serves_the_widest_intact_width(copy, checkpoint, backend, resid
     counters = manager.metrics.snapshot()["layers"][1]
     assert counters["bad_sections"] == 1
     assert counters["degraded_pairs"] == 2 * 2  # two pairs a call
+    registry = CollectorRegistry()  # /metrics: summed over the managers alive in this process
+    PrometheusPublisher(publish_widths=False, registry=registry).publish()
+    for field, series in (("bad_sections", "d2moe_bad_sections_total"),
+                          ("degraded_pairs", "d2moe_degraded_pairs_total")):
+        alive = sum(s["layers"].get(1, {}).get(field, 0) for s in metrics_snapshots())
+        assert registry.get_sample_value(series, {"layer": "1"}) == alive >= counters[field]
     messages = [r.getMessage() for r in records]
     assert sum("layer 1 expert 7 section 6 (residual plane 6) is damaged" in m for m in messages) == 1, messages
     assert sum("served at up to 7 bits" in m for m in messages) == 1, messages

@@ -221,7 +221,9 @@ class LoadPipeline:
                     widths[i] = intact
                     counters.degraded_pairs += rows[i]
             drop_loads(key)
-            chains[key] = self._plan(key, [widths[i] for i in segments[key]], counters)
+            # Counted as reads; their hits were counted when the call was planned.
+            chains[key] = self._plan(key, [widths[i] for i in segments[key]], LayerCounters())
+            counters.misses += len(chains[key])
             queue.extendleft(reversed(chains[key]))
             if self._degraded_to.get(key) != intact:
                 self._degraded_to[key] = intact

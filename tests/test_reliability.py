@@ -8,6 +8,7 @@ the positional read it performs, or a wrapper of its ``read``) and the pool
 """
 
 import logging
+import pickle
 import random
 import shutil
 import threading
@@ -21,7 +22,13 @@ from prometheus_client import CollectorRegistry
 
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import load_backend
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
+from vllm_d2moe.mwq.checkpoint import (
+    EXPERTS_DIR,
+    CheckpointError,
+    CorruptSectionsError,
+    MWQCheckpoint,
+    read_buffered,
+)
 from vllm_d2moe.mwq.quantize import MWQError
 from vllm_d2moe.offload import OffloadManager, metrics_snapshots
 from vllm_d2moe.offload.pipeline import OffloadPolicy
@@ -334,6 +341,16 @@ def test_degrade_without_an_intact_width_fails_the_pairs(copy, checkpoint, backe
         assert all("section 0 (base)" in f.error for f in faults)
     assert reads.counts["base"] == 1
     assert not manager.pool.pinned and (1, 7) not in manager.pool.slot_of
+
+
+def test_damaged_sections_error_crosses_processes(copy, checkpoint):
+    """The store's error, pickled as vLLM does between its processes, keeps what it names."""
+    damage(copy, checkpoint, 7, 6, "corrupt")
+    with pytest.raises(CorruptSectionsError) as raised:
+        ExpertStore(MWQCheckpoint(copy)).read(1, 7, 0, 6)
+    error = pickle.loads(pickle.dumps(raised.value))
+    assert (str(error), error.layer, error.expert, error.sections, error.new_sections) == (
+        str(raised.value), 1, 7, (6,), (6,))
 
 
 def test_on_read_error_option_is_checked():

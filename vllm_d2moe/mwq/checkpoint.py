@@ -58,7 +58,7 @@ class CorruptSectionsError(CheckpointError):
         super().__init__(message)
         self.layer, self.expert, self.sections, self.new_sections = layer, expert, sections, new_sections
 
-    def __reduce__(self):
+    def __reduce__(self):  # pickled between processes: by default unpickling passes the message alone
         return type(self), (str(self), self.layer, self.expert, self.sections, self.new_sections)
 
 

@@ -76,6 +76,7 @@ TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeli
 # ---------------------------------------------------------------- one engine (worker process)
 
 def run_engine(spec: dict) -> dict:
+    import psutil
     import torch
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -83,6 +84,7 @@ def run_engine(spec: dict) -> dict:
     from vllm_d2moe.offload import metrics_snapshots
     from vllm_d2moe.vllm_glue.llm import start_llm
 
+    started = time.perf_counter()
     llm = start_llm(
         spec["model"],
         hf_overrides={"quantization_config": spec["quantization_config"]} if spec["quantization_config"] else None,
@@ -91,6 +93,13 @@ def run_engine(spec: dict) -> dict:
         max_model_len=spec["input_len"] + spec["output_len"] + 8,
         max_num_seqs=max(spec["concurrency"]),
     )
+    # Start-up as a user meets it (the engine runs in this process): its time, the memory it holds
+    # before any request, and what the offload pool read to start (vLLM's profiling pass included).
+    start = {
+        "start_seconds": time.perf_counter() - started,
+        "rss_after_start_bytes": psutil.Process().memory_info().rss,
+        "offload_at_start": offload_totals(llm) or None,
+    }
     torch.set_num_threads(spec["threads"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
 
@@ -127,6 +136,7 @@ def run_engine(spec: dict) -> dict:
         })
     snapshots = metrics_snapshots()
     return {
+        **start,
         "rows": rows,
         "offload": snapshots[0] if snapshots else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,6 +49,8 @@ METHODS = {
     "bf16": None,
     "mwq4": {"quant_method": "d2moe", "bits": 4},
     "mwq8": {"quant_method": "d2moe", "bits": 8},
+    # The offload pipeline at --stream-fraction of the MWQ-4 expert bytes (its memory_budget set in main).
+    "mwq4-streamed": {"quant_method": "d2moe", "bits": 4},
 }
 
 
@@ -117,6 +120,9 @@ def install_timers(llm, timers: Timers) -> None:
     timers.patch(width_selection.WidthSelector, "__call__", "d2moe: width decision (WidthSelector)")
     timers.patch(experts.LayerExperts, "forward", "d2moe: LayerExperts.forward")
     timers.patch(cpu_bitplanes, "layer_forward", "d2moe: cpu_bitplanes.layer_forward")
+    from vllm_d2moe.offload.layer import OffloadedLayerExperts
+
+    timers.patch(OffloadedLayerExperts, "forward", "d2moe: offloaded layer forward (reads waited + compute)")
 
 
 def time_op_body(expert_op, timers: Timers) -> None:
@@ -225,6 +231,15 @@ def run_engine(spec: dict) -> dict:
 # ---------------------------------------------------------------- launcher
 
 
+def streamed_budget(d2moe: Path, fraction: Fraction) -> int:
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+    from vllm_d2moe.offload.pool import expert_nbytes
+
+    layers = list(MWQCheckpoint(d2moe).layers.values())
+    experts = sum(entry.num_experts for entry in layers)
+    return int(fraction * experts * expert_nbytes(layers[0].layout, 4))
+
+
 def report_lines(result: dict) -> list[str]:
     lines = []
     for row in result["rows"]:
@@ -257,6 +272,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     add_run_arguments(parser, concurrency=[1, 8], threads=2, repeats=3)
     parser.add_argument("--plain", action="store_true", help="decode rates only: no timers, no profiler")
+    parser.add_argument("--stream-fraction", type=Fraction, default=Fraction(1, 4),
+                        help="mwq4-streamed's memory_budget, as a share of the MWQ-4 expert bytes (default 1/4)")
     parser.add_argument("--name", default="decode_profile")
     args = parser.parse_args()
     if ran_as_worker(args, run_engine):
@@ -275,6 +292,8 @@ def main() -> None:
     for method in args.methods:
         for mode in args.modes:
             config = METHODS[method]
+            if method == "mwq4-streamed":
+                config = config | {"memory_budget": streamed_budget(d2moe, args.stream_fraction)}
             spec = {
                 "method": method,
                 "mode": mode,

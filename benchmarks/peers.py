@@ -300,7 +300,10 @@ def disk_reads() -> dict:
 
 
 def llama_throughput(spec: dict) -> dict:
+    import psutil
+
     concurrency, output_len = spec["concurrency"], spec["output_len"]
+    started = time.perf_counter()
     engine = LlamaEngine(
         spec["model"],
         max(concurrency),
@@ -308,6 +311,10 @@ def llama_throughput(spec: dict) -> dict:
         spec["threads"],
         batch_tokens=max(max(concurrency), 512),
     )
+    start = {
+        "start_seconds": time.perf_counter() - started,
+        "rss_after_start_bytes": psutil.Process().memory_info().rss,
+    }
     prompts = spec["prompts"]
     engine.generate(prompts[:2], 8)  # warm-up
     rows = []
@@ -332,6 +339,7 @@ def llama_throughput(spec: dict) -> dict:
             }
         )
     return {
+        **start,
         "rows": rows,
         "memory": engine.memory(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

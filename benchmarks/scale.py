@@ -508,6 +508,12 @@ def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value / scale, spec)
 
 
+def start_reads(run: dict) -> str:
+    """Expert bytes the offload pool read while the engine started (blank: not offloaded, or not measured)."""
+    at_start = run.get("offload_at_start")
+    return format_bytes(at_start.get("bytes_read", 0)) if at_start else ""
+
+
 def model_section(report: dict, full: dict) -> list[str]:
     concurrency, disk = full["concurrency"], full["bounds"]["disk_bandwidth"]
     shape = report["shape"]
@@ -553,6 +559,9 @@ def model_section(report: dict, full: dict) -> list[str]:
         "KV MiB",
         "runtime MiB",
         "peak RSS MiB",
+        "start s",
+        "RSS at start MiB",
+        "expert bytes read at start",
     ]
     out += ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
     for name, run in report["runs"].items():
@@ -569,6 +578,9 @@ def model_section(report: dict, full: dict) -> list[str]:
                     *(fmt(decode_rate(r), ".1f") or "invalid" for r in run["rows"]),
                     *(fmt(r["first_token_seconds"] * 1000, ".0f") for r in run["rows"]),
                     *(fmt(x, ".0f", 2**20) for x in (weights, kv, runtime, rss)),
+                    fmt(run.get("start_seconds"), ".1f"),
+                    fmt(run.get("rss_after_start_bytes"), ".0f", 2**20),
+                    start_reads(run),
                 ]
             )
             + " |"

@@ -397,7 +397,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             pts = sorted((r["tokens"], r["ms"]) for r in mine if (r["method"], r["width"]) == key)
             label = method if width is None else f"{method} w{width}"
-            ax.plot(*zip(*pts), "--" if width is None else "o-", label=label)
+            ax.plot(*zip(*pts), "x--" if width is None else "o-", label=label)
         at1 = [r for r in mine if r["tokens"] == 1 and r["method"].startswith("MWQ fused") and r["width"] == 4]
         if at1:
             ax.axhline(at1[0]["roofline_ms"], color="k", linewidth=0.8, label="roofline, width 4")

@@ -1,14 +1,25 @@
 """``d2moe serve`` (vLLM's OpenAI server) on a d2moe checkpoint, through the OpenAI client and
-its ``/metrics``. The server runs in vLLM's default process layout (engine core and worker
-spawned) with a memory budget, so the d2moe series on ``/metrics`` come from another process."""
+its ``/metrics``. The servers run in vLLM's default process layout (engine core and worker
+spawned) with a memory budget, so the d2moe series on ``/metrics`` come from another process.
 
+Two session-scoped servers: ``server`` serves the intact tiny Mixtral (its answers are compared
+with the offline engine's); ``damaged_server`` serves the routed tiny Mixtral with a corrupt
+4-bit plane in every layer-1 expert, where per-request targets (``vllm_xargs``) decide which
+requests read the damage and fail (HTTP 500 naming the expert) and which are served."""
+
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -16,13 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.pool import expert_nbytes
+from vllm_d2moe.testing.damage import corrupt_section
 
-from conftest import ENGINE_ENV, PROMPTS
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+from conftest import ENGINE_ENV, PROMPTS, routed_budget
 
 
 def _free_port() -> int:
@@ -32,6 +39,7 @@ def _free_port() -> int:
 
 
 def _serve(args: list[str], log_path) -> subprocess.Popen:
+    """The server in a process group of its own, which :func:`_stop` ends whole."""
     # vLLM's default layout, whatever the caller's environment; serve.py makes its own metrics dir.
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     return subprocess.Popen(
@@ -39,7 +47,26 @@ def _serve(args: list[str], log_path) -> subprocess.Popen:
         env={**env, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the server and its engine processes: a server stopped while its engine core was still
+    starting leaves that engine running otherwise."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# A start that compiles the CPU kernels on a busy machine takes minutes.
+START_TIMEOUT_S = 600
 
 
 class Server:
@@ -47,25 +74,20 @@ class Server:
         self.client, self.model, self.base_url, self.budget = client, model, base_url, budget
 
 
-@pytest.fixture(scope="session")
-def server(model_zoo, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    template = tmp / "chat.jinja"
-    template.write_text(CHAT_TEMPLATE)
+@contextlib.contextmanager
+def _running_server(model: str, quantization_config: dict, tmp: Path):
+    """``d2moe serve`` of ``model`` on a free port, once ``/health`` answers; stopped on exit."""
     port = _free_port()
-    model = str(model_zoo["mixtral"]["d2moe"])
-    # Three of the 16 experts at 8 bits: most layer calls read from disk.
-    budget = 3 * expert_nbytes(MWQCheckpoint(model).layer(0).layout, 8) + 256
-    overrides = json.dumps({"quantization_config": {"quant_method": "d2moe", "memory_budget": budget}})
+    overrides = json.dumps({"quantization_config": {"quant_method": "d2moe", **quantization_config}})
     log = tmp / "server.log"
     proc = _serve(
         [model, "--quantization", "d2moe", "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
-         "--enforce-eager", "--chat-template", str(template), "--hf-overrides", overrides],
+         "--enforce-eager", "--hf-overrides", overrides],
         log,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:
             if proc.poll() is not None:
@@ -75,15 +97,42 @@ def server(model_zoo, tmp_path_factory):
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy after 300 s:\n{log.read_text()[-3000:]}")
+                    pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
                 time.sleep(1)
-        yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, base, budget)
+        yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def server(model_zoo, tmp_path_factory):
+    """The tiny Mixtral (no chat template given: its tokenizer ships one) with three of its 16
+    experts at 8 bits in the budget: most layer calls read from disk."""
+    model = str(model_zoo["mixtral"]["d2moe"])
+    budget = 3 * expert_nbytes(MWQCheckpoint(model).layer(0).layout, 8) + 256
+    with _running_server(model, {"memory_budget": budget}, tmp_path_factory.mktemp("server")) as base:
+        yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, base, budget)
+
+
+# Residual plane 2 of every layer-1 expert is corrupt: 4-bit pairs need it, 2- and 3-bit ones do not.
+DAMAGED_LAYER, DAMAGED_BITS = 1, 4
+
+
+@pytest.fixture(scope="session")
+def damaged_server(routed_mixtral, tmp_path_factory):
+    """The routed tiny Mixtral (widths 2, 3, 4) with a corrupt 4-bit plane in every layer-1 expert,
+    served at a budget of three experts (most layer calls read from disk), capacities off, failing
+    (not degrading) on a damaged section: a request at target 2 bits never reads the damage
+    (test_offload checks this offline), one at 4 bits does in its first step."""
+    tmp = tmp_path_factory.mktemp("damaged-server")
+    model = tmp / "model"
+    shutil.copytree(routed_mixtral, model)
+    spec = MWQCheckpoint(model).spec
+    corrupt_section(model, DAMAGED_LAYER, DAMAGED_BITS - spec.min_bits)
+    options = {"memory_budget": routed_budget(model), "capacities": "off", "on_read_error": "fail"}
+    with _running_server(str(model), options, tmp) as base:
+        yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), str(model), base,
+                     options["memory_budget"])
 
 
 def test_completion_matches_offline_engine(server, engine_results):
@@ -94,14 +143,18 @@ def test_completion_matches_offline_engine(server, engine_results):
 
 
 def test_chat_completion(server):
-    reply = server.client.chat.completions.create(
-        model=server.model,
-        messages=[{"role": "user", "content": "Write a parser."}],
-        max_tokens=12,
-        temperature=0,
-    )
+    """Out of the box: the server was given no template; the checkpoint's tokenizer ships one."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Write a parser."}]
+    reply = server.client.chat.completions.create(model=server.model, messages=messages, max_tokens=12,
+                                                  temperature=0)
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0
+    tokenizer = AutoTokenizer.from_pretrained(server.model)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<s>user: Write a parser.\nassistant:"
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
 def test_invalid_width_option_stops_the_server(model_zoo, tmp_path):
@@ -155,3 +208,127 @@ def test_served_request_moves_the_d2moe_series_on_metrics(server):
     # vLLM's own series still reach /metrics with the shared Prometheus directory.
     assert (_sum(after, "vllm:generation_tokens_total") - _sum(before, "vllm:generation_tokens_total")
             == reply.usage.completion_tokens)
+
+
+def test_embedded_model_ships_the_chat_template():
+    from transformers import AutoTokenizer
+
+    import vllm_d2moe
+    from vllm_d2moe.reference.tokenizer import CHAT_TEMPLATE
+
+    assets = Path(vllm_d2moe.__file__).parent / "assets" / "reference-small"
+    assert (assets / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(assets)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a parser."}]
+    assert (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == "<s>system: Be brief.\nuser: Write a parser.\nassistant:")
+
+
+def test_server_patches_apply_where_the_openai_server_module_is_loaded():
+    import importlib
+
+    from vllm_d2moe.vllm_glue import patches
+
+    importlib.import_module(patches.SERVER_MODULE)
+    patches.apply()
+    assert all(patches.is_applied(p) for p in patches.PATCHES + patches.SERVER_PATCHES)
+
+
+# What the server answers for a request that needed a damaged expert: the store's message, the
+# file by its name (vLLM would blank a path).
+EXPERT_FAILURE = re.compile(
+    rf"MoE layer {DAMAGED_LAYER} expert \d at {DAMAGED_BITS} bits could not be read: "
+    rf"experts-layer-00{DAMAGED_LAYER}\.safetensors: checksum mismatch in layer {DAMAGED_LAYER} expert \d "
+    rf"section {DAMAGED_BITS - 2}"
+)
+
+
+def _targeted(bits: float) -> dict:
+    return {"extra_body": {"vllm_xargs": {"d2moe_target_bits": bits}}}
+
+
+def _post(base_url: str, path: str, body: dict) -> tuple[int, str]:
+    """``(HTTP status, body)`` of a POST (the body of a streamed answer: all its events)."""
+    request = urllib.request.Request(f"{base_url}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_request_that_needs_an_unreadable_expert_fails_naming_it_and_the_server_lives(damaged_server):
+    server = damaged_server
+    prompt = {"model": server.model, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0,
+              "vllm_xargs": {"d2moe_target_bits": DAMAGED_BITS}}
+    status, body = _post(server.base_url, "/v1/completions", prompt)
+    assert status == 500, body
+    error = json.loads(body)["error"]
+    assert EXPERT_FAILURE.search(error["message"]), error
+    assert error["code"] == 500 and "Internal server error" not in error["message"] and "<path>" not in body
+    # Streamed: the error event carries the same message.
+    status, events = _post(server.base_url, "/v1/completions", {**prompt, "stream": True})
+    assert status == 200 and EXPERT_FAILURE.search(events), events
+    # Chat, through the OpenAI client.
+    with pytest.raises(openai.InternalServerError) as failed:
+        server.client.chat.completions.create(model=server.model, max_tokens=8, temperature=0,
+                                              messages=[{"role": "user", "content": "Write a parser."}],
+                                              **_targeted(DAMAGED_BITS))
+    assert failed.value.status_code == 500 and EXPERT_FAILURE.search(str(failed.value)), failed.value
+    assert urllib.request.urlopen(f"{server.base_url}/health", timeout=10).status == 200
+    reply = server.client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                             **_targeted(2.0))
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+
+
+def _stable_samples(base_url: str) -> dict:
+    """``/metrics`` once the engine core has published the width pairs of every earlier request
+    (it publishes every second): two reads a publication apart agree on them."""
+
+    def pairs(samples):
+        return {key: value for key, value in samples.items() if key[0] == "d2moe_width_pairs_total"}
+
+    samples = _samples(base_url)
+    while True:
+        time.sleep(1.2)
+        again = _samples(base_url)
+        if pairs(again) == pairs(samples):
+            return again
+        samples = again
+
+
+def test_vllm_xargs_targets_reach_the_width_decision(damaged_server):
+    """A request at 2 bits runs no layer-1 pair at 4 bits (the router's choices shift with the
+    target); requests at 2 and 4 bits sent together are each served at their own target: the
+    2-bit ones complete, the 4-bit ones read the damaged plane and fail."""
+    server = damaged_server
+    prompt = "xargs: pick the widths of"
+
+    def complete(bits):
+        try:
+            return server.client.completions.create(model=server.model, prompt=prompt, max_tokens=8,
+                                                    temperature=0, **_targeted(bits))
+        except openai.InternalServerError as e:
+            return e
+
+    before = _stable_samples(server.base_url)
+    alone = complete(2.0)
+    after = _stable_samples(server.base_url)
+    assert not isinstance(alone, Exception), alone
+
+    def moved(bits):
+        return (_sum(after, "d2moe_width_pairs_total", layer=str(DAMAGED_LAYER), bits=str(bits))
+                - _sum(before, "d2moe_width_pairs_total", layer=str(DAMAGED_LAYER), bits=str(bits)))
+
+    tokens = alone.usage.prompt_tokens + alone.usage.completion_tokens - 1  # the last one is not fed back
+    assert moved(2) + moved(3) == 2 * tokens and moved(2) > 0  # top-2 experts per token
+    assert moved(DAMAGED_BITS) == 0
+
+    with ThreadPoolExecutor(4) as threads:
+        replies = list(threads.map(complete, [2.0, DAMAGED_BITS, 2.0, DAMAGED_BITS]))
+    for cheap in replies[::2]:
+        assert not isinstance(cheap, Exception), cheap
+        assert cheap.choices[0].text == alone.choices[0].text
+    for precise in replies[1::2]:
+        assert isinstance(precise, openai.InternalServerError) and EXPERT_FAILURE.search(str(precise)), precise

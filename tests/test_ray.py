@@ -123,9 +123,9 @@ class TestReplicaPool:
         medium = results[1]
         assert medium["replica"] == 0 and len(medium["token_ids"]) == MAX_TOKENS
         (failure,) = medium["failures"]
-        assert failure["replica"] == 1 and f"maximum model length of {SHORT_CONTEXT}" in failure["error"]
+        assert failure["replica"] == 1 and f"maximum context length is {SHORT_CONTEXT} tokens" in failure["error"]
         long = results[3]
-        assert "token_ids" not in long and "maximum model length" in long["error"]
+        assert "token_ids" not in long and "maximum context length is" in long["error"]
         assert sorted(f["replica"] for f in long["failures"]) == [0, 1]
         assert pool.task_failures - task_failures == 3
         assert pool.failures == {}  # a raising generate drops no replica

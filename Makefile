@@ -18,5 +18,7 @@ wheel-check:
 	bash scripts/wheel_check.sh
 
 # What CI runs (.ci/run). pytest exits 5 when it collects no test: a failure here too.
+# Two pytest-xdist workers: most of the suite's time is engines starting (one core each);
+# tests/conftest.py keeps the tests that share an engine fixture in one worker.
 test: install-test lint wheel-check
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=20

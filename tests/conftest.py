@@ -28,28 +28,60 @@ GROUP_SIZE = 64
 
 
 class Report:
-    """Numbers tests report (not assert) for the terminal summary."""
+    """Numbers a test reports (not asserts) for the terminal summary. They travel as the test's
+    ``user_properties``, so that pytest-xdist workers hand them to the controller."""
 
-    def __init__(self):
-        self.lines: list[str] = []
+    def __init__(self, node):
+        self.node = node
 
     def add(self, line: str) -> None:
-        self.lines.append(line)
+        self.node.user_properties.append(("d2moe", line))
 
 
-_REPORT = Report()
-
-
-@pytest.fixture(scope="session")
-def report() -> Report:
-    return _REPORT
+@pytest.fixture
+def report(request) -> Report:
+    return Report(request.node)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _REPORT.lines:
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for r in reports
+        if getattr(r, "when", None) == "call"
+        for key, value in getattr(r, "user_properties", ())
+        if key == "d2moe"
+    ]
+    if lines:
         terminalreporter.section("d2moe measurements")
-        for line in _REPORT.lines:
+        for line in lines:
             terminalreporter.write_line(line)
+
+
+# Session-scoped engine fixtures take minutes; under pytest-xdist (``make test`` runs two workers)
+# every module that uses one runs in the same worker, so that the engines start once.
+_SHARED_ENGINE_FIXTURES = ("engine_results",)
+# Groups xdist should hand out first (in collection order, with --no-loadscope-reorder): the longest.
+_LONGEST_GROUPS = ("engine_results", "test_router_serving", "test_offload", "test_real_shape", "test_ray", "test_eval")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """One ``xdist_group`` per module (its module-scoped fixtures then set up once), one shared by the
+    modules that use a shared engine fixture; the longest groups first."""
+    sharing = {
+        item.module.__name__: fixture
+        for item in items
+        for fixture in _SHARED_ENGINE_FIXTURES
+        if fixture in getattr(item, "fixturenames", ())
+    }
+    groups = {}
+    for item in items:
+        module = item.module.__name__
+        groups[item] = sharing.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    order = {group: i for i, group in enumerate(_LONGEST_GROUPS)}
+    items.sort(key=lambda item: order.get(groups[item], len(order)))
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
+from vllm_d2moe.testing.damage import corrupt_section
 from vllm_d2moe.testing.engine_runs import Run
 
 from conftest import PROMPTS, run_engines
@@ -359,15 +360,7 @@ def damaged_routed(routed_mixtral, tmp_path_factory) -> Path:
     pairs the router sends to 2 or 3 bits read only intact bytes, 4-bit ones hit the damage."""
     copy = tmp_path_factory.mktemp("damaged-routed") / "model"
     shutil.copytree(routed_mixtral, copy)
-    checkpoint = MWQCheckpoint(copy)
-    plane_start = checkpoint.layer(1).layout.section_range(2)[0]
-    for expert in range(checkpoint.layer(1).num_experts):
-        path, offset, _ = checkpoint.expert_extent(1, expert)
-        with open(path, "r+b") as f:
-            f.seek(offset + plane_start)
-            byte = f.read(1)[0]
-            f.seek(offset + plane_start)
-            f.write(bytes([byte ^ 0xFF]))
+    corrupt_section(copy, layer=1, section=2)
     return copy
 
 

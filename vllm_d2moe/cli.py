@@ -21,6 +21,10 @@ SUBCOMMANDS = {
     "train-reference": ("vllm_d2moe.reference.train", "train the project's reference MoE model"),
     "eval": ("vllm_d2moe.eval.harness", "held-out perplexity/KL of MWQ widths and baselines through vLLM"),
     "train-router": ("vllm_d2moe.router.train", "train a checkpoint's bit-width routers offline"),
+    "train-predictor": (
+        "vllm_d2moe.prefetch.train",
+        "train a checkpoint's learned expert predictor (prefetch) offline",
+    ),
     "placement": ("vllm_d2moe.placement", "which experts and widths each rank holds resident; disk reads per token"),
     "ray-batch": ("vllm_d2moe.replicas.batch", "JSONL prompts through data-parallel vLLM replicas (Ray actors)"),
     "ray-serve": ("vllm_d2moe.replicas.serving", "OpenAI server replicas (Ray actors) behind one load-balancing port"),

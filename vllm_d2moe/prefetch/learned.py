@@ -113,7 +113,7 @@ class LearnedPredictor(GatePredictor):
         path = predictor_path(model_dir)
         if not path.is_file():
             raise CheckpointError(f"{model_dir} has no learned expert predictor ({path} is missing); train one "
-                                  f"with `python -m vllm_d2moe.prefetch.train {model_dir}` or use predictor 'gate'")
+                                  f"with `d2moe train-predictor {model_dir}` or use predictor 'gate'")
         gates = CheckpointGates(model_dir)
         try:
             with safe_open(path, framework="pt") as f:

@@ -1,6 +1,6 @@
 """Train a d2moe checkpoint's ``learned`` expert predictor offline.
 
-    python -m vllm_d2moe.prefetch.train CKPT [--depth 3] [--tokens 65536]
+    d2moe train-predictor CKPT [--depth 3] [--tokens 65536]
 
 The checkpoint runs as served at a fixed width (the transformers simulation,
 no engine) over calibration text (default the reference corpus's train

@@ -171,16 +171,19 @@ def routed_budget(model_dir: Path, experts: int = 3) -> int:
 @pytest.fixture(scope="session")
 def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
     """Greedy outputs (with full log-prob vectors) of every engine the serving tests compare."""
+    # Comparisons of numbers run in process (no engine-core and worker processes to spawn: the
+    # suite's time is mostly engines starting); outputs do not depend on the layout, which the
+    # spawned twins below, the OpenAI servers, test_router_serving and the wheel check exercise.
     runs = []
     for arch, dirs in model_zoo.items():
         logprobs = vocab_size(dirs["hf"])
         runs.append(
             Run(f"{arch}/unquantized", str(dirs["hf"]), PROMPTS, logprobs=logprobs,
-                score_against=f"{arch}/unquantized")
+                score_against=f"{arch}/unquantized", in_process=True)
         )
         runs.append(
             Run(f"{arch}/d2moe-8", str(dirs["d2moe"]), PROMPTS, quantization="d2moe",
-                logprobs=logprobs, score_against=f"{arch}/unquantized")
+                logprobs=logprobs, score_against=f"{arch}/unquantized", in_process=True)
         )
     mixtral = str(model_zoo["mixtral"]["d2moe"])
     logprobs = vocab_size(mixtral)
@@ -194,7 +197,7 @@ def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
             score_against="mixtral/unquantized",
         ),
         # No --quantization flag: detected from config.json; torch.compile on.
-        Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False),
+        Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False, in_process=True),
         # In-process twins of default-layout engines (a fixed width; the router under a memory
         # budget): outputs must not depend on the process layout (test_process_layout.py). The
         # router runs without per-batch capacities: a spawned engine core may start stepping before
@@ -211,6 +214,7 @@ def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
             PROMPTS,
             quantization="d2moe",
             hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 1}},
+            in_process=True,
         ),
     ]
     results, _ = run_engines(runs, tmp_path_factory.mktemp("engines"))

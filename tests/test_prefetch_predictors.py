@@ -315,5 +315,5 @@ def test_learned_predictor_trains_saves_and_loads(converted_pair):
     with pytest.raises(CheckpointError, match=r"predictor\.safetensors: unreadable expert predictor file"):
         LearnedPredictor.load(other, depth=1)
     predictor_path(other).unlink()
-    with pytest.raises(CheckpointError, match=r"has no learned expert predictor .*vllm_d2moe\.prefetch\.train"):
+    with pytest.raises(CheckpointError, match=r"has no learned expert predictor .*d2moe train-predictor"):
         build_predictor(other, "learned", depth=1)

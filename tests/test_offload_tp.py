@@ -22,7 +22,7 @@ from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
 
-MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
+MIN_BITS, MAX_BITS = 2, 8  # the session model_zoo conversion's widths
 TP = 2
 EXPERTS = 8
 POLICIES = {
@@ -32,15 +32,9 @@ POLICIES = {
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny Mixtral (2 MoE layers of 8 experts, hidden 128, intermediate 256) converted to MWQ 2..8 bits."""
-    from vllm_d2moe.converters.convert import convert
-    from vllm_d2moe.mwq.quantize import MWQSpec
-    from vllm_d2moe.testing.tiny_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("offload-tp-model")
-    hf = make_tiny_model("mixtral", root / "hf")
-    return convert(hf, root / "d2moe", MWQSpec(MIN_BITS, MAX_BITS, GROUP), progress=False)
+def model(model_zoo) -> Path:
+    """The session's tiny Mixtral converted to MWQ 2..8 bits, group 64 (tests damage only copies)."""
+    return model_zoo["mixtral"]["d2moe"]
 
 
 @pytest.fixture(scope="module")

@@ -36,21 +36,15 @@ from vllm_d2moe.offload.pool import expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
 from vllm_d2moe.vllm_glue.metrics import PrometheusPublisher
 
-MIN_BITS, MAX_BITS, GROUP = 2, 8, 64
+MIN_BITS, MAX_BITS = 2, 8  # the session model_zoo conversion's widths
 LAYER_FILE = "experts-layer-001.safetensors"
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny Mixtral (2 MoE layers of 8 experts, hidden 128) converted to MWQ 2..8 bits."""
-    from vllm_d2moe.converters.convert import convert
-    from vllm_d2moe.mwq.quantize import MWQSpec
-    from vllm_d2moe.testing.tiny_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("reliability-model")
-    hf = make_tiny_model("mixtral", root / "hf")
-    return convert(hf, root / "d2moe", MWQSpec(MIN_BITS, MAX_BITS, GROUP), progress=False)
+def model(model_zoo) -> Path:
+    """The session's tiny Mixtral converted to MWQ 2..8 bits, group 64 (tests damage only copies)."""
+    return model_zoo["mixtral"]["d2moe"]
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,26 @@ def run_engines(runs: list[Run], workdir: Path, extra_env: dict | None = None) -
     return json.loads(out.read_text()), log
 
 
+def check_streamed_run(served: dict, name: str) -> str:
+    """Assert that run ``name`` (``sample_offload``) gave the ``"resident"`` run's greedy tokens, kept its
+    pool within its budget and read experts from disk; return what it measured, for a report line."""
+    from vllm_d2moe.byte_sizes import format_bytes
+
+    resident = [o["token_ids"] for o in served["resident"]["outputs"]]
+    assert [o["token_ids"] for o in served[name]["outputs"]] == resident
+    sampled = served[name]["offload"]
+    (metrics,) = sampled["metrics"]  # one engine's pool alive
+    assert sampled["max_occupancy_bytes"] <= sampled["max_allocated_bytes"] <= sampled["budget_bytes"]
+    total = metrics["total"]
+    assert total["misses"] > 0 and total["bytes_read"] > 0
+    return (
+        f"budget {format_bytes(sampled['budget_bytes'])}, {metrics['pool']['slots']} slots, "
+        f"{total['hits']} hits / {total['misses']} reads, {format_bytes(total['bytes_read'])} read, "
+        f"compute waited {total['wait_seconds'] * 1e3:.0f} ms; max RSS {format_bytes(sampled['max_rss_bytes'])} "
+        f"(all resident: {format_bytes(served['resident']['offload']['max_rss_bytes'])})"
+    )
+
+
 def vocab_size(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 

@@ -17,7 +17,7 @@ from vllm_d2moe.mwq.quantize import MWQSpec
 from vllm_d2moe.offload.pool import expert_nbytes
 from vllm_d2moe.testing.engine_runs import Run
 
-from conftest import PROMPTS, run_engines
+from conftest import PROMPTS, check_streamed_run, run_engines
 
 pytestmark = pytest.mark.slow
 
@@ -67,19 +67,7 @@ def served(olmoe, expert_bytes, tmp_path_factory) -> dict:
 def test_streamed_tokens_equal_all_resident_at_real_expert_size(served, report, name):
     assert "error" not in served["resident"], served["resident"]["error"]
     assert "error" not in served[name], served[name]["error"]
-    resident = [o["token_ids"] for o in served["resident"]["outputs"]]
-    assert [o["token_ids"] for o in served[name]["outputs"]] == resident
-    sampled = served[name]["offload"]
-    (metrics,) = sampled["metrics"]
-    assert sampled["max_occupancy_bytes"] <= sampled["max_allocated_bytes"] <= sampled["budget_bytes"]
-    total = metrics["total"]
-    assert total["misses"] > 0 and total["bytes_read"] > 0
-    report.add(
-        f"OLMoE shape, 2 layers, {BITS} bits, budget {name:10s} ({format_bytes(sampled['budget_bytes'])}): "
-        f"{metrics['pool']['slots']} slots, {total['misses']} reads, {format_bytes(total['bytes_read'])} read, "
-        f"compute waited {total['wait_seconds'] * 1e3:.0f} ms; max RSS {format_bytes(sampled['max_rss_bytes'])} "
-        f"(all resident: {format_bytes(served['resident']['offload']['max_rss_bytes'])})"
-    )
+    report.add(f"OLMoE shape, 2 layers, {BITS} bits, budget {name:10s}: {check_streamed_run(served, name)}")
 
 
 def test_budget_below_one_real_expert_is_refused_with_the_minimum(served, expert_bytes):

@@ -8,6 +8,7 @@ from vllm_d2moe.experts import ExpertSegments, backend_forward, routed_sum
 from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQError
 from vllm_d2moe.offload.faults import ExpertFault
+from vllm_d2moe.offload.pipeline import Forecasts
 
 
 class OffloadedLayerExperts:
@@ -32,10 +33,13 @@ class OffloadedLayerExperts:
         topk_weights: torch.Tensor,
         local_ids: torch.Tensor,
         widths: torch.Tensor,
+        forecasts: Forecasts = (),
     ) -> torch.Tensor:
         """As :meth:`vllm_d2moe.experts.LayerExperts.forward`; every width must be within
         ``[min_bits, bits]``. Decides on the host (which experts to read, their slots): the op
-        runs outside CUDA graphs (``vllm_glue/expert_op.py``)."""
+        runs outside CUDA graphs (``vllm_glue/expert_op.py``). ``forecasts``: what the next MoE
+        layers are predicted to need (global expert ids), prefetched while this layer computes;
+        under expert parallelism only this rank's experts are read."""
         routed = local_ids >= 0
         ids, bits = local_ids[routed].long(), widths[routed].long()
         if bits.numel() and not (self.manager.pool.min_bits <= bits.min() and bits.max() <= self.bits):
@@ -47,14 +51,16 @@ class OffloadedLayerExperts:
         # as fast as a resident layer; the per-segment pipeline costs Python work per expert.
         pairs = [divmod(k, 16) for k in torch.unique(ids * 16 + bits).tolist()]
         counts = torch.bincount(ids, minlength=len(self.global_ids)).tolist()
+        forecasts = self.manager.local_forecasts(forecasts)
         slots = self.manager.pipeline.resident_slots(
             self.layer,
             [(self.global_ids[e], w) for e, w in pairs],
             {self.global_ids[e]: n for e, n in enumerate(counts) if n},
+            forecasts,
         )
         if slots is None:
             failed: list[tuple[int, int, CheckpointError]] = []
-            out = routed_sum(x, topk_weights, local_ids, widths, lambda *a: self._compute(*a, failed))
+            out = routed_sum(x, topk_weights, local_ids, widths, lambda *a: self._compute(*a, failed, forecasts))
             for expert, width, error in failed:
                 self._report(expert, width, error, local_ids, widths)
             return out
@@ -64,9 +70,10 @@ class OffloadedLayerExperts:
         pool = self.manager.pool
         return backend_forward(self.manager.backend, pool.gate_up, pool.down, x, topk_weights, slot_ids, widths)
 
-    def _compute(self, xs, segments: ExpertSegments, y, failed: list) -> None:
-        """Every segment through the load pipeline; the rows of segments whose expert could not
-        be read are zeroed and their (local expert, width, error) appended to ``failed``."""
+    def _compute(self, xs, segments: ExpertSegments, y, failed: list, forecasts: Forecasts) -> None:
+        """Every segment through the load pipeline (``forecasts`` prefetched behind its reads); the
+        rows of segments whose expert could not be read are zeroed and their (local expert, width,
+        error) appended to ``failed``."""
         manager = self.manager
         bounds = list(pairwise(segments.starts))
 
@@ -81,6 +88,7 @@ class OffloadedLayerExperts:
             list(segments.bits),
             [end - start for start, end in bounds],
             run_segment,
+            forecasts,
         )
         for i, error in errors.items():
             start, end = bounds[i]

@@ -13,7 +13,7 @@ from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.faults import FaultSink
 from vllm_d2moe.offload.layer import OffloadedLayerExperts
 from vllm_d2moe.offload.metrics import OffloadMetrics
-from vllm_d2moe.offload.pipeline import LoadPipeline, OffloadPolicy
+from vllm_d2moe.offload.pipeline import Forecasts, LoadPipeline, OffloadPolicy
 from vllm_d2moe.offload.pool import ResidentPool
 from vllm_d2moe.offload.store import ExpertStore
 
@@ -58,6 +58,7 @@ class OffloadManager:
         self.pool = ResidentPool(layouts.pop(), bits, budget, backend, device, tp_rank, tp_size)
         self.metrics = OffloadMetrics(self.pool)
         self.pipeline = LoadPipeline(self.store, self.pool, policy, self.metrics)
+        self._local_experts: dict[int, set[int]] = {}  # MoE layer -> this rank's global expert ids
         weakref.finalize(self, self.pipeline.close)
         _MANAGERS.add(self)
         non_expert = sum(f.stat().st_size for f in checkpoint.model_dir.glob("*.safetensors"))
@@ -70,7 +71,16 @@ class OffloadManager:
         )
 
     def layer(self, layer: int, global_ids: list[int], bits: int) -> OffloadedLayerExperts:
+        self._local_experts[layer] = set(global_ids)
         return OffloadedLayerExperts(self, layer, global_ids, bits)
+
+    def local_forecasts(self, forecasts: Forecasts) -> Forecasts:
+        """``forecasts`` restricted to the experts this rank serves (all but under expert parallelism)."""
+        local = []
+        for later, depth, experts in forecasts:
+            mine = self._local_experts.get(later, ())
+            local.append((later, depth, {e: v for e, v in experts.items() if e in mine}))
+        return local
 
 
 def metrics_snapshots() -> list[dict]:

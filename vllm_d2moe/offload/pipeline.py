@@ -19,6 +19,19 @@ intact (logged once per expert, counted per pair); only a damaged base, or a
 disk error, fails them. A slot is released only once no I/O thread reads or
 writes for it any more, whatever made the call fail.
 
+Cross-layer prefetch (option ``prefetch``): a layer call may bring forecasts
+of what the next MoE layers will need (``vllm_glue`` runs the predictor of
+``vllm_d2moe.prefetch`` on the layer's input). Their reads go to the same I/O
+threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
+any demand read starts before any queued prefetch), nearest layer first, then
+hottest expert and lowest width first, into slots that are free or hold
+experts nothing protects: a prefetch never evicts what the call uses, another
+forecast expert or another prefetch, and never exceeds the pool. A prefetched
+slot is evictable once written; a demand that finds every slot pinned cancels
+queued prefetches for their slots; a layer call adopts a prefetch of an expert
+it needs that is still reading, and cancels queued ones it does not need. A
+prefetch that turns out unused costs its bytes (``bytes_wasted``).
+
 :class:`OffloadPolicy` switches each step off for the benchmark's ablations:
 expert-id order instead of HEBF, reads on the compute thread instead of
 overlapped, full re-reads instead of MWQ upgrades, and nothing kept across
@@ -29,10 +42,11 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 from vllm_d2moe.mwq.checkpoint import CheckpointError, CorruptSectionsError
+from vllm_d2moe.offload.io_queue import DEMAND, PriorityExecutor
 from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
 from vllm_d2moe.offload.pool import Key, ResidentPool
 from vllm_d2moe.offload.store import ExpertStore, SectionBytes
@@ -40,6 +54,8 @@ from vllm_d2moe.offload.store import ExpertStore, SectionBytes
 logger = logging.getLogger(__name__)
 
 READ_ERROR_MODES = ("fail", "degrade")
+# Forecasts of one layer call: (later MoE layer, depth, {expert: (predicted tokens, widest predicted width)}).
+Forecasts = list[tuple[int, int, dict[int, tuple[int, int]]]]
 
 @dataclass(frozen=True)
 class OffloadPolicy:
@@ -79,18 +95,23 @@ class _Load:
     last: int
     write_ahead: bool  # into a slot reserved for it, on the I/O thread: no call reads the slot yet
     future: Future | None = None
+    prefetch: bool = False  # read for a forecast, not (yet) for a call's demand
 
 
 class LoadPipeline:
     def __init__(self, store: ExpertStore, pool: ResidentPool, policy: OffloadPolicy, metrics: OffloadMetrics):
         self.store, self.pool, self.policy, self.metrics = store, pool, policy, metrics
-        self.executor = (
-            ThreadPoolExecutor(policy.io_threads, thread_name_prefix="d2moe-io") if policy.overlap else None
-        )
+        self.executor = PriorityExecutor(policy.io_threads, "d2moe-io") if policy.overlap else None
         # Reads in flight at once: enough to keep every thread busy while one result waits
         # for the compute thread; each holds its bytes until installed.
         self.max_in_flight = policy.io_threads + 1 if policy.overlap else 1
         self._degraded_to: dict[Key, int] = {}  # width a degraded expert was last logged at
+        self.calls = 0  # layer calls so far: a prefetch's priority is the call it is predicted for
+        self._prefetches: dict[Key, _Load] = {}  # queued or reading, not yet installed or adopted
+        self._unused: dict[Key, int] = {}  # prefetched and installed, not yet needed: bytes read
+        self._adopted: dict[Key, _Load] = {}  # prefetches still reading that this call needs
+        self._forecasts: dict[int, dict[int, dict[int, int]]] = {}  # later layer -> depth -> {expert: width}
+        pool.on_evict = self._evicted
 
     def run(
         self,
@@ -99,11 +120,13 @@ class LoadPipeline:
         widths: list[int],
         rows: list[int],
         compute: Callable[[int, int, int], None],
+        forecasts: Forecasts = (),
     ) -> dict[int, CheckpointError]:
         """Compute segments ``i`` (expert ``experts[i]`` at ``widths[i]`` over ``rows[i]`` pairs,
         sorted by expert then width) by calling ``compute(i, slot, width)`` once each the expert is
         resident; ``width`` is ``widths[i]``, or narrower where ``on_read_error="degrade"`` serves
-        a damaged expert at its widest intact width.
+        a damaged expert at its widest intact width. Follows :meth:`resident_slots` of the same
+        call; ``forecasts`` are prefetched behind this call's reads.
 
         Returns the segments left uncomputed because their expert could not be read, with the
         read's error."""
@@ -119,15 +142,22 @@ class LoadPipeline:
         hottest_first = self.policy.order == "hebf"
         order = sorted(segments, key=lambda k: (-tokens[k], k[1]) if hottest_first else k[1])
         segments = {key: segments[key] for key in order}
-        queue, chains = deque(), {}
+        queue, chains, adopted = deque(), {}, 0
         for key in order:
-            chains[key] = self._plan(key, [widths[i] for i in segments[key]], counters)
+            early = self._adopted.pop(key, None)  # a prefetch of it, still reading: the chain's first read
+            have = early.last + self.pool.min_bits if early else None
+            chains[key] = self._plan(key, [widths[i] for i in segments[key]], counters, have)
             queue.extend(chains[key])
+            if early:
+                chains[key].appendleft(early)
+                adopted += 1
+        self._adopted.clear()
         for key in order:
             if key in self.pool.slot_of:
                 self.pool.pin(key)
         try:
-            failed = self._execute(queue, chains, segments, widths, rows, compute, counters)
+            failed = self._execute(queue, chains, segments, widths, rows, compute, counters, adopted,
+                                   lambda: self._queue_prefetches(forecasts, set(order)))
         except BaseException:
             self._settle(load for chain in chains.values() for load in chain)
             for key in order:
@@ -152,27 +182,149 @@ class LoadPipeline:
         counters.degraded_pairs += pairs
         return intact
 
-    def resident_slots(self, layer: int, pairs: list[tuple[int, int]], tokens: dict[int, int]) -> dict[int, int] | None:
-        """The fast path of a call that reads nothing: when every ``(expert, width)`` of ``pairs`` is
-        served by the pool, count the call (``tokens`` routed per expert) and return each expert's
-        slot; else ``None`` and the call goes through :meth:`run`."""
+    def resident_slots(self, layer: int, pairs: list[tuple[int, int]], tokens: dict[int, int],
+                       forecasts: Forecasts = ()) -> dict[int, int] | None:
+        """Start a layer call (every call starts here): finished prefetches are installed, this
+        layer's forecasts scored against ``pairs``, its prefetches still queued and not needed
+        cancelled. Then the fast path of a call that reads nothing: when every ``(expert, width)``
+        of ``pairs`` is served by the pool, count the call (``tokens`` routed per expert), queue
+        ``forecasts`` and return each expert's slot; else ``None`` and the call goes through
+        :meth:`run` (which queues them)."""
+        self.calls += 1
+        self._begin(layer, pairs)
+
         def served(expert: int, width: int) -> bool:
             have = self.pool.width((layer, expert))
             return have >= width if self.policy.reuse else have == width
 
-        if not all(served(e, w) for e, w in pairs):
+        if self._adopted or not all(served(e, w) for e, w in pairs):
             return None
         counters = self.metrics.layer(layer)
         counters.calls += 1
         counters.hits += len(pairs)
         self.pool.touch({(layer, e): n for e, n in tokens.items()})
+        self._queue_prefetches(forecasts, {(layer, e) for e, _ in pairs})
         self.metrics.maybe_log()
         return {e: self.pool.slot_of[(layer, e)] for e, _ in pairs}
 
-    def _plan(self, key: Key, widths: list[int], counters: LayerCounters) -> deque[_Load]:
-        """The reads that bring ``key`` to each needed width, lowest first."""
+    # ------------------------------------------------------------------ prefetch
+
+    def _begin(self, layer: int, pairs: list[tuple[int, int]]) -> None:
+        self._prefetches.update(self._adopted)  # a call that failed before running: not adopted after all
+        self._adopted.clear()
+        self._reap()
+        needed: dict[int, int] = {}
+        for expert, width in pairs:
+            needed[expert] = max(width, needed.get(expert, 0))
+        counters = self.metrics.layer(layer)
+        for depth, predicted in self._forecasts.pop(layer, {}).items():
+            scored = self.metrics.forecast(layer, depth)
+            scored.calls += 1
+            scored.needed_pairs += len(pairs)
+            scored.covered_pairs += sum(predicted.get(e, 0) >= w for e, w in pairs)
+            scored.predicted_experts += len(predicted)
+            scored.used_experts += sum(e in needed for e in predicted)
+        for key in [k for k in self._unused if k[0] == layer]:
+            nbytes = self._unused.pop(key)
+            if key[1] in needed:
+                counters.prefetch_hits += 1
+            else:
+                counters.bytes_wasted += nbytes
+        for key in [k for k in self._prefetches if k[0] == layer]:
+            load = self._prefetches[key]
+            if key[1] in needed and not load.future.cancel():
+                # Still reading: the call's chain starts with it, if it still applies to the slot.
+                del self._prefetches[key]
+                if load.write_ahead or self.pool.width(key) == load.first - 1 + self.pool.min_bits:
+                    counters.prefetch_hits += 1
+                    self._adopted[key] = load
+                else:
+                    self._settle([load])
+                    counters.bytes_wasted += self._prefetched_nbytes(load)
+            elif load.future.cancel():  # not started: cancelled, costs nothing
+                del self._prefetches[key]
+                if load.write_ahead:
+                    self.pool.release(key)
+
+    def _queue_prefetches(self, forecasts: Forecasts, protect: set[Key]) -> None:
+        """Queue reads of the forecast experts that the pool does not serve, in one global order
+        (nearest layer, hottest expert, lowest width first), into slots nothing in use or
+        predicted holds; stop where no such slot is left."""
+        if not forecasts or self.executor is None:
+            return
+        wanted = []
+        for later, depth, experts in forecasts:
+            self._forecasts.setdefault(later, {})[depth] = {e: w for e, (_, w) in experts.items()}
+            wanted += [(depth, -tokens, width, expert, later) for expert, (tokens, width) in experts.items()]
+        wanted.sort()
+        keep = protect | {(later, e) for *_, e, later in wanted} | set(self._unused) | set(self._prefetches)
         min_bits = self.pool.min_bits
-        have, loads = self.pool.width(key), deque()
+        for rank, (depth, _, width, expert, later) in enumerate(wanted):
+            key = (later, expert)
+            have = self.pool.width(key)
+            if key in self._prefetches or have >= width or (key in self.pool.slot_of and not have):
+                continue  # queued already, served, or reserved for a read
+            if have:
+                if not self.policy.reuse:
+                    continue
+                load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
+            else:
+                if self.pool.acquire(key, keep, spare_only=True) is None:
+                    break
+                self.pool.pin(key)  # until written: no eviction while an I/O thread writes the slot
+                load = _Load(key, 0, width - min_bits, write_ahead=True, prefetch=True)
+            load.future = self.executor.submit((1, self.calls + depth, rank), self._fetch, load,
+                                               self.pool.slot_of[key])
+            self._prefetches[key] = load
+
+    def _reap(self) -> None:
+        """Install the prefetches that finished reading (on the compute thread, between layer calls
+        or while one waits); a failed one is dropped (a call that needs the expert reads it again and
+        reports the error)."""
+        for key, load in list(self._prefetches.items()):
+            if not load.future.done():
+                continue
+            del self._prefetches[key]
+            counters = self.metrics.layer(key[0])
+            if load.future.cancelled() or load.future.exception() is not None:
+                if load.write_ahead:
+                    self.pool.release(key)
+                continue
+            if not load.write_ahead and self.pool.width(key) != load.first - 1 + self.pool.min_bits:
+                counters.bytes_wasted += self._prefetched_nbytes(load)  # an upgrade of an evicted expert
+                continue
+            self._install(load, counters)
+            if load.write_ahead:
+                self.pool.unpin(key)
+            self._unused[key] = self._unused.get(key, 0) + self._prefetched_nbytes(load)
+
+    def _reclaim_slot(self) -> bool:
+        """Cancel the last queued prefetch into a reserved slot and free the slot (for a demand read
+        that found every slot pinned)."""
+        for key, load in reversed(self._prefetches.items()):
+            if load.write_ahead and load.future.cancel():
+                del self._prefetches[key]
+                self.pool.release(key)
+                return True
+        return False
+
+    def _evicted(self, key: Key) -> None:
+        nbytes = self._unused.pop(key, None)
+        if nbytes is not None:
+            self.metrics.layer(key[0]).bytes_wasted += nbytes
+
+    @staticmethod
+    def _prefetched_nbytes(load: _Load) -> int:
+        """Bytes a finished prefetch read (0: it failed)."""
+        return 0 if load.future.exception() is not None else load.future.result()[1]
+
+    # ------------------------------------------------------------------ demand
+
+    def _plan(self, key: Key, widths: list[int], counters: LayerCounters, have: int | None = None) -> deque[_Load]:
+        """The reads that bring ``key`` to each needed width, lowest first, from its resident width
+        or ``have``."""
+        min_bits = self.pool.min_bits
+        have, loads = self.pool.width(key) if have is None else have, deque()
         for width in sorted(set(widths)):
             if (width <= have) if self.policy.reuse else (width == have):
                 counters.hits += 1
@@ -183,7 +335,10 @@ class LoadPipeline:
         counters.misses += len(loads)
         return loads
 
-    def _execute(self, queue, chains, segments, widths, rows, compute, counters) -> dict[int, CheckpointError]:
+    def _execute(self, queue, chains, segments, widths, rows, compute, counters, in_flight, prefetch
+                 ) -> dict[int, CheckpointError]:
+        """The call's loop; ``prefetch()`` queues the forecasts once the first demand reads are
+        submitted (an idle I/O thread would otherwise start a prefetch first)."""
         def compute_ready(key: Key) -> bool:
             """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
             it; without: exactly it); unpin it when none is left."""
@@ -243,22 +398,33 @@ class LoadPipeline:
             else:
                 self.pool.unpin(key)  # a lower width stays resident and valid
 
+        def acquire(key: Key) -> bool:
+            """A slot for ``key``, at the cost of queued prefetches' slots if every slot is pinned."""
+            keep = self._unused.keys()
+            while self.pool.acquire(key, keep) is None:
+                if not self._reclaim_slot():
+                    return False
+            return True
+
         failed: dict[int, CheckpointError] = {}
-        in_flight = 0
         while segments:
+            self._reap()
             # In plan order; once a load finds every slot pinned, only loads of experts that
             # hold a slot already (upgrades) may pass it, so pinned experts can always finish.
             blocked = False
             for load in list(queue):
                 if in_flight >= self.max_in_flight:
                     break
-                if load.key not in self.pool.slot_of and (blocked or self.pool.acquire(load.key) is None):
+                if load.key not in self.pool.slot_of and (blocked or not acquire(load.key)):
                     blocked = True
                     continue
                 self.pool.pin(load.key)
                 load.future = self._submit(load, counters)
                 queue.remove(load)
                 in_flight += 1
+            if prefetch is not None:
+                prefetch()
+                prefetch = None
             progressed = False
             for key in list(segments):
                 progressed |= compute_ready(key)
@@ -281,6 +447,8 @@ class LoadPipeline:
             if progressed:
                 continue
             futures = [c[0].future for c in chains.values() if c and c[0].future is not None]
+            # Prefetches pin the slots they write: a demand blocked on a full pool waits for them too.
+            futures += [p.future for p in self._prefetches.values() if p.write_ahead]
             if not futures:
                 raise RuntimeError("d2moe offload pipeline stalled: no read in flight and nothing to compute")
             start = time.perf_counter()
@@ -297,7 +465,7 @@ class LoadPipeline:
     def _submit(self, load: _Load, counters: LayerCounters) -> Future:
         slot = self.pool.slot_of[load.key]
         if self.executor is not None:
-            return self.executor.submit(self._fetch, load, slot)
+            return self.executor.submit(DEMAND, self._fetch, load, slot)
         future = Future()  # no overlap: the compute thread reads, and waits for it
         try:
             result = self._fetch(load, slot)
@@ -305,25 +473,32 @@ class LoadPipeline:
             future.set_exception(e)
         else:
             future.set_result(result)
-            counters.wait_seconds += result[1]
+            counters.wait_seconds += result[2]
         return future
 
-    def _fetch(self, load: _Load, slot: int) -> tuple[SectionBytes, float, int | None]:
+    def _fetch(self, load: _Load, slot: int) -> tuple[SectionBytes | None, int, float, int | None]:
         """Read ``load`` (timed); a new expert is also written into its reserved slot here, so that
         an I/O thread, not the compute thread, converts it to the kernels' layout. Every other load
         (an upgrade, or without MWQ reuse a whole re-read) is written at install: the slot's
-        resident width may be computing meanwhile, and the chain's earlier loads install first."""
+        resident width may be computing meanwhile, and the chain's earlier loads install first.
+        Returns the bytes (``None`` once written), their count, the read's seconds and the width
+        written."""
         layer, expert = load.key
         start = time.perf_counter()
         data = self.store.read(layer, expert, load.first, load.last)
         seconds = time.perf_counter() - start
-        width = self.pool.write(slot, data.tensors(self.store.layout(layer))) if load.write_ahead else None
-        return data, seconds, width
+        if not load.write_ahead:
+            return data, data.nbytes, seconds, None
+        return None, data.nbytes, seconds, self.pool.write(slot, data.tensors(self.store.layout(layer)))
 
     def _install(self, load: _Load, counters: LayerCounters) -> None:
-        data, seconds, width = load.future.result()
+        data, nbytes, seconds, width = load.future.result()
         counters.io_seconds += seconds
-        counters.bytes_read += data.nbytes
+        if load.prefetch:
+            counters.prefetch_reads += 1
+            counters.bytes_prefetched += nbytes
+        else:
+            counters.bytes_read += nbytes
         layout = self.store.layout(load.key[0])
         if load.write_ahead:
             self.pool.publish(load.key, width)
@@ -334,4 +509,4 @@ class LoadPipeline:
 
     def close(self) -> None:
         if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor.shutdown()

@@ -10,8 +10,9 @@ from whatever the store read: a whole prefix, or an upgrade's residual planes.
 
 Eviction keeps the experts with the highest recent activation frequency:
 routed-token counts decayed by half every ``FREQUENCY_HALF_LIFE`` layer calls.
-Pinned slots (what the current layer call still computes or loads) are never
-evicted.
+Pinned slots (what the current layer call still computes or loads, or a
+prefetch still writes) are never evicted; experts prefetched for a coming layer
+go last, and a prefetch never evicts them.
 """
 
 from types import ModuleType
@@ -97,6 +98,7 @@ class ResidentPool:
         self.pinned: set[int] = set()
         self.step = 0
         self._scores: dict[Key, tuple[float, int]] = {}
+        self.on_evict = None  # called with the key of each expert evicted for another
 
     @property
     def num_slots(self) -> int:
@@ -125,20 +127,26 @@ class ResidentPool:
         score, step = self._scores.get(key, (0.0, self.step))
         return score * 0.5 ** ((self.step - step) / FREQUENCY_HALF_LIFE)
 
-    def acquire(self, key: Key) -> int | None:
-        """A slot for ``key``: its own, a free one, or the least frequent unpinned one's
-        (evicted); ``None`` while every slot is pinned."""
+    def acquire(self, key: Key, keep: set[Key] | frozenset[Key] = frozenset(), spare_only: bool = False
+                ) -> int | None:
+        """A slot for ``key``: its own, a free one, or the least frequent unpinned one's (evicted),
+        experts in ``keep`` (prefetched for a coming layer) last, or with ``spare_only`` (a
+        prefetch) never; ``None`` while no slot can be had."""
         if key in self.slot_of:
             return self.slot_of[key]
         free = [s for s, k in enumerate(self.keys) if k is None]
         if free:
             slot = free[0]
         else:
-            candidates = [s for s in range(self.num_slots) if s not in self.pinned]
+            candidates = [s for s in range(self.num_slots)
+                          if s not in self.pinned and not (spare_only and self.keys[s] in keep)]
             if not candidates:
                 return None
-            slot = min(candidates, key=lambda s: self.frequency(self.keys[s]))
-            del self.slot_of[self.keys[slot]]
+            slot = min(candidates, key=lambda s: (self.keys[s] in keep, self.frequency(self.keys[s])))
+            evicted = self.keys[slot]
+            del self.slot_of[evicted]
+            if self.on_evict is not None:
+                self.on_evict(evicted)
         self.keys[slot], self.widths[slot] = key, 0
         self.slot_of[key] = slot
         return slot

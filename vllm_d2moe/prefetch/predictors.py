@@ -39,6 +39,16 @@ class LayerForecast:
     expert_ids: torch.Tensor  # [tokens, top_k + extra] int64: the routed guess best first, then spares
     widths: torch.Tensor | None  # [tokens, top_k + extra] int8 bits; None without a width policy
 
+    def per_expert(self) -> dict[int, tuple[int, int]]:
+        """Each predicted expert's token count (its hotness) and widest predicted width: what a
+        prefetch reads. Needs widths (a predictor built with a width policy)."""
+        if self.widths is None:
+            raise ValueError("a forecast without widths (predictor built without a width policy)")
+        ids = self.expert_ids.reshape(-1)
+        tokens = torch.bincount(ids)
+        widest = torch.zeros_like(tokens).scatter_reduce(0, ids, self.widths.reshape(-1).long(), "amax")
+        return {e: (tokens[e].item(), widest[e].item()) for e in ids.unique().tolist()}
+
 
 class ExpertPredictor(Protocol):
     depth: int
@@ -47,6 +57,10 @@ class ExpertPredictor(Protocol):
                 ) -> list[LayerForecast]:
         """Forecasts for the ``depth`` MoE layers after ``layer`` from residual states ``[tokens, hidden]``;
         ``token_targets [tokens]``: per-request target widths (NaN = none), as the width selector gets them."""
+
+    def predict_from_moe_input(self, layer: int, moe_input: torch.Tensor, token_targets: torch.Tensor | None = None
+                               ) -> list[LayerForecast]:
+        """:meth:`predict` from layer ``layer``'s normed MoE input (what the expert op sees)."""
 
 
 class GatePredictor:
@@ -101,6 +115,12 @@ class GatePredictor:
                 widths = self._widths(later, x, weights[:, :top_k], ids, token_targets)
             forecasts.append(LayerForecast(later, depth, ids, widths))
         return forecasts
+
+    def predict_from_moe_input(self, layer: int, moe_input: torch.Tensor, token_targets: torch.Tensor | None = None
+                               ) -> list[LayerForecast]:
+        """:meth:`predict` from layer ``layer``'s normed MoE input (what the expert op sees; the best
+        tap in ``benchmarks/results/prefetch.md``)."""
+        return self.predict(layer, self.gates.residual_direction(layer, moe_input), token_targets)
 
     def logits(self, layer: int, later: int, x: torch.Tensor) -> torch.Tensor:
         """Predicted router logits of MoE layer ``later`` from layer ``layer``'s state, normed as

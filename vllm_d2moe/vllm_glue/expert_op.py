@@ -49,8 +49,9 @@ _NEXT_ID = itertools.count()
 def register_layer(method) -> int:
     """Make a layer callable from the op; returns its id.
 
-    ``method`` has ``width_selector`` (a :class:`vllm_d2moe.width_selection.WidthSelector`)
-    and ``experts`` (a :class:`vllm_d2moe.experts.LayerExperts` or anything with its ``forward``).
+    ``method`` has ``width_selector`` (a :class:`vllm_d2moe.width_selection.WidthSelector`),
+    ``experts`` (a :class:`vllm_d2moe.experts.LayerExperts` or anything with its ``forward``) and
+    ``predictor`` (None, or with ``forecasts(x, token_targets)`` for the offloaded experts' ``forward``).
     """
     layer_id = next(_NEXT_ID)
     _LAYERS[layer_id] = method
@@ -65,8 +66,12 @@ def _compute(x, topk_weights, topk_ids, local_ids, layer_id: int) -> torch.Tenso
     """``topk_ids`` are global expert ids (the width decision sees every pair), ``local_ids``
     this rank's (-1 for experts held elsewhere)."""
     layer = _LAYERS[layer_id]
-    widths = layer.width_selector(x, topk_weights, topk_ids, token_targets(x.shape[0], x.device))
-    return layer.experts.forward(x, topk_weights, local_ids, widths)
+    targets = token_targets(x.shape[0], x.device)
+    widths = layer.width_selector(x, topk_weights, topk_ids, targets)
+    if layer.predictor is None:
+        return layer.experts.forward(x, topk_weights, local_ids, widths)
+    # Cross-layer prefetch: forecasts from this layer's input, read while it computes.
+    return layer.experts.forward(x, topk_weights, local_ids, widths, layer.forecasts(x, targets))
 
 
 def _moe_experts(

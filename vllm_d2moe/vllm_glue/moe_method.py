@@ -20,6 +20,8 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import select_backend
+from vllm_d2moe.offload.pipeline import Forecasts
+from vllm_d2moe.prefetch.predictors import ExpertPredictor
 from vllm_d2moe.vllm_glue.expert_op import moe_experts, register_layer
 from vllm_d2moe.vllm_glue.metrics import start_publishing
 from vllm_d2moe.width_selection import WidthSelector
@@ -42,6 +44,7 @@ class D2MoEMethod(FusedMoEMethodBase):
         self.quant_config = quant_config
         self.experts = None  # this rank's LayerExperts, set after loading
         self.width_selector: WidthSelector | None = None
+        self.predictor: ExpertPredictor | None = None  # the prefetch option's, under a memory budget
         self.layer_id: int | None = None
 
     def create_weights(
@@ -116,6 +119,7 @@ class D2MoEMethod(FusedMoEMethodBase):
                 f"{per_rank} per rank, vLLM expects {self.intermediate_size_per_partition}"
             )
         self.experts = experts
+        self.predictor = self.quant_config.predictor()
         self.width_selector = self.quant_config.width_selector(self.layer_index, device)
         self.layer_id = register_layer(self)
         # Counters out to Prometheus (/metrics); width choices are the same on every TP rank.
@@ -124,6 +128,14 @@ class D2MoEMethod(FusedMoEMethodBase):
             "d2moe: %s holds %d experts at %d bits (%.1f MiB), widths by %s",
             layer.layer_name, len(global_ids), experts.bits, experts.nbytes / 2**20, self.quant_config.widths,
         )
+
+    def forecasts(self, x: torch.Tensor, token_targets: torch.Tensor | None) -> Forecasts:
+        """What the next MoE layers are predicted to need, from this layer's MoE input ``x``: per later
+        layer and depth, each predicted expert's token count and widest width (on the host, where the
+        predictor's gate weights are)."""
+        targets = None if token_targets is None else token_targets.cpu()
+        predicted = self.predictor.predict_from_moe_input(self.layer_index, x.detach().cpu(), targets)
+        return [(f.layer, f.depth, f.per_expert()) for f in predicted]
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> FusedMoEQuantConfig:
         return FusedMoEQuantConfig.make()

@@ -1,0 +1,59 @@
+"""The offload pipeline's I/O threads, taking reads in priority order rather than first come first
+served: a layer's demand reads (priority 0) start before any queued prefetch, whenever those were
+queued; prefetches run nearest layer first, then hottest expert and lowest width first."""
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+DEMAND = (0,)
+
+
+class PriorityExecutor:
+    """``threads`` daemon threads running submitted calls lowest ``priority`` first (ties in
+    submission order); a queued call's future can be cancelled until a thread takes it."""
+
+    def __init__(self, threads: int, name: str):
+        self._heap: list = []
+        self._ready = threading.Condition()
+        self._order = itertools.count()
+        self._closed = False
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True).start()
+
+    def submit(self, priority: tuple, fn: Callable, *args) -> Future:
+        future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("d2moe offload I/O threads are shut down")
+            heapq.heappush(self._heap, (priority, next(self._order), future, fn, args))
+            self._ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._heap and not self._closed:
+                    self._ready.wait()
+                if not self._heap:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._heap)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 (raised where the future is read)
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+    def shutdown(self) -> None:
+        """Cancel every queued call and let the threads end once their current one is done."""
+        with self._ready:
+            self._closed = True
+            for _, _, future, _, _ in self._heap:
+                future.cancel()
+            self._heap.clear()
+            self._ready.notify_all()

@@ -36,6 +36,11 @@ width choices, identical on every rank, are published by tensor-parallel rank 0)
 * ``d2moe_bad_sections_total{layer}`` (expert sections found damaged, each once) and
   ``d2moe_degraded_pairs_total{layer}`` ((token, expert) pairs served narrower than asked
   because of one; option ``on_read_error``);
+* with option ``prefetch``, per layer predicted for: ``d2moe_prefetch_reads_total``,
+  ``d2moe_bytes_prefetched_total``, ``d2moe_bytes_prefetched_unused_total`` (read, then not
+  used by the call they were read for), ``d2moe_prefetch_hits_total``; per layer and
+  ``depth``: ``d2moe_prefetch_{needed,covered}_pairs_total`` (recall: covered / needed) and
+  ``d2moe_prefetch_{predicted,used}_experts_total`` (precision: used / predicted);
 * ``d2moe_pool_bytes{kind="budget"|"allocated"|"occupied"}``;
 * ``d2moe_width_pairs_total{layer, bits}`` ((token, expert) pairs served at that width);
 * ``d2moe_average_bits`` (mean width of every pair counted by this process's layers;
@@ -61,6 +66,17 @@ _OFFLOAD_COUNTERS = {
     "wait_seconds": ("d2moe_read_wait_seconds", "Seconds compute waited for expert reads"),
     "bad_sections": ("d2moe_bad_sections", "Expert sections found damaged (checksum or truncation), each once"),
     "degraded_pairs": ("d2moe_degraded_pairs", "(token, expert) pairs served narrower than asked: a damaged section"),
+    "prefetch_reads": ("d2moe_prefetch_reads", "Expert reads for a forecast (option prefetch), per layer read for"),
+    "bytes_prefetched": ("d2moe_bytes_prefetched", "Bytes of expert weights read for a forecast"),
+    "bytes_wasted": ("d2moe_bytes_prefetched_unused", "Prefetched bytes the call they were read for did not use"),
+    "prefetch_hits": ("d2moe_prefetch_hits", "Experts a layer call needed that a prefetch had read"),
+}
+# Forecast counter field (per layer predicted for and depth) -> Prometheus counter name and help text.
+_FORECAST_COUNTERS = {
+    "needed_pairs": ("d2moe_prefetch_needed_pairs", "(expert, width) pairs layer calls computed, per forecast depth"),
+    "covered_pairs": ("d2moe_prefetch_covered_pairs", "Of them, forecast (recall = covered / needed)"),
+    "predicted_experts": ("d2moe_prefetch_predicted_experts", "Experts forecast for a layer call"),
+    "used_experts": ("d2moe_prefetch_used_experts", "Of them, used (precision = used / predicted)"),
 }
 _POOL_GAUGES = {"budget": "budget_bytes", "allocated": "allocated_bytes", "occupied": "occupancy_bytes"}
 
@@ -139,6 +155,10 @@ class PrometheusPublisher:
             field: Counter(name, help_text, ["layer"], registry=registry)
             for field, (name, help_text) in _OFFLOAD_COUNTERS.items()
         }
+        self._forecast = {
+            field: Counter(name, help_text, ["layer", "depth"], registry=registry)
+            for field, (name, help_text) in _FORECAST_COUNTERS.items()
+        }
         self._pool = Gauge("d2moe_pool_bytes", "Expert pool bytes: the budget, allocated, occupied by experts",
                            ["kind"], multiprocess_mode="livesum", registry=registry)
         self._pairs = Counter("d2moe_width_pairs", "(token, expert) pairs served at each bit-width",
@@ -172,6 +192,11 @@ class PrometheusPublisher:
                 for layer, counters in snapshot["layers"].items():
                     for field, counter in self._offload.items():
                         self._advance(counter, (str(layer),), source, snapshot["resets"], counters[field])
+                for layer, depths in snapshot["prefetch"]["layers"].items():
+                    for depth, counters in depths.items():
+                        for field, counter in self._forecast.items():
+                            self._advance(counter, (str(layer), str(depth)), source, snapshot["resets"],
+                                          counters[field])
             if snapshots or self._pool_published:  # 0 once the engine that had a pool is gone
                 for kind, key in _POOL_GAUGES.items():
                     self._pool.labels(kind).set(sum(s["pool"][key] for s in snapshots))

@@ -7,7 +7,14 @@ overridden at start-up, e.g.
 * ``width_policy``: ``"router"``, ``"random"`` or ``"fixed:B"``; ``bits: B`` is
   shorthand for ``"fixed:B"`` (see :mod:`vllm_d2moe.width_selection`);
 * ``target_bits``: average width the router aims at (shifts its scores);
-* ``capacities``: per-width fractions enforced per batch, or ``"off"``.
+* ``capacities``: per-width fractions enforced per batch, or ``"off"``;
+* ``memory_budget``, ``offload``, ``on_read_error``: experts streamed from disk
+  through a pool of that many bytes (:mod:`vllm_d2moe.offload`);
+* ``prefetch``: ``{"predictor": "gate" | "learned", "depth": d, "extra": m}``
+  (depth 1, extra 0 unless given): while MoE layer ``l`` computes, the experts
+  the predictor (:mod:`vllm_d2moe.prefetch`) forecasts for layers ``l+1..l+d``
+  (plus ``m`` spare experts per token) are read into the pool. Needs
+  ``memory_budget``; off unless set.
 
 The expert layout itself comes from the checkpoint's ``d2moe/index.json``.
 """
@@ -29,6 +36,7 @@ from vllm_d2moe.mwq.checkpoint import QUANT_METHOD, MWQCheckpoint
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
+from vllm_d2moe.prefetch.predictors import PREDICTORS, ExpertPredictor, build_predictor
 from vllm_d2moe.router.model import RouterSet
 from vllm_d2moe.router.policy import ServingWidths, resolve_policy
 from vllm_d2moe.vllm_glue import request_faults, request_targets
@@ -37,7 +45,35 @@ from vllm_d2moe.width_selection import WidthSelector
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
-_OPTION_KEYS = {"bits", "memory_budget", "offload", "on_read_error", "width_policy", "target_bits", "capacities"}
+_OPTION_KEYS = {"bits", "memory_budget", "offload", "on_read_error", "width_policy", "target_bits", "capacities",
+                "prefetch"}
+_PREFETCH_KEYS = {"predictor", "depth", "extra"}
+
+
+def _prefetch_option(prefetch, memory_budget, policy: OffloadPolicy) -> dict | None:
+    """The ``prefetch`` option checked and with its defaults; every error names the option."""
+    if prefetch is None:
+        return None
+    if not isinstance(prefetch, dict) or set(prefetch) - _PREFETCH_KEYS or "predictor" not in prefetch:
+        raise ValueError(f"d2moe option 'prefetch' must be a dict with 'predictor' and optional 'depth', 'extra', "
+                         f"got {prefetch!r}")
+    if memory_budget is None:
+        raise ValueError("d2moe option 'prefetch' needs 'memory_budget': prefetch reads experts into the offload "
+                         "pool, which only a memory budget makes (without one every expert is resident)")
+    if prefetch["predictor"] not in PREDICTORS:
+        raise ValueError(f"d2moe option prefetch.predictor must be one of {list(PREDICTORS)}, "
+                         f"got {prefetch['predictor']!r}")
+    option = {"depth": 1, "extra": 0} | prefetch
+    for key in ("depth", "extra"):
+        if not isinstance(option[key], int) or isinstance(option[key], bool) or option[key] < (key == "depth"):
+            raise ValueError(f"d2moe option prefetch.{key} must be an integer >= {int(key == 'depth')}, "
+                             f"got {option[key]!r}")
+    if not (policy.overlap and policy.keep):
+        raise ValueError("d2moe option 'prefetch' needs offload.overlap and offload.keep (prefetched experts are "
+                         "read on the I/O threads and kept in the pool)")
+    return option
+
+
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -53,6 +89,7 @@ class D2MoEConfig(QuantizationConfig):
         memory_budget: int | str | None = None,
         offload: dict | None = None,
         on_read_error: str | None = None,
+        prefetch: dict | None = None,
     ):
         super().__init__()
         if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
@@ -69,6 +106,8 @@ class D2MoEConfig(QuantizationConfig):
             None if memory_budget is None else parse_bytes(memory_budget, "d2moe option 'memory_budget'")
         )
         self.offload_policy = OffloadPolicy.from_option(offload, on_read_error)
+        self.prefetch = _prefetch_option(prefetch, self.memory_budget, self.offload_policy)
+        self._predictor: ExpertPredictor | None = None
         self._offload: OffloadManager | None = None
         self._routers: RouterSet | None = None
         self.widths: ServingWidths | None = None
@@ -114,6 +153,22 @@ class D2MoEConfig(QuantizationConfig):
         self.widths = resolve_policy(
             model_name, self.checkpoint.spec, bits=self.requested_bits, **self.width_options
         )
+        if self.prefetch is not None:
+            self._predictor = None
+            self.predictor()  # a missing, corrupt or foreign predictor file fails start-up here
+
+    def __getstate__(self) -> dict:
+        # vLLM sends this config to the engine core: the predictor (every layer's gate weights)
+        # is built again there, once, rather than pickled.
+        return self.__dict__ | {"_predictor": None}
+
+    def predictor(self) -> ExpertPredictor | None:
+        """The ``prefetch`` option's predictor (None without the option), built once per process;
+        the gate weights are read from the checkpoint here."""
+        if self.prefetch is not None and self._predictor is None:
+            self._predictor = build_predictor(self.checkpoint.model_dir, self.prefetch["predictor"],
+                                              self.prefetch["depth"], self.prefetch["extra"], self.widths)
+        return self._predictor
 
     def check_memory_budget(self, parallel_config) -> None:
         """Refuse a ``memory_budget`` below what one rank's pool needs: one expert at the serving

@@ -30,6 +30,7 @@ from vllm_d2moe.mwq.checkpoint import (
 )
 from vllm_d2moe.mwq.layout import PROJECTIONS, ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQTensor
+from vllm_d2moe.offload.injected_faults import InjectedFaults
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ExpertStore:
         self.files = BlobFiles(checkpoint, direct, read_at)
         self._damaged: dict[tuple[int, int], dict[int, str]] = {}  # (layer, expert) -> {section: error}
         self._lock = threading.Lock()
+        self._injected = InjectedFaults.from_environment()  # None unless a test or soak asks for faults
 
     def layout(self, layer: int) -> ExpertLayout:
         return self.checkpoint.layer(layer).layout
@@ -99,6 +101,8 @@ class ExpertStore:
         self._raise_if_known(layer, expert, first, last)
         for attempt in range(self.retries + 1):
             try:
+                if self._injected:
+                    self._injected.before_read(layer, expert)
                 data = self.checkpoint.read_sections(layer, expert, first, last, self.files)
                 return SectionBytes(layer, expert, first, last, data)
             except CorruptSectionsError as e:

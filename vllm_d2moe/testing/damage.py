@@ -14,8 +14,13 @@ def corrupt_section(model_dir: str | Path, layer: int, section: int, experts: li
     section_start = entry.layout.section_range(section)[0]
     for expert in range(entry.num_experts) if experts is None else experts:
         path, offset, _ = checkpoint.expert_extent(layer, expert)
-        with open(path, "r+b") as f:
-            f.seek(offset + section_start)
-            byte = f.read(1)[0]
-            f.seek(offset + section_start)
-            f.write(bytes([byte ^ 0xFF]))
+        flip_byte(path, offset + section_start)
+
+
+def flip_byte(path: str | Path, offset: int) -> None:
+    """Invert the byte at ``offset`` of the file ``path``, in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))

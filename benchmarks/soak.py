@@ -1,0 +1,222 @@
+"""Soak: ``d2moe serve`` of the embedded model streaming its experts under a memory budget, hours-style
+concurrent OpenAI load, faults injected while it runs, every answer checked (issue 17).
+
+Loopback only; bounded by ``--minutes`` (and ``--max-requests``); stops by itself. The run itself
+is :func:`vllm_d2moe.testing.soak.soak_run` (its docstring says what is sent, injected and
+checked): the embedded reference model converted as ``d2moe demo`` converts it (the demo's copy is
+reused), expected answers from an all-resident server sent each request alone (cached under
+``--workdir``), then ``--clients`` concurrent clients against a server of a copy of it at
+``--budget`` with ``O_DIRECT`` reads and ``on_read_error: "fail"`` (a damaged expert must fail
+its requests, not answer them narrower: every answer is compared bit for bit). ``--router``
+serves it with a learned bit-width router (trained here once, briefly, on a copy) and per-request
+targets (``vllm_xargs``), capacities off (per-batch capacities would make an answer depend on
+its batch), damage on the router's widest plane.
+
+Writes ``benchmarks/results/soak[-router].json`` and ``.png`` (RSS and latency over time), and
+``soak.md`` from every soak JSON there; prints the table. Exit status 1 when a goal is missed.
+
+    python benchmarks/soak.py --minutes 30 --clients 64 [--router]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = {"soak": "streaming budget, fixed width", "soak-router": "streaming budget, router, per-request targets"}
+
+
+def pristine_checkpoint(router: bool, workdir: Path, router_steps: int) -> Path:
+    """The demo's conversion of the embedded model; with ``router``, a copy of it with a router."""
+    import shutil
+
+    import vllm_d2moe
+    from vllm_d2moe.demo import converted_checkpoint
+    from vllm_d2moe.mwq.quantize import MWQSpec
+    from vllm_d2moe.reference.corpus import cache_root
+    from vllm_d2moe.router.model import RouterSet
+
+    embedded = Path(vllm_d2moe.__file__).parent / "assets" / "reference-small"
+    converted = converted_checkpoint(embedded, cache_root() / "demo", MWQSpec(2, 8, 128))
+    if not router:
+        return converted
+    routed = workdir / f"{converted.name}-routed"
+    try:
+        RouterSet.load(routed)
+        return routed
+    except Exception:  # noqa: BLE001 (no router there yet: train one)
+        pass
+    if routed.exists():
+        shutil.rmtree(routed)
+    shutil.copytree(converted, routed)
+    print(f"training a router on {routed} ({router_steps} steps)", flush=True)
+    subprocess.run([sys.executable, "-m", "vllm_d2moe.cli", "train-router", str(routed), "--steps", str(router_steps),
+                    "--calib-chars", "300000", "--seq-len", "128", "--no-progress"], check=True)
+    return routed
+
+
+def run(args) -> dict:
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+    from vllm_d2moe.testing.soak import soak_run
+
+    name = "soak-router" if args.router else "soak"
+    workdir = args.workdir / name
+    pristine = pristine_checkpoint(args.router, args.workdir, args.router_steps)
+    spec = MWQCheckpoint(pristine).spec
+    options = {"memory_budget": args.budget, "offload": {"direct": True}, "on_read_error": "fail"}
+    if args.router:
+        from vllm_d2moe.router.model import RouterSet
+
+        top = max(RouterSet.load(pristine).widths)
+        options["capacities"] = "off"
+    else:
+        top = spec.max_bits
+    server_args = ("--dtype", "float32", "--gpu-memory-utilization", "0.3",
+                   *(("--enforce-eager",) if args.enforce_eager else ()))
+    started = time.time()
+    result = soak_run(pristine, workdir, quantization_config=options, server_args=server_args,
+                      clients=args.clients, duration_s=args.minutes * 60, max_model_len=args.max_model_len,
+                      section=top - spec.min_bits, targets=tuple(args.targets) if args.router else (),
+                      reference_cache=workdir.parent / f"{name}-expected.json", max_requests=args.max_requests,
+                      seed=args.seed)
+    report = {"name": name, "description": RUNS[name], "started_unix": started, "model": str(pristine),
+              **result.to_json()}
+    return report
+
+
+def table(report: dict) -> str:
+    s = report["summary"]
+    outcomes = s["outcomes"]
+    latency, rss = s["latency_s"], s["rss"]
+
+    def seconds(x):
+        return "-" if x is None else f"{x:.2f} s"
+
+    growth = rss.get("growth_pct_per_hour")
+    lines = [
+        f"### {report['name']}: {report['description']}",
+        "",
+        f"{report['config']['clients']} clients for {report['config']['duration_s'] / 60:.0f} min "
+        f"(wall {report['config']['wall_s'] / 60:.1f} min), "
+        f"options `{json.dumps(report['config']['quantization_config'])}`"
+        + (f", targets {report['config']['targets']}" if report["config"]["targets"] else ""),
+        "",
+        "| requests | ok | failed by injected faults | abandoned by the client | wrong | unexplained failures | lost "
+        "| p50 latency | p99 latency | RSS growth after warm-up | pool bounded | alive and healthy at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {s['requests']} | {outcomes.get('ok', 0)} | {outcomes.get('failed_by_fault', 0)} "
+        f"| {outcomes.get('abandoned', 0)} | {outcomes.get('wrong', 0)} | {outcomes.get('unexplained', 0)} "
+        f"| {outcomes.get('lost', 0)} | {seconds(latency['p50'])} | {seconds(latency['p99'])} "
+        f"| {'-' if growth is None else f'{growth:+.2f}%/h'} | {'yes' if s['pool_bounded'] else 'NO'} "
+        f"| {'yes' if s['alive_at_end'] and s['healthy_at_end'] else 'NO'} |",
+        "",
+        "| fault | applied at | requests failed naming its expert |",
+        "|---|---|---|",
+    ]
+    for event in report["faults"]:
+        if event["action"] == "apply":
+            failed = s["failures_by_fault"].get(event["name"], 0)
+            lines.append(f"| {event['name']} | {event['t_s'] / 60:.1f} min | {failed} |")
+        else:
+            lines.append(f"| (ended) {event['name']} | {event['t_s'] / 60:.1f} min | |")
+    lines += ["", "| request kind | " + " | ".join(sorted(outcomes)) + " |", "|---" * (len(outcomes) + 1) + "|"]
+    for kind, counts in s["by_kind"].items():
+        lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0)) for o in sorted(outcomes)) + " |")
+    if rss.get("growth_pct_per_hour") is not None:
+        lines += ["", f"RSS of the server's process tree: {rss['first_bytes'] / 2**20:.0f} MiB at "
+                      f"{rss['from_s'] / 60:.1f} min (end of warm-up), {rss['last_bytes'] / 2**20:.0f} MiB at the end, "
+                      f"max {rss['max_bytes'] / 2**20:.0f} MiB; least-squares slope over {rss['samples']} samples. "
+                      f"Pool bytes max: occupied {s['pool_max']['pool_occupied']}, allocated "
+                      f"{s['pool_max']['pool_allocated']}, budget {s['pool_max']['pool_budget']}. "
+                      f"Tracebacks in the server log: {report['config']['server_log_tracebacks']}."]
+    if s["violations"]:
+        lines += ["", "**Goals missed:** " + "; ".join(s["violations"])]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rss_ax, lat_ax) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    samples = report["samples"]
+    rss_ax.plot([s["t_s"] / 60 for s in samples], [s["rss_bytes"] / 2**20 for s in samples], label="RSS (process tree)")
+    rss_ax.set_ylabel("MiB")
+    rss_ax.set_ylim(bottom=0)
+    for outcome, color in (("ok", "tab:blue"), ("failed_by_fault", "tab:orange"), ("wrong", "red"),
+                           ("unexplained", "purple"), ("lost", "black")):
+        points = [(r["end_s"] / 60, r["end_s"] - r["start_s"]) for r in report["records"] if r["outcome"] == outcome]
+        if points:
+            lat_ax.scatter(*zip(*points), s=2, color=color, label=outcome)
+    for event in report["faults"]:
+        for ax in (rss_ax, lat_ax):
+            ax.axvline(event["t_s"] / 60, color="grey", linewidth=0.6, linestyle=":")
+    lat_ax.set_ylabel("latency (s)")
+    lat_ax.set_xlabel("minutes (dotted: faults applied or ended)")
+    lat_ax.legend(fontsize=7, markerscale=4)
+    rss_ax.legend(fontsize=7)
+    fig.suptitle(f"{report['name']}: {report['config']['clients']} clients; RSS and request latency over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown() -> str:
+    parts = ["# Soak: concurrent OpenAI clients, streamed experts, injected faults",
+             "", "Written by `benchmarks/soak.py` (what it sends, injects and checks: its docstring and "
+             "`vllm_d2moe/testing/soak.py`). Every greedy answer is compared with the same request sent alone "
+             "to an all-resident server: *wrong*, *unexplained* (a failure naming no faulted expert) and *lost* "
+             "(no answer) must be 0. Plots: `soak*.png`.", ""]
+    for name in RUNS:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            parts += [table(json.loads(path.read_text())), ""]
+    text = "\n".join(parts)
+    (RESULTS / "soak.md").write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
+    parser.add_argument("--budget", default="4MiB", help="expert memory budget (default 4MiB: streaming)")
+    parser.add_argument("--router", action="store_true", help="serve with a bit-width router and per-request targets")
+    parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0],
+                        help="per-request target widths with --router (default 2 3 4)")
+    parser.add_argument("--router-steps", type=int, default=40)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: compiled)")
+    parser.add_argument("--workdir", type=Path, default=None, help="copies, logs, cached expected answers "
+                        "(default: <cache>/soak)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print, write nothing under benchmarks/results")
+    args = parser.parse_args()
+    if args.workdir is None:
+        from vllm_d2moe.reference.corpus import cache_root
+
+        args.workdir = cache_root() / "soak"
+    try:
+        report = run(args)
+    except Exception as e:  # noqa: BLE001 (the exception that stopped the run, then a non-zero exit)
+        import traceback
+
+        traceback.print_exc()
+        print(f"soak stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{report['name']}.json").write_text(json.dumps(report, indent=1))
+        plot(report, RESULTS / f"{report['name']}.png")
+        write_markdown()
+    return 1 if report["summary"]["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -227,8 +227,9 @@ class Fault:
 def standard_faults(model_dir: Path, control: Path, section: int, at: dict[str, float] | None = None,
                     kinds: tuple[str, ...] = FAULT_KINDS) -> list[Fault]:
     """The faults of ``kinds`` (default: every kind), in a run's order (``at``: fractions of the
-    run overriding the default schedule, by kind): reads delayed, then read errors of one expert
-    (both through the store's injected faults, and ended again), an expert file removed (nothing
+    run overriding the default schedule, by kind): reads delayed, then read errors of one layer's
+    experts (both through the store's injected faults, and ended again; an expert the pool holds
+    is not read, so a whole layer, not one expert that may stay resident), an expert file removed (nothing
     may change: the store reads through descriptors opened at start), then lasting damage on the
     copy served: section ``section`` of one expert corrupt, and the last layer's file cut off
     inside that section of the expert stored last in it (``section``: the widest plane the served
@@ -237,7 +238,8 @@ def standard_faults(model_dir: Path, control: Path, section: int, at: dict[str, 
     at = {"delay": 0.10, "read_error": 0.30, "remove_file": 0.45, "corrupt": 0.80, "truncate": 0.90, **(at or {})}
     checkpoint = MWQCheckpoint(model_dir)
     layers = sorted(checkpoint.layers)
-    errors = (layers[min(1, len(layers) - 1)], 2)
+    error_layer = layers[min(1, len(layers) - 1)]
+    errors = tuple((error_layer, e) for e in range(checkpoint.layer(error_layer).num_experts))
     removed = Path(model_dir) / EXPERTS_DIR / layer_file(layers[0])
     corrupt = (layers[min(2, len(layers) - 1)], 3)
     corrupt_path, corrupt_offset, _ = checkpoint.expert_extent(*corrupt)
@@ -255,8 +257,8 @@ def standard_faults(model_dir: Path, control: Path, section: int, at: dict[str, 
     faults = dict(zip(FAULT_KINDS, [
         Fault("store delays every read by 20 ms", at["delay"], lambda: write_injected_faults(control, delay_s=0.02),
               until=at["delay"] + 0.15, undo=clear),
-        Fault(f"store read errors of layer {errors[0]} expert {errors[1]}", at["read_error"],
-              lambda: write_injected_faults(control, fail=(errors,)), experts=(errors,),
+        Fault(f"store read errors of every layer-{error_layer} expert", at["read_error"],
+              lambda: write_injected_faults(control, fail=errors), experts=errors,
               until=at["read_error"] + 0.10, undo=clear),
         Fault(f"expert file {removed.name} removed", at["remove_file"], removed.unlink),
         Fault(f"section {section} of layer {corrupt[0]} expert {corrupt[1]} corrupt", at["corrupt"],

@@ -7,20 +7,19 @@ checked): the embedded reference model converted as ``d2moe demo`` converts it (
 reused), expected answers from an all-resident server sent each request alone (cached under
 ``--workdir``), then ``--clients`` concurrent clients against a server of a copy of it at
 ``--budget`` with ``O_DIRECT`` reads and ``on_read_error: "fail"`` (a damaged expert must fail
-its requests, not answer them narrower: every answer is compared bit for bit). ``--router``
-serves it with a learned bit-width router (trained here once, briefly, on a copy) and per-request
-targets (``vllm_xargs``), capacities off (per-batch capacities would make an answer depend on
-its batch), damage on the router's widest plane.
+its requests, not answer them narrower: every answer is compared bit for bit). ``--router DIR``
+serves it with a learned bit-width router and per-request targets (``vllm_xargs``), capacities
+off (per-batch capacities would make an answer depend on its batch), damage on the router's
+widest plane; ``DIR`` is a copy of the demo's conversion with ``d2moe train-router`` run on it.
 
 Writes ``benchmarks/results/soak[-router].json`` and ``.png`` (RSS and latency over time), and
 ``soak.md`` from every soak JSON there; prints the table. Exit status 1 when a goal is missed.
 
-    python benchmarks/soak.py --minutes 30 --clients 64 [--router]
+    python benchmarks/soak.py --minutes 30 --clients 64 [--router DIR]
 """
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,9 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = {"soak": "streaming budget, fixed width", "soak-router": "streaming budget, router, per-request targets"}
 
 
-def pristine_checkpoint(router: bool, workdir: Path, router_steps: int) -> Path:
-    """The demo's conversion of the embedded model; with ``router``, a copy of it with a router."""
-    import shutil
-
+def pristine_checkpoint(router_dir: Path | None) -> Path:
+    """The demo's conversion of the embedded model; with ``router_dir``, that directory, checked to
+    be a copy of the same conversion holding a trained router."""
     import vllm_d2moe
     from vllm_d2moe.demo import converted_checkpoint
     from vllm_d2moe.mwq.quantize import MWQSpec
@@ -41,21 +39,13 @@ def pristine_checkpoint(router: bool, workdir: Path, router_steps: int) -> Path:
 
     embedded = Path(vllm_d2moe.__file__).parent / "assets" / "reference-small"
     converted = converted_checkpoint(embedded, cache_root() / "demo", MWQSpec(2, 8, 128))
-    if not router:
+    if router_dir is None:
         return converted
-    routed = workdir / f"{converted.name}-routed"
-    try:
-        RouterSet.load(routed)
-        return routed
-    except Exception:  # noqa: BLE001 (no router there yet: train one)
-        pass
-    if routed.exists():
-        shutil.rmtree(routed)
-    shutil.copytree(converted, routed)
-    print(f"training a router on {routed} ({router_steps} steps)", flush=True)
-    subprocess.run([sys.executable, "-m", "vllm_d2moe.cli", "train-router", str(routed), "--steps", str(router_steps),
-                    "--calib-chars", "300000", "--seq-len", "128", "--no-progress"], check=True)
-    return routed
+    index = Path("d2moe") / "index.json"
+    if (router_dir / index).read_text() != (converted / index).read_text():
+        raise SystemExit(f"--router {router_dir}: its {index} differs from {converted / index} (another conversion)")
+    RouterSet.load(router_dir)  # raises with the reason when there is none
+    return router_dir
 
 
 def run(args) -> dict:
@@ -64,7 +54,7 @@ def run(args) -> dict:
 
     name = "soak-router" if args.router else "soak"
     workdir = args.workdir / name
-    pristine = pristine_checkpoint(args.router, args.workdir, args.router_steps)
+    pristine = pristine_checkpoint(args.router)
     spec = MWQCheckpoint(pristine).spec
     options = {"memory_budget": args.budget, "offload": {"direct": True}, "on_read_error": "fail"}
     if args.router:
@@ -186,10 +176,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
     parser.add_argument("--budget", default="4MiB", help="expert memory budget (default 4MiB: streaming)")
-    parser.add_argument("--router", action="store_true", help="serve with a bit-width router and per-request targets")
+    parser.add_argument("--router", type=Path, default=None, metavar="DIR",
+                        help="serve with a bit-width router and per-request targets: DIR is a copy of the demo's "
+                        "conversion with `d2moe train-router` run on it")
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0],
                         help="per-request target widths with --router (default 2 3 4)")
-    parser.add_argument("--router-steps", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: compiled)")
     parser.add_argument("--workdir", type=Path, default=None, help="copies, logs, cached expected answers "

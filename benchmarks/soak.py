@@ -3,14 +3,14 @@ concurrent OpenAI load, faults injected while it runs, every answer checked (iss
 
 Loopback only; bounded by ``--minutes`` (and ``--max-requests``); stops by itself. The run itself
 is :func:`vllm_d2moe.testing.soak.soak_run` (its docstring says what is sent, injected and
-checked): the embedded reference model converted as ``d2moe demo`` converts it (the demo's copy is
-reused), expected answers from an all-resident server sent each request alone (cached under
+checked): the embedded reference model converted as ``d2moe demo`` converts it (once, into
+``--workdir``), expected answers from an all-resident server sent each request alone (cached under
 ``--workdir``), then ``--clients`` concurrent clients against a server of a copy of it at
 ``--budget`` with ``O_DIRECT`` reads and ``on_read_error: "fail"`` (a damaged expert must fail
 its requests, not answer them narrower: every answer is compared bit for bit). ``--router DIR``
 serves it with a learned bit-width router and per-request targets (``vllm_xargs``), capacities
 off (per-batch capacities would make an answer depend on its batch), damage on the router's
-widest plane; ``DIR`` is a copy of the demo's conversion with ``d2moe train-router`` run on it.
+widest plane; ``DIR`` is a copy of that conversion with ``d2moe train-router`` run on it.
 
 Writes ``benchmarks/results/soak[-router].json`` and ``.png`` (RSS and latency over time), and
 ``soak.md`` from every soak JSON there; prints the table. Exit status 1 when a goal is missed.
@@ -28,17 +28,17 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = {"soak": "streaming budget, fixed width", "soak-router": "streaming budget, router, per-request targets"}
 
 
-def pristine_checkpoint(router_dir: Path | None) -> Path:
-    """The demo's conversion of the embedded model; with ``router_dir``, that directory, checked to
-    be a copy of the same conversion holding a trained router."""
+def pristine_checkpoint(workdir: Path, router_dir: Path | None) -> Path:
+    """The embedded model converted as the demo converts it, in ``workdir`` (converted once; by the
+    code that serves it); with ``router_dir``, that directory, checked to be a copy of the same
+    conversion holding a trained router."""
     import vllm_d2moe
     from vllm_d2moe.demo import converted_checkpoint
     from vllm_d2moe.mwq.quantize import MWQSpec
-    from vllm_d2moe.reference.corpus import cache_root
     from vllm_d2moe.router.model import RouterSet
 
     embedded = Path(vllm_d2moe.__file__).parent / "assets" / "reference-small"
-    converted = converted_checkpoint(embedded, cache_root() / "demo", MWQSpec(2, 8, 128))
+    converted = converted_checkpoint(embedded, workdir, MWQSpec(2, 8, 128))
     if router_dir is None:
         return converted
     index = Path("d2moe") / "index.json"
@@ -54,7 +54,7 @@ def run(args) -> dict:
 
     name = "soak-router" if args.router else "soak"
     workdir = args.workdir / name
-    pristine = pristine_checkpoint(args.router)
+    pristine = pristine_checkpoint(args.workdir, args.router)
     spec = MWQCheckpoint(pristine).spec
     options = {"memory_budget": args.budget, "offload": {"direct": True}, "on_read_error": "fail"}
     if args.router:
@@ -177,14 +177,14 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
     parser.add_argument("--budget", default="4MiB", help="expert memory budget (default 4MiB: streaming)")
     parser.add_argument("--router", type=Path, default=None, metavar="DIR",
-                        help="serve with a bit-width router and per-request targets: DIR is a copy of the demo's "
-                        "conversion with `d2moe train-router` run on it")
+                        help="serve with a bit-width router and per-request targets: DIR is a copy of the "
+                        "conversion in --workdir with `d2moe train-router` run on it")
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0],
                         help="per-request target widths with --router (default 2 3 4)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: compiled)")
-    parser.add_argument("--workdir", type=Path, default=None, help="copies, logs, cached expected answers "
-                        "(default: <cache>/soak)")
+    parser.add_argument("--workdir", type=Path, default=None, help="the conversion, copies, logs, cached "
+                        "expected answers (default: <cache>/soak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print, write nothing under benchmarks/results")
     args = parser.parse_args()

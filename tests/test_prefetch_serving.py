@@ -158,7 +158,8 @@ def test_outputs_equal_resident_within_the_pool_and_without_leaks(checkpoint, sl
     assert not manager.pool.pinned
     assert current_rss_bytes() - rss < 16 * 2**20
     total = manager.metrics.snapshot()["total"]
-    assert total["prefetch_reads"] > 0 and total["bytes_prefetched"] > 0
+    if slots >= 3:  # room for a call's experts and a prefetch
+        assert total["prefetch_reads"] > 0 and total["bytes_prefetched"] > 0
     assert total["bytes_wasted"] <= total["bytes_prefetched"]
     manager.pipeline.close()
 

@@ -26,7 +26,8 @@ threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
 any demand read starts before any queued prefetch), nearest layer first, then
 hottest expert and lowest width first, into slots that are free or hold
 experts nothing protects: a prefetch never evicts what the call uses, another
-forecast expert or another prefetch, and never exceeds the pool. A prefetched
+forecast expert or another prefetch, nor an expert routed more often than
+the forecast expects of the one it brings, and never exceeds the pool. A prefetched
 slot is evictable once written; a demand that finds every slot pinned cancels
 queued prefetches for their slots; a layer call adopts a prefetch of an expert
 it needs that is still reading, and cancels queued ones it does not need. A
@@ -249,7 +250,9 @@ class LoadPipeline:
     def _queue_prefetches(self, forecasts: Forecasts, protect: set[Key]) -> None:
         """Queue reads of the forecast experts that the pool does not serve, in one global order
         (nearest layer, hottest expert, lowest width first), into slots nothing in use or
-        predicted holds; stop where no such slot is left."""
+        predicted holds and no expert routed more often than the forecast expects of this one, and
+        no more slots than the call (``protect``) leaves (a call streaming through the pool needs
+        them)."""
         if not forecasts or self.executor is None:
             return
         wanted = []
@@ -259,7 +262,9 @@ class LoadPipeline:
         wanted.sort()
         keep = protect | {(later, e) for *_, e, later in wanted} | set(self._unused) | set(self._prefetches)
         min_bits = self.pool.min_bits
-        for rank, (depth, _, width, expert, later) in enumerate(wanted):
+        room = self.pool.num_slots - len(protect) - sum(p.write_ahead for p in self._prefetches.values())
+        full: set[int] = set()  # depths whose next prediction found no slot
+        for rank, (depth, hotness, width, expert, later) in enumerate(wanted):
             key = (later, expert)
             have = self.pool.width(key)
             if key in self._prefetches or have >= width or (key in self.pool.slot_of and not have):
@@ -269,8 +274,12 @@ class LoadPipeline:
                     continue
                 load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
             else:
-                if self.pool.acquire(key, keep, spare_only=True) is None:
-                    break
+                # Never in place of an expert as hot as this one is expected to be (nor, then, of one
+                # for a colder prediction of the same depth).
+                if room <= 0 or depth in full or self.pool.acquire(key, keep, colder_than=-hotness) is None:
+                    full.add(depth)
+                    continue
+                room -= 1
                 self.pool.pin(key)  # until written: no eviction while an I/O thread writes the slot
                 load = _Load(key, 0, width - min_bits, write_ahead=True, prefetch=True)
             load.future = self.executor.submit((1, self.calls + depth, rank), self._fetch, load,

@@ -16,8 +16,8 @@ share of decode time compute spent waiting for reads:
   overlapped with compute, frequent experts kept, ``O_DIRECT`` reads) with a
   budget of 1/2, 1/4 and 1/8 of the MWQ-4 expert bytes;
 * the same pipeline at 1/4 with cross-layer prefetch (option ``prefetch``, the
-  ``gate`` predictor, depth 1 and 2): the next layers' experts read while a
-  layer computes;
+  ``gate`` predictor, depth 1 and 2, and depth 1 with 4 spare experts per
+  token): the next layers' experts read while a layer computes;
 * beside them llama.cpp (``pip install -e ".[peers]"``; skipped with a message
   when ``llama-cpp-python`` is not installed) at q8_0 / q4_K_M / q2_K, all
   resident (GGUF conversion and engine: ``benchmarks/peers.py``);
@@ -95,7 +95,7 @@ CACHE = Path.home() / ".cache" / "vllm_d2moe" / "scale"
 MWQ_WIDTHS = (8, 4, 3, 2)
 STREAM_FRACTIONS = ("1/2", "1/4", "1/8")
 PREFETCH_FRACTION = "1/4"
-PREFETCH_DEPTHS = (1, 2)
+PREFETCH_VARIANTS = ((1, 0), (2, 0), (1, 4))  # (depth, spare experts per token) of the gate predictor
 PREFETCH_WAIT_CUT, PREFETCH_SPEEDUP = 0.5, 1.3  # the issue's goals against the same budget without prefetch
 LLAMA_QUANTS = ("q8_0", "q4_K_M", "q2_K")
 WAITING = 0.05  # compute "waits" when it spends at least this share of decode time waiting for reads
@@ -249,6 +249,7 @@ def streamed(mwq_dir: Path, fraction: str, budget: int, prefetch: dict | None = 
     if prefetch:
         config["prefetch"] = prefetch
         name += f" + prefetch {prefetch['predictor']} depth {prefetch['depth']}"
+        name += f" extra {prefetch['extra']}" if prefetch.get("extra") else ""
     return peers.vllm_spec(name, mwq_dir, config, budget=budget)
 
 
@@ -258,8 +259,8 @@ def plan_engines(model_dir: Path, mwq_dir: Path, ggufs: dict, has_router: bool, 
     if has_router:
         plan.append(peers.vllm_spec("MWQ router", mwq_dir, {"quant_method": "d2moe", "width_policy": "router"}))
     plan += [streamed(mwq_dir, fraction, budget) for fraction, budget in budgets.items()]
-    plan += [streamed(mwq_dir, PREFETCH_FRACTION, budgets[PREFETCH_FRACTION], {"predictor": "gate", "depth": d})
-             for d in PREFETCH_DEPTHS]
+    plan += [streamed(mwq_dir, PREFETCH_FRACTION, budgets[PREFETCH_FRACTION],
+                      {"predictor": "gate", "depth": d, "extra": m}) for d, m in PREFETCH_VARIANTS]
     plan += [
         {"engine": "llama.cpp", "name": f"llama.cpp {q}", "method": f"llama.cpp {q}", "model": str(ggufs[q])}
         for q in LLAMA_QUANTS

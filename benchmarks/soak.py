@@ -48,9 +48,9 @@ def pristine_checkpoint(workdir: Path, router_dir: Path | None) -> Path:
     return router_dir
 
 
-def run(args) -> dict:
+def run(args) -> dict | None:
     from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
-    from vllm_d2moe.testing.soak import soak_run
+    from vllm_d2moe.testing.soak import cached_expected_outcomes, soak_requests, soak_run
 
     name = "soak-router" if args.router else "soak"
     workdir = args.workdir / name
@@ -66,15 +66,20 @@ def run(args) -> dict:
         top = spec.max_bits
     server_args = ("--dtype", "float32", "--gpu-memory-utilization", "0.3",
                    *(("--enforce-eager",) if args.enforce_eager else ()))
+    targets = tuple(args.targets) if args.router else ()
+    reference_cache = workdir.parent / f"{name}-expected.json"
+    if args.expected_only:
+        workdir.mkdir(parents=True, exist_ok=True)
+        cached_expected_outcomes(pristine, workdir, options, (*server_args, "--max-model-len", str(args.max_model_len)),
+                                 soak_requests(args.max_model_len, targets), reference_cache, print)
+        return None
     started = time.time()
     result = soak_run(pristine, workdir, quantization_config=options, server_args=server_args,
                       clients=args.clients, duration_s=args.minutes * 60, max_model_len=args.max_model_len,
-                      section=top - spec.min_bits, targets=tuple(args.targets) if args.router else (),
-                      reference_cache=workdir.parent / f"{name}-expected.json", max_requests=args.max_requests,
-                      seed=args.seed)
-    report = {"name": name, "description": RUNS[name], "started_unix": started, "model": str(pristine),
-              **result.to_json()}
-    return report
+                      section=top - spec.min_bits, targets=targets, reference_cache=reference_cache,
+                      max_requests=args.max_requests, seed=args.seed)
+    return {"name": name, "description": RUNS[name], "started_unix": started, "model": str(pristine),
+            **result.to_json()}
 
 
 def table(report: dict) -> str:
@@ -155,18 +160,18 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown() -> str:
+def write_markdown(results: Path) -> str:
     parts = ["# Soak: concurrent OpenAI clients, streamed experts, injected faults",
              "", "Written by `benchmarks/soak.py` (what it sends, injects and checks: its docstring and "
              "`vllm_d2moe/testing/soak.py`). Every greedy answer is compared with the same request sent alone "
              "to an all-resident server: *wrong*, *unexplained* (a failure naming no faulted expert) and *lost* "
              "(no answer) must be 0. Plots: `soak*.png`.", ""]
     for name in RUNS:
-        path = RESULTS / f"{name}.json"
+        path = results / f"{name}.json"
         if path.exists():
             parts += [table(json.loads(path.read_text())), ""]
     text = "\n".join(parts)
-    (RESULTS / "soak.md").write_text(text)
+    (results / "soak.md").write_text(text)
     return text
 
 
@@ -186,7 +191,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="the conversion, copies, logs, cached "
                         "expected answers (default: <cache>/soak)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true", help="print, write nothing under benchmarks/results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write (default benchmarks/results)")
+    parser.add_argument("--no-write", action="store_true", help="print, write nothing under --results")
+    parser.add_argument("--expected-only", action="store_true",
+                        help="only compute (and cache under --workdir) the expected answers, then stop")
     args = parser.parse_args()
     if args.workdir is None:
         from vllm_d2moe.reference.corpus import cache_root
@@ -200,12 +208,14 @@ def main() -> int:
         traceback.print_exc()
         print(f"soak stopped: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    if report is None:
+        return 0
     print(table(report))
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{report['name']}.json").write_text(json.dumps(report, indent=1))
-        plot(report, RESULTS / f"{report['name']}.png")
-        write_markdown()
+        args.results.mkdir(exist_ok=True)
+        (args.results / f"{report['name']}.json").write_text(json.dumps(report, indent=1))
+        plot(report, args.results / f"{report['name']}.png")
+        write_markdown(args.results)
     return 1 if report["summary"]["violations"] else 0
 
 

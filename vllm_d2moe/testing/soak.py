@@ -473,26 +473,43 @@ def finish(result: SoakResult, proc, base_url: str) -> SoakResult:
     return result
 
 
+def cached_expected_outcomes(pristine: Path, workdir: Path, quantization_config: dict, args: tuple[str, ...],
+                             requests: list[SoakRequest], reference_cache: Path | None,
+                             progress: Callable[[str], None]) -> dict:
+    """:func:`expected_outcomes` from an all-resident server of ``pristine`` (``quantization_config``
+    without ``memory_budget`` and ``offload``), or from ``reference_cache`` (a JSON file) when it
+    holds them for the same checkpoint, options and requests; written there when computed."""
+    from vllm_d2moe.testing.served import running_server
+
+    resident = {k: v for k, v in quantization_config.items() if k not in ("memory_budget", "offload")}
+    key = reference_cache_key(pristine, {"options": resident, "args": args}, requests)
+    cached = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
+    if cached.get("key") == key:
+        progress(f"expected outcomes of {len(cached['outcomes'])} requests from {reference_cache}")
+        return cached["outcomes"]
+    progress(f"expected outcomes: each of {sum(r.checked for r in requests)} requests alone, all resident")
+    with running_server(str(pristine), resident, Path(workdir) / "reference-server.log", args) as (_, reference):
+        expected = expected_outcomes(reference, str(pristine), requests)
+    if reference_cache:
+        reference_cache.write_text(json.dumps({"key": key, "outcomes": expected}))
+    return expected
+
+
 def soak_run(pristine: Path, workdir: Path, *, quantization_config: dict, server_args: tuple[str, ...],
              clients: int, duration_s: float, max_model_len: int, section: int, targets: tuple[float, ...] = (),
              fault_kinds: tuple[str, ...] = FAULT_KINDS, fault_at: dict[str, float] | None = None,
              reference_cache: Path | None = None, max_requests: int | None = None,
              sample_every_s: float = 5.0, seed: int = 0, progress: Callable[[str], None] | None = None) -> SoakResult:
-    """The whole run: expected outcomes from an all-resident server of ``pristine`` (the same
-    options without ``memory_budget``; kept in ``reference_cache``, a JSON file, for the next run
-    with the same checkpoint, options and requests), then :func:`soak` against ``d2moe serve`` of a
-    copy of ``pristine`` in ``workdir`` with ``quantization_config``, the faults applied to that copy."""
-    from vllm_d2moe.testing.served import running_server, start_server, stop, wait_healthy
+    """The whole run: expected outcomes (:func:`cached_expected_outcomes`), then :func:`soak` against
+    ``d2moe serve`` of a copy of ``pristine`` in ``workdir`` with ``quantization_config``, the faults
+    applied to that copy."""
+    from vllm_d2moe.testing.served import start_server, stop, wait_healthy
 
     progress = progress or (lambda message: print(message, flush=True))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     requests = soak_requests(max_model_len, targets)
     args = (*server_args, "--max-model-len", str(max_model_len))
-    resident = {k: v for k, v in quantization_config.items() if k not in ("memory_budget", "offload")}
-    key = reference_cache_key(pristine, {"options": resident, "args": args}, requests)
-    cached = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
-
     served = workdir / "served-copy"
     if served.exists():
         shutil.rmtree(served)
@@ -504,15 +521,9 @@ def soak_run(pristine: Path, workdir: Path, *, quantization_config: dict, server
     progress(f"starting a server of a copy ({served}) with {json.dumps(quantization_config)}; log: {log}")
     proc, base = start_server(str(served), quantization_config, log, args, env={FAULTS_ENV: str(control)})
     try:
-        if cached.get("key") == key:
-            expected = cached["outcomes"]
-            progress(f"expected outcomes of {len(expected)} requests from {reference_cache}")
-        else:  # while the soak's server starts
-            progress(f"expected outcomes: each of {sum(r.checked for r in requests)} requests alone, all resident")
-            with running_server(str(pristine), resident, workdir / "reference-server.log", args) as (_, reference):
-                expected = expected_outcomes(reference, str(pristine), requests)
-            if reference_cache:
-                reference_cache.write_text(json.dumps({"key": key, "outcomes": expected}))
+        # while the soak's server starts
+        expected = cached_expected_outcomes(pristine, workdir, quantization_config, args, requests, reference_cache,
+                                            progress)
         wait_healthy(proc, base, log)
         progress(f"{clients} clients for {duration_s:.0f} s; faults: " + "; ".join(f.name for f in faults))
         result = asyncio.run(soak(base, str(served), proc.pid, requests, expected, faults, clients=clients,

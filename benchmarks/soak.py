@@ -77,7 +77,7 @@ def run(args) -> dict | None:
     result = soak_run(pristine, workdir, quantization_config=options, server_args=server_args,
                       clients=args.clients, duration_s=args.minutes * 60, max_model_len=args.max_model_len,
                       section=top - spec.min_bits, targets=targets, reference_cache=reference_cache,
-                      max_requests=args.max_requests, seed=args.seed)
+                      max_requests=args.max_requests, seed=args.seed, end_by_unix=args.end_by)
     return {"name": name, "description": RUNS[name], "started_unix": started, "model": str(pristine),
             **result.to_json()}
 
@@ -180,6 +180,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
+    parser.add_argument("--end-by", type=float, default=None, metavar="UNIX_TIME",
+                        help="shorten the clients' run so that it ends by then (reported as run)")
     parser.add_argument("--budget", default="4MiB", help="expert memory budget (default 4MiB: streaming)")
     parser.add_argument("--router", type=Path, default=None, metavar="DIR",
                         help="serve with a bit-width router and per-request targets: DIR is a copy of the "

@@ -475,7 +475,7 @@ def finish(result: SoakResult, proc, base_url: str) -> SoakResult:
 
 def cached_expected_outcomes(pristine: Path, workdir: Path, quantization_config: dict, args: tuple[str, ...],
                              requests: list[SoakRequest], reference_cache: Path | None,
-                             progress: Callable[[str], None]) -> dict:
+                             progress: Callable[[str], None], start_timeout_s: float = 1200) -> dict:
     """:func:`expected_outcomes` from an all-resident server of ``pristine`` (``quantization_config``
     without ``memory_budget`` and ``offload``), or from ``reference_cache`` (a JSON file) when it
     holds them for the same checkpoint, options and requests; written there when computed."""
@@ -488,7 +488,8 @@ def cached_expected_outcomes(pristine: Path, workdir: Path, quantization_config:
         progress(f"expected outcomes of {len(cached['outcomes'])} requests from {reference_cache}")
         return cached["outcomes"]
     progress(f"expected outcomes: each of {sum(r.checked for r in requests)} requests alone, all resident")
-    with running_server(str(pristine), resident, Path(workdir) / "reference-server.log", args) as (_, reference):
+    with running_server(str(pristine), resident, Path(workdir) / "reference-server.log", args,
+                        start_timeout_s=start_timeout_s) as (_, reference):
         expected = expected_outcomes(reference, str(pristine), requests)
     if reference_cache:
         reference_cache.write_text(json.dumps({"key": key, "outcomes": expected}))
@@ -499,10 +500,12 @@ def soak_run(pristine: Path, workdir: Path, *, quantization_config: dict, server
              clients: int, duration_s: float, max_model_len: int, section: int, targets: tuple[float, ...] = (),
              fault_kinds: tuple[str, ...] = FAULT_KINDS, fault_at: dict[str, float] | None = None,
              reference_cache: Path | None = None, max_requests: int | None = None,
-             sample_every_s: float = 5.0, seed: int = 0, progress: Callable[[str], None] | None = None) -> SoakResult:
+             sample_every_s: float = 5.0, seed: int = 0, end_by_unix: float | None = None,
+             start_timeout_s: float = 1200, progress: Callable[[str], None] | None = None) -> SoakResult:
     """The whole run: expected outcomes (:func:`cached_expected_outcomes`), then :func:`soak` against
     ``d2moe serve`` of a copy of ``pristine`` in ``workdir`` with ``quantization_config``, the faults
-    applied to that copy."""
+    applied to that copy; clients run ``duration_s``, or less when that would pass ``end_by_unix``
+    (servers start slowly on a busy machine: the run's schedule scales with what is left)."""
     from vllm_d2moe.testing.served import start_server, stop, wait_healthy
 
     progress = progress or (lambda message: print(message, flush=True))
@@ -523,8 +526,10 @@ def soak_run(pristine: Path, workdir: Path, *, quantization_config: dict, server
     try:
         # while the soak's server starts
         expected = cached_expected_outcomes(pristine, workdir, quantization_config, args, requests, reference_cache,
-                                            progress)
-        wait_healthy(proc, base, log)
+                                            progress, start_timeout_s)
+        wait_healthy(proc, base, log, start_timeout_s)
+        if end_by_unix is not None:
+            duration_s = min(duration_s, end_by_unix - time.time())
         progress(f"{clients} clients for {duration_s:.0f} s; faults: " + "; ".join(f.name for f in faults))
         result = asyncio.run(soak(base, str(served), proc.pid, requests, expected, faults, clients=clients,
                                   duration_s=duration_s, max_requests=max_requests, sample_every_s=sample_every_s,

@@ -160,6 +160,25 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def compact(report: dict) -> dict:
+    """The report with per-minute counts and latencies instead of one record per request (tens of
+    thousands); the records of answers that were wrong, unexplained or lost are kept whole."""
+    from vllm_d2moe.testing.soak import percentiles
+
+    minutes = {}
+    for r in report["records"]:
+        minutes.setdefault(int(r["end_s"] // 60), []).append(r)
+    timeline = []
+    for minute, records in sorted(minutes.items()):
+        latencies = sorted(r["end_s"] - r["start_s"] for r in records if r["outcome"] in ("ok", "failed_by_fault"))
+        counts = {}
+        for r in records:
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        timeline.append({"minute": minute, **counts, "latency_s": percentiles(latencies)})
+    bad = [r for r in report["records"] if r["outcome"] in ("wrong", "unexplained", "lost")]
+    return {**{k: v for k, v in report.items() if k != "records"}, "timeline": timeline, "bad_records": bad}
+
+
 def write_markdown(results: Path) -> str:
     parts = ["# Soak: concurrent OpenAI clients, streamed experts, injected faults",
              "", "Written by `benchmarks/soak.py` (what it sends, injects and checks: its docstring and "
@@ -215,8 +234,8 @@ def main() -> int:
     print(table(report))
     if not args.no_write:
         args.results.mkdir(exist_ok=True)
-        (args.results / f"{report['name']}.json").write_text(json.dumps(report, indent=1))
         plot(report, args.results / f"{report['name']}.png")
+        (args.results / f"{report['name']}.json").write_text(json.dumps(compact(report), indent=1))
         write_markdown(args.results)
     return 1 if report["summary"]["violations"] else 0
 

@@ -141,8 +141,7 @@ def plot(report: dict, path: Path) -> None:
     fig, (rss_ax, lat_ax) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     samples = report["samples"]
     rss_ax.plot([s["t_s"] / 60 for s in samples], [s["rss_bytes"] / 2**20 for s in samples], label="RSS (process tree)")
-    rss_ax.set_ylabel("MiB")
-    rss_ax.set_ylim(bottom=0)
+    rss_ax.set_ylabel("MiB (not from 0)")
     for outcome, color in (("ok", "tab:blue"), ("failed_by_fault", "tab:orange"), ("wrong", "red"),
                            ("unexplained", "purple"), ("lost", "black")):
         points = [(r["end_s"] / 60, r["end_s"] - r["start_s"]) for r in report["records"] if r["outcome"] == outcome]

@@ -164,6 +164,21 @@ def test_outputs_equal_resident_within_the_pool_and_without_leaks(checkpoint, sl
     manager.pipeline.close()
 
 
+def test_expert_parallel_rank_prefetches_only_its_experts(checkpoint):
+    backend = load_backend("cpu_bitplanes")
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 8), MAX_BITS, OffloadPolicy(), backend)
+    mine = [1, 3, 4, 6, 7]
+    layers = [manager.layer(layer, mine, MAX_BITS) for layer in (0, 1)]
+    resident = load_layer_experts(checkpoint, 0, mine, MAX_BITS, 0, 1, backend)
+    args = call([0, 2], 8, seed=3)  # local ids: experts 1 and 4
+    forecasts = [(1, 1, {0: (1, 8), 3: (2, 8), 5: (1, 8), 6: (1, 4)})]
+    torch.testing.assert_close(layers[0].forward(*args, forecasts), resident.forward(*args), rtol=1e-5, atol=1e-6)
+    settle(manager)
+    manager.pipeline._reap()
+    assert sorted(e for layer, e, _ in manager.pool.entries() if layer == 1) == [3, 6]
+    manager.pipeline.close()
+
+
 def test_option_errors_name_the_option(model):
     from vllm_d2moe.vllm_glue.quant_config import D2MoEConfig
 
@@ -239,9 +254,9 @@ def served(model, checkpoint, learned_model, bad_predictors, routed_mixtral, tmp
         _run("gate-depth-2-extra-2", model, budget, {"predictor": "gate", "depth": 2, "extra": 2},
              sample_offload=True),
         _run("learned", learned_model, budget, {"predictor": "learned"}, sample_offload=True),
-        # vLLM's default process layout (engine core spawned) with torch.compile.
-        _run("gate-spawned-compiled", model, budget, {"predictor": "gate", "extra": 1}, enforce_eager=False),
-        _run("gate-tp2", model, budget, {"predictor": "gate", "extra": 1}, tensor_parallel_size=2),
+        # vLLM's default process layout (engine core and two tensor-parallel workers spawned), compiled.
+        _run("gate-tp2-compiled", model, budget, {"predictor": "gate", "extra": 1}, tensor_parallel_size=2,
+             enforce_eager=False),
         # The router's widths with per-request targets, with and without prefetch.
         _run("routed", routed_mixtral, routed, extra_args=targets, options=routed_options, in_process=True),
         _run("routed-gate", routed_mixtral, routed, {"predictor": "gate", "extra": 1}, extra_args=targets,
@@ -281,13 +296,12 @@ def test_served_tokens_with_prefetch_equal_without_and_stay_in_budget(served, re
     report.add(f"prefetch {name}: {_prefetch_report([metrics])}")
 
 
-@pytest.mark.parametrize("name", ["gate-spawned-compiled", "gate-tp2"])
-def test_served_with_prefetch_in_the_default_layout_compiled_and_under_tp(served, report, name):
-    assert _tokens(served, name) == _tokens(served, "resident")
-    metrics = served[name]["offload_metrics"]
-    assert len(metrics) == 1  # one manager per worker; under TP=2 engine_stats answers rank 0's
+def test_served_with_prefetch_in_the_default_layout_compiled_under_tp(served, report):
+    assert _tokens(served, "gate-tp2-compiled") == _tokens(served, "resident")
+    metrics = served["gate-tp2-compiled"]["offload_metrics"]
+    assert len(metrics) == 1  # rank 0's worker process (engine_stats answers one worker's), one manager
     assert metrics[0]["total"]["prefetch_reads"] > 0
-    report.add(f"prefetch {name}: {_prefetch_report(metrics)}")
+    report.add(f"prefetch gate-tp2-compiled: {_prefetch_report(metrics)}")
 
 
 def test_served_router_widths_with_per_request_targets(served, report):

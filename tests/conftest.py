@@ -62,8 +62,8 @@ def pytest_terminal_summary(terminalreporter):
 # every module that uses one runs in the same worker, so that the engines start once.
 _SHARED_ENGINE_FIXTURES = ("engine_results",)
 # Groups xdist should hand out first (in collection order, with --no-loadscope-reorder): the longest.
-_LONGEST_GROUPS = ("engine_results", "test_router_serving", "test_offload", "test_real_shape", "test_ray", "test_eval",
-                   "test_soak")
+_LONGEST_GROUPS = ("engine_results", "test_router_serving", "test_offload", "test_prefetch_serving", "test_real_shape",
+                   "test_ray", "test_eval", "test_soak")
 
 
 @pytest.hookimpl(tryfirst=True)

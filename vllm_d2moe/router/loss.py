@@ -1,4 +1,6 @@
-"""The bit-width router's training loss (D²MoE, "Dynamic Bit-Width Selection Loss")::
+"""The bit-width router's training losses.
+
+``router_loss`` (D²MoE, "Dynamic Bit-Width Selection Loss", objective ``kl``)::
 
     loss = mean_x [ task(x) + (alpha / L) * sum_l sum_k p_k^l(x) * b_k ]
 
@@ -6,6 +8,15 @@
 being the unquantized model (or the widest stored width); ``p^l(x)`` the
 router probabilities of layer ``l`` for the pairs of token ``x``, so the
 second term is the expected width, averaged over layers, weighed by ``alpha``.
+
+``allocation_loss`` (objective ``error``): each pair's measured cost ``c_k``
+of width k (its predicted share of the KL, in units where a typical pair's
+narrowest-to-widest difference is 1) defines the error-aware allocation at a
+global shift ``s``: width ``argmin_k c_k + s * b_k``, the Lagrangian optimum of
+"least total error for this many bits". Serving picks ``argmax_k logit_k -
+s * b_k``, so the router is fitted to ``softmax(-c - s b)`` at shifts spread
+over the range where pairs change width; its logits then approximate ``-c``
+and one shift serves every target.
 """
 
 from collections.abc import Sequence
@@ -46,3 +57,16 @@ def router_loss(
     task = task_kl(student_logits, teacher_logits)
     bits = expected_bits(layer_probs, widths)
     return LossParts(task + alpha * bits, float(task), float(bits))
+
+
+def allocation_loss(logits: torch.Tensor, costs: torch.Tensor, widths: Sequence[int],
+                    shifts: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of KL(softmax(-costs - s b) || softmax(logits - s b)).
+
+    ``logits, costs [pairs, K]``, ``shifts [pairs]`` (one shift per pair).
+    """
+    bits = torch.tensor(widths, dtype=torch.float32, device=logits.device)
+    penalty = shifts.float().unsqueeze(-1) * bits
+    target = (-costs.float() - penalty).log_softmax(-1)
+    model = (logits.float() - penalty).log_softmax(-1)
+    return F.kl_div(model, target, log_target=True, reduction="batchmean")

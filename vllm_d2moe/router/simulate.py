@@ -57,7 +57,7 @@ class SimulatedExperts(torch.nn.Module):
         self.probs: torch.Tensor | None = None
         self.choice: torch.Tensor | None = None
 
-    def _expert_mlp(self, x: torch.Tensor, widths: tuple[int, ...], expert: int) -> torch.Tensor:
+    def expert_outputs(self, x: torch.Tensor, widths: tuple[int, ...], expert: int) -> torch.Tensor:
         """``[rows, len(widths), hidden]``: the expert's output at each of ``widths``."""
         index = [self.widths.index(b) for b in widths]
         gate_up = self.gate_up[index, expert]  # [K, 2I, H]
@@ -95,12 +95,12 @@ class SimulatedExperts(torch.nn.Module):
             pairs = (pair_expert == expert).nonzero().squeeze(1)
             x = hidden[pair_token[pairs]]
             if self.mode == "train":  # every width's output: the straight-through gradient needs them
-                y = (mixing[pairs].unsqueeze(-1) * self._expert_mlp(x, widths, expert)).sum(1)
+                y = (mixing[pairs].unsqueeze(-1) * self.expert_outputs(x, widths, expert)).sum(1)
             else:  # serving computes only each pair's chosen width
                 y = torch.zeros_like(x)
                 for k in mixing[pairs].argmax(1).unique().tolist():
                     rows = (mixing[pairs, k] != 0).nonzero().squeeze(1)
-                    y[rows] = self._expert_mlp(x[rows], (widths[k],), expert)[:, 0]
+                    y[rows] = self.expert_outputs(x[rows], (widths[k],), expert)[:, 0]
             out.index_add_(0, pair_token[pairs], y * pair_weight[pairs])
         return out
 

@@ -32,13 +32,21 @@ def pristine_checkpoint(workdir: Path, router_dir: Path | None) -> Path:
     """The embedded model converted as the demo converts it, in ``workdir`` (converted once; by the
     code that serves it); with ``router_dir``, that directory, checked to be a copy of the same
     conversion holding a trained router."""
+    import shutil
+
     import vllm_d2moe
     from vllm_d2moe.demo import converted_checkpoint
+    from vllm_d2moe.mwq.checkpoint import CheckpointError
     from vllm_d2moe.mwq.quantize import MWQSpec
     from vllm_d2moe.router.model import RouterSet
 
     embedded = Path(vllm_d2moe.__file__).parent / "assets" / "reference-small"
-    converted = converted_checkpoint(embedded, workdir, MWQSpec(2, 8, 128))
+    try:
+        converted = converted_checkpoint(embedded, workdir, MWQSpec(2, 8, 128))
+    except CheckpointError as e:  # made by an older format version: converted again
+        print(f"converting again: {e}", flush=True)
+        shutil.rmtree(workdir / f"{embedded.name}-d2moe-w2-8-g128")
+        converted = converted_checkpoint(embedded, workdir, MWQSpec(2, 8, 128))
     if router_dir is None:
         return converted
     index = Path("d2moe") / "index.json"

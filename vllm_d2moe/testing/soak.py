@@ -120,12 +120,6 @@ def soak_requests(max_model_len: int, targets: tuple[float, ...] = ()) -> list[S
     return greedy + abandoned
 
 
-class RequestFailed(Exception):
-    def __init__(self, status: int | None, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 async def send(client, model: str, request: SoakRequest) -> dict:
     """The request's outcome: ``{"status": 200, "texts": [...], "finish": [...]}`` per choice, or
     ``{"status": code, "error": message}`` for an HTTP error or an error event of a stream."""
@@ -290,7 +284,7 @@ class SoakResult:
                            if r["outcome"] in ("ok", "failed_by_fault") and r["kind"] not in ABANDONED_KINDS)
         duration = self.config["duration_s"]
         warm = [s for s in self.samples if s["t_s"] >= warmup_fraction * duration]
-        pool_ok = all(s["pool_occupied"] <= s["pool_allocated"] <= s["pool_budget"]
+        pool_ok = all(s.get("pool_occupied", 0) <= s.get("pool_allocated", 0) <= s["pool_budget"]
                       for s in self.samples if s.get("pool_budget"))
         violations = [f"{counts[o]} {o}" for o in ("wrong", "unexplained", "lost") if counts[o]]
         if not pool_ok:

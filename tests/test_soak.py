@@ -53,7 +53,7 @@ def test_injected_read_faults_are_off_unless_asked_and_follow_their_file(embedde
 def test_classify_blames_only_a_faulted_expert():
     (request,) = [r for r in soak_requests(1024) if r.kind == "completion"][:1]
     expected = {"status": 200, "texts": ["abc"], "finish": ["length"]}
-    faulted = {(2, 3): "corrupt"}
+    faulted = {(2, 3): ("corrupt", None), (1, 0): ("read errors", 10.0)}
     assert classify(request, expected, expected, faulted) == ("ok", None)
     assert classify(request, {**expected, "texts": ["abd"]}, expected, faulted) == ("wrong", None)
     failure = {"status": 500, "error": "MoE layer 2 expert 3 at 8 bits could not be read: checksum mismatch"}
@@ -61,6 +61,10 @@ def test_classify_blames_only_a_faulted_expert():
     other = {"status": 500, "error": "MoE layer 2 expert 4 at 8 bits could not be read: checksum mismatch"}
     assert classify(request, other, expected, faulted) == ("unexplained", None)
     assert classify(request, {"status": 500, "error": "Internal server error"}, expected, faulted)[0] == "unexplained"
+    # Read errors injected until t = 10 s: a request sent before then may fail of them, one sent later may not.
+    read_error = {"status": 200, "error": "MoE layer 1 expert 0 at 8 bits could not be read: injected read error"}
+    assert classify(request, read_error, expected, faulted, started_s=9.0) == ("failed_by_fault", "read errors")
+    assert classify(request, read_error, expected, faulted, started_s=11.0) == ("unexplained", None)
 
 
 def test_request_set_covers_every_kind():

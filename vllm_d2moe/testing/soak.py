@@ -364,12 +364,15 @@ def pool_bytes(base_url: str) -> dict:
     return dict(out)
 
 
-def classify(request: SoakRequest, outcome: dict, expected: dict, faulted: dict) -> tuple[str, str | None]:
-    """``(outcome class, name of the fault it is blamed on)``; ``faulted``: ``{(layer, expert): fault name}``
-    of the faults applied so far."""
+def classify(request: SoakRequest, outcome: dict, expected: dict, faulted: dict,
+             started_s: float = 0.0) -> tuple[str, str | None]:
+    """``(outcome class, name of the fault it is blamed on)`` of a request sent at ``started_s``;
+    ``faulted``: ``{(layer, expert): (fault name, when it ended or None)}`` of the faults applied so
+    far. A fault that had ended (injected read errors) before the request was sent explains nothing."""
     if "error" in outcome and (outcome["status"] >= 500 or outcome["status"] == 200):
         named = {(int(m[0]), int(m[1])) for m in EXPERT_NAMED.findall(outcome["error"])}
-        blamed = [faulted[e] for e in named if e in faulted]
+        blamed = [name for name, ended in (faulted[e] for e in named if e in faulted)
+                  if ended is None or started_s <= ended]
         return ("failed_by_fault", blamed[0]) if blamed else ("unexplained", None)
     if not request.checked:
         return "abandoned", None
@@ -390,7 +393,7 @@ async def soak(base_url: str, model: str, server_pid: int, requests: list[SoakRe
     result = SoakResult(config={**(config or {}), "clients": clients, "duration_s": duration_s,
                                 "request_kinds": sorted({r.kind for r in requests}),
                                 "distinct_requests": len(requests)})
-    faulted: dict[tuple[int, int], str] = {}
+    faulted: dict[tuple[int, int], tuple[str, float | None]] = {}
     start = time.monotonic()
     deadline = start + duration_s
     sent = 0
@@ -416,7 +419,7 @@ async def soak(base_url: str, model: str, server_pid: int, requests: list[SoakRe
                         outcome = {"status": 200, "cancelled": True}
                 else:
                     outcome = await asyncio.wait_for(send(client, model, request), timeout=request_timeout_s)
-                kind, blamed = classify(request, outcome, expected.get(request.key), faulted)
+                kind, blamed = classify(request, outcome, expected.get(request.key), faulted, begun)
             except Exception as e:  # noqa: BLE001 (a timeout, a dropped connection: a lost answer)
                 outcome, kind, blamed = {"exception": f"{type(e).__name__}: {e}"}, "lost", None
             record = {"kind": request.kind, "start_s": begun, "end_s": now(), "outcome": kind, "fault": blamed}
@@ -431,9 +434,10 @@ async def soak(base_url: str, model: str, server_pid: int, requests: list[SoakRe
             if action == "apply":
                 await asyncio.to_thread(fault.apply)
                 fault.applied_s = now()
-                faulted.update({e: fault.name for e in fault.experts})
+                faulted.update({e: (fault.name, None) for e in fault.experts})
             else:
                 await asyncio.to_thread(fault.undo)
+                faulted.update({e: (fault.name, now()) for e in fault.experts})
             result.faults.append({"name": fault.name, "action": action, "t_s": now(),
                                   "experts": [list(e) for e in fault.experts]})
 

@@ -25,6 +25,7 @@ from vllm_d2moe.eval.scoring import score_with_vllm
 from vllm_d2moe.eval.variants import METHODS, build_variants, measured_bits_per_weight, model_dtype
 from vllm_d2moe.mwq.checkpoint import CheckpointError
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec
+from vllm_d2moe.vllm_glue.dense_method import DENSE_MODES
 
 
 def add_arguments(parser) -> None:
@@ -46,6 +47,9 @@ def add_arguments(parser) -> None:
                              "MWQ spec that holds one): adds router and shuffled-mix variants")
     parser.add_argument("--router-targets", type=float, nargs="*", default=[],
                         help="target average widths served with the router (and shuffled) besides its capacities")
+    parser.add_argument("--dense", nargs="+", choices=DENSE_MODES, default=[],
+                        help="also serve each MWQ width with the other linear layers in this mode (d2moe option "
+                             "'dense'): their accuracy cost")
     parser.add_argument("--corpus-dir", type=Path, default=None, help="default: $D2MOE_CACHE/corpus")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep converted checkpoints and raw scores here (default: a temporary directory)")
@@ -58,6 +62,8 @@ def command_line(args) -> str:
         "--window", str(args.window), "--split", args.split, "--widths", *map(str, args.widths),
         "--group-size", str(args.group_size), "--methods", *args.methods,
     ]
+    if args.dense:
+        parts += ["--dense", *args.dense]
     if args.router:
         parts += ["--router", str(args.router), "--router-targets", *map(str, args.router_targets)]
     return shlex.join(parts)
@@ -72,7 +78,7 @@ def evaluate(args, work_dir: Path) -> int:
     windows = heldout_windows(args.model, args.split, args.tokens, args.window, args.corpus_dir)
     print(f"d2moe eval: {windows.shape[0]} windows of {args.window} tokens; writing checkpoints", flush=True)
     variants = build_variants(args.model, work_dir, args.methods, widths, args.group_size,
-                              args.router, args.router_targets)
+                              args.router, args.router_targets, dense=args.dense)
     scores, engines = score_with_vllm(variants, windows, dtype, work_dir / "scores")
     variants = [
         replace(v, bits_per_weight=measured_bits_per_weight(v.model, engines[v.name]["width_histogram"]))

@@ -7,6 +7,8 @@
 * ``rtn-B``: independent round-to-nearest at width B, same group size
   (fake-quantized checkpoint, see ``fake_quant``).
 * ``int8``: symmetric per-channel INT8 (fake-quantized checkpoint).
+* ``mwq-B+dense-M``: the same with the ``dense`` option M (non-expert linear
+  layers as weight-only int8 / int4); its bits per weight count the experts alone.
 * ``router`` / ``router-T``: the MWQ checkpoint with a trained bit-width router
   (``--router``), at its trained capacities / at target average width T;
   ``shuffled`` / ``shuffled-T``: the same with the router's choices dealt at
@@ -121,10 +123,11 @@ def build_variants(
     router: Path | None = None,
     router_targets: list[float] = (),
     mwq_dir: Path | None = None,
+    dense: list[str] = (),
 ) -> list[Variant]:
     """Write every checkpoint the comparison serves into ``work_dir``; the reference comes first.
     ``mwq_dir``: an existing conversion of ``src`` with widths ``min(widths)..max(widths)`` to serve
-    instead of converting again."""
+    instead of converting again. ``dense``: modes of the ``dense`` option each MWQ width is also served with."""
     src, work_dir = Path(src), Path(work_dir)
     hidden, intermediate = _expert_shapes(src)
     source_bits = torch.finfo(getattr(torch, model_dtype(src))).bits
@@ -141,6 +144,15 @@ def build_variants(
                 f"mwq-{b}", "mwq", b, str(mwq_dir), stored_bits_per_weight(mwq_layouts, b), quantization=QUANT_METHOD,
                 hf_overrides={"quantization_config": {"quant_method": QUANT_METHOD, "bits": b}},
             )
+            for b in widths
+        ]
+        variants += [
+            Variant(
+                f"mwq-{b}+dense-{mode}", "mwq", b, str(mwq_dir), stored_bits_per_weight(mwq_layouts, b),
+                quantization=QUANT_METHOD,
+                hf_overrides={"quantization_config": {"quant_method": QUANT_METHOD, "bits": b, "dense": mode}},
+            )
+            for mode in dense
             for b in widths
         ]
         if router is not None:

@@ -87,7 +87,7 @@ def run(args) -> dict | None:
                       section=top - spec.min_bits, targets=targets, reference_cache=reference_cache,
                       max_requests=args.max_requests, seed=args.seed, end_by_unix=args.end_by)
     return {"name": name, "description": RUNS[name], "started_unix": started, "model": str(pristine),
-            **result.to_json()}
+            "asked_minutes": args.minutes, **result.to_json()}
 
 
 def table(report: dict) -> str:
@@ -102,8 +102,8 @@ def table(report: dict) -> str:
     lines = [
         f"### {report['name']}: {report['description']}",
         "",
-        f"{report['config']['clients']} clients for {report['config']['duration_s'] / 60:.0f} min "
-        f"(wall {report['config']['wall_s'] / 60:.1f} min), "
+        f"{report['config']['clients']} clients for {report['config']['duration_s'] / 60:.1f} min "
+        f"(asked for {report['asked_minutes']:g}; last answer at {report['config']['wall_s'] / 60:.1f} min), "
         f"options `{json.dumps(report['config']['quantization_config'])}`"
         + (f", targets {report['config']['targets']}" if report["config"]["targets"] else ""),
         "",

@@ -566,7 +566,8 @@ def prefetch_section(report: dict) -> list[str]:
     """What prefetch read and how well it predicted (decode steps, from the offload counters)."""
     rows = []
     for name, run in report["runs"].items():
-        for row in run.get("rows", []) if "prefetch" in name else []:
+        compared = "prefetch" in name or name == f"MWQ-4 streamed {PREFETCH_FRACTION}"
+        for row in run.get("rows", []) if compared else []:
             io = row.get("offload_decode") or {}
             demand, prefetched = io.get("bytes_read", 0), io.get("bytes_prefetched", 0)
             rows.append(

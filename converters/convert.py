@@ -33,6 +33,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,7 +46,15 @@ from vllm_d2moe.converters.architectures import (
     ConversionError,
     architecture,
 )
+from vllm_d2moe.converters.calibration import (
+    DEFAULT_TOKENS,
+    CalibrationText,
+    ExpertInputs,
+    LayerStatistics,
+    calibration_tokens,
+)
 from vllm_d2moe.converters.output_dir import OutputDirectory, partial_path
+from vllm_d2moe.mwq.calibrate import calibrated_quantize
 from vllm_d2moe.mwq.checkpoint import (
     EXPERTS_DIR,
     FORMAT_VERSION,
@@ -370,13 +379,13 @@ class SourceFiles:
 
 
 def _quantize_expert(
-    source: SourceFiles, expert: ExpertSource, spec: MWQSpec, layout: ExpertLayout, quantizer
+    source: SourceFiles, expert: ExpertSource, spec: MWQSpec, layout: ExpertLayout, quantizers: dict
 ) -> tuple[torch.Tensor, list[int]]:
-    """One expert's blob and its section checksums."""
+    """One expert's blob and its section checksums; ``quantizers`` by projection."""
     gate_up = torch.cat([source.matrix(part) for part in expert.gate_up])
     tensors = {
-        "gate_up": quantizer(gate_up, spec, name=" + ".join(map(str, expert.gate_up))),
-        "down": quantizer(source.matrix(expert.down), spec, name=str(expert.down)),
+        "gate_up": quantizers["gate_up"](gate_up, spec, name=" + ".join(map(str, expert.gate_up))),
+        "down": quantizers["down"](source.matrix(expert.down), spec, name=str(expert.down)),
     }
     blob = layout.encode(tensors)
     return blob, section_checksums(layout, blob)
@@ -435,9 +444,10 @@ def _convert_layer(
     out: Path,
     window: int,
     progress: _Progress,
-    quantizer,
+    quantizers,
 ) -> dict:
-    """Quantize and write one MoE layer; return its entry of the d2moe index."""
+    """Quantize and write one MoE layer; return its entry of the d2moe index.
+    ``quantizers(expert index)``: that expert's quantizer per projection."""
     hidden, intermediate = experts[0].down.tensor.shape[-2:]
     layout = ExpertLayout(spec, hidden, intermediate)
     file = layer_file(layer)
@@ -450,9 +460,9 @@ def _convert_layer(
     def write(f) -> None:
         f.write(safetensors_header(entries, None))
         pending = deque()
-        for expert in experts:
+        for e, expert in enumerate(experts):
             pending.append(
-                (expert, pool.submit(_quantize_expert, source, expert, spec, layout, quantizer))
+                (expert, pool.submit(_quantize_expert, source, expert, spec, layout, quantizers(e)))
             )
             if len(pending) >= window:
                 _write_expert(f, *pending.popleft())
@@ -561,7 +571,7 @@ class _Plan:
     metadata: dict[str, dict]
     experts: "ExpertPlan"
 
-    def fingerprint(self, spec: MWQSpec) -> dict:
+    def fingerprint(self, spec: MWQSpec, calibration: "CalibrationText | None") -> dict:
         """What a partial conversion must match to be continued."""
         return {
             "format_version": FORMAT_VERSION,
@@ -572,6 +582,7 @@ class _Plan:
                 for f in self.files
             },
             "spec": [spec.min_bits, spec.max_bits, spec.group_size],
+            "calibration": calibration.fingerprint() if calibration else None,
         }
 
 
@@ -625,11 +636,14 @@ def _build(
     workers: int,
     show_progress: bool,
     quantizer,
+    calibration: "CalibrationText | None" = None,
 ) -> dict:
     """Write everything into ``work.path``; return the counts of this run (layers
-    converted, layers already done, expert parameters quantized)."""
+    converted, layers already done, expert parameters quantized, experts left
+    uncalibrated per layer)."""
     out = work.path
-    progress = _load_progress(work, plan.fingerprint(spec))
+    progress = _load_progress(work, plan.fingerprint(spec, calibration))
+    progress.setdefault("uncalibrated", {})
     (out / EXPERTS_DIR).mkdir(exist_ok=True)
     if not progress["dense"]:
         by_file: dict[str, list[SourceTensor]] = {}
@@ -663,6 +677,7 @@ def _build(
     # One single-threaded torch per worker: blocks are too small to split well across cores.
     torch.set_num_threads(1 if workers > 1 else threads)
     try:
+        inputs = ExpertInputs(plan, source, calibration.tokens) if calibration and todo else None
         with ThreadPoolExecutor(workers, thread_name_prefix="d2moe-convert") as pool:
             try:
                 for i, layer in enumerate(todo):
@@ -670,9 +685,16 @@ def _build(
                     if following:  # read ahead while this layer computes
                         source.will_need({p.tensor for e in todo[following[0]] for p in e.parts})
                     experts = todo[layer]
+                    quantizers = partial(_same_quantizer, quantizer)
+                    if inputs is not None:
+                        torch.set_num_threads(threads)  # the source model's layers: all cores
+                        statistics = inputs.layer(layer)
+                        torch.set_num_threads(1 if workers > 1 else threads)
+                        quantizers = partial(_calibrated_quantizers, statistics, quantizer)
+                        progress["uncalibrated"][str(layer)] = _uncalibrated(statistics, layer)
                     try:
                         entry = _convert_layer(
-                            pool, source, experts, layer, spec, out, 2 * workers + 1, bar, quantizer
+                            pool, source, experts, layer, spec, out, 2 * workers + 1, bar, quantizers
                         )
                     finally:
                         source.release({p.tensor for e in experts for p in e.parts})
@@ -686,27 +708,66 @@ def _build(
                 pool.shutdown(cancel_futures=True)  # a failed layer's queued experts
                 raise
         counts["expert_params"] = total_params
+        counts["uncalibrated_experts"] = {
+            int(k): v for k, v in progress["uncalibrated"].items() if v
+        }
     finally:
         torch.set_num_threads(threads)
         bar.close()
         source.close()
 
     expert_dtypes = sorted({FLOAT_DTYPES[t.dtype] for t in plan.experts.expert_tensors.values()})
+    source_record = {
+        "model_type": plan.arch.model_type,
+        "path": str(plan.src.resolve()),
+        "dtype": ", ".join(expert_dtypes),
+    }
+    if calibration:
+        source_record["calibration"] = {
+            "tokens": int(calibration.tokens.numel()),
+            "text": calibration.origin,
+            "uncalibrated_experts": counts["uncalibrated_experts"],
+        }
     config = dict(plan.config)
     config["quantization_config"] = write_index(
-        out,
-        spec,
-        {int(k): v for k, v in progress["layers"].items()},
-        {
-            "model_type": plan.arch.model_type,
-            "path": str(plan.src.resolve()),
-            "dtype": ", ".join(expert_dtypes),
-        },
+        out, spec, {int(k): v for k, v in progress["layers"].items()}, source_record
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_small_files(plan.src, out)
     (out / PROGRESS_FILE).unlink()
     return counts
+
+
+def _same_quantizer(quantizer, expert: int) -> dict:
+    return {"gate_up": quantizer, "down": quantizer}
+
+
+def _fitted_to(hessian: torch.Tensor, weight: torch.Tensor, spec: MWQSpec, name: str):
+    (tensor,) = calibrated_quantize(weight, hessian, spec, name)
+    return tensor
+
+
+def _calibrated_quantizers(statistics: LayerStatistics, fallback, expert: int) -> dict:
+    """Expert ``expert``'s quantizers fitted to its calibration inputs; ``fallback`` (the
+    uncalibrated fit) for an expert no calibration token reached."""
+    if statistics.tokens[expert] == 0:
+        return _same_quantizer(fallback, expert)
+    return {
+        "gate_up": partial(_fitted_to, statistics.gate_up[expert]),
+        "down": partial(_fitted_to, statistics.down[expert]),
+    }
+
+
+def _uncalibrated(statistics: LayerStatistics, layer: int) -> list[int]:
+    """The experts no calibration token reached (said on stderr as it happens)."""
+    missed = [e for e, n in enumerate(statistics.tokens.tolist()) if n == 0]
+    if missed:
+        print(
+            f"d2moe convert: layer {layer}: no calibration token was routed to expert(s) "
+            f"{missed}; they use the uncalibrated fit",
+            file=sys.stderr,
+        )
+    return missed
 
 
 def default_workers() -> int:
@@ -722,11 +783,15 @@ def convert(
     workers: int | None = None,
     counts: dict | None = None,
     reference: bool = False,
+    calibration_tokens_requested: int | None = None,
+    calibration_text: list[Path] | None = None,
 ) -> Path:
     """Convert the HF checkpoint directory ``src`` into the d2moe checkpoint ``dst``.
 
     ``reference`` quantizes with the float64 reference quantizer (same bytes, several
-    times slower: for comparisons).
+    times slower: for comparisons). ``calibration_tokens_requested`` (with
+    ``calibration_text`` files, default the reference corpus) fits every width to the
+    experts' inputs (:mod:`vllm_d2moe.mwq.calibrate`); the text is checked before any work.
 
     Raises :class:`ConversionError` (or ``MWQError`` for a group size that does not
     divide a weight) naming the offending tensor or file; on any failure ``dst`` is left
@@ -742,9 +807,23 @@ def convert(
         spec.num_groups(first.gate_up[0].tensor.shape[-1], str(first.gate_up[0]))
         spec.num_groups(first.down.tensor.shape[-1], str(first.down))
     workers = workers or default_workers()
+    calibration = None
+    if calibration_tokens_requested is not None or calibration_text:
+        calibration = calibration_tokens(
+            plan.src,
+            plan.config["vocab_size"],
+            calibration_tokens_requested or DEFAULT_TOKENS,
+            calibration_text,
+        )
     with OutputDirectory(dst, overwrite=overwrite, resumable=True) as work:
         done = _build(
-            plan, work, spec, workers, progress, quantize if reference else quantize_float32
+            plan,
+            work,
+            spec,
+            workers,
+            progress,
+            quantize if reference else quantize_float32,
+            calibration,
         )
         work.commit()
     if counts is not None:
@@ -775,6 +854,26 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="quantize with the float64 reference (same output, several times slower)",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit every width to the experts' inputs on calibration text (GPTQ-style; "
+        "default: round-to-nearest)",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help=f"calibration tokens (default {DEFAULT_TOKENS}; implies --calibrate)",
+    )
+    parser.add_argument(
+        "--calibration-text",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="text files or JSON lines ('text' or 'input_ids' per line) to calibrate on "
+        "(default: the reference corpus's train split; implies --calibrate)",
+    )
 
 
 def run(args) -> int:
@@ -796,6 +895,10 @@ def run(args) -> int:
             workers=args.workers,
             counts=counts,
             reference=args.reference_float64,
+            calibration_tokens_requested=(
+                args.calibration_tokens or (DEFAULT_TOKENS if args.calibrate else None)
+            ),
+            calibration_text=args.calibration_text,
         )
     except (ConversionError, MWQError, CheckpointError, OSError) as e:
         print(f"d2moe convert: error: {e}", file=sys.stderr)
@@ -823,4 +926,6 @@ def run(args) -> int:
         )
         + f", {counts['expert_params'] / 1e6:.0f}M expert parameters in {elapsed:.1f} s"
     )
+    for layer, experts in sorted(counts.get("uncalibrated_experts", {}).items()):
+        print(f"layer {layer}: expert(s) {experts} had no calibration token: uncalibrated fit")
     return 0

@@ -148,11 +148,16 @@ def test_width_options_resolve(tmp_path):
     with pytest.raises(ValueError, match="must be 'router', 'shuffled' or 'fixed:B'"):
         resolve_policy(str(tmp_path), spec, "smart", None, None, None)
     _write_router(tmp_path)
+    # Batch-independent by default: no per-call capacities, the calibrated shift of the trained mix
+    # (0.3/0.4/0.3 of 2/3/4 bits: 3.0, shift 0 on this calibration); capacities only when asked for.
     routed = resolve_policy(str(tmp_path), spec, None, None, None, None)
-    assert (routed.mode, routed.widths, routed.capacities, routed.resident_bits) == ("router", (2, 3, 4),
-                                                                                     (0.3, 0.4, 0.3), 4)
-    targeted = resolve_policy(str(tmp_path), spec, "router", None, 3.0, None)
-    assert targeted.capacities is None and targeted.shift == pytest.approx(0.0)
+    assert (routed.mode, routed.widths, routed.capacities, routed.resident_bits) == ("router", (2, 3, 4), None, 4)
+    assert routed.shift == pytest.approx(0.0) and not routed.adaptive
+    capped = resolve_policy(str(tmp_path), spec, None, None, None, [0.2, 0.3, 0.5])
+    assert capped.capacities == (0.2, 0.3, 0.5) and capped.shift == pytest.approx(0.0)
+    targeted = resolve_policy(str(tmp_path), spec, "router", None, 2.5, None)
+    assert targeted.capacities is None and targeted.shift == pytest.approx(0.5)
+    assert targeted.adaptive and targeted.target_bits == 2.5
     assert resolve_policy(str(tmp_path), spec, "router", None, None, "off").capacities is None
     with pytest.raises(ValueError, match="outside the router's calibrated range"):
         resolve_policy(str(tmp_path), spec, "router", None, 1.5, None)

@@ -1,5 +1,7 @@
 """The bit-width router served by vLLM, against the transformers-side simulation of
-the same width choices (``vllm_d2moe.router.simulate``), and per-request targets.
+the same width choices (``vllm_d2moe.router.simulate``); batch independence (a request's
+tokens alone equal its tokens in a batch), per-request targets, and the online width
+controller (``target_bits`` held as a running average, ``slo``).
 
 The router here is seeded random (large weights, so that choices are far from
 ties and every width is used), not trained: these tests check that serving
@@ -18,8 +20,9 @@ import time
 import pytest
 import torch
 
+from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.router.model import RouterSet
-from vllm_d2moe.router.policy import ServingWidths
+from vllm_d2moe.router.policy import resolve_policy
 from vllm_d2moe.router.simulate import load_simulated_model, simulated_experts
 from vllm_d2moe.testing.engine_runs import Run
 
@@ -28,6 +31,9 @@ from conftest import ROUTER_CAPACITIES as CAPACITIES
 from conftest import ROUTER_WIDTHS as WIDTHS
 
 MAX_TOKENS = 12
+# Sixteen requests of different lengths and contents, for batch independence.
+MANY_PROMPTS = [f"{p}{suffix}" for suffix in ("", " x", "\n# 2\n", "\tdef g(") for p in PROMPTS]
+TARGET_BITS = 3.2
 
 
 def _override(**options) -> dict:
@@ -41,19 +47,23 @@ def router_results(routed_mixtral, tmp_path_factory):
     # Two runs in vLLM's default layout (per-request targets cross into the spawned engine core);
     # the rest in process, where engines start in a third of the time.
     runs = [
-        Run("router-no-capacities", model, PROMPTS, max_tokens=MAX_TOKENS, in_process=True,
-            hf_overrides=_override(capacities="off")),
-        Run("router-default", model, PROMPTS, max_tokens=MAX_TOKENS),
+        Run("router-batch", model, MANY_PROMPTS, max_tokens=MAX_TOKENS, in_process=True),
+        Run("router-alone", model, MANY_PROMPTS, max_tokens=MAX_TOKENS, in_process=True, one_at_a_time=True),
+        Run("router-capacities", model, PROMPTS, max_tokens=MAX_TOKENS,
+            hf_overrides=_override(capacities=list(CAPACITIES))),
         Run("shuffled", model, PROMPTS, max_tokens=MAX_TOKENS, in_process=True,
-            hf_overrides=_override(width_policy="shuffled")),
+            hf_overrides=_override(width_policy="shuffled", capacities=list(CAPACITIES))),
+        Run("router-target-bits", model, MANY_PROMPTS, max_tokens=48, in_process=True,
+            hf_overrides=_override(target_bits=TARGET_BITS)),
+        Run("router-slo", model, PROMPTS, max_tokens=MAX_TOKENS, in_process=True,
+            hf_overrides=_override(slo={"tpot_ms": 60000})),
         Run("target-low", model, PROMPTS, max_tokens=MAX_TOKENS, in_process=True,
             extra_args=[{"d2moe_target_bits": low}] * len(PROMPTS)),
         Run("target-high", model, PROMPTS, max_tokens=MAX_TOKENS, in_process=True,
             extra_args=[{"d2moe_target_bits": high}] * len(PROMPTS)),
         Run("targets-mixed", model, PROMPTS, max_tokens=MAX_TOKENS,
             extra_args=[{"d2moe_target_bits": t} for t in (low, high, low, high)]),
-        Run("router-compiled", model, PROMPTS, max_tokens=MAX_TOKENS, enforce_eager=False, in_process=True,
-            hf_overrides=_override(capacities="off")),
+        Run("router-compiled", model, PROMPTS, max_tokens=MAX_TOKENS, enforce_eager=False, in_process=True),
         Run("target-out-of-range", model, PROMPTS, in_process=True, hf_overrides=_override(target_bits=9.0)),
         Run("router-bfloat16", model, PROMPTS, max_tokens=MAX_TOKENS, dtype="bfloat16", in_process=True),
     ]
@@ -67,8 +77,10 @@ def _ok(results, name):
 
 
 def test_served_router_equals_transformers_simulation(routed_mixtral, router_results, report):
-    served = _ok(router_results, "router-no-capacities")
-    policy = ServingWidths("router", WIDTHS, None)
+    served = _ok(router_results, "router-batch")
+    # The default policy: no capacities, the calibrated shift of the trained capacities' mix.
+    policy = resolve_policy(str(routed_mixtral), MWQCheckpoint(routed_mixtral).spec, None, None, None, None)
+    assert policy.capacities is None and policy.shift != 0.0 and not policy.adaptive
     model = load_simulated_model(routed_mixtral, policy, RouterSet.load(routed_mixtral).routers)
     layers = simulated_experts(model)
     counts = {layer: torch.zeros(9, dtype=torch.long) for layer in layers}
@@ -92,12 +104,44 @@ def test_served_router_equals_transformers_simulation(routed_mixtral, router_res
 
 
 def test_compiled_router_serving_matches_eager(router_results):
-    eager = _ok(router_results, "router-no-capacities")["outputs"]
+    # Four prompts compiled against the same four among sixteen eager: batch independence too.
+    eager = _ok(router_results, "router-batch")["outputs"][: len(PROMPTS)]
     compiled = _ok(router_results, "router-compiled")["outputs"]
     assert [o["token_ids"] for o in compiled] == [o["token_ids"] for o in eager]
 
 
-@pytest.mark.parametrize("name", ["router-default", "shuffled"])
+def test_each_request_gets_the_same_tokens_alone_and_in_a_batch(router_results, report):
+    batch = _ok(router_results, "router-batch")
+    alone = _ok(router_results, "router-alone")
+    assert len(batch["outputs"]) == len(alone["outputs"]) == 16
+    for together, by_itself in zip(batch["outputs"], alone["outputs"]):
+        assert together["token_ids"] == by_itself["token_ids"], together["text"]
+    assert batch["widths"]["capacity_excess"] == {}, "no per-call capacities by default"
+    assert all(len(hist) >= 2 for hist in batch["widths"]["per_layer"].values()), "the router mixes widths"
+    report.add(f"router, 16 requests: the same greedy tokens alone and in one batch; average width "
+               f"{batch['widths']['average_bits']:.2f} bits")
+
+
+def test_served_target_bits_holds_as_a_running_average(router_results, report):
+    served = _ok(router_results, "router-target-bits")
+    controller = served["controller"]
+    assert controller["target_bits"] == TARGET_BITS and controller["steps"] > 40
+    # Every pair here follows the server's policy, so the controller's count is the engine's.
+    assert controller["average_bits"] == pytest.approx(served["widths"]["average_bits"], abs=1e-9)
+    assert controller["average_bits"] == pytest.approx(TARGET_BITS, abs=0.05)
+    report.add(f"target_bits {TARGET_BITS}: running average {controller['average_bits']:.3f} bits over "
+               f"{controller['pairs']} pairs (calibrated shift moved to {controller['shift']:.3f})")
+
+
+def test_served_slo_reports_its_attainment(router_results):
+    controller = _ok(router_results, "router-slo")["controller"]
+    # A minute per token is met by every step: the controller keeps the widest reachable average.
+    assert controller["tpot_ms"] == 60000 and controller["slo_attainment"] == 1.0
+    assert controller["setpoint_bits"] == pytest.approx(max(a for _, a in RouterSet.load(
+        _ok(router_results, "router-slo")["run"]["model"], layers=[]).calibration))
+
+
+@pytest.mark.parametrize("name", ["router-capacities", "shuffled"])
 def test_served_capacities_hold_in_every_batch(router_results, name):
     widths = _ok(router_results, name)["widths"]
     excess = widths["capacity_excess"]
@@ -109,7 +153,7 @@ def test_served_capacities_hold_in_every_batch(router_results, name):
 def test_shuffled_deals_other_widths_than_the_router(router_results):
     # Same model and mix rule; which pair gets which width is what differs (seeded, so reproducible).
     shuffled = _ok(router_results, "shuffled")["outputs"]
-    default = _ok(router_results, "router-default")["outputs"]
+    default = _ok(router_results, "router-capacities")["outputs"]
     assert [o["token_ids"] for o in shuffled] != [o["token_ids"] for o in default]
 
 
@@ -145,6 +189,31 @@ def test_router_requested_without_router_is_a_clear_error(model_zoo, tmp_path):
     config = D2MoEConfig.from_config({"quant_method": "d2moe", "width_policy": "router"})
     with pytest.raises(RuntimeError, match="has no bit-width router.*d2moe train-router"):
         config.maybe_update_config(str(model_zoo["mixtral"]["d2moe"]))
+    config = D2MoEConfig.from_config({"quant_method": "d2moe", "slo": {"tpot_ms": 50}})
+    with pytest.raises(ValueError, match="'slo' steers the learned bit-width router.*has none.*d2moe train-router"):
+        config.maybe_update_config(str(model_zoo["mixtral"]["d2moe"]))
+
+
+@pytest.mark.parametrize("slo, message", [
+    ({"tpot_ms": 0}, "tpot_ms must be a positive number"),
+    ({"tpot_ms": "fast"}, "tpot_ms must be a positive number"),
+    ({"p90_ms": 50}, "'slo' must be"),
+    (50, "'slo' must be"),
+])
+def test_slo_option_is_checked(routed_mixtral, slo, message):
+    from vllm_d2moe.vllm_glue.quant_config import D2MoEConfig
+
+    config = D2MoEConfig.from_config({"quant_method": "d2moe", "slo": slo})
+    with pytest.raises(ValueError, match=message):
+        config.maybe_update_config(str(routed_mixtral))
+
+
+def test_slo_needs_a_router_policy(routed_mixtral):
+    from vllm_d2moe.vllm_glue.quant_config import D2MoEConfig
+
+    config = D2MoEConfig.from_config({"quant_method": "d2moe", "bits": 4, "slo": {"tpot_ms": 50}})
+    with pytest.raises(ValueError, match="'slo' need width_policy 'router' or 'shuffled'"):
+        config.maybe_update_config(str(routed_mixtral))
 
 
 def test_train_router_command_writes_and_resumes(model_zoo, tmp_path):

@@ -7,10 +7,15 @@ Policies (the ``width_policy`` option, resolved once by
 :func:`vllm_d2moe.router.policy.resolve_policy`):
 
 * ``router``: the checkpoint's learned bit-width router (:mod:`vllm_d2moe.router`)
-  scores the candidate widths of every pair; per-width capacities are enforced
-  per batch (the trained ones unless overridden); a ``target_bits`` average
-  instead shifts the scores towards narrower or wider widths (no capacities
-  then unless given explicitly). The default when the checkpoint has a router.
+  scores the candidate widths of every pair and each pair takes its best score
+  after one global shift (``scores - shift * b_k``): its width depends on its own
+  token, expert and routing weight, its request's target and that shift, never
+  on the other pairs of its batch. The shift is the calibrated one for the
+  trained capacities' average width, fixed; with ``target_bits`` or ``slo`` the
+  online controller (:mod:`vllm_d2moe.router.controller`) moves it between
+  steps. Per-call capacities (at most ``ceil(c_k * N)`` of a call's N pairs at
+  width k) only when the ``capacities`` option asks for them. The default when
+  the checkpoint has a router.
 * ``fixed:B``: every pair at width B (the ``bits`` option is shorthand). The
   default, at the widest stored width, when the checkpoint has no router.
 * ``shuffled``: the router's choices, randomly re-dealt among the pairs of
@@ -19,7 +24,8 @@ Policies (the ``width_policy`` option, resolved once by
 
 A request may carry its own target (``SamplingParams(extra_args={"d2moe_target_bits": 2.5})``,
 see :mod:`vllm_d2moe.vllm_glue.request_targets`); its tokens then use that
-shift, without capacities, beside requests that use the server's policy.
+target's calibrated shift, without capacities and untouched by the controller,
+beside requests that use the server's policy.
 
 On CPU, a batch without per-request targets takes the decision in one C++
 call (:mod:`vllm_d2moe.kernels.cpu_width_select`, the same widths); the torch
@@ -35,6 +41,7 @@ import time
 
 import torch
 
+from vllm_d2moe.router.controller import WidthController
 from vllm_d2moe.router.model import WidthRouter
 from vllm_d2moe.router.policy import ServingWidths, choose_pair_widths
 
@@ -145,9 +152,11 @@ _SHARED_FIXED_TOKENS = 256
 
 
 class WidthSelector:
-    """The width decision of one MoE layer (``layer``: its index in the model)."""
+    """The width decision of one MoE layer (``layer``: its index in the model); ``controller``, shared
+    by every layer of the engine, steers the shift when the policy is adaptive."""
 
-    def __init__(self, layer: int, policy: ServingWidths, router: WidthRouter | None = None):
+    def __init__(self, layer: int, policy: ServingWidths, router: WidthRouter | None = None,
+                 controller: WidthController | None = None):
         if policy.mode != "fixed" and router is None:
             raise ValueError(f"layer {layer}: width_policy {policy.mode!r} but the checkpoint has no router for it")
         self.layer = layer
@@ -157,7 +166,9 @@ class WidthSelector:
         self._generator = torch.Generator().manual_seed(layer) if policy.mode == "shuffled" else None
         # {bits: c_k} for the statistics' capacity check, when capacities apply.
         self._capacities = dict(zip(policy.widths, policy.capacities)) if policy.capacities else None
+        self.controller = controller
         self._decision = None  # see _cpu_decision
+        self._decision_shift = None
         self._warned_fixed = False
         self._fixed: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # see _fixed_widths
 
@@ -181,20 +192,26 @@ class WidthSelector:
                                "(width_policy %r); the targets are ignored", TARGET_EXTRA_ARG,
                                f"fixed:{self.policy.widths[0]}")
             return self._fixed_widths(topk_ids)
-        if token_targets is None and x.is_cpu and (decide := self._cpu_decision()) is not None:
+        shift = self.policy.shift if self.controller is None else self.controller.shift
+        if token_targets is None and x.is_cpu and (decide := self._cpu_decision(shift)) is not None:
             widths, counts, excess = decide(x, topk_weights, topk_ids)
             if self._generator is not None:  # the same widths re-dealt: the counts stand
                 widths = widths.view(-1)[self._permutation(widths.numel())].view_as(widths)
             WIDTH_STATS.record_counts(self.layer, counts, excess)
+            if self.controller is not None:
+                self.controller.record_pairs(counts)
             return widths
         top_k = topk_ids.shape[1]
         pair_targets = None if token_targets is None else token_targets.repeat_interleave(top_k)
-        choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets)
+        choice = choose_pair_widths(self.scores(x, topk_weights, topk_ids), self.policy, pair_targets, shift)
         if self._generator is not None:
             choice = choice[self._permutation(choice.numel()).to(choice.device)]
         table = torch.tensor(self.policy.widths, dtype=torch.int8, device=choice.device)
         widths = table[choice].view_as(topk_ids)
         WIDTH_STATS.record(self.layer, widths, self._capacities if pair_targets is None else None)
+        if self.controller is not None:  # only the pairs it steers: requests with a target are their own
+            steered = widths.view(-1) if pair_targets is None else widths.view(-1)[torch.isnan(pair_targets)]
+            self.controller.record_pairs(torch.bincount(steered.long(), minlength=9)[:9].tolist())
         return widths
 
     def _fixed_widths(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -212,11 +229,14 @@ class WidthSelector:
         WIDTH_STATS.record_counts(self.layer, made[1])
         return made[0]
 
-    def _cpu_decision(self):
-        """This layer's C++ decision, made at the first CPU call; None where it cannot be built."""
-        if self._decision is None and (kernel := _fused_kernel()) is not None:
+    def _cpu_decision(self, shift: float):
+        """This layer's C++ decision at ``shift``, made at the first CPU call and again when the
+        controller has moved the shift (a few microseconds: it holds the router, not a copy);
+        None where it cannot be built."""
+        if self._decision_shift != shift and (kernel := _fused_kernel()) is not None:
             policy = self.policy
-            self._decision = kernel.decision(self.router, policy.widths, policy.capacities, policy.shift)
+            self._decision = kernel.decision(self.router, policy.widths, policy.capacities, shift)
+            self._decision_shift = shift
         return self._decision
 
     def _permutation(self, pairs: int) -> torch.Tensor:

@@ -59,6 +59,8 @@ class Run:
     extra_args: list[dict | None] | None = None
     # vLLM's compilation config, e.g. {"cudagraph_mode": "NONE"} (None: vLLM's default).
     compilation_config: dict | None = None
+    # Each prompt generated alone (one generate call each) instead of all in one batch.
+    one_at_a_time: bool = False
 
 
 def _logprob_vectors(positions) -> list[dict[str, float]]:
@@ -106,7 +108,10 @@ def run_engine(run: Run, earlier: dict) -> dict:
         sampler = OffloadSampler() if run.sample_offload else nullcontext()
         engine_stats(llm, reset=True)  # vLLM's profiling and warm-up passes count too
         with sampler:
-            outputs = llm.generate(run.prompts, params, use_tqdm=False)
+            if run.one_at_a_time:
+                outputs = [llm.generate([p], [q], use_tqdm=False)[0] for p, q in zip(run.prompts, params)]
+            else:
+                outputs = llm.generate(run.prompts, params, use_tqdm=False)
         # Tensor-parallel ranks choose the same widths; the first worker's pools stand for all.
         stats = engine_stats(llm)[0]
         results = []
@@ -130,6 +135,7 @@ def run_engine(run: Run, earlier: dict) -> dict:
         return {
             "outputs": results,
             "widths": stats["widths"],
+            "controller": stats["controller"],  # the online width controller's snapshot, if one ran
             "offload_metrics": stats["offload"],
             "engine_pid": stats["pid"],  # the worker's process: this one only when in process
             "runner_pid": os.getpid(),

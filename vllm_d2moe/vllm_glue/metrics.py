@@ -45,7 +45,12 @@ width choices, identical on every rank, are published by tensor-parallel rank 0)
 * ``d2moe_width_pairs_total{layer, bits}`` ((token, expert) pairs served at that width);
 * ``d2moe_average_bits`` (mean width of every pair counted by this process's layers;
   the exact average over several processes is
-  ``sum(bits * rate(d2moe_width_pairs_total))`` over ``sum(rate(...))``).
+  ``sum(bits * rate(d2moe_width_pairs_total))`` over ``sum(rate(...))``);
+* with ``target_bits`` or ``slo`` (the online width controller, :mod:`vllm_d2moe.router.controller`):
+  ``d2moe_width_shift`` (the router's current global shift), ``d2moe_width_setpoint_bits``
+  (the average width it steers to), ``d2moe_controlled_average_bits`` (running average width of
+  the pairs it steers), ``d2moe_p90_step_ms`` and ``d2moe_slo_attainment`` (share of
+  steps within ``tpot_ms``).
 """
 
 import os
@@ -78,6 +83,14 @@ _FORECAST_COUNTERS = {
     "predicted_experts": ("d2moe_prefetch_predicted_experts", "Experts forecast for a layer call"),
     "used_experts": ("d2moe_prefetch_used_experts", "Of them, used (precision = used / predicted)"),
 }
+# Online width controller snapshot key -> gauge name and help text.
+_CONTROLLER_GAUGES = {
+    "shift": ("d2moe_width_shift", "The router's global score shift the online width controller set"),
+    "setpoint_bits": ("d2moe_width_setpoint_bits", "Average width the online width controller steers to"),
+    "average_bits": ("d2moe_controlled_average_bits", "Running average width of the pairs the controller steers"),
+    "p90_step_ms": ("d2moe_p90_step_ms", "p90 step time (ms) of the last seconds, as the width controller sees it"),
+    "slo_attainment": ("d2moe_slo_attainment", "Share of steps within the slo's tpot_ms"),
+}
 _POOL_GAUGES = {"budget": "budget_bytes", "allocated": "allocated_bytes", "occupied": "occupancy_bytes"}
 
 _multiproc_dir: tempfile.TemporaryDirectory | None = None
@@ -105,8 +118,10 @@ def process_stats(reset: bool = False) -> dict:
     """This process's offload snapshots (one per live offload manager) and width statistics;
     ``reset`` then clears both (vLLM's warm-up and profiling passes count too)."""
     from vllm_d2moe.offload.manager import metrics_snapshots, reset_metrics
+    from vllm_d2moe.vllm_glue.width_control import active_controller
     from vllm_d2moe.width_selection import WIDTH_STATS
 
+    controller = active_controller()
     stats = {
         "pid": os.getpid(),
         "offload": metrics_snapshots(),
@@ -115,12 +130,15 @@ def process_stats(reset: bool = False) -> dict:
             "per_layer": WIDTH_STATS.snapshot(),
             "capacity_excess": WIDTH_STATS.capacity_excess(),
         },
+        "controller": None if controller is None else controller.snapshot(),
     }
     if reset:
         if _publisher is not None:
             _publisher.publish()  # what was counted reaches Prometheus before the counts restart
         reset_metrics()
         WIDTH_STATS.reset()
+        if controller is not None:
+            controller.reset_counts()
     return stats
 
 
@@ -165,6 +183,10 @@ class PrometheusPublisher:
                               ["layer", "bits"], registry=registry)
         self._average = Gauge("d2moe_average_bits", "Mean bit-width of the pairs counted so far",
                               multiprocess_mode="livemostrecent", registry=registry)
+        self._controller = {
+            key: Gauge(name, help_text, multiprocess_mode="livemostrecent", registry=registry)
+            for key, (name, help_text) in _CONTROLLER_GAUGES.items()
+        }
         self._published: dict[tuple, tuple[int, float]] = {}  # (resets, value) last published
         self._pool_published = False
         self._lock = threading.Lock()  # the thread's publishes and process_stats' final one
@@ -209,6 +231,17 @@ class PrometheusPublisher:
                 average = WIDTH_STATS.average_bits()
                 if average is not None:
                     self._average.set(average)
+                self._publish_controller()
+
+    def _publish_controller(self) -> None:
+        from vllm_d2moe.vllm_glue.width_control import active_controller
+
+        controller = active_controller()
+        if controller is not None:
+            snapshot = controller.snapshot()
+            for key, gauge in self._controller.items():
+                if snapshot[key] is not None:
+                    gauge.set(snapshot[key])
 
 
 _start_lock = threading.Lock()

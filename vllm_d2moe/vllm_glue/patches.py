@@ -97,9 +97,10 @@ def _wrap_prepare_inputs(original):
 
 def _wrap_execute_model(original):
     def execute_model(self, *args, **kwargs):
-        from vllm_d2moe.vllm_glue import request_faults
+        from vllm_d2moe.vllm_glue import request_faults, width_control
 
         request_faults.start_step()
+        width_control.step_started()
         return original(self, *args, **kwargs)
 
     return execute_model
@@ -107,9 +108,11 @@ def _wrap_execute_model(original):
 
 def _wrap_sample_tokens(original):
     def sample_tokens(self, *args, **kwargs):
-        from vllm_d2moe.vllm_glue import request_faults
+        from vllm_d2moe.vllm_glue import request_faults, width_control
 
-        return request_faults.attach_failures(original(self, *args, **kwargs))
+        output = request_faults.attach_failures(original(self, *args, **kwargs))
+        width_control.step_finished()
+        return output
 
     return sample_tokens
 
@@ -214,12 +217,14 @@ PATCHES = (
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "execute_model",
-        "each step starts with no pending expert fault (request_faults)",
+        "each step starts with no pending expert fault (request_faults); its start times the step "
+        "for the online width controller (width_control)",
         _wrap_execute_model,
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "sample_tokens",
-        "carry the step's failed requests to the scheduler on its ModelRunnerOutput (request_faults)",
+        "carry the step's failed requests to the scheduler on its ModelRunnerOutput (request_faults); "
+        "the step's end gives the online width controller its time (width_control)",
         _wrap_sample_tokens,
     ),
     Patch(

@@ -6,8 +6,11 @@ overridden at start-up, e.g.
 
 * ``width_policy``: ``"router"``, ``"random"`` or ``"fixed:B"``; ``bits: B`` is
   shorthand for ``"fixed:B"`` (see :mod:`vllm_d2moe.width_selection`);
-* ``target_bits``: average width the router aims at (shifts its scores);
-* ``capacities``: per-width fractions enforced per batch, or ``"off"``;
+* ``target_bits``: average width the router holds as a running average (an online controller
+  shifts its scores, :mod:`vllm_d2moe.router.controller`);
+* ``slo``: ``{"tpot_ms": T}``: the widest average width whose time per output token stays
+  within T, steered online (``target_bits`` then is the ceiling);
+* ``capacities``: per-width fractions enforced per layer call (opt-in), or ``"off"``;
 * ``memory_budget``, ``offload``, ``on_read_error``: experts streamed from disk
   through a pool of that many bytes (:mod:`vllm_d2moe.offload`);
 * ``prefetch``: ``{"predictor": "gate" | "learned", "depth": d, "extra": m}``
@@ -37,16 +40,17 @@ from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import check_budget
 from vllm_d2moe.prefetch.predictors import PREDICTORS, ExpertPredictor, build_predictor
+from vllm_d2moe.router.controller import WidthController
 from vllm_d2moe.router.model import RouterSet
 from vllm_d2moe.router.policy import ServingWidths, resolve_policy
-from vllm_d2moe.vllm_glue import request_faults, request_targets
+from vllm_d2moe.vllm_glue import request_faults, request_targets, width_control
 from vllm_d2moe.width_selection import WidthSelector
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
 _OPTION_KEYS = {"bits", "memory_budget", "offload", "on_read_error", "width_policy", "target_bits", "capacities",
-                "prefetch"}
+                "slo", "prefetch"}
 _PREFETCH_KEYS = {"predictor", "depth", "extra"}
 
 
@@ -89,6 +93,7 @@ class D2MoEConfig(QuantizationConfig):
         memory_budget: int | str | None = None,
         offload: dict | None = None,
         on_read_error: str | None = None,
+        slo: dict | None = None,
         prefetch: dict | None = None,
     ):
         super().__init__()
@@ -99,7 +104,8 @@ class D2MoEConfig(QuantizationConfig):
         if capacities is not None and capacities != "off" and not isinstance(capacities, list):
             raise ValueError(f"d2moe option 'capacities' must be a list of fractions or 'off', got {capacities!r}")
         self.requested_bits = bits
-        self.width_options = {"width_policy": width_policy, "target_bits": target_bits, "capacities": capacities}
+        self.width_options = {"width_policy": width_policy, "target_bits": target_bits, "capacities": capacities,
+                              "slo": slo}
         self.checkpoint: MWQCheckpoint | None = None
         # Expert offloading (vllm_d2moe.offload): resident expert bytes, and how to stream the rest.
         self.memory_budget = (
@@ -110,6 +116,7 @@ class D2MoEConfig(QuantizationConfig):
         self._predictor: ExpertPredictor | None = None
         self._offload: OffloadManager | None = None
         self._routers: RouterSet | None = None
+        self._controller: WidthController | None = None
         self.widths: ServingWidths | None = None
 
     def __repr__(self) -> str:
@@ -192,7 +199,10 @@ class D2MoEConfig(QuantizationConfig):
                     request_targets.set_calibrated_range(min(averages), max(averages))
             router = self._routers.routers.get(layer)
             router = None if router is None else router.to(device)
-        return WidthSelector(layer, self.widths, router)
+        if self.widths.adaptive and self._controller is None:
+            self._controller = WidthController(self.widths.calibration, self.widths.target_bits, self.widths.tpot_ms)
+            width_control.set_controller(self._controller)
+        return WidthSelector(layer, self.widths, router, self._controller)
 
     def offload_manager(self, parallel, device: torch.device) -> OffloadManager:
         """The engine's one offload manager (the budget is shared by all MoE layers), made at

@@ -73,7 +73,9 @@ def random_stacked(rows: int, cols: int, experts: int, device: str = "cpu") -> S
         base_scale=scale.half(),
         base_zero=(torch.rand(experts, rows, groups, device=device) * 3).half(),
         plane_bits=torch.randint(0, 256, (experts, planes, rows, cols // 8), dtype=torch.uint8, device=device),
-        plane_scale=torch.stack([scale / 2 ** (j + 2) for j in range(planes)], 1).half(),
+        # 4-bit codes of ratios near 1 (vllm_d2moe/mwq/plane_scales.py), two per byte.
+        plane_scale=torch.randint(0x88, 0xCC, (experts, planes, rows, (groups + 1) // 2), dtype=torch.uint8,
+                                  device=device),
     )
 
 

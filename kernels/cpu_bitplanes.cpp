@@ -8,7 +8,8 @@
 // offset" (vllm_d2moe/mwq/quantize.py):
 //   W_b[r, c] = offset[r, g] + sum_i coef_i[r, g] * bit_i[r, c]
 //   base planes i < min_bits:  coef_i = s * 2^i
-//   residual plane j:          coef   = 2 * a_j
+//   residual plane j:          coef   = 2 * a_j,  a_j = s * table[j][code_j]  (4-bit code,
+//                                                  vllm_d2moe/mwq/plane_scales.py)
 //   offset = -s * z - sum_j a_j
 // The planes are resident in pairs (plane 2p, 2p + 1), each column's two bits
 // side by side, so a vector's columns of a pair are one 16- or 32-bit field:
@@ -65,7 +66,9 @@ struct Projection {
   int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
   const uint16_t* base_scale;                    // float16 [rows, groups]
   const uint16_t* base_zero;                     // float16 [rows, groups]
-  const uint16_t* residual_scale[kMaxPlanes];    // residual plane j: float16 [rows, groups]
+  const uint8_t* residual_codes[kMaxPlanes];     // residual plane j: uint8 [rows, code_row_bytes], 4-bit codes
+  int64_t code_row_bytes;                        // ceil(groups / 2)
+  const float* scale_table;                      // float32 [residual planes, 16]: a_j = s * table[j][code]
 
   // Bit `plane` of column `col` in row `row`.
   int bit(int plane, int64_t row, int64_t col) const {
@@ -76,10 +79,12 @@ struct Projection {
 };
 
 // Resident tensors (kernels/cpu_bitplanes.py, PlanePairs): chunks[c] uint8 [E, rows, row bytes],
-// base_scale / base_zero float16 [E, rows, groups], plane_scale float16 [E, residual planes, rows, groups].
+// base_scale / base_zero float16 [E, rows, groups], plane_scale uint8 [E, residual planes, rows,
+// ceil(groups / 2)] (two 4-bit codes per byte, the even group low), scale_table float32 [residual planes, 16].
 Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales,
                            int64_t min_bits, int64_t expert, int64_t width, int64_t cols, int64_t group_size) {
-  const at::Tensor &base_scale = scales[0], &base_zero = scales[1], &plane_scale = scales[2];
+  const at::Tensor &base_scale = scales[0], &base_zero = scales[1], &plane_scale = scales[2],
+                   &scale_table = scales[3];
   Projection p;
   p.rows = base_scale.size(1);
   p.cols = cols;
@@ -104,8 +109,15 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   const int64_t matrix = p.rows * p.groups;
   p.base_scale = half_bits(base_scale) + expert * matrix;
   p.base_zero = half_bits(base_zero) + expert * matrix;
+  p.code_row_bytes = (p.groups + 1) / 2;
+  TORCH_CHECK(plane_scale.size(2) == p.rows && plane_scale.size(3) == p.code_row_bytes &&
+                  scale_table.size(0) >= plane_scale.size(1) && scale_table.size(1) == 16,
+              "plane scale codes must be uint8 [experts, planes, ", p.rows, ", ", p.code_row_bytes,
+              "] with a float32 [planes, 16] table");
+  p.scale_table = scale_table.data_ptr<float>();
+  const int64_t code_matrix = p.rows * p.code_row_bytes;
   for (int j = 0; j < width - min_bits; ++j)
-    p.residual_scale[j] = half_bits(plane_scale) + (expert * plane_scale.size(1) + j) * matrix;
+    p.residual_codes[j] = plane_scale.data_ptr<uint8_t>() + (expert * plane_scale.size(1) + j) * code_matrix;
   return p;
 }
 
@@ -117,6 +129,7 @@ struct GroupCoefs {
   float offset;
   GroupCoefs(const Projection& p, int64_t row, int64_t group) {
     const int64_t at = row * p.groups + group;
+    const int64_t code_at = row * p.code_row_bytes + group / 2, code_shift = 4 * (group % 2);
     const float s = half_to_float(p.base_scale[at]);
     offset = -s * half_to_float(p.base_zero[at]);
     for (int i = 0; i < P; ++i) {
@@ -125,7 +138,8 @@ struct GroupCoefs {
       } else if (i < p.min_bits) {
         coef[i] = s * float(1 << i);
       } else {
-        const float a = half_to_float(p.residual_scale[i - p.min_bits][at]);
+        const int j = i - p.min_bits;
+        const float a = s * p.scale_table[16 * j + ((p.residual_codes[j][code_at] >> code_shift) & 15)];
         coef[i] = 2 * a;
         offset -= a;
       }
@@ -414,13 +428,19 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
 }
 
 void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales, const char* name) {
-  TORCH_CHECK(!chunks.empty() && scales.size() == 3, name, ": expected plane pairs and 3 scale tensors");
+  TORCH_CHECK(!chunks.empty() && scales.size() == 4, name,
+              ": expected plane pairs, base scale, base zero, plane scale codes and their table");
   for (const auto& t : chunks)
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte && t.dim() == 3, name,
                 ": plane pairs must be contiguous uint8 CPU tensors [experts, rows, bytes]");
   for (const auto& t : scales)
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kHalf, name,
-                ": scales must be contiguous float16 CPU tensors");
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, ": scales must be contiguous CPU tensors");
+  TORCH_CHECK(scales[0].scalar_type() == at::kHalf && scales[1].scalar_type() == at::kHalf, name,
+              ": base scales and zeros must be float16");
+  TORCH_CHECK(scales[2].scalar_type() == at::kByte && scales[2].dim() == 4, name,
+              ": plane scale codes must be uint8 [experts, planes, rows, ceil(groups / 2)]");
+  TORCH_CHECK(scales[3].scalar_type() == at::kFloat && scales[3].dim() == 2, name,
+              ": the plane scale table must be float32 [planes, 16]");
 }
 
 // Rows of one projection for several (expert, width) segments of a layer call, computed together:

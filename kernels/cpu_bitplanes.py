@@ -6,7 +6,8 @@ each column's two bits side by side (:class:`PlanePairs`: same bytes, the
 MWQ tensors stay recoverable bit for bit). The kernel then rebuilds a vector
 of float32 weights (8 with AVX2, 16 with AVX-512) in a register with, per plane
 pair, a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``;
-``vpermps`` with AVX-512) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}``,
+``vpermps`` with AVX-512) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}`` (a residual plane's
+coefficient decoded from its 4-bit scale code: one table load and multiply per group),
 and multiplies them straight into the tokens; no float copy of the expert
 exists. Up to 8 tokens the rebuilt weights feed per-token accumulators (in
 blocks of 4 with AVX2's 16 registers, of 8 with AVX-512's 32); above that a
@@ -46,7 +47,7 @@ per plane per eight weights on data-dependent table loads; pairs with
 codebooks halve the lookups and need no data-dependent loads. Torch's
 int8/int4 weight-only kernels cannot run MWQ exactly: a width-b weight is
 ``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual scales
-``a_j``, not an integer code times one scale.
+``a_j`` (4-bit codes times the base scale), not an integer code times one scale.
 
 What bounds it: compute, one codebook lookup per plane pair per eight weights,
 so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
@@ -64,6 +65,7 @@ import torch
 import torch.utils.cpp_extension
 
 from vllm_d2moe.kernels import require_avx2
+from vllm_d2moe.mwq.plane_scales import decode_table
 from vllm_d2moe.mwq.quantize import MWQTensor
 from vllm_d2moe.mwq.stacked import check_storable
 
@@ -95,7 +97,8 @@ class PlanePairs:
     planes, then residual planes) taken two at a time, each column's two bits
     side by side (bits ``2c, 2c + 1`` of a row's stream); an odd last plane
     keeps one bit per column. The same bytes as the planes, plus 4 bytes of
-    slack per pair tensor; scales are the stacked ones.
+    slack per pair tensor; scales are the stacked ones, plus the plane scale codes' decoding
+    table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`, 64 bytes per plane).
     """
 
     shape: tuple[int, int]
@@ -104,7 +107,8 @@ class PlanePairs:
     chunks: tuple[torch.Tensor, ...]  # uint8 [experts, rows, ceil(planes in pair * cols / 8)]
     base_scale: torch.Tensor  # float16 [experts, rows, groups]
     base_zero: torch.Tensor  # float16 [experts, rows, groups]
-    plane_scale: torch.Tensor  # float16 [experts, residual planes, rows, groups]
+    plane_scale: torch.Tensor  # uint8 [experts, residual planes, rows, ceil(groups / 2)]: 4-bit codes
+    scale_table: torch.Tensor  # float32 [residual planes, 16]
 
     @staticmethod
     def from_stacked(p) -> "PlanePairs":
@@ -126,7 +130,8 @@ class PlanePairs:
                     chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
         return PlanePairs(
-            p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale
+            p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale,
+            decode_table(p.plane_scale.shape[1]),
         )
 
     @property
@@ -139,7 +144,7 @@ class PlanePairs:
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.chunks, self.base_scale, self.base_zero, self.plane_scale]
+        tensors = [*self.chunks, self.base_scale, self.base_zero, self.plane_scale, self.scale_table]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def store(self, expert: int, t: MWQTensor) -> None:
@@ -259,9 +264,9 @@ def prepare(projection) -> PlanePairs:
 def _layer_args(gate_up: PlanePairs, down: PlanePairs) -> list:
     return [
         list(gate_up.chunks),
-        [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale],
+        [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale, gate_up.scale_table],
         list(down.chunks),
-        [down.base_scale, down.base_zero, down.plane_scale],
+        [down.base_scale, down.base_zero, down.plane_scale, down.scale_table],
         gate_up.min_bits,
         gate_up.group_size,
     ]

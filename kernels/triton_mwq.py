@@ -7,9 +7,10 @@ segments (a segment's last block is masked, not padded with other tokens), and
 a block table tells each program its expert, width and rows. Each program
 rebuilds a ``[BLOCK_K, BLOCK_N]`` tile of the expert's weights from the base
 bit planes and the segment's first ``width - min_bits`` residual planes
-straight from the packed layout (formula in ``vllm_d2moe/mwq/quantize.py``) in
-float32, then multiplies on the tensor cores: the tile and the inputs are cast
-to the activations' dtype when that is bfloat16 or float16, and float32
+straight from the packed layout (formula in ``vllm_d2moe/mwq/quantize.py``; a
+residual plane's scale is its 4-bit code's table entry times the base scale,
+``vllm_d2moe/mwq/plane_scales.py``) in float32, then multiplies on the tensor
+cores: the tile and the inputs are cast to the activations' dtype when that is bfloat16 or float16, and float32
 activations use TF32 (``tl.dot``'s default precision); accumulation is float32
 throughout. Every tile is at least 16 wide in M, N and K, as ``tl.dot`` needs,
 whatever the matrix sizes (edges are masked), so every width and shape takes
@@ -32,11 +33,14 @@ and multiplies them exactly in float32) and by the same tests on CUDA, run by
 ``scripts/gpu_check.sh``.
 """
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from vllm_d2moe.mwq.plane_scales import decode_table
 
 NAME = "triton-mwq"
 
@@ -52,6 +56,7 @@ def _weight_tile(
     base_zero,
     plane_bits,
     plane_scale,
+    scale_table,
     expert,
     residual_planes,
     offs_k,
@@ -68,7 +73,11 @@ def _weight_tile(
     rows = offs_n[None, :].to(tl.int64)
     byte = (offs_k // 8)[:, None]
     shift = (offs_k % 8)[:, None].to(tl.uint8)
-    in_matrix = rows * GROUPS + (offs_k // GROUP_SIZE)[:, None]  # scale of (row, group)
+    group = (offs_k // GROUP_SIZE)[:, None]
+    in_matrix = rows * GROUPS + group  # scale of (row, group)
+    code_row_bytes = (GROUPS + 1) // 2
+    code_in_matrix = rows * code_row_bytes + group // 2  # the byte of (row, group)'s scale code
+    code_shift = ((group % 2) * 4).to(tl.uint8)
     scale_at = expert * ROWS * GROUPS + in_matrix
     s = tl.load(base_scale + scale_at, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(base_zero + scale_at, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +91,9 @@ def _weight_tile(
     for j in range(residual_planes):
         plane = expert * RESIDENT_PLANES + j
         packed = tl.load(plane_bits + (plane * ROWS + rows) * ROW_BYTES + byte, mask=mask, other=0)
-        a = tl.load(plane_scale + plane * ROWS * GROUPS + in_matrix, mask=mask, other=0.0).to(tl.float32)
+        code_byte = tl.load(plane_scale + plane * ROWS * code_row_bytes + code_in_matrix, mask=mask, other=0)
+        code = ((code_byte >> code_shift) & 15).to(tl.int32)
+        a = s * tl.load(scale_table + j * 16 + code, mask=mask, other=0.0)
         w += tl.where(((packed >> shift) & 1) != 0, a, -a)
     return w
 
@@ -113,6 +124,7 @@ def _mwq_matmul_kernel(
     base_zero,
     plane_bits,
     plane_scale,
+    scale_table,
     K,
     N,
     ROWS,
@@ -156,6 +168,7 @@ def _mwq_matmul_kernel(
             base_zero,
             plane_bits,
             plane_scale,
+            scale_table,
             expert,
             residual_planes,
             offs_k,
@@ -176,6 +189,7 @@ def _mwq_matmul_kernel(
                 base_zero,
                 plane_bits,
                 plane_scale,
+                scale_table,
                 expert,
                 residual_planes,
                 offs_k,
@@ -219,13 +233,19 @@ def _block_table(segments, min_bits: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
+@functools.cache
+def _scale_table(planes: int, device: torch.device) -> torch.Tensor:
+    """The plane scale codes' decoding table on ``device`` (at least one plane's: a real pointer)."""
+    return decode_table(max(planes, 1)).to(device)
+
+
 def _matmul(x, projection, blocks, out, gated: bool, dtype) -> None:
     rows, cols = projection.shape
     n = rows // 2 if gated else rows
     grid = (blocks.shape[0], triton.cdiv(n, BLOCK_N))
     plane_bits, plane_scale = projection.plane_bits, projection.plane_scale
-    if plane_bits.numel() == 0:  # no residual planes: never read, but the launcher wants a real pointer
-        plane_bits, plane_scale = projection.base_bits, projection.base_scale
+    if plane_bits.numel() == 0:  # no residual planes: never read, but the launcher wants a real uint8 pointer
+        plane_bits, plane_scale = projection.base_bits, projection.base_bits
     _mwq_matmul_kernel[grid](
         x,
         out,
@@ -235,6 +255,7 @@ def _matmul(x, projection, blocks, out, gated: bool, dtype) -> None:
         projection.base_zero,
         plane_bits,
         plane_scale,
+        _scale_table(projection.plane_bits.shape[1], x.device),
         cols,
         n,
         rows,

@@ -178,8 +178,8 @@ def test_inspect_prints_layout_and_verifies(tiny_converted, capsys):
     for bits in SPEC.widths:
         assert f"{layout.nbytes(bits):,}" in out
         assert f"  {bits} bits: {2 * 8 * layout.nbytes(bits):,}" in out
-    # 2 base bits + fp16 scale and zero per 64 weights; +1 bit + fp16 scale per plane.
-    assert " 2.500" in out and " 10.000" in out
+    # 2 base bits + fp16 scale and zero per 64 weights; +1 bit + a 4-bit scale code per plane.
+    assert " 2.500" in out and " 8.875" in out
     assert f"checksums: ok ({2 * 8 * layout.blob_nbytes:,} bytes verified)" in out
 
 

@@ -168,7 +168,7 @@ def test_bits_per_weight_include_scales_and_zeros(harness):
     assert bits["rtn-2"] == pytest.approx(2 + 32 / 128)
     assert bits["rtn-8"] == pytest.approx(8 + 32 / 128)
     assert bits["mwq-2"] == pytest.approx(2 + 32 / 128)  # the base alone
-    assert bits["mwq-8"] == pytest.approx(8 + 32 / 128 + 6 * 16 / 128)  # six sign planes, one scale each
+    assert bits["mwq-8"] == pytest.approx(8 + 32 / 128 + 6 * 4 / 128)  # six sign planes, a 4-bit scale code each
     assert bits["int8"] == pytest.approx(8 + 16 * (2 * inter + hidden) / (3 * inter * hidden))
     assert harness["rows"]["mwq-8"]["hf_overrides"] == {"quantization_config": {"quant_method": "d2moe", "bits": 8}}
 

@@ -1,8 +1,9 @@
 """MWQ quantizer, bit packing and blob layout against a float64 reference.
 
 Tolerances: the packed quantizer reconstructs in float32 while the reference
-below works in float64 from the same float16 scales, so the two agree to
-float32 rounding (relative 1e-6 of the matrix norm).
+below works in float64 from the same float16 base scales and coded plane scales
+(exact in float32), so the two agree to float32 rounding (relative 1e-6 of the
+matrix norm).
 """
 
 import pytest
@@ -12,8 +13,23 @@ from hypothesis import strategies as st
 
 from vllm_d2moe.experts import shard_expert
 from vllm_d2moe.mwq.bitpack import pack_bits, unpack_bits
+from vllm_d2moe.mwq.checkpoint import CheckpointError, MWQCheckpoint, OutdatedFormatError
 from vllm_d2moe.mwq.layout import ExpertLayout
+from vllm_d2moe.mwq.plane_scales import (
+    RATIOS,
+    decode_plane_scales,
+    decode_table,
+    encode_plane_scales,
+    pack_codes,
+    unpack_codes,
+)
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, dequantize, quantize
+
+
+def coded_scale(mean: torch.Tensor, s: torch.Tensor, plane: int) -> torch.Tensor:
+    """float64: the value nearest to ``mean`` among ``s * RATIOS * 2**-(plane + 2)`` (first on ties)."""
+    candidates = s * torch.tensor(RATIOS, dtype=torch.float64) * 2.0 ** -(plane + 2)
+    return candidates.gather(-1, (candidates - mean).abs().argmin(-1, keepdim=True))
 
 
 def reference_mwq(w: torch.Tensor, spec: MWQSpec) -> list[torch.Tensor]:
@@ -29,9 +45,9 @@ def reference_mwq(w: torch.Tensor, spec: MWQSpec) -> list[torch.Tensor]:
     recon = s * (q - z)
     out = [recon.reshape(rows, cols)]
     residual = x - recon
-    for _ in spec.widths[1:]:
+    for j, _ in enumerate(spec.widths[1:]):
         sign = torch.where(residual >= 0, 1.0, -1.0).double()
-        a = residual.abs().mean(-1, keepdim=True).half().double()
+        a = coded_scale(residual.abs().mean(-1, keepdim=True), s, j)
         recon = recon + a * sign
         residual = residual - a * sign
         out.append(recon.reshape(rows, cols))
@@ -158,3 +174,67 @@ def test_tensor_parallel_shards_reassemble(tp_size):
         assert torch.equal(dequantize(shard.down), full_down[:, rank * part : (rank + 1) * part])
     with pytest.raises(MWQError, match="split"):
         shard_expert(_expert(MWQSpec(2, 4, 16), hidden, 48), 0, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 7),
+    plane=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_plane_scale_codes_round_trip(rows, groups, plane, seed):
+    """Codes are the nearest table entry, pack two per byte and decode (float32, kernels' table) exactly
+    to the float64 values the quantizer fits with."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(rows, groups, generator=g, dtype=torch.float64) * 0.1 + 1e-4).half()
+    ratio = torch.rand(rows, groups, generator=g, dtype=torch.float64) * 2.2 - 0.1  # beyond both ends
+    mean = (s.double() * ratio * 2.0 ** -(plane + 2)).clamp(min=0)
+    codes, decoded = encode_plane_scales(mean, s, plane)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 16
+    assert torch.equal(decoded, coded_scale(mean.unsqueeze(-1), s.double().unsqueeze(-1), plane)[..., 0])
+    packed = pack_codes(codes)
+    assert packed.shape == (rows, (groups + 1) // 2)
+    assert torch.equal(unpack_codes(packed, groups), codes)
+    assert torch.equal(decode_plane_scales(codes, s, plane).double(), decoded)
+    table = decode_table(plane + 1)
+    assert torch.equal((s.float() * table[plane][codes.long()]).double(), decoded)
+
+
+def test_zero_residual_gets_zero_scale():
+    """A group the base reconstructs exactly (a constant one) keeps its residual at zero."""
+    w = torch.full((3, 32), 0.3)
+    w[1] = torch.arange(32) % 4 * 0.25  # on the 2-bit grid
+    q = quantize(w, MWQSpec(2, 8, 32))
+    for _, codes in q.planes:
+        assert torch.equal(unpack_codes(codes, 1)[1], torch.zeros(1, dtype=torch.uint8))
+    assert torch.equal(dequantize(q)[1], w[1])
+
+
+# Bits per weight counted from the stored bytes: every piece of an expert's width-b prefix,
+# alignment padding included, over its weights.
+@pytest.mark.parametrize(
+    "hidden,inter",
+    # OLMoE, Mixtral, reference-small; Qwen1.5-MoE (11 groups per down row) and a one-group row
+    # pad a nibble per row and plane.
+    [(2048, 1024), (4096, 14336), (256, 512), (2048, 1408), (256, 128)],
+)
+def test_bits_per_weight_per_width(hidden, inter):
+    layout = ExpertLayout(MWQSpec(2, 8, 128), hidden=hidden, intermediate=inter)
+    weights = 3 * hidden * inter
+    bits = {b: 8 * layout.nbytes(b) / weights for b in range(2, 9)}
+    if inter % 256 == 0:  # even groups: 2 + 0.25 (float16 scale and zero per 128) + per plane 1 + 4/128
+        assert bits == {b: 2.25 + (b - 2) * (1 + 4 / 128) for b in range(2, 9)}
+    assert bits[8] <= 8.5  # llama.cpp q8_0
+    assert bits[4] < 4.84  # llama.cpp q4_K_M
+
+
+def test_old_format_is_refused_with_a_reconvert_message(tmp_path):
+    index = tmp_path / "d2moe" / "index.json"
+    index.parent.mkdir()
+    index.write_text('{"format_version": 1, "spec": {"min_bits": 2, "max_bits": 8, "group_size": 128}, "layers": {}}')
+    with pytest.raises(OutdatedFormatError, match=r"format version 1 is outdated .*re-convert the model"):
+        MWQCheckpoint(tmp_path)
+    index.write_text('{"format_version": 99, "spec": {"min_bits": 2, "max_bits": 8, "group_size": 128}, "layers": {}}')
+    with pytest.raises(CheckpointError, match="format version 99 is not supported"):
+        MWQCheckpoint(tmp_path)

@@ -8,6 +8,7 @@ supported Hugging Face MoE checkpoint instead.
 """
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -41,13 +42,17 @@ def add_arguments(parser) -> None:
 def converted_checkpoint(model: Path, workdir: Path, spec) -> Path:
     """The MWQ conversion of ``model`` in ``workdir``, converted now unless already there."""
     from vllm_d2moe.converters.convert import convert
-    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint, OutdatedFormatError
 
     dst = workdir / f"{model.name}-d2moe-w{spec.min_bits}-{spec.max_bits}-g{spec.group_size}"
     if dst.exists():
-        MWQCheckpoint(dst).verify()
-        print(f"using the converted checkpoint in {dst}")
-        return dst
+        try:
+            MWQCheckpoint(dst).verify()
+            print(f"using the converted checkpoint in {dst}")
+            return dst
+        except OutdatedFormatError as e:  # demo's own cache: convert again
+            print(f"{e}; converting again")
+            shutil.rmtree(dst)
     started = time.perf_counter()
     convert(model, dst, spec)
     print(f"converted {model} -> {dst} in {time.perf_counter() - started:.1f} s")

@@ -42,11 +42,12 @@ class TensorParallelSlice:
 
     def __post_init__(self):
         part = self.intermediate // self.size
-        if self.size > 1 and (self.intermediate % self.size or part % self.group_size or part % 8):
+        if self.size > 1 and (self.intermediate % self.size or part % (2 * self.group_size) or part % 8):
             raise MWQError(
                 f"expert intermediate size {self.intermediate} does not split across tensor-parallel size "
-                f"{self.size}: each rank's share of down's columns must be whole groups of {self.group_size} "
-                f"and whole packed bytes (8 columns)"
+                f"{self.size}: each rank's share of down's columns must be an even number of groups of "
+                f"{self.group_size} (plane scale codes are packed two groups per byte) and whole packed "
+                f"bytes (8 columns)"
             )
 
     @property

@@ -32,7 +32,9 @@ import torch
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor
 
-FORMAT_VERSION = 1
+# 2: residual plane scales are 4-bit codes relative to the base scale (plane_scales.py); 1 stored
+# them as float16.
+FORMAT_VERSION = 2
 EXPERTS_DIR = "d2moe"
 INDEX_NAME = "index.json"
 QUANT_METHOD = "d2moe"
@@ -46,6 +48,10 @@ ReadAt = Callable[[int, int, int], memoryview]
 
 class CheckpointError(RuntimeError):
     """A d2moe checkpoint is missing, malformed or corrupt; the message names what."""
+
+
+class OutdatedFormatError(CheckpointError):
+    """A checkpoint written in an older format version: convert the model again."""
 
 
 class CorruptSectionsError(CheckpointError):
@@ -257,6 +263,12 @@ class MWQCheckpoint:
             self.spec = MWQSpec(**index["spec"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: malformed index ({e})") from e
+        if isinstance(version, int) and version < FORMAT_VERSION:
+            raise OutdatedFormatError(
+                f"{index_path}: format version {version} is outdated (this plugin reads version "
+                f"{FORMAT_VERSION}, which stores residual plane scales in 4 bits); re-convert the model "
+                f"with `d2moe convert SRC {self.model_dir}`"
+            )
         if version != FORMAT_VERSION:
             raise CheckpointError(
                 f"{index_path}: format version {version} is not supported "

@@ -6,6 +6,7 @@ blob is a sequence of sections::
 
     section 0      base:           for each projection: base_bits, base_scale, base_zero
     section j>=1   residual plane: for each projection: plane_bits, plane_scale
+                   (4-bit scale codes, two per byte: ``plane_scales.py``)
 
 so the width-``b`` view of the expert is the prefix ``[0, end of section b - b1)``
 and going from width ``b`` to ``b'`` reads only sections ``b - b1 + 1 .. b' - b1``.
@@ -19,6 +20,7 @@ from functools import cached_property
 import torch
 
 from vllm_d2moe.mwq.bitpack import packed_length
+from vllm_d2moe.mwq.plane_scales import packed_codes_length
 from vllm_d2moe.mwq.quantize import SCALE_DTYPE, MWQError, MWQSpec, MWQTensor
 
 PROJECTIONS = ("gate_up", "down")
@@ -72,7 +74,7 @@ class ExpertLayout:
             else:
                 pieces += [
                     (f"{proj}.plane_bits", packed, torch.uint8),
-                    (f"{proj}.plane_scale", (rows, groups), SCALE_DTYPE),
+                    (f"{proj}.plane_scale", (rows, packed_codes_length(groups)), torch.uint8),
                 ]
         return pieces
 

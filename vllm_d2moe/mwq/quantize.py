@@ -14,8 +14,10 @@ Residual planes ``j = 1 .. bk - b1``, each fitted to what the previous widths
 leave over (``R_0 = W - s * (q - z)``, ``R_j = R_{j-1} - a_j * S_j``)::
 
     S_j[r, c] = +1 if R_{j-1}[r, c] >= 0 else -1              (stored as a bit P_j = (S_j + 1) / 2)
-    a_j[r, g] = mean over the group of |R_{j-1}[r, c]|        (float16; the least-squares
-                                                              optimal scale for a sign plane)
+    a_j[r, g] = mean over the group of |R_{j-1}[r, c]|        (the least-squares optimal scale
+                                                              for a sign plane), stored as the
+                                                              nearest 4-bit code relative to s
+                                                              (``plane_scales.py``)
 
 Reconstruction at any width ``b`` in ``[b1, bk]``::
 
@@ -25,8 +27,9 @@ computed in float32 by :func:`dequantize`. Every plane lowers the squared
 error of its group by ``G * a_j**2`` (> 0 unless the residual is zero), so the
 error strictly decreases with width, and a width-``b`` view is exactly the
 ``[b1, b]`` quantization of the same matrix: the first planes never depend on
-the later ones. The residual fit uses the float16-rounded scales, so the
-stored planes correct the rounding of the earlier ones.
+the later ones. The residual fit uses the decoded (coded) scales, so the
+stored planes correct the coding error of the earlier ones. (A coded scale may
+miss the optimum, but any scale within (0, 2 mean|R|) still lowers the error.)
 """
 
 from dataclasses import dataclass, replace
@@ -34,6 +37,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from vllm_d2moe.mwq.bitpack import pack_bits, unpack_bits
+from vllm_d2moe.mwq.plane_scales import (
+    RATIO_UNIT_LOG2,
+    decode_plane_scales,
+    encode_plane_scales,
+    pack_codes,
+    unpack_codes,
+)
 
 SCALE_DTYPE = torch.float16
 
@@ -86,8 +96,8 @@ class MWQTensor:
 
     ``base_bits``: uint8 ``[min_bits, rows, ceil(cols/8)]`` (bit plane ``i`` of ``q``);
     ``base_scale`` / ``base_zero``: float16 ``[rows, groups]``;
-    ``planes``: one ``(bits uint8 [rows, ceil(cols/8)], scale float16 [rows, groups])``
-    pair per residual plane, in order.
+    ``planes``: one ``(bits uint8 [rows, ceil(cols/8)], scale codes uint8 [rows, ceil(groups/2)])``
+    pair per residual plane, in order (codes: ``plane_scales.py``).
     """
 
     shape: tuple[int, int]
@@ -180,11 +190,11 @@ def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTe
     base_bits = torch.stack([pack_bits((q >> i) & 1) for i in range(spec.min_bits)])
 
     planes = []
-    for _ in range(spec.max_bits - spec.min_bits):
+    for j in range(spec.max_bits - spec.min_bits):
         positive = residual >= 0
-        alpha = residual.abs().mean(-1).to(SCALE_DTYPE)
-        residual = residual - alpha.double().unsqueeze(-1) * (positive.double() * 2 - 1)
-        planes.append((pack_bits(positive.reshape(rows, cols)), alpha))
+        codes, alpha = encode_plane_scales(residual.abs().mean(-1), scale, j)
+        residual = residual - alpha.unsqueeze(-1) * (positive.double() * 2 - 1)
+        planes.append((pack_bits(positive.reshape(rows, cols)), pack_codes(codes)))
 
     return MWQTensor(
         shape=(rows, cols),
@@ -210,16 +220,17 @@ def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTe
 #   lies that close to a rounding boundary k + 1/2.
 # * the residuals r_0 = w + (s z - s q) and r_j = r_{j-1} - copysign(a_j, r_{j-1}):
 #   every value computed is a multiple of the smallest unit in last place (ulp) among
-#   the group's nonzero weights, s, s z (the exact product of two float16) and the a_j,
-#   and none exceeds M = s max(|z|, |levels - z|, max|t - q|) (|r_j| <= max(|r_{j-1}|,
-#   a_j), a_j <= max|r_{j-1}| (1 + 2**-11)). When M < 2**24 ulp, all of them are
+#   the group's nonzero weights, s, s z (the exact product of two float16) and the a_j
+#   (coded: multiples of ulp(s) 2**(RATIO_UNIT_LOG2 - j - 2)), and none exceeds
+#   M = s max(|z|, |levels - z|, max|t - q|), nor max(|r_{j-1}| - a_j, a_j) for r_j
+#   (tracked plane by plane). When M < 2**24 ulp, all of them are
 #   float32 numbers: float32 and float64 compute the same exact residuals, hence the same
 #   signs (r_0 is formed as w + (...) so that it is never -0.0, for which copysign and
 #   the reference's r >= 0 would disagree).
-# * a_j = float16(mean |r_{j-1}|): summed pairwise over 8 in float32, then in float64.
-#   When 8 M < 2**24 ulp the sum is exact, as is the reference's: the same mean. Else
-#   the float32 sum is within 3U of it, and the group is proven when both ends of
-#   mean (1 -+ 4U) round to the same float16 (rounding is monotone).
+# * a_j = the code nearest to mean |r_{j-1}|: summed pairwise over 8 in float32, then in
+#   float64. When 8 M < 2**24 ulp the sum is exact, as is the reference's: the same mean.
+#   Else the float32 sum is within 3U of it, and the group is proven when both ends of
+#   mean (1 -+ 4U) get the same code (the nearest code is monotone in the mean).
 
 _U = 2.0**-24
 # Multiples of a unit up to 2**24 of it are float32 numbers; the margin covers the float64
@@ -253,14 +264,6 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """``bits`` {0,1} float32 ``[n, G]`` -> packed uint8 ``[n, G // 8]``, as :func:`pack_bits`."""
     n, g = bits.shape
     return torch.mv(bits.view(-1, 8), _BIT_VALUES).view(n, g // 8).to(torch.uint8)
-
-
-def _pack_signs(signed: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Pack the signs of ``signed`` = +-``alpha`` (float32 ``[n, G]``, alpha ``[n, 1]`` > 0;
-    bit 1 for +) like :func:`_pack_bits`: each byte's sum is alpha * (2 byte - 255), exact."""
-    n, g = signed.shape
-    total = torch.mv(signed.view(-1, 8), _BIT_VALUES).view(n, g // 8)
-    return total.div_(alpha).add_(255).mul_(0.5).to(torch.uint8)
 
 
 class _Float32Block:
@@ -326,6 +329,7 @@ class _Float32Block:
         g = spec.group_size
         self.planes = []
         planes = spec.max_bits - spec.min_bits
+        log2_scale_ulp = _log2_ulp(s64, 10, -24)
         for j in range(planes):
             partial = torch.abs(residual, out=work)
             half = g // 2
@@ -334,18 +338,21 @@ class _Float32Block:
                 half //= 2
                 partial = partial[:, :half].add_(partial[:, half : 2 * half])
             mean = partial.double().sum(1) / g
-            alpha = mean.to(SCALE_DTYPE)
+            codes, a64 = encode_plane_scales(mean, scale, j)
             sum_inexact = torch.log2(8 * largest) >= _LOG2_FLOAT32_INTEGERS + log2_unit
             slack = 4 * _U * mean
-            rounding_unproven = (mean - slack).to(SCALE_DTYPE) != (mean + slack).to(SCALE_DTYPE)
-            undecided |= (sum_inexact & rounding_unproven) | (alpha == 0)
-            a = alpha.float().view(-1, 1)
+            coding_unproven = (
+                encode_plane_scales(mean - slack, scale, j)[0] != encode_plane_scales(mean + slack, scale, j)[0]
+            )
+            undecided |= (sum_inexact & coding_unproven) | (a64 == 0)
+            a = a64.float().view(-1, 1)
             signed = torch.copysign(a, residual, out=work)
-            self.planes.append((_pack_signs(signed, a), alpha))
+            # (A coded scale has up to 17 significant bits: summing +-a * 2**i in float32, as
+            # packing the signs directly would, is not exact.)
+            self.planes.append((_pack_bits((signed > 0).float()), codes))
             if j + 1 < planes:
                 residual -= signed
-                a64 = alpha.double()
-                log2_unit = torch.minimum(log2_unit, _log2_ulp(a64, 10, -24))
+                log2_unit = torch.minimum(log2_unit, log2_scale_ulp + (RATIO_UNIT_LOG2 - j - 2))
                 largest = torch.maximum(largest - a64, a64)
                 inexact |= torch.log2(largest) >= _LOG2_FLOAT32_INTEGERS + log2_unit
         if planes:  # without planes the residuals are never formed
@@ -379,7 +386,7 @@ def quantize_float32(
     zero = torch.empty(rows, groups_per_row, dtype=SCALE_DTYPE)
     planes_count = spec.max_bits - spec.min_bits
     plane_bits = torch.empty(planes_count, rows, packed_cols, dtype=torch.uint8)
-    plane_scale = torch.empty(planes_count, rows, groups_per_row, dtype=SCALE_DTYPE)
+    plane_codes = torch.empty(planes_count, rows, groups_per_row, dtype=torch.uint8)  # packed at the end
     undecided = []
     for row in range(0, rows, block_rows):
         n_rows = min(block_rows, rows - row)
@@ -390,9 +397,9 @@ def quantize_float32(
         zero[row : row + n_rows] = block.zero.view(n_rows, groups_per_row)
         for i, bits in enumerate(block.base_bits):
             base_bits[i, row : row + n_rows] = bits.view(n_rows, packed_cols)
-        for j, (bits, alpha) in enumerate(block.planes):
+        for j, (bits, codes) in enumerate(block.planes):
             plane_bits[j, row : row + n_rows] = bits.view(n_rows, packed_cols)
-            plane_scale[j, row : row + n_rows] = alpha.view(n_rows, groups_per_row)
+            plane_codes[j, row : row + n_rows] = codes.view(n_rows, groups_per_row)
         undecided.append(block.undecided)
 
     undecided = torch.cat(undecided)
@@ -404,9 +411,9 @@ def quantize_float32(
         scale[r, c], zero[r, c] = exact.base_scale[:, 0], exact.base_zero[:, 0]
         for i in range(spec.min_bits):
             base_bits[i][rr, byte_cols] = exact.base_bits[i]
-        for j, (bits, alpha) in enumerate(exact.planes):
+        for j, (bits, codes) in enumerate(exact.planes):
             plane_bits[j][rr, byte_cols] = bits
-            plane_scale[j][r, c] = alpha[:, 0]
+            plane_codes[j][r, c] = unpack_codes(codes, 1)[:, 0]
     if counts is not None:
         counts["groups"] = counts.get("groups", 0) + total_groups
         counts["recomputed"] = counts.get("recomputed", 0) + len(undecided)
@@ -417,7 +424,7 @@ def quantize_float32(
         base_bits=base_bits,
         base_scale=scale,
         base_zero=zero,
-        planes=tuple((plane_bits[j], plane_scale[j]) for j in range(planes_count)),
+        planes=tuple((plane_bits[j], pack_codes(plane_codes[j])) for j in range(planes_count)),
     )
 
 
@@ -431,7 +438,9 @@ def dequantize(t: MWQTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor
     w = (q.view(rows, -1, g) - t.base_zero.float().unsqueeze(-1)) * t.base_scale.float().unsqueeze(
         -1
     )
-    for bits, alpha in t.planes:
+    groups = cols // g
+    for j, (bits, codes) in enumerate(t.planes):
         sign = unpack_bits(bits, cols).float().view(rows, -1, g) * 2 - 1
-        w += alpha.float().unsqueeze(-1) * sign
+        alpha = decode_plane_scales(unpack_codes(codes, groups), t.base_scale, j)
+        w += alpha.unsqueeze(-1) * sign
     return w.view(rows, cols).to(dtype)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_d2moe.mwq.plane_scales import packed_codes_length
 from vllm_d2moe.mwq.quantize import MWQError, MWQTensor
 
 
@@ -39,7 +40,7 @@ class StackedProjection:
         base_scale  float16 [experts, rows, groups]
         base_zero   float16 [experts, rows, groups]
         plane_bits  uint8   [experts, residual planes, rows, ceil(cols / 8)]
-        plane_scale float16 [experts, residual planes, rows, groups]
+        plane_scale uint8   [experts, residual planes, rows, ceil(groups / 2)]   (4-bit codes)
     """
 
     shape: tuple[int, int]
@@ -68,7 +69,7 @@ class StackedProjection:
             base_scale=empty(rows, groups, dtype=like.base_scale.dtype),
             base_zero=empty(rows, groups, dtype=like.base_zero.dtype),
             plane_bits=empty(planes, rows, packed, dtype=torch.uint8),
-            plane_scale=empty(planes, rows, groups, dtype=like.base_scale.dtype),
+            plane_scale=empty(planes, rows, packed_codes_length(groups), dtype=torch.uint8),
         )
 
     def store(self, expert: int, t: MWQTensor) -> None:

@@ -67,7 +67,7 @@ from vllm_d2moe.mwq.checkpoint import (
     write_index,
 )
 from vllm_d2moe.mwq.layout import ExpertLayout
-from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, quantize, quantize_float32
+from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, MWQTensor, quantize, quantize_float32
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -690,7 +690,8 @@ def _build(
                         torch.set_num_threads(threads)  # the source model's layers: all cores
                         statistics = inputs.layer(layer)
                         torch.set_num_threads(1 if workers > 1 else threads)
-                        quantizers = partial(_calibrated_quantizers, statistics, quantizer)
+                        fitted = _fit_calibrated(pool, source, experts, statistics, spec, layer)
+                        quantizers = partial(_calibrated_quantizers, fitted, quantizer)
                         progress["uncalibrated"][str(layer)] = _uncalibrated(statistics, layer)
                     try:
                         entry = _convert_layer(
@@ -742,20 +743,50 @@ def _same_quantizer(quantizer, expert: int) -> dict:
     return {"gate_up": quantizer, "down": quantizer}
 
 
-def _fitted_to(hessian: torch.Tensor, weight: torch.Tensor, spec: MWQSpec, name: str):
-    (tensor,) = calibrated_quantize(weight, hessian, spec, name)
+# Experts fitted in one batched sweep: its per-column work is a few small torch calls, whose
+# overhead a batch shares; memory grows with it (about 200 MB per expert at OLMoE's size).
+CALIBRATION_BATCH = 4
+
+
+def _fit_experts(
+    source: SourceFiles, experts: list[ExpertSource], statistics: LayerStatistics, indices: list[int],
+    spec: MWQSpec, layer: int,
+) -> list[dict]:
+    """The calibrated tensors, by projection, of the experts ``indices`` of a layer."""
+    gate_up = torch.stack([torch.cat([source.matrix(p) for p in experts[e].gate_up]) for e in indices])
+    down = torch.stack([source.matrix(experts[e].down) for e in indices])
+    name = f"layer {layer}, experts {indices}"
+    fitted_up = calibrated_quantize(gate_up, statistics.gate_up[indices], spec, f"{name}, gate_up")
+    fitted_down = calibrated_quantize(down, statistics.down[indices], spec, f"{name}, down")
+    return [{"gate_up": u, "down": d} for u, d in zip(fitted_up, fitted_down)]
+
+
+def _fit_calibrated(
+    pool: ThreadPoolExecutor, source: SourceFiles, experts: list[ExpertSource],
+    statistics: LayerStatistics, spec: MWQSpec, layer: int,
+) -> list[dict | None]:
+    """Per expert of a layer its calibrated tensors by projection; None for an expert no
+    calibration token reached."""
+    reached = [e for e in range(len(experts)) if statistics.tokens[e] > 0]
+    batches = [reached[i : i + CALIBRATION_BATCH] for i in range(0, len(reached), CALIBRATION_BATCH)]
+    futures = [pool.submit(_fit_experts, source, experts, statistics, b, spec, layer) for b in batches]
+    fitted: list[dict | None] = [None] * len(experts)
+    for batch, future in zip(batches, futures):
+        for e, tensors in zip(batch, future.result()):
+            fitted[e] = tensors
+    return fitted
+
+
+def _fitted(tensor: MWQTensor, weight: torch.Tensor, spec: MWQSpec, name: str) -> MWQTensor:
     return tensor
 
 
-def _calibrated_quantizers(statistics: LayerStatistics, fallback, expert: int) -> dict:
-    """Expert ``expert``'s quantizers fitted to its calibration inputs; ``fallback`` (the
-    uncalibrated fit) for an expert no calibration token reached."""
-    if statistics.tokens[expert] == 0:
+def _calibrated_quantizers(fitted: list[dict | None], fallback, expert: int) -> dict:
+    """Expert ``expert``'s already fitted tensors; ``fallback`` (the uncalibrated fit) for an
+    expert no calibration token reached."""
+    if fitted[expert] is None:
         return _same_quantizer(fallback, expert)
-    return {
-        "gate_up": partial(_fitted_to, statistics.gate_up[expert]),
-        "down": partial(_fitted_to, statistics.down[expert]),
-    }
+    return {proj: partial(_fitted, tensor) for proj, tensor in fitted[expert].items()}
 
 
 def _uncalibrated(statistics: LayerStatistics, layer: int) -> list[int]:

@@ -18,6 +18,9 @@ overridden at start-up, e.g.
   the predictor (:mod:`vllm_d2moe.prefetch`) forecasts for layers ``l+1..l+d``
   (plus ``m`` spare experts per token) are read into the pool. Needs
   ``memory_budget``; off unless set.
+* ``dense``: ``"int8"`` or ``"int4"``: every other linear layer (attention, shared
+  experts, dense MLPs, the output head unless tied; not the router gates) as
+  weight-only int8 / int4 (:mod:`vllm_d2moe.vllm_glue.dense_method`); unquantized unless set.
 
 The expert layout itself comes from the checkpoint's ``d2moe/index.json``.
 """
@@ -26,7 +29,6 @@ from typing import Any
 
 import torch
 from vllm.model_executor.layers.fused_moe import RoutedExperts
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
@@ -44,13 +46,14 @@ from vllm_d2moe.router.controller import WidthController
 from vllm_d2moe.router.model import RouterSet
 from vllm_d2moe.router.policy import ServingWidths, resolve_policy
 from vllm_d2moe.vllm_glue import request_faults, request_targets, width_control
+from vllm_d2moe.vllm_glue.dense_method import check_dense_mode, dense_quant_method
 from vllm_d2moe.width_selection import WidthSelector
 
 # Keys the converter writes to describe the checkpoint (informational here).
 _DESCRIPTIVE_KEYS = {"quant_method", "format_version", "min_bits", "max_bits", "group_size", "num_experts"}
 # Runtime options a user may set.
 _OPTION_KEYS = {"bits", "memory_budget", "offload", "on_read_error", "width_policy", "target_bits", "capacities",
-                "slo", "prefetch"}
+                "slo", "prefetch", "dense"}
 _PREFETCH_KEYS = {"predictor", "depth", "extra"}
 
 
@@ -78,8 +81,6 @@ def _prefetch_option(prefetch, memory_budget, policy: OffloadPolicy) -> dict | N
     return option
 
 
-
-
 @register_quantization_config(QUANT_METHOD)
 class D2MoEConfig(QuantizationConfig):
     """MWQ experts served at a chosen width; every other layer stays unquantized."""
@@ -95,6 +96,7 @@ class D2MoEConfig(QuantizationConfig):
         on_read_error: str | None = None,
         slo: dict | None = None,
         prefetch: dict | None = None,
+        dense: str | None = None,
     ):
         super().__init__()
         if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 8):
@@ -104,6 +106,7 @@ class D2MoEConfig(QuantizationConfig):
         if capacities is not None and capacities != "off" and not isinstance(capacities, list):
             raise ValueError(f"d2moe option 'capacities' must be a list of fractions or 'off', got {capacities!r}")
         self.requested_bits = bits
+        self.dense = check_dense_mode(dense)
         self.width_options = {"width_policy": width_policy, "target_bits": target_bits, "capacities": capacities,
                               "slo": slo}
         self.checkpoint: MWQCheckpoint | None = None
@@ -227,13 +230,11 @@ class D2MoEConfig(QuantizationConfig):
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str
     ) -> QuantizeMethodBase | None:
-        if isinstance(layer, LinearBase):
-            return UnquantizedLinearMethod()
         if isinstance(layer, RoutedExperts):
             from vllm_d2moe.vllm_glue.moe_method import D2MoEMethod
 
             return D2MoEMethod(self, layer.moe_config)
-        return None
+        return dense_quant_method(self.dense, layer, prefix)
 
 
 def moe_tensor_parallel_size(parallel_config) -> int:

@@ -2,7 +2,9 @@
 with the online SLO controller on, off, and at fixed widths.
 
 Each configuration serves the same closed-loop load: ``LEVELS`` concurrent
-requests in turn, each level held ``--hold`` seconds; a finished request is
+requests in turn, each level held ``--hold`` seconds and until it counted
+``MIN_TOKENS_PER_REQUEST`` tokens per request (at most ``MAX_HOLDS`` holds: at
+high load a step can outlast a hold); a finished request is
 replaced at once while its level lasts (random prompt tokens, ``--max-tokens``
 generated, EOS ignored). Configurations (one engine each, in this process one
 after another: the engine core runs here, so the width counts and the
@@ -18,11 +20,11 @@ meet it at low load, none at the top).
 
 Time per output token: the time between consecutive tokens of one request (a
 step with a newcomer's prefill counts for those waiting on it). Per level: p90
-of those that arrive after the first ``SETTLE_SHARE`` of the level (requests
-from the level before drain meanwhile); average width: pairs counted in the
-same stretch. Goals printed met / missed: at every level where some fixed width's p90
-meets T, ``router+slo``'s p90 meets T and its average width is within 0.25 of
-the widest fixed width meeting it.
+of those that arrive after its first ``SETTLE_SHARE`` hold (requests from the
+level before drain meanwhile); average width: pairs counted in the same stretch.
+Goals printed met / missed: at every level where some fixed width's p90 meets
+T, ``router+slo``'s p90 meets T and its average width is within 0.25 of the
+widest fixed width meeting it.
 
 Model: the OLMoE-1B-7B expert shape (hidden 2048, 64 experts of intermediate
 1024, top-8) truncated to one decoder layer, random weights (``d2moe random-model``),
@@ -61,6 +63,8 @@ RESULTS = REPO / "benchmarks" / "results"
 CACHE = Path.home() / ".cache" / "vllm_d2moe" / "load_ramp"
 LEVELS = (1, 2, 4, 8, 16, 32, 16, 8, 4, 2, 1)
 SETTLE_SHARE = 0.4
+MIN_TOKENS_PER_REQUEST = 3
+MAX_HOLDS = 4
 CONFIGS = {
     "fixed:2": {"width_policy": "fixed:2"},
     "fixed:3": {"width_policy": "fixed:3"},
@@ -174,11 +178,13 @@ def run_config(name: str, checkpoint: Path, options: dict, args) -> dict:
         while engine.has_unfinished_requests():
             engine.step()
         process_stats(reset=True)
-        intervals, steps, running, last_token = [], [], set(), {}
+        intervals, steps, running, last_token, bounds = [], [], set(), {}, []
         t0 = time.monotonic()
         for level_index, level in enumerate(LEVELS):
-            level_end = t0 + (level_index + 1) * args.hold
-            while time.monotonic() < level_end:
+            start = time.monotonic() - t0
+            counted_from = start + SETTLE_SHARE * args.hold
+            while not _level_done(intervals, level_index, level, start, counted_from, time.monotonic() - t0,
+                                  args.hold):
                 while len(running) < level:
                     running.add(add_request())
                 outputs = engine.step()
@@ -195,9 +201,10 @@ def run_config(name: str, checkpoint: Path, options: dict, args) -> dict:
                 snapshot = controller.snapshot() if controller is not None else {}
                 steps.append((now - t0, level_index, len(running), *_width_totals().tolist(),
                               snapshot.get("setpoint_bits"), snapshot.get("shift")))
+            bounds.append((counted_from, time.monotonic() - t0))
         for request_id in list(running):
             engine.abort_request([request_id])
-        return {"intervals": intervals, "steps": steps, "start_seconds": round(start_seconds, 1),
+        return {"intervals": intervals, "steps": steps, "bounds": bounds, "start_seconds": round(start_seconds, 1),
                 "options": options, "controller": process_stats()["controller"]}
     finally:
         engine.engine_core.shutdown()
@@ -205,13 +212,44 @@ def run_config(name: str, checkpoint: Path, options: dict, args) -> dict:
         gc.collect()
 
 
-def level_summary(result: dict, hold: float) -> list[dict]:
-    """Per level: p90 / median time per output token and average width after the settling share."""
+def time_bins(result: dict, width: float = 1.0) -> list[dict]:
+    """What the plot shows, per ``width`` seconds: p90 time per output token, average width, the
+    most concurrent requests and the controller's last setpoint (the JSON keeps these, not every token)."""
+    intervals = np.array(result["intervals"]) if result["intervals"] else np.zeros((0, 3))
+    steps = np.array([[np.nan if v is None else v for v in s] for s in result["steps"]], dtype=float)
+    bins = []
+    for lo in np.arange(0.0, steps[-1, 0], width):
+        waits = intervals[(intervals[:, 0] >= lo) & (intervals[:, 0] < lo + width), 2]
+        inside = steps[(steps[:, 0] >= lo) & (steps[:, 0] < lo + width)]
+        counted = inside[-1, 3:12] - inside[0, 3:12] if len(inside) >= 2 else np.zeros(9)
+        bins.append({
+            "t": float(lo + width / 2),
+            "p90_tpot_ms": float(np.percentile(waits, 90) * 1e3) if len(waits) else None,
+            "average_bits": float((counted * np.arange(9)).sum() / counted.sum()) if counted.sum() else None,
+            "requests": int(inside[:, 2].max()) if len(inside) else 0,
+            "setpoint_bits": None if not len(inside) or np.isnan(inside[-1, 12]) else float(inside[-1, 12]),
+        })
+    return bins
+
+
+def _level_done(intervals: list, index: int, level: int, start: float, counted_from: float, now: float,
+                hold: float) -> bool:
+    """A level lasts ``hold`` seconds and until ``MIN_TOKENS_PER_REQUEST`` tokens a request were
+    counted after its settling time (slow steps at high load), at most ``MAX_HOLDS`` holds."""
+    if now < start + hold:
+        return False
+    counted = sum(1 for t, i, _ in reversed(intervals[-4 * MIN_TOKENS_PER_REQUEST * level:])
+                  if i == index and t >= counted_from)
+    return counted >= MIN_TOKENS_PER_REQUEST * level or now >= start + MAX_HOLDS * hold
+
+
+def level_summary(result: dict) -> list[dict]:
+    """Per level: p90 / median time per output token and average width after the settling time."""
     intervals = np.array(result["intervals"]) if result["intervals"] else np.zeros((0, 3))
     steps = np.array([s[:12] for s in result["steps"]], dtype=float)
     rows = []
     for index, level in enumerate(LEVELS):
-        begin, end = (index + SETTLE_SHARE) * hold, (index + 1) * hold
+        begin, end = result["bounds"][index]
         waits = intervals[(intervals[:, 0] >= begin) & (intervals[:, 0] < end), 2] * 1e3
         inside = steps[(steps[:, 0] >= begin) & (steps[:, 0] < end)]
         bits = None
@@ -261,7 +299,9 @@ def markdown(report: dict) -> str:
         "",
         f"Model: {report['model']}. {report['note']}",
         f"Each level held {report['hold_s']} s, {report['prompt_tokens']} prompt tokens, "
-        f"{report['max_tokens']} generated per request; per level the last {1 - SETTLE_SHARE:.0%} of it counts. "
+        f"{report['max_tokens']} generated per request; per level what follows its first "
+        f"{SETTLE_SHARE * report['hold_s']:.1f} s counts (a level lasts until {MIN_TOKENS_PER_REQUEST} tokens a "
+        f"request were counted, at most {MAX_HOLDS} holds). "
         f"SLO: tpot_ms = {report['tpot_ms']:.1f} ({report['tpot_origin']}). Machine: {report['machine']}.",
         "",
         "p90 time per output token (ms) / average width (bits) per level:",
@@ -302,21 +342,12 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (ax_t, ax_b, ax_l) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     for name, result in report["configs"].items():
-        intervals = np.array(result["intervals"]) if result["intervals"] else np.zeros((0, 3))
-        steps = np.array([s[:12] for s in result["steps"]], dtype=float)
-        edges = np.arange(0, len(LEVELS) * report["hold_s"] + 1, 1.0)
-        centres, p90s, bits = [], [], []
-        for lo, hi in zip(edges, edges[1:]):
-            waits = intervals[(intervals[:, 0] >= lo) & (intervals[:, 0] < hi), 2]
-            inside = steps[(steps[:, 0] >= lo) & (steps[:, 0] < hi)]
-            counted = inside[-1, 3:12] - inside[0, 3:12] if len(inside) >= 2 else np.zeros(9)
-            centres.append((lo + hi) / 2)
-            p90s.append(np.percentile(waits, 90) * 1e3 if len(waits) else np.nan)
-            bits.append((counted * np.arange(9)).sum() / counted.sum() if counted.sum() else np.nan)
-        ax_t.plot(centres, p90s, label=name)
-        ax_b.plot(centres, bits, label=name)
+        bins = result["bins"]
+        centres = [b["t"] for b in bins]
+        ax_t.plot(centres, [np.nan if b["p90_tpot_ms"] is None else b["p90_tpot_ms"] for b in bins], label=name)
+        ax_b.plot(centres, [np.nan if b["average_bits"] is None else b["average_bits"] for b in bins], label=name)
         if name == "router+slo":
-            ax_l.plot(steps[:, 0], steps[:, 2], color="grey")
+            ax_l.plot(centres, [b["requests"] for b in bins], color="grey")
     ax_t.axhline(report["tpot_ms"], color="black", linestyle="--", label="SLO")
     ax_t.set_ylabel("p90 time per output token (ms, 1 s bins)")
     ax_t.set_yscale("log")
@@ -333,7 +364,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="d2moe checkpoint with a router "
                         "(default: the cached 1-layer OLMoE-shape one, made with --prepare)")
     parser.add_argument("--prepare", action="store_true", help="make the default checkpoint if missing, and exit")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="configurations to run (none: rewrite the report from the JSON)")
     parser.add_argument("--tpot-ms", type=float, default=None)
     parser.add_argument("--hold", type=float, default=12.0, help="seconds per level")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -354,7 +386,8 @@ def main() -> int:
         report = {}
     report = {"configs": {}, **report, **settings}
     report["note"] = args.note or report.get("note", "")
-    report["machine"] = f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"
+    if args.configs or "machine" not in report:
+        report["machine"] = f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"
     for name in args.configs:
         options = dict(CONFIGS[name])
         if name == "router+slo":
@@ -366,6 +399,9 @@ def main() -> int:
                     continue
                 tpot = report["configs"][source]["levels"][LEVELS.index(level)]["p90_tpot_ms"]
                 origin = f"{source}'s p90 at {level} concurrent requests"
+                if tpot is None:
+                    print(f"load_ramp: {source} has no p90 at {level} requests: give --tpot-ms", flush=True)
+                    continue
             report["tpot_ms"], report["tpot_origin"] = tpot, origin
             options["slo"] = {"tpot_ms": tpot}
         print(f"load_ramp: {name} {options}", flush=True)
@@ -374,7 +410,9 @@ def main() -> int:
         except Exception:  # the exception that stopped the engine, then the other configurations
             traceback.print_exc()
             continue
-        result["levels"] = level_summary(result, args.hold)
+        result["levels"] = level_summary(result)
+        result["bins"] = time_bins(result)
+        del result["intervals"], result["steps"]
         report["configs"][name] = result
         print("  " + "  ".join(f"{r['level']}:{fmt(r['p90_tpot_ms'])}ms/{fmt(r['average_bits'], '.2f')}b"
                                for r in result["levels"]), flush=True)

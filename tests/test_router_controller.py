@@ -80,7 +80,7 @@ def test_target_bits_holds_as_a_running_average(target):
     assert snapshot["average_bits"] == pytest.approx(target, abs=0.05)
     late = [r["bits"] for r in trace if r["t"] > 10.0]
     assert np.mean(late) == pytest.approx(target, abs=0.05)
-    assert _slew(trace) <= control.MAX_FALL_BITS_PER_S + 1e-9
+    assert _slew(trace) <= control.TARGET_BITS_PER_S + 1e-9
     assert snapshot["slo_attainment"] is None and snapshot["tpot_ms"] is None
 
 
@@ -88,11 +88,11 @@ def test_target_bits_holds_as_a_running_average(target):
 def test_slo_follows_the_load_within_the_goals(tpot_ms):
     ramp = [1, 2, 4, 8, 16, 8, 4, 2, 1]
     controller = WidthController(CALIBRATION, tpot_ms=tpot_ms)
-    trace = _simulate(controller, [(load, 30.0) for load in ramp])
+    trace = _simulate(controller, [(load, 20.0) for load in ramp])
     low, high = _served_bits(CALIBRATION[-1][0]), _served_bits(CALIBRATION[0][0])
     for phase, load in enumerate(ramp):
         rows = [r for r in trace if r["phase"] == phase]
-        settled = [r for r in rows if r["t"] > rows[0]["t"] + 15.0]
+        settled = [r for r in rows if r["t"] > rows[0]["t"] + 10.0]
         p90 = np.percentile([r["ms"] for r in settled], 90)
         mean_bits = np.mean([r["bits"] for r in settled])
         # The widest fixed width (of 2, 3, 4) whose p90 meets the SLO at this load, if any.

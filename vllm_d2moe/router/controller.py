@@ -24,7 +24,7 @@ Two goals (options ``target_bits`` and ``slo``):
   if also given, is the ceiling.
 
 Every change of the setpoint is bounded by ``MAX_FALL_BITS_PER_S`` /
-``MAX_RISE_BITS_PER_S`` times the time since the last step (at most
+``MAX_RISE_BITS_PER_S`` (SLO) or ``TARGET_BITS_PER_S`` times the time since the last step (at most
 ``MAX_STEP_GAP_S``, so an idle pause gives no jump). An SLO not met at the
 lowest reachable width is logged (once per episode) with the reachable range.
 
@@ -48,6 +48,7 @@ HEADROOM = 0.95  # aim the p90 step time this far under the SLO (what the engine
 LOWER_BAND = 0.96  # no rise while the p90 step time is above this share of the aim
 MAX_FALL_BITS_PER_S = 1.0
 MAX_RISE_BITS_PER_S = 0.25
+TARGET_BITS_PER_S = 2.0  # target_bits alone: only calibration error to correct, both ways alike
 MAX_STEP_GAP_S = 0.5
 INTEGRAL_GAIN = 0.5  # target_bits: share of a step's error (at full weight) added to the correction
 FULL_WEIGHT_PAIRS = 64  # a step counting this many pairs corrects at half the gain
@@ -128,7 +129,7 @@ class WidthController:
             # No wind-up beyond what the calibrated range can use.
             self._correction = min(max(self._correction, self.low - self.target_bits),
                                    self.high - self.target_bits)
-        self._move_setpoint(self.target_bits + self._correction, dt)
+        self._move_setpoint(self.target_bits + self._correction, dt, rate=TARGET_BITS_PER_S)
 
     def _steer_by_time(self, seconds: float, now: float, dt: float) -> None:
         self._recent.append((now, seconds))

@@ -203,6 +203,12 @@ class D2MoEConfig(QuantizationConfig):
             router = self._routers.routers.get(layer)
             router = None if router is None else router.to(device)
         if self.widths.adaptive and self._controller is None:
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            if get_tensor_model_parallel_world_size() > 1:  # each rank would time and steer its own shift
+                raise ValueError("d2moe options 'target_bits' and 'slo' steer the widths online per process; "
+                                 "under tensor parallelism the ranks would choose different widths: serve "
+                                 "with tensor_parallel_size 1, or without them")
             self._controller = WidthController(self.widths.calibration, self.widths.target_bits, self.widths.tpot_ms)
             width_control.set_controller(self._controller)
         return WidthSelector(layer, self.widths, router, self._controller)

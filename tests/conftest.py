@@ -217,6 +217,11 @@ def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
             logprobs=logprobs,
             score_against="mixtral/unquantized",
         ),
+        # The other linear layers and the output head as weight-only int8 / int4 (option dense).
+        *(Run(f"mixtral/d2moe-8/dense-{mode}", mixtral, PROMPTS, logprobs=logprobs, in_process=True,
+              score_against="mixtral/unquantized",
+              hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 8, "dense": mode}})
+          for mode in ("int8", "int4")),
         # No --quantization flag: detected from config.json; torch.compile on.
         Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False, in_process=True),
         # In-process twins of default-layout engines (a fixed width; the router under a memory

@@ -10,13 +10,15 @@ per token and per decode batch of ``b`` requests (the tokens at one position of
 ``b`` windows), with the set widened by ``m`` spare experts per token.
 
 Models: ``--model`` (Hugging Face weights, float32 compute; default the embedded
-reference model) and optionally ``--d2moe`` (its conversion with a trained
-bit-width router, run as served: MWQ experts at the router's widths, the
-transformers simulation of ``vllm_d2moe.router.simulate``), which adds width
-coverage: a routed expert counts only when predicted at no less than the
-width it was served at.
+reference model) and optionally ``--d2moe`` (its conversion, run as served at
+each width policy of ``--widths``: every pair at a fixed width ``fixed:B``, or
+at the widths of its trained bit-width router ``router``; the transformers
+simulation of ``vllm_d2moe.router.simulate``), which adds width coverage: a
+routed expert counts only when predicted at no less than the width it was
+served at.
 
-    python benchmarks/prefetch_recall.py --d2moe CKPT --out benchmarks/results/prefetch
+    python benchmarks/prefetch_recall.py --d2moe CKPT --widths fixed:2 fixed:4 router \\
+        --learned CKPT --out benchmarks/results/prefetch
     python benchmarks/prefetch_recall.py --model RANDOM_OLMOE --tokens 2048 --label random-olmoe \\
         --out benchmarks/results/prefetch-random-olmoe
 """
@@ -31,7 +33,7 @@ import torch
 
 import vllm_d2moe
 from vllm_d2moe.eval.heldout import heldout_windows
-from vllm_d2moe.prefetch.capture import Capture, capture
+from vllm_d2moe.prefetch.capture import Capture, capture, load_capture_model
 from vllm_d2moe.prefetch.gates import CheckpointGates
 from vllm_d2moe.prefetch.learned import LearnedPredictor
 from vllm_d2moe.prefetch.predictors import GatePredictor
@@ -62,9 +64,11 @@ def batch_order(per_window: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(-1, *per_window.shape[2:])
 
 
-def served_widths(routers: RouterSet, policy: ServingWidths, layer: int, x, weights, ids, batch: int):
+def served_widths(routers: RouterSet | None, policy: ServingWidths, layer: int, x, weights, ids, batch: int):
     """The widths serving chooses for rows in batch order, one call per group of ``batch`` rows
     (capacities apply per call)."""
+    if policy.mode == "fixed":
+        return torch.full_like(ids, policy.widths[0], dtype=torch.int8)
     out = []
     for xs, ws, es in zip(x.split(batch), weights.split(batch), ids.split(batch)):
         scores = torch.log_softmax(routers.routers[layer](xs, ws, es), dim=-1).reshape(-1, len(policy.widths))
@@ -138,8 +142,22 @@ def load_model(args, policy: ServingWidths | None, routers: RouterSet | None):
     if policy is None:
         import transformers
         return transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    if policy.mode == "fixed":
+        return load_capture_model(args.d2moe, policy.widths[0])
     from vllm_d2moe.router.simulate import load_simulated_model
     return load_simulated_model(args.d2moe, policy, routers.routers, dtype=torch.float32)
+
+
+def width_variant(args, name: str) -> tuple[str, ServingWidths, RouterSet | None]:
+    """``--widths`` entry ``name`` (``fixed:B`` or ``router``): its label, policy and routers."""
+    if name == "router":
+        routers = RouterSet.load(args.d2moe)
+        policy = ServingWidths("router", routers.widths, routers.capacities, calibration=routers.calibration)
+        return f"{args.label} MWQ, router widths", policy, routers
+    bits = name.removeprefix("fixed:")
+    if not name.startswith("fixed:") or not bits.isdigit():
+        raise SystemExit(f"--widths: {name!r} is neither fixed:B nor router")
+    return f"{args.label} MWQ, fixed {bits} bits", ServingWidths("fixed", (int(bits),)), None
 
 
 def markdown(setup: dict, summary: list[dict], per_layer: list[dict]) -> str:
@@ -190,7 +208,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REFERENCE_MODEL,
                         help="Hugging Face checkpoint (default: the embedded reference model)")
     parser.add_argument("--d2moe", type=Path, default=None,
-                        help="its d2moe conversion with a bit-width router: also measure as served, with widths")
+                        help="its d2moe conversion: also measure as served at each of --widths")
+    parser.add_argument("--widths", nargs="+", default=["router"],
+                        help="width policies of --d2moe: fixed:B or router (default router)")
     parser.add_argument("--learned", type=Path, default=None,
                         help="a d2moe checkpoint with a trained predictor (d2moe/predictor.safetensors): score it too")
     parser.add_argument("--label", default="reference")
@@ -203,7 +223,7 @@ def main() -> None:
     parser.add_argument("--extras", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--width-batches", type=int, nargs="+", default=[8],
-                        help="decode batch sizes for the --d2moe (router widths) model (default 8)")
+                        help="decode batch sizes for the --d2moe model (default 8)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json)")
     args = parser.parse_args()
 
@@ -213,11 +233,10 @@ def main() -> None:
     # (label, width policy, routers, extras, batches, taps)
     variants = [(args.label, None, None, args.extras, args.batches, tuple(TAPS))]
     if args.d2moe is not None:
-        routers = RouterSet.load(args.d2moe)
-        policy = ServingWidths("router", routers.widths, routers.capacities, calibration=routers.calibration)
-        # Capacities make widths depend on the call: one predictor call per decode step, so fewer settings.
-        variants.append((f"{args.label} MWQ, router widths", policy, routers, [0], args.width_batches,
-                         ("MoE input",)))
+        for name in args.widths:
+            label, policy, routers = width_variant(args, name)
+            # Capacities make widths depend on the call: one predictor call per decode step, so fewer settings.
+            variants.append((label, policy, routers, [0], args.width_batches, ("MoE input",)))
     rows = []
     for label, policy, routers, extras, batches, taps in variants:
         model = load_model(args, policy, routers)

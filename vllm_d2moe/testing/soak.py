@@ -156,6 +156,8 @@ async def send(client, model: str, request: SoakRequest) -> dict:
                 "finish": [c.finish_reason for c in choices]}
     except openai.APIStatusError as e:
         return {"status": e.status_code, "error": str(e)}
+    except openai.APIConnectionError as e:
+        return {"status": None, "error": f"{e} ({type(e.__cause__).__name__}: {e.__cause__})"}
     except openai.APIError as e:  # an error event inside a stream (HTTP 200)
         return {"status": 200, "error": str(e)}
 
@@ -172,7 +174,7 @@ def expected_outcomes(base_url: str, model: str, requests: list[SoakRequest], ti
             await client.close()
 
     outcomes = asyncio.run(run())
-    broken = {k: o for k, o in outcomes.items() if o["status"] >= 500 or (o["status"] == 200 and "error" in o)}
+    broken = {k: o for k, o in outcomes.items() if (o["status"] or 500) >= 500 or (o["status"] == 200 and "error" in o)}
     if broken:
         raise RuntimeError(f"the all-resident reference server failed requests: {broken}")
     return outcomes
@@ -369,7 +371,7 @@ def classify(request: SoakRequest, outcome: dict, expected: dict, faulted: dict,
     """``(outcome class, name of the fault it is blamed on)`` of a request sent at ``started_s``;
     ``faulted``: ``{(layer, expert): (fault name, when it ended or None)}`` of the faults applied so
     far. A fault that had ended (injected read errors) before the request was sent explains nothing."""
-    if "error" in outcome and (outcome["status"] >= 500 or outcome["status"] == 200):
+    if "error" in outcome and (outcome["status"] is None or outcome["status"] >= 500 or outcome["status"] == 200):
         named = {(int(m[0]), int(m[1])) for m in EXPERT_NAMED.findall(outcome["error"])}
         blamed = [name for name, ended in (faulted[e] for e in named if e in faulted)
                   if ended is None or started_s <= ended]
@@ -397,7 +399,9 @@ async def soak(base_url: str, model: str, server_pid: int, requests: list[SoakRe
     start = time.monotonic()
     deadline = start + duration_s
     sent = 0
-    http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 8))
+    # No kept-alive connections: the server closes an idle one after 5 s, and a request sent on it
+    # at that moment fails with "Connection error." before the server sees it (not a server fault).
+    http = openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0))
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
                                 timeout=request_timeout_s, http_client=http)
 

@@ -26,20 +26,25 @@ LLAMA = {2: "q2_K", 3: "q3_K_M", 4: "q4_K_M", 8: "q8_0"}
 MODEL = HERE.parents[2] / "vllm_d2moe" / "assets" / "reference-small"
 
 
-def checkpoints(work: Path, tokens: int) -> dict:
+def checkpoints(work: Path, tokens: int, non_nested: bool) -> dict:
     """Every compared checkpoint; the calibration text is tokenized once (saved as ids)."""
     from vllm_d2moe.converters.calibration import calibration_tokens
     from vllm_d2moe.converters.convert import convert
     from vllm_d2moe.mwq.quantize import MWQSpec
 
-    config = json.loads((MODEL / "config.json").read_text())
-    ids = calibration_tokens(MODEL, config["vocab_size"], tokens)
     text = work / "calibration.jsonl"
-    text.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in ids.tokens))
+    if not text.is_file():
+        config = json.loads((MODEL / "config.json").read_text())
+        ids = calibration_tokens(MODEL, config["vocab_size"], tokens)
+        text.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in ids.tokens))
     made, seconds = {}, {}
     plans = {"mwq": (MWQSpec(2, 8, 128), None), "mwq-cal": (MWQSpec(2, 8, 128), tokens)}
-    plans |= {f"gptq-{b}": (MWQSpec(b, b, 128), tokens) for b in WIDTHS}
+    if non_nested:
+        plans |= {f"gptq-{b}": (MWQSpec(b, b, 128), tokens) for b in WIDTHS}
     for name, (spec, calibration) in plans.items():
+        if (work / name / "config.json").is_file():  # kept from an earlier run of this script
+            made[name], seconds[name] = work / name, None
+            continue
         start = time.perf_counter()
         counts = {}
         made[name] = convert(MODEL, work / name, spec, overwrite=True, progress=False, counts=counts,
@@ -48,7 +53,10 @@ def checkpoints(work: Path, tokens: int) -> dict:
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: converted in {seconds[name]} s; uncalibrated experts {counts.get('uncalibrated_experts')}",
               flush=True)
-    return {"dirs": made, "seconds": seconds, "uncalibrated": counts.get("uncalibrated_experts")}
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+
+    source = MWQCheckpoint(made["mwq-cal"]).source["calibration"]
+    return {"dirs": made, "seconds": seconds, "uncalibrated": source["uncalibrated_experts"]}
 
 
 def llama_results(work: Path, scores_dir: Path) -> dict:
@@ -78,6 +86,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--work", type=Path, default=Path("/tmp/d2moe-calibrated"))
+    parser.add_argument("--skip-non-nested", action="store_true",
+                        help="leave out the non-nested calibrated checkpoints (a calibration each)")
     parser.add_argument("--llama", action="store_true",
                         help="measure llama.cpp's k-quants (peers extra) instead of quoting peers.md")
     args = parser.parse_args()
@@ -89,7 +99,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     windows = heldout_windows(MODEL, "valid", args.tokens, 256)
-    made = checkpoints(args.work, args.calibration_tokens)
+    made = checkpoints(args.work, args.calibration_tokens, not args.skip_non_nested)
     dirs = made["dirs"]
 
     def variant(name: str, model: Path, bits: int) -> Variant:
@@ -99,8 +109,9 @@ def main() -> None:
 
     variants = [Variant(REFERENCE, REFERENCE, None, str(MODEL), 16.0)]
     for b in WIDTHS:
-        variants += [variant(f"mwq-{b}", dirs["mwq"], b), variant(f"mwq-cal-{b}", dirs["mwq-cal"], b),
-                     variant(f"gptq-{b}", dirs[f"gptq-{b}"], b)]
+        variants += [variant(f"mwq-{b}", dirs["mwq"], b), variant(f"mwq-cal-{b}", dirs["mwq-cal"], b)]
+        if f"gptq-{b}" in dirs:
+            variants.append(variant(f"gptq-{b}", dirs[f"gptq-{b}"], b))
     scores_dir = args.work / "scores"
     scores, engines = score_with_vllm(variants, windows, model_dtype(MODEL), scores_dir, save_reference=True)
     rows = {v.name: {"perplexity": scores[v.name].perplexity, "kl": scores[v.name].mean_kl,

@@ -51,6 +51,7 @@ from vllm_d2moe.token_windows import WindowSampler
 
 STATE_FILE = "router-training.pt"
 OBJECTIVES = ("error", "kl")
+MEASURE_WINDOWS = 8  # windows per forward while the error objective measures its pool
 # Wide enough that the ends reach (nearly) all-narrowest and all-widest on trained routers: steps of
 # 0.25 up to 32, and geometric steps from 0.001 to 1000 (error-fitted scores span decades: a
 # low-weight pair's costs are a small fraction of a heavy one's).
@@ -323,13 +324,14 @@ def train_router(args) -> Path:
 
     started = time.monotonic()
     scales = pool = None
-    if args.objective == "error":  # deterministic: a resumed run measures the same pool
-        scales = cost_scales(model, calib_windows[:8], teacher_logits, widths)
-        pool_windows = torch.cat([sampler.batch(i)[:, :-1] for i in range(math.ceil(args.pool_windows
-                                                                                     / args.batch_size))])
-        pool = measure_pairs(model, pool_windows[: args.pool_windows], widths, args.batch_size)
+    # Inside the stop request: a Ctrl-C while the pool is measured stops (and saves) before step one.
     with stop_on_signal() as stop, tqdm(total=args.steps, initial=step, disable=args.no_progress,
                                         desc="router", unit="step") as bar:
+        if args.objective == "error":  # deterministic: a resumed run measures the same pool
+            scales = cost_scales(model, calib_windows[:8], teacher_logits, widths)
+            pool_windows = torch.cat([sampler.batch(i)[:, :-1] for i in range(math.ceil(args.pool_windows
+                                                                                         / args.batch_size))])
+            pool = measure_pairs(model, pool_windows[: args.pool_windows], widths, MEASURE_WINDOWS)
         while step < args.steps and not stop.is_set():
             if pool is None:
                 temperature = 1.0 * (0.1 ** (step / max(1, args.steps - 1)))

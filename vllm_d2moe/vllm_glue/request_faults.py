@@ -28,12 +28,23 @@ message (the file by its name alone) instead of vLLM's bare "Internal server err
 
 Under tensor parallelism only rank 0's output reaches the scheduler, so a rank
 that is not rank 0 gets no sink and a failed read fails the step as before.
+Under pipeline parallelism only the last stage's output reaches it, and the
+other stages' faults would otherwise be cleared by their next step while the
+requests go on with those experts' contribution at zero: a stage that is not
+the last sends its step's failed requests (its own and those sent to it) to the
+next stage with its :class:`IntermediateTensors` (:func:`send_downstream`,
+after ``execute_model``), and the next stage takes them out of the tensors it
+receives before its model sees them (:func:`start_step`), so the last stage
+fails them as its own.
 """
 
+import json
 import logging
 import re
 
+import torch
 from vllm.exceptions import GenerationError
+from vllm.sequence import IntermediateTensors
 from vllm.v1.engine import FinishReason
 
 from vllm_d2moe.offload.faults import ExpertFault
@@ -44,7 +55,13 @@ logger = logging.getLogger(__name__)
 # Attribute of the step's ModelRunnerOutput: {request id: why it failed}.
 FAILED_REQUESTS_ATTR = "d2moe_failed_requests"
 
+# Key of a pipeline stage's IntermediateTensors that carries the step's failed requests to the
+# next stage: JSON ``{request id: message}`` as a uint8 tensor (vLLM's CPU stages send tensors only).
+PIPELINE_FAULTS_KEY = "d2moe_failed_requests"
+
 _pending: list[ExpertFault] = []
+# The step's requests that earlier pipeline stages failed, with their messages (logged there).
+_upstream: dict[str, str] = {}
 
 
 def record(fault: ExpertFault) -> None:
@@ -53,27 +70,48 @@ def record(fault: ExpertFault) -> None:
 
 
 def failed_requests() -> dict[str, str]:
-    """Take the step's faults as ``{request id: message}`` (the first fault of each request)."""
-    failed: dict[str, str] = {}
+    """Take the step's faults as ``{request id: message}`` (the first fault of each request, an
+    earlier pipeline stage's first)."""
+    found: dict[str, str] = {}
     for fault in _pending:
         for req_id in token_requests(fault.tokens):
-            failed.setdefault(req_id, str(fault))
+            found.setdefault(req_id, str(fault))
     _pending.clear()
-    for req_id, message in failed.items():
-        logger.error("d2moe: request %s failed: %s", req_id, message)
+    failed = dict(_upstream)
+    _upstream.clear()
+    for req_id, message in found.items():
+        if req_id not in failed:
+            failed[req_id] = message
+            logger.error("d2moe: request %s failed: %s", req_id, message)
     return failed
 
 
-def start_step() -> None:
-    """A new step: a fault still pending came from a pass outside any request (warm-up, profiling)."""
+def start_step(intermediate_tensors: IntermediateTensors | None = None) -> None:
+    """A new step (``intermediate_tensors``: what the previous pipeline stage sent, if any): a fault
+    still pending came from a pass outside any request (warm-up, profiling); the previous stage's
+    failed requests are taken out of its tensors, which the model must not see."""
     for fault in _pending:
         logger.error("d2moe: outside any request (warm-up or profiling pass): %s", fault)
     _pending.clear()
+    _upstream.clear()
+    if intermediate_tensors is not None:
+        encoded = intermediate_tensors.tensors.pop(PIPELINE_FAULTS_KEY, None)
+        if encoded is not None:
+            _upstream.update(json.loads(encoded.cpu().numpy().tobytes()))
+
+
+def send_downstream(output):
+    """``output`` of ``execute_model``; on a pipeline stage that is not the last (its output is the
+    next stage's :class:`IntermediateTensors`) the step's failed requests go with it."""
+    if isinstance(output, IntermediateTensors) and (_pending or _upstream):
+        encoded = json.dumps(failed_requests()).encode()
+        output.tensors[PIPELINE_FAULTS_KEY] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+    return output
 
 
 def attach_failures(output):
     """``output`` of ``sample_tokens``, with the step's ``{request id: message}`` attached when any failed."""
-    if _pending:
+    if _pending or _upstream:
         # Under async scheduling (GPUs) the plain output sits inside the async one.
         plain = getattr(output, "_model_runner_output", output)
         setattr(plain, FAILED_REQUESTS_ATTR, failed_requests())

@@ -43,6 +43,7 @@ class Run:
     logprobs: int | None = None  # full vectors: pass the vocabulary size
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1  # vLLM's CPU build runs stages > 1 compiled only (enforce_eager False)
     enable_expert_parallel: bool = False
     dtype: str = "float32"
     max_model_len: int = 512
@@ -89,11 +90,12 @@ def run_engine(run: Run, earlier: dict) -> dict:
         hf_overrides=run.hf_overrides,
         enforce_eager=run.enforce_eager,
         tensor_parallel_size=run.tensor_parallel_size,
+        pipeline_parallel_size=run.pipeline_parallel_size,
         enable_expert_parallel=run.enable_expert_parallel,
         # One process per rank only when there are ranks: in process, "uni" skips spawning
         # (and re-importing vLLM in) a worker, a third of an engine's start-up here. (Spawned,
         # vLLM's CPU platform makes it "mp": an engine-core and a worker process.)
-        distributed_executor_backend="mp" if run.tensor_parallel_size > 1 else "uni",
+        distributed_executor_backend="mp" if run.tensor_parallel_size * run.pipeline_parallel_size > 1 else "uni",
         dtype=run.dtype,
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,

@@ -96,12 +96,13 @@ def _wrap_prepare_inputs(original):
 
 
 def _wrap_execute_model(original):
-    def execute_model(self, *args, **kwargs):
+    def execute_model(self, scheduler_output, intermediate_tensors=None, *args, **kwargs):
         from vllm_d2moe.vllm_glue import request_faults, width_control
 
-        request_faults.start_step()
+        request_faults.start_step(intermediate_tensors)
         width_control.step_started()
-        return original(self, *args, **kwargs)
+        output = original(self, scheduler_output, intermediate_tensors, *args, **kwargs)
+        return request_faults.send_downstream(output)
 
     return execute_model
 
@@ -217,7 +218,9 @@ PATCHES = (
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "execute_model",
-        "each step starts with no pending expert fault (request_faults); its start times the step "
+        "each step starts with no pending expert fault and takes the previous pipeline stage's failed "
+        "requests out of its intermediate tensors; a stage that is not the last sends its own on with "
+        "its tensors (request_faults); its start times the step "
         "for the online width controller (width_control)",
         _wrap_execute_model,
     ),

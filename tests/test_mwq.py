@@ -6,6 +6,8 @@ below works in float64 from the same float16 base scales and coded plane scales
 matrix norm).
 """
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -238,3 +240,20 @@ def test_old_format_is_refused_with_a_reconvert_message(tmp_path):
     index.write_text('{"format_version": 99, "spec": {"min_bits": 2, "max_bits": 8, "group_size": 128}, "layers": {}}')
     with pytest.raises(CheckpointError, match="format version 99 is not supported"):
         MWQCheckpoint(tmp_path)
+
+
+def test_demo_converts_its_outdated_cache_again(tmp_path, capsys):
+    """``d2moe demo`` keeps its converted cache, but one in an older format is converted again."""
+    from vllm_d2moe.demo import converted_checkpoint
+    from vllm_d2moe.testing.tiny_models import make_tiny_model
+
+    hf = make_tiny_model("mixtral", tmp_path / "hf")
+    spec = MWQSpec(2, 4, 64)
+    dst = converted_checkpoint(hf, tmp_path / "work", spec)
+    index = dst / "d2moe" / "index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "format_version": 1}))
+    with pytest.raises(OutdatedFormatError):
+        MWQCheckpoint(dst)
+    assert converted_checkpoint(hf, tmp_path / "work", spec) == dst
+    assert "format version 1 is outdated" in capsys.readouterr().out
+    assert MWQCheckpoint(dst).verify() > 0

@@ -10,7 +10,8 @@ is close to uniform on ``[-s/2, s/2]`` and every sign plane halves it, so
 
 with ``s`` the float16 base scale. Code 0 is a zero scale (a group the lower widths
 already reconstruct exactly). The ratios are dense around 1, where the reference
-model's measured ratios lie (0.75-1.5 in all of its groups, 0.85-1.25 for 99.8%);
+model's measured ratios lie (0.71-1.50 in all of its groups, 0.87-1.24 between the 1st
+and 99th percentiles);
 ``benchmarks/results/plane_scales.md`` has the measurements behind the choice. Every
 ratio is a multiple of ``2**-RATIO_UNIT_LOG2`` with at most 6 significant bits, so
 ``s * table`` is exact in float32: every kernel computes the same decoded scales bit
@@ -53,8 +54,9 @@ def encode_plane_scales(
     scales they stand for, float64, exact).
 
     Each code is the one whose decoded scale is nearest to ``scale`` (ties to the smaller), which
-    for a sign plane is the one with the least squared error. Fit later planes to the decoded
-    scales, not to ``scale``. Pack the codes with :func:`pack_codes` to store them."""
+    for a sign plane is the one with the least squared error (a negative scale gets code 0, a
+    zero scale). Fit later planes to the decoded scales, not to ``scale``. Pack the codes with
+    :func:`pack_codes` to store them."""
     s = base_scale.double().unsqueeze(-1) * _plane_factor(plane)
     codes = (scale.double().unsqueeze(-1) > s * _MIDPOINTS.to(s.device)).sum(-1).to(torch.uint8)
     return codes, decode_plane_scales(codes, base_scale, plane).double()

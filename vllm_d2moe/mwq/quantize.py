@@ -23,13 +23,15 @@ Reconstruction at any width ``b`` in ``[b1, bk]``::
 
     W_b[r, c] = s[r, g] * (q[r, c] - z[r, g]) + sum_{j=1}^{b - b1} a_j[r, g] * (2 * P_j[r, c] - 1)
 
-computed in float32 by :func:`dequantize`. Every plane lowers the squared
-error of its group by ``G * a_j**2`` (> 0 unless the residual is zero), so the
-error strictly decreases with width, and a width-``b`` view is exactly the
-``[b1, b]`` quantization of the same matrix: the first planes never depend on
-the later ones. The residual fit uses the decoded (coded) scales, so the
-stored planes correct the coding error of the earlier ones. (A coded scale may
-miss the optimum, but any scale within (0, 2 mean|R|) still lowers the error.)
+computed in float32 by :func:`dequantize`. A plane lowers the squared error of
+its group by ``G * a_j * (2 m - a_j)`` (``m`` = mean ``|R_{j-1}|``), which is
+``G * m**2`` at the least-squares scale and positive for every nonzero code (the
+nearest code to ``m`` lies below ``2 m``); the zero code, for residuals below
+``s * 2**-(j + 3)`` on average, leaves it as it is. So the error never grows
+with width, and a width-``b`` view is exactly the ``[b1, b]`` quantization of
+the same matrix: the first planes never depend on the later ones. The residual
+fit uses the decoded (coded) scales, so the stored planes correct the coding
+error of the earlier ones.
 """
 
 from dataclasses import dataclass, replace

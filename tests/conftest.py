@@ -186,7 +186,7 @@ def routed_budget(model_dir: Path, experts: int = 3) -> int:
     from vllm_d2moe.offload.pool import expert_nbytes
 
     # A few bytes over: the CPU kernel's layout adds read slack per tensor.
-    return experts * expert_nbytes(MWQCheckpoint(model_dir).layer(0).layout, 4) + 256
+    return experts * expert_nbytes(MWQCheckpoint(model_dir).layer(0).layout, 4) + 1024
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ LAYER = 1
 @pytest.fixture
 def offloaded_layer(model_zoo):
     checkpoint = MWQCheckpoint(model_zoo["mixtral"]["d2moe"])
-    budget = 2 * expert_nbytes(checkpoint.layer(0).layout, 8) + 256
+    budget = 2 * expert_nbytes(checkpoint.layer(0).layout, 8) + 1024
     manager = OffloadManager(checkpoint, budget, 8, OffloadPolicy(), load_backend("cpu_bitplanes"))
     WIDTH_STATS.reset()
     yield manager, manager.layer(LAYER, list(range(8)), 8)

@@ -65,7 +65,7 @@ def slot_bytes(checkpoint: MWQCheckpoint, bits: int = MAX_BITS) -> int:
 
 def budget_for(checkpoint: MWQCheckpoint, slots: int) -> int:
     # A few bytes over: the CPU kernel's layout adds read slack per tensor.
-    return slots * slot_bytes(checkpoint) + 256
+    return slots * slot_bytes(checkpoint) + 1024
 
 
 def random_call(gen: torch.Generator, tokens: int, experts: int, lo: int = MIN_BITS, hi: int = MAX_BITS):
@@ -370,7 +370,7 @@ def served(model, routed_mixtral, damaged_routed, tmp_path_factory) -> dict:
     experts = sum(entry.num_experts for entry in checkpoint.layers.values())
     # Requests at the router's lowest calibrated target (2 bits) beside requests at 4 bits.
     targets = [{"d2moe_target_bits": t} for t in (2.0, 4.0, 2.0, 4.0)]
-    routed_budget = 3 * expert_nbytes(MWQCheckpoint(routed_mixtral).layer(0).layout, 4) + 256
+    routed_budget = 3 * expert_nbytes(MWQCheckpoint(routed_mixtral).layer(0).layout, 4) + 1024
     runs = [
         Run("resident", str(model), PROMPTS, sample_offload=True),
         _budget_run("one-expert", model, budget_for(checkpoint, 1)),

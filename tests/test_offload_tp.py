@@ -48,7 +48,7 @@ def slice_bytes(checkpoint: MWQCheckpoint, bits: int = MAX_BITS) -> int:
 
 def slice_budget(checkpoint: MWQCheckpoint, slots: int) -> int:
     # A few bytes over: the CPU kernel's layout adds read slack per tensor.
-    return slots * slice_bytes(checkpoint) + 256
+    return slots * slice_bytes(checkpoint) + 1024
 
 
 class CountingRead:

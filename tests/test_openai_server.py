@@ -109,7 +109,7 @@ def server(model_zoo, tmp_path_factory):
     """The tiny Mixtral (no chat template given: its tokenizer ships one) with three of its 16
     experts at 8 bits in the budget: most layer calls read from disk."""
     model = str(model_zoo["mixtral"]["d2moe"])
-    budget = 3 * expert_nbytes(MWQCheckpoint(model).layer(0).layout, 8) + 256
+    budget = 3 * expert_nbytes(MWQCheckpoint(model).layer(0).layout, 8) + 1024
     with _running_server(model, {"memory_budget": budget}, tmp_path_factory.mktemp("server")) as base:
         yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, base, budget)
 

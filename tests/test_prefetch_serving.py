@@ -46,7 +46,7 @@ def checkpoint(model) -> MWQCheckpoint:
 
 def budget_for(checkpoint: MWQCheckpoint, slots: int) -> int:
     # A few bytes over: the CPU kernel's layout adds read slack per tensor.
-    return slots * expert_nbytes(checkpoint.layer(0).layout, MAX_BITS) + 256
+    return slots * expert_nbytes(checkpoint.layer(0).layout, MAX_BITS) + 1024
 
 
 def call(experts: list[int], width: int, seed: int):

@@ -71,7 +71,7 @@ def copy(model, tmp_path) -> Path:
 
 def budget_for(checkpoint: MWQCheckpoint, slots: int) -> int:
     # A few bytes over: a backend's layout may add read slack per tensor.
-    return slots * expert_nbytes(checkpoint.layer(0).layout, MAX_BITS) + 256
+    return slots * expert_nbytes(checkpoint.layer(0).layout, MAX_BITS) + 1024
 
 
 # ---------------------------------------------------------------- slots on failed calls

@@ -5,9 +5,10 @@ MWQ widths 2..8, group 64. One expert's blob (see mwq/layout.py; every piece is 
 multiple of 64 bytes here, so no padding):
   base (2 bits): gate_up [512, 128] 16384 + scale 2048 + zero 2048 (fp16, 2 groups a row)
                  down    [128, 256]  8192 + scale 1024 + zero 1024 (4 groups a row) = 30720
-  each plane:    gate_up 8192 + scale 2048, down 4096 + scale 1024                  = 15360
-  width 8 = 30720 + 6 * 15360 = 122880 bytes, width 4 = 61440.
-A tensor-parallel slice (expert width 128) is exactly half: 61440 at width 8.
+  each plane:    gate_up 8192 + scale codes 512, down 4096 + scale codes 256         = 13056
+                 (4-bit codes, two groups a byte: 1 and 2 bytes a row)
+  width 8 = 30720 + 6 * 13056 = 109056 bytes, width 4 = 56832.
+A tensor-parallel slice (expert width 128) is exactly half: 54528 at width 8.
 """
 
 import json
@@ -19,7 +20,7 @@ from vllm_d2moe.cli import main
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.placement import Device, ep_experts, parse_devices, plan_placement
 
-FULL_8, FULL_4, HALF_8 = 122880, 61440, 61440
+FULL_8, FULL_4, HALF_8 = 109056, 56832, 54528
 TOP_K = 2
 
 
@@ -52,7 +53,7 @@ def test_expert_parallel_assignment_matches_vllm():
 
 
 def test_tensor_parallel_budget_fills_in_layer_order(ckpt, dense_bytes):
-    # Rank 0: room for 13 slices (13 * 61440 <= budget < 14 * 61440); rank 1 for all 16.
+    # Rank 0: room for 13 slices (13 * HALF_8 <= budget < 14 * HALF_8); rank 1 for all 16.
     memories = [dense_bytes // 2 + 13 * HALF_8 + 100, dense_bytes // 2 + 16 * HALF_8]
     plans = plan_placement(ckpt, [Device("a", m) for m in memories], top_k=TOP_K)
     first, second = plans
@@ -108,7 +109,7 @@ def test_command_prints_the_plan(ckpt, dense_bytes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tensor parallel 2: each rank holds a 1/2 slice of every expert" in out
     assert "rank 0 cpu" in out and "rank 1 cuda:0 (1.00 GiB)" in out
-    assert "resident at 8 bits: 13/16 experts, 780.00 KiB" in out
+    assert "resident at 8 bits: 13/16 experts, 692.25 KiB" in out  # 13 * HALF_8
     assert "    layer 1: experts 5-7" in out
-    assert "expected disk reads per token: 90.00 KiB" in out  # 3 * 2/8 * 120 KiB
+    assert "expected disk reads per token: 79.88 KiB" in out  # 3 * 2/8 * FULL_8
     assert main(["placement", str(ckpt.model_dir), "--devices", "cpu"]) == 1

@@ -33,12 +33,14 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _dequantized_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """float64 weights the int4 format stores, recomputed from its definition (min/max per group)."""
     rows, cols = weight.shape
-    groups = weight.double().view(rows, cols // group_size, group_size)
     _, scales_and_zeros = quantize_int4_groups(weight, group_size)
     scale = scales_and_zeros[..., 0].t().double()[..., None]
     zero = scales_and_zeros[..., 1].t().double()[..., None]
-    lo = groups.amin(dim=-1, keepdim=True)
-    q = torch.round((groups - lo) / ((groups.amax(dim=-1, keepdim=True) - lo) / 15)).clamp(0, 15)
+    # The codes as the format defines them, in float32 as stored (float64 division rounds some ties otherwise).
+    g32 = weight.float().view(rows, cols // group_size, group_size)
+    lo = g32.amin(dim=-1, keepdim=True)
+    step = ((g32.amax(dim=-1, keepdim=True) - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round((g32 - lo) / step).clamp(0, 15).double()
     return ((q - 8) * scale + zero).view(rows, cols)
 
 

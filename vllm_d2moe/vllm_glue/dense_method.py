@@ -101,16 +101,20 @@ def _quantize_layer(layer: torch.nn.Module, mode: str, name: str) -> bool:
     return True
 
 
-class DenseLinearMethod(UnquantizedLinearMethod):
-    """A linear layer loaded as vLLM loads it unquantized, then quantized to ``mode``."""
+class _QuantizedAfterLoading:
+    """Loaded as vLLM loads the unquantized layer, then quantized to ``mode`` (the unquantized
+    method's own path where :meth:`_keeps_weights` or the layer's shape says so)."""
 
     def __init__(self, mode: str, prefix: str):
         super().__init__()
         self.mode, self.prefix = mode, prefix
         self.quantized = False
 
+    def _keeps_weights(self) -> bool:
+        return False
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        self.quantized = _quantize_layer(layer, self.mode, self.prefix)
+        self.quantized = not self._keeps_weights() and _quantize_layer(layer, self.mode, self.prefix)
         if not self.quantized:
             super().process_weights_after_loading(layer)
 
@@ -120,29 +124,22 @@ class DenseLinearMethod(UnquantizedLinearMethod):
         return _matmul(layer, x, bias)
 
 
-class DenseLMHeadMethod(UnquantizedEmbeddingMethod):
+class DenseLinearMethod(_QuantizedAfterLoading, UnquantizedLinearMethod):
+    """A linear layer in ``mode``."""
+
+
+class DenseLMHeadMethod(_QuantizedAfterLoading, UnquantizedEmbeddingMethod):
     """The output head in ``mode``, unless it shares its weight with the input embedding."""
 
-    def __init__(self, mode: str, prefix: str):
-        super().__init__()
-        self.mode, self.prefix = mode, prefix
-        self.tied = self.quantized = False
+    tied = False
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
         # The embedding looks rows up in the same tensor: quantizing it would save nothing.
         self.tied = True
         return super().tie_weights(layer, embed_tokens)
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def _keeps_weights(self) -> bool:
         if self.tied:
             logger.info("d2moe dense %s: %s is tied to the input embedding and stays unquantized",
                         self.mode, self.prefix)
-        else:
-            self.quantized = _quantize_layer(layer, self.mode, self.prefix)
-        if not self.quantized:
-            super().process_weights_after_loading(layer)
-
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.quantized:
-            return super().apply(layer, x, bias)
-        return _matmul(layer, x, bias)
+        return self.tied

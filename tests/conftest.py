@@ -101,6 +101,20 @@ def model_zoo(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return zoo
 
 
+@pytest.fixture(scope="module")
+def model(model_zoo) -> Path:
+    """The session's tiny Mixtral converted to MWQ 2..8 bits, group 64 (tests damage only copies);
+    a module may define its own."""
+    return model_zoo["mixtral"]["d2moe"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model):
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
+
+    return MWQCheckpoint(model)
+
+
 ROUTER_WIDTHS = (2, 3, 4)
 ROUTER_CAPACITIES = (0.3, 0.4, 0.3)
 

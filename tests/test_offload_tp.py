@@ -31,17 +31,6 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(model_zoo) -> Path:
-    """The session's tiny Mixtral converted to MWQ 2..8 bits, group 64 (tests damage only copies)."""
-    return model_zoo["mixtral"]["d2moe"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model) -> MWQCheckpoint:
-    return MWQCheckpoint(model)
-
-
 def slice_bytes(checkpoint: MWQCheckpoint, bits: int = MAX_BITS) -> int:
     return expert_nbytes(checkpoint.layer(0).layout, bits, TP)
 

@@ -34,16 +34,6 @@ MIN_BITS, MAX_BITS = 2, 8  # the session model_zoo conversion's widths
 EXPERTS = 8
 
 
-@pytest.fixture(scope="module")
-def model(model_zoo) -> Path:
-    return model_zoo["mixtral"]["d2moe"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model) -> MWQCheckpoint:
-    return MWQCheckpoint(model)
-
-
 def budget_for(checkpoint: MWQCheckpoint, slots: int) -> int:
     # A few bytes over: the CPU kernel's layout adds read slack per tensor.
     return slots * expert_nbytes(checkpoint.layer(0).layout, MAX_BITS) + 1024

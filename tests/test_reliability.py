@@ -42,17 +42,6 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
-def model(model_zoo) -> Path:
-    """The session's tiny Mixtral converted to MWQ 2..8 bits, group 64 (tests damage only copies)."""
-    return model_zoo["mixtral"]["d2moe"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model) -> MWQCheckpoint:
-    return MWQCheckpoint(model)
-
-
-@pytest.fixture(scope="module")
 def backend():
     return load_backend("cpu_bitplanes")  # the reference backend dequantizes every call: 40x slower here
 

@@ -11,7 +11,7 @@ import pytest
 from vllm_d2moe.mwq.checkpoint import CheckpointError, MWQCheckpoint
 from vllm_d2moe.offload.injected_faults import ENV_VARIABLE
 from vllm_d2moe.offload.store import ExpertStore
-from vllm_d2moe.testing.soak import classify, soak_requests, soak_run, write_injected_faults
+from vllm_d2moe.testing.soak import classify, rss_growth, soak_requests, soak_run, tree_memory, write_injected_faults
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,35 @@ def test_request_set_covers_every_kind():
     targeted = soak_requests(1024, targets=(2.0, 4.0))
     assert {json.dumps(r.arguments.get("extra_body")) for r in targeted if r.checked} == {
         json.dumps({"vllm_xargs": {"d2moe_target_bits": t}}) for t in (2.0, 4.0)}
+
+
+def test_tree_memory_counts_each_process_and_growth_is_a_slope():
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(60)"])
+
+    def child_anon(memory):
+        return next((v for k, v in memory["anon_by_process"].items() if k.endswith(f":{child.pid}")), 0)
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the child has touched its 64 MiB
+            memory = tree_memory(os.getpid())
+            if child_anon(memory) > 64 << 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    assert child_anon(memory) > 64 << 20
+    assert memory["anon_bytes"] == sum(memory["anon_by_process"].values())
+    assert 0 < memory["anon_bytes"] <= memory["rss_bytes"]
+    # 36 MB/h on a mean of 1 GB: +3.6 %/h; flat: 0
+    rising = [{"t_s": t, "anon": 1e9 + 10_000 * (t - 50)} for t in range(0, 101, 5)]
+    assert rss_growth(rising, "anon")["growth_pct_per_hour"] == pytest.approx(3.6)
+    assert rss_growth([{"t_s": t, "anon": 5e8} for t in range(5)], "anon")["growth_pct_per_hour"] == 0
 
 
 def test_mini_soak_with_a_corrupt_blob(embedded_d2moe, tmp_path, report):

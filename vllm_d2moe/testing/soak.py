@@ -300,6 +300,7 @@ class SoakResult:
             "failures_by_fault": Counter(r["fault"] for r in self.records if r["outcome"] == "failed_by_fault"),
             "latency_s": percentiles(latencies),
             "rss": rss_growth(warm),
+            "anon": rss_growth(warm, "anon_bytes"),
             "pool_max": {k: max((s.get(k) or 0) for s in self.samples) if self.samples else None
                          for k in ("pool_occupied", "pool_allocated", "pool_budget")},
             "pool_bounded": pool_ok,
@@ -322,9 +323,9 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": at(0.50), "p99": at(0.99), "max": values[-1], "count": len(values)}
 
 
-def rss_growth(samples: list[dict]) -> dict:
-    """Least-squares slope of the server tree's RSS over ``samples``, as % of their mean per hour."""
-    points = [(s["t_s"], s["rss_bytes"]) for s in samples if s.get("rss_bytes")]
+def rss_growth(samples: list[dict], key: str = "rss_bytes") -> dict:
+    """Least-squares slope of ``key`` (bytes) over ``samples``, as % of their mean per hour."""
+    points = [(s["t_s"], s[key]) for s in samples if s.get(key)]
     if len(points) < 3:
         return {"samples": len(points), "growth_pct_per_hour": None}
     n = len(points)
@@ -336,21 +337,39 @@ def rss_growth(samples: list[dict]) -> dict:
             "growth_pct_per_hour": slope * 3600 / mean_r * 100}
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (the API server, engine core, workers)."""
+def _anonymous_bytes(pid: int) -> int:
+    """``RssAnon`` of ``pid``: resident memory not backed by a file (the heap; what a leak grows).
+    RSS also counts file pages mapped as they are first touched (libraries, checkpoint mmaps)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory(pid: int) -> dict:
+    """Resident and anonymous bytes of ``pid`` and all its descendants (the API server, engine
+    core, workers), in total and per process (``"name:pid"``)."""
     import psutil
 
+    memory = {"rss_bytes": 0, "anon_bytes": 0, "anon_by_process": {}}
     try:
         root = psutil.Process(pid)
-        total = 0
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return memory
+    for proc in processes:
+        try:
+            memory["rss_bytes"] += proc.memory_info().rss
+            anon = _anonymous_bytes(proc.pid)
+            memory["anon_bytes"] += anon
+            memory["anon_by_process"][f"{proc.name()}:{proc.pid}"] = anon
+        except psutil.NoSuchProcess:
+            pass
+    return memory
 
 
 def pool_bytes(base_url: str) -> dict:
@@ -447,7 +466,7 @@ async def soak(base_url: str, model: str, server_pid: int, requests: list[SoakRe
 
     async def sampler():
         while time.monotonic() < deadline:
-            sample = {"t_s": now(), "rss_bytes": tree_rss(server_pid), "done": len(result.records)}
+            sample = {"t_s": now(), **tree_memory(server_pid), "done": len(result.records)}
             try:
                 sample.update(await asyncio.to_thread(pool_bytes, base_url))
             except OSError as e:

@@ -32,6 +32,9 @@ the other jobs on a shared machine) is reported, the median kept in the JSON.
 Prompts are windows of real Python/English text (the model's training domain),
 so routing follows the trained router.
 
+``--cpu-setups`` runs every engine once per CPU set-up (see :func:`cpu_setup_env`): the allocator
+and OpenMP runtime preloaded, threads pinned or not (``benchmarks/results/cpu_setup.md``).
+
 Writes ``benchmarks/results/budget_sweep.json``, ``budget_sweep.png`` (tokens/s
 against budget per method, one panel per concurrency) and prints a table.
 
@@ -52,6 +55,7 @@ import time
 import traceback
 from pathlib import Path
 
+from vllm_d2moe.cpu_setup import found_libraries
 from vllm_d2moe.vllm_glue.llm import ENGINE_ENV as BASE_ENGINE_ENV
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,6 +74,8 @@ OFFLOAD_METHODS = {
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
 WORKER_TIMEOUT_S = 3600
+# --cpu-setups parts that preload a library -> the name vLLM looks for in LD_PRELOAD (vllm_d2moe.cpu_setup)
+PRELOAD_PARTS = {"tcmalloc": "libtcmalloc", "iomp": "libiomp"}
 TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeline.py", "vllm_d2moe/mwq/layout.py"]
 
 
@@ -137,6 +143,10 @@ def run_engine(spec: dict) -> dict:
     snapshots = metrics_snapshots()
     return {
         **start,
+        # What the process runs on, as mapped (LD_PRELOAD of a missing file is only a loader warning).
+        "libraries_loaded": sorted({Path(line.split()[-1]).name
+                                    for line in Path("/proc/self/maps").read_text().splitlines()
+                                    if any(name in line for name in ("tcmalloc", "libiomp", "libgomp"))}),
         "rows": rows,
         "offload": snapshots[0] if snapshots else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -207,10 +217,19 @@ def text_prompts(model_dir: Path, count: int, length: int) -> list[list[int]]:
 
 
 def converted(model_dir: Path, cache: Path) -> Path:
+    import shutil
+
     from vllm_d2moe.converters.convert import convert
+    from vllm_d2moe.mwq.checkpoint import MWQCheckpoint, OutdatedFormatError
     from vllm_d2moe.mwq.quantize import MWQSpec
 
     dst = cache / f"{model_dir.name}-d2moe"
+    if (dst / "d2moe" / "index.json").is_file():
+        try:
+            MWQCheckpoint(dst)
+        except OutdatedFormatError as e:  # the sweep's own cache: convert again
+            print(f"{e}; converting again", flush=True)
+            shutil.rmtree(dst)
     if not (dst / "d2moe" / "index.json").is_file():
         convert(model_dir, dst, MWQSpec(2, 8, 128))
     return dst
@@ -291,9 +310,39 @@ def run_header(args, script: str) -> dict:
     }
 
 
+def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
+    """The environment an engine starts in under the CPU set-up ``name``: ``plain``, or parts joined by
+    ``+``. ``tcmalloc``, ``iomp``: preload gperftools' tcmalloc, Intel OpenMP (``LD_PRELOAD`` names
+    exactly the set-up's libraries). ``bind``: pin the engine's ``threads`` OpenMP threads one to a CPU
+    with the variables vLLM's ``OMPProcessManager`` sets for a worker under ``VLLM_CPU_OMP_THREADS_BIND``
+    (vLLM binds only the worker processes of its ``mp`` executor; these engines run in the worker's own
+    process): ``KMP_AFFINITY`` and its ``KMP_BLOCKTIME=5``, ``KMP_TPAUSE=0`` under Intel OpenMP,
+    ``GOMP_CPU_AFFINITY`` under torch's GNU OpenMP (which vLLM preloads otherwise)."""
+    parts = [] if name == "plain" else name.split("+")
+    unknown = [p for p in parts if p not in [*PRELOAD_PARTS, "bind"]]
+    if unknown:
+        raise SystemExit(f"--cpu-setups {name}: unknown part(s) {unknown}; "
+                         f"'plain' or parts of {[*PRELOAD_PARTS, 'bind']} joined by '+'")
+    wanted = [PRELOAD_PARTS[p] for p in parts if p in PRELOAD_PARTS]
+    found = found_libraries(wanted)
+    if len(found) < len(wanted):
+        raise SystemExit(f"--cpu-setups {name}: {sorted(set(wanted) - set(found))} not installed "
+                         "(scripts/install.sh installs them)")
+    env = {"LD_PRELOAD": ":".join(str(path) for path in found.values())}
+    if "bind" in parts:
+        cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:threads]]
+        if "iomp" in parts:
+            env |= {"KMP_AFFINITY": f"granularity=fine,explicit,proclist=[{','.join(cpus)}]",
+                    "KMP_BLOCKTIME": "5", "KMP_TPAUSE": "0"}
+        else:
+            env["GOMP_CPU_AFFINITY"] = " ".join(cpus)
+    return env
+
+
 def run_worker(spec: dict, log: Path, script: str = __file__) -> dict:
-    """``spec`` in a fresh process (``script --worker``, reading it on stdin); its result, or the error."""
-    env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+    """``spec`` in a fresh process (``script --worker``, reading it on stdin, with the variables of its
+    ``env`` added); its result, or the error."""
+    env = {**os.environ, **ENGINE_ENV, "OMP_NUM_THREADS": str(spec["threads"]), **spec.get("env", {})}
     try:
         proc = subprocess.run([sys.executable, script, "--worker"], input=json.dumps(spec), env=env,
                               check=False, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
@@ -375,6 +424,9 @@ def sweep(args) -> dict:
                              "offload": {**OFFLOAD_METHODS["+budget"], "direct": True}}})
     plan = [spec for spec in plan if spec["method"] in args.methods
             and spec.get("budget_name", args.budgets[0]) in args.budgets]
+    if args.cpu_setups:
+        plan = [{**spec, "cpu_setup": setup, "env": cpu_setup_env(setup, args.threads)}
+                for spec in plan for setup in args.cpu_setups]
     log = args.results_dir / f"{args.name}.log"
     log.write_text("")
     results = []
@@ -382,11 +434,13 @@ def sweep(args) -> dict:
         started = time.perf_counter()
         result = run_worker({**common, **spec}, log)
         print(f"{spec['method']:16s} {spec.get('budget_name', 'all resident'):12s} "
-              f"{time.perf_counter() - started:6.1f} s  "
+              + (f"{spec['cpu_setup']:20s} " if "cpu_setup" in spec else "")
+              + f"{time.perf_counter() - started:6.1f} s  "
               + (f"FAILED: {describe_error(result)}" if "error" in result
                  else " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])),
               flush=True)
-        results.append({k: v for k, v in spec.items() if k not in ("prompts",)} | result)
+        results.append({k: v for k, v in spec.items() if k not in ("prompts",)} | result
+                       | {"load_average_after": os.getloadavg()})
     bf16_expert_bytes = budgets(checkpoint, bits)["1/3 bf16"] * 3
     return {
         "model": str(args.model),
@@ -429,7 +483,8 @@ def table(report: dict) -> str:
     header = "method            budget        " + "".join(f"  c={c:<5d}" for c in report["concurrency"])
     lines = [header + "  peak RSS  hits/reads   read     waited", "-" * (len(header) + 40)]
     for r in report["results"]:
-        name = f"{r['method']:16s}  {r.get('budget_name', 'all resident'):12s}"
+        name = f"{r['method']:16s}  {r.get('budget_name', 'all resident'):12s}" + (
+            f"  {r['cpu_setup']:20s}" if "cpu_setup" in r else "")
         if "rows" not in r:
             lines.append(f"{name}  error: {' '.join(r['error'].split())[:160]}")
             continue
@@ -460,8 +515,9 @@ def plot(report: dict, path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", label=method)
         for r in runs:
             if "budget" not in r:
+                setup = f", {r['cpu_setup']}" if "cpu_setup" in r else ""
                 ax.axhline(r["rows"][i]["decode_tokens_per_s"], linestyle="--", color="grey" if r["method"] == "bf16"
-                           else "black", label=f"{r['method']} (all resident)")
+                           else "black", label=f"{r['method']} (all resident{setup})")
         ax.axvline(report["bf16_expert_bytes"] / 3 / 2**20, color="red", linewidth=0.8, linestyle=":")
         ax.set_title(f"{c} concurrent request{'s' if c > 1 else ''}")
         ax.set_xlabel("expert memory budget (MiB)")
@@ -486,6 +542,9 @@ def main() -> None:
                         help="a subset of the budgets (offloaded methods only)")
     parser.add_argument("--router", type=Path,
                         help="a copy of the conversion with a trained router: adds the router+budget method")
+    parser.add_argument("--cpu-setups", nargs="+", default=None,
+                        help="run every engine once per CPU set-up: 'plain', or parts of tcmalloc, iomp, bind "
+                             "joined by '+' (e.g. tcmalloc+iomp+bind); default: the environment as it is")
     parser.add_argument("--name", default="budget_sweep")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where NAME.json/.png/.log go")
     args = parser.parse_args()

@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``run(args) -> int | None``; modules are imported
-only when their subcommand runs, so ``d2moe --help`` stays fast.
+only when their subcommand runs, so ``d2moe --help`` stays fast. A module with
+``PRELOAD = True`` (those that start vLLM engines) is run, from the command line,
+under the libraries :mod:`vllm_d2moe.cpu_setup` preloads.
 """
 
 import argparse
@@ -32,6 +34,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None  # a caller's own process is never replaced (re-executed)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="d2moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name][0])
+    if from_command_line and getattr(module, "PRELOAD", False):
+        from vllm_d2moe.cpu_setup import reexec_with_preload
+
+        reexec_with_preload(["-m", "vllm_d2moe.cli", *argv])
     sub_parser = argparse.ArgumentParser(prog=f"d2moe {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
     if getattr(module, "PASS_THROUGH", False):

@@ -1,0 +1,101 @@
+"""vllm_d2moe.cpu_setup: the libraries found, LD_PRELOAD built from existing files only, the re-exec
+(once, never with the opt-out), and ``d2moe demo`` / ``d2moe serve`` running under it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vllm_d2moe import cpu_setup
+
+REPO = Path(__file__).resolve().parent.parent
+REEXEC_LINE = "d2moe: starting again with LD_PRELOAD="
+
+
+def loaded_libm() -> Path:
+    """libm as this very process mapped it: a real library, harmless to preload, on any Linux."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "/libm.so" in line or "/libm-" in line:
+            return Path(line.split()[-1])
+    raise AssertionError("libm is not mapped in this process")
+
+
+def run_python(code: str, env_changes: dict[str, str | None]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (cpu_setup.REEXECUTED_ENV, cpu_setup.OPT_OUT_ENV)}
+    env.pop("LD_PRELOAD", None)
+    env |= {k: v for k, v in env_changes.items() if v is not None}
+    return subprocess.run([sys.executable, *code], capture_output=True, text=True, env=env, timeout=120, check=True)
+
+
+def test_found_libraries_are_existing_files_under_their_own_names():
+    found = cpu_setup.found_libraries(list(cpu_setup.LIBRARIES))
+    for name, path in found.items():
+        assert path.is_file(), (name, path)
+        assert path.name.startswith(name), (name, path)  # the name vLLM looks for in LD_PRELOAD
+    assert set(cpu_setup.found_libraries(["libtcmalloc"])) <= {"libtcmalloc"}
+
+
+def test_ld_preload_names_only_existing_files_and_keeps_the_users_own(tmp_path):
+    real = tmp_path / "libtcmalloc_minimal.so.4"
+    real.write_bytes(b"")
+    libraries = {"libtcmalloc": real, "libiomp": tmp_path / "libiomp5.so"}  # the second does not exist
+    env = cpu_setup.preload_environment({"LD_PRELOAD": "/opt/libmine.so", "HOME": "/h"}, libraries)
+    assert env == {"LD_PRELOAD": f"{real}:/opt/libmine.so", "HOME": "/h"}
+    assert cpu_setup.libraries_to_add({}, libraries) == {"libtcmalloc": real}
+    # A user's own tcmalloc (any file of that name) wins: nothing is added for it.
+    assert cpu_setup.libraries_to_add({"LD_PRELOAD": "/x/libtcmalloc.so.4"}, libraries) == {}
+
+
+REEXEC_SCRIPT = """
+import os, sys
+from pathlib import Path
+from vllm_d2moe import cpu_setup
+print("started", flush=True)
+cpu_setup.reexec_with_preload(["-c", sys.argv[1], sys.argv[1]], {"libm": Path(%r)})
+print("LD_PRELOAD=" + os.environ.get("LD_PRELOAD", ""))
+print("mapped=" + str(Path(%r).name in Path("/proc/self/maps").read_text()))
+"""
+
+
+def test_reexec_sets_ld_preload_once_and_says_so():
+    libm = loaded_libm()
+    script = REEXEC_SCRIPT % (str(libm), str(libm))
+    done = run_python(["-c", script, script], {})
+    assert done.stdout.splitlines() == ["started", "started", f"LD_PRELOAD={libm}", "mapped=True"]
+    lines = [line for line in done.stderr.splitlines() if line.startswith(REEXEC_LINE)]
+    assert lines == [f"{REEXEC_LINE}{libm} (libm; {cpu_setup.OPT_OUT_ENV}=1 to start without)"]
+
+
+def test_reexec_respects_the_opt_out_and_an_existing_preload():
+    libm = loaded_libm()
+    script = REEXEC_SCRIPT % (str(libm), str(libm))
+    opted_out = run_python(["-c", script, script], {cpu_setup.OPT_OUT_ENV: "1"})
+    assert opted_out.stdout.splitlines()[:2] == ["started", "LD_PRELOAD="]
+    assert REEXEC_LINE not in opted_out.stderr
+    already = run_python(["-c", script, script], {"LD_PRELOAD": str(libm)})
+    assert already.stdout.splitlines()[:2] == ["started", f"LD_PRELOAD={libm}"]
+    assert REEXEC_LINE not in already.stderr
+
+
+def test_demo_command_runs_under_the_preloaded_libraries_it_names():
+    """``d2moe demo`` (``--help``: no engine) from the command line: one line naming exactly the libraries
+    installed here, every one an existing file; none with the opt-out."""
+    found = cpu_setup.found_libraries()
+    done = run_python(["-m", "vllm_d2moe.cli", "demo", "--help"], {})
+    assert done.stdout.count("usage: d2moe demo") == 1
+    lines = [line for line in done.stderr.splitlines() if line.startswith(REEXEC_LINE)]
+    assert len(lines) == (1 if found else 0), done.stderr
+    if found:
+        preload = lines[0][len(REEXEC_LINE):].split(" ", 1)[0].split(":")
+        assert preload == [str(path) for path in found.values()]
+    opted_out = run_python(["-m", "vllm_d2moe.cli", "demo", "--help"], {cpu_setup.OPT_OUT_ENV: "1"})
+    assert REEXEC_LINE not in opted_out.stderr
+
+
+def test_serve_and_demo_ask_for_the_preload_before_anything_imports_vllm_or_torch():
+    code = ("import sys; from vllm_d2moe import cpu_setup, demo, serve; "
+            "print(demo.PRELOAD, serve.PRELOAD, 'vllm' in sys.modules, 'torch' in sys.modules)")
+    assert run_python(["-c", code], {}).stdout.split() == ["True", "True", "False", "False"]
+    from vllm_d2moe.mwq import inspect
+
+    assert not hasattr(inspect, "PRELOAD")  # a command that starts no engine is never re-executed

@@ -1,0 +1,100 @@
+"""The libraries vLLM's CPU backend asks to have preloaded, found on this machine and preloaded into
+``d2moe serve`` / ``d2moe demo`` by re-executing the command once with ``LD_PRELOAD`` naming them.
+
+vLLM's CPU worker warns at every start that ``libtcmalloc`` and ``libiomp`` (Intel OpenMP) are not
+in ``LD_PRELOAD``; it only reads the variable, and a library can only be preloaded by the dynamic
+loader when a process starts, hence the re-exec (before vLLM or torch is imported). Which of them
+pays on this project's decode path was measured (``benchmarks/results/cpu_setup.md``): only those
+are preloaded here. The command prints one line saying what it set and why;
+``VLLM_D2MOE_NO_PRELOAD=1`` starts it unchanged. ``scripts/install.sh`` installs the libraries.
+"""
+
+import importlib.metadata
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+OPT_OUT_ENV = "VLLM_D2MOE_NO_PRELOAD"
+# Set in the re-executed process, so that it never re-executes again (whatever it then finds).
+REEXECUTED_ENV = "VLLM_D2MOE_PRELOAD_DONE"
+
+
+def _system_library_dirs() -> list[Path]:
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = [Path(sys.prefix) / "lib", Path("/usr/local/lib"), Path("/usr/lib") / multiarch, Path("/usr/lib64"),
+            Path("/usr/lib")]
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def _first_file(patterns: list[str]) -> Path | None:
+    for directory in _system_library_dirs():
+        for pattern in patterns:
+            for path in sorted(directory.glob(pattern)):
+                if path.is_file() and "_debug" not in path.name:
+                    return path
+    return None
+
+
+def tcmalloc_library() -> Path | None:
+    """gperftools' tcmalloc (Debian ``libtcmalloc-minimal4``, or the full one of ``libgoogle-perftools4``)."""
+    return _first_file(["libtcmalloc_minimal.so*", "libtcmalloc.so*"])
+
+
+def intel_openmp_library() -> Path | None:
+    """Intel OpenMP's ``libiomp5.so`` (PyPI ``intel-openmp``, which installs it under the environment's lib/)."""
+    try:
+        files = importlib.metadata.distribution("intel-openmp").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "libiomp5.so" and Path(file.locate()).is_file():
+            return Path(file.locate()).resolve()
+    return _first_file(["libiomp5.so"])
+
+
+# The name vLLM looks for in LD_PRELOAD -> (how to find the library, why it is preloaded).
+LIBRARIES = {
+    "libtcmalloc": (tcmalloc_library, "vLLM's CPU backend asks for it"),
+    "libiomp": (intel_openmp_library, "vLLM's CPU backend asks for it"),
+}
+# The ones that paid on this project's decode path (benchmarks/results/cpu_setup.md).
+PRELOADED = ("libtcmalloc", "libiomp")
+
+
+def found_libraries(names=PRELOADED) -> dict[str, Path]:
+    """Of the libraries ``names`` (keys of :data:`LIBRARIES`), those installed: name -> file."""
+    found = {name: LIBRARIES[name][0]() for name in names}
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def libraries_to_add(environ: dict[str, str], libraries: dict[str, Path]) -> dict[str, Path]:
+    """Those of ``libraries`` (name -> file) that exist as files and whose name ``LD_PRELOAD`` in
+    ``environ`` does not already hold (a user's own choice of allocator or OpenMP runtime wins)."""
+    preload = environ.get("LD_PRELOAD", "")
+    return {name: path for name, path in libraries.items() if name not in preload and Path(path).is_file()}
+
+
+def preload_environment(environ: dict[str, str], libraries: dict[str, Path]) -> dict[str, str]:
+    """``environ`` with ``LD_PRELOAD`` led by :func:`libraries_to_add`."""
+    added = [str(path) for path in libraries_to_add(environ, libraries).values()]
+    return {**environ, "LD_PRELOAD": ":".join([*added, *filter(None, environ.get("LD_PRELOAD", "").split(":"))])}
+
+
+def reexec_with_preload(args: list[str], libraries: dict[str, Path] | None = None) -> None:
+    """Replace this process with ``python ARGS`` under :func:`preload_environment` (``libraries``:
+    default the installed ones of :data:`PRELOADED`), printing one line that says what was set and
+    why; return without doing anything when there is nothing to add, when ``VLLM_D2MOE_NO_PRELOAD``
+    is set, or in a process this function started."""
+    if os.environ.get(OPT_OUT_ENV, "") not in ("", "0") or REEXECUTED_ENV in os.environ:
+        return
+    libraries = found_libraries() if libraries is None else libraries
+    added = libraries_to_add(dict(os.environ), libraries)
+    if not added:
+        return
+    env = preload_environment(dict(os.environ), added)
+    reasons = "; ".join(f"{name}: {LIBRARIES[name][1]}" if name in LIBRARIES else name for name in added)
+    print(f"d2moe: starting again with LD_PRELOAD={env['LD_PRELOAD']} ({reasons}; "
+          f"{OPT_OUT_ENV}=1 to start without)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *args], {**env, REEXECUTED_ENV: "1"})

@@ -314,10 +314,11 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
     """The environment an engine starts in under the CPU set-up ``name``: ``plain``, or parts joined by
     ``+``. ``tcmalloc``, ``iomp``: preload gperftools' tcmalloc, Intel OpenMP (``LD_PRELOAD`` names
     exactly the set-up's libraries). ``bind``: pin the engine's ``threads`` OpenMP threads one to a CPU
-    with the variables vLLM's ``OMPProcessManager`` sets for a worker under ``VLLM_CPU_OMP_THREADS_BIND``
-    (vLLM binds only the worker processes of its ``mp`` executor; these engines run in the worker's own
-    process): ``KMP_AFFINITY`` and its ``KMP_BLOCKTIME=5``, ``KMP_TPAUSE=0`` under Intel OpenMP,
-    ``GOMP_CPU_AFFINITY`` under torch's GNU OpenMP (which vLLM preloads otherwise)."""
+    with the variables vLLM's ``OMPProcessManager`` sets for a worker under ``VLLM_CPU_OMP_THREADS_BIND``:
+    ``KMP_AFFINITY`` and its ``KMP_BLOCKTIME=5``, ``KMP_TPAUSE=0`` under Intel OpenMP, ``GOMP_CPU_AFFINITY``
+    under torch's GNU OpenMP (which vLLM preloads otherwise). vLLM sets them only for the worker
+    processes of its ``mp`` executor; the engines here run in the benchmark's worker process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
     parts = [] if name == "plain" else name.split("+")
     unknown = [p for p in parts if p not in [*PRELOAD_PARTS, "bind"]]
     if unknown:
@@ -480,7 +481,9 @@ def goals(report: dict) -> list[str]:
 
 
 def table(report: dict) -> str:
-    header = "method            budget        " + "".join(f"  c={c:<5d}" for c in report["concurrency"])
+    setups = any("cpu_setup" in r for r in report["results"])
+    header = ("method            budget        " + ("  cpu set-up          " if setups else "")
+              + "".join(f"  c={c:<5d}" for c in report["concurrency"]))
     lines = [header + "  peak RSS  hits/reads   read     waited", "-" * (len(header) + 40)]
     for r in report["results"]:
         name = f"{r['method']:16s}  {r.get('budget_name', 'all resident'):12s}" + (

@@ -171,6 +171,33 @@ def _scale_and_zero(
     return scale, zero
 
 
+def nearest_base(
+    w: torch.Tensor, bits: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The round-to-nearest base of float64 groups ``w [rows, groups, G]``: codes uint8
+    ``[rows, groups, G]``, float16 scale and zero ``[rows, groups]``."""
+    levels = (1 << bits) - 1
+    scale, zero = _scale_and_zero(w.amin(-1), w.amax(-1), levels, name, w.shape[-2])
+    q = torch.round(w / scale.double().unsqueeze(-1) + zero.double().unsqueeze(-1))
+    return torch.clamp(q, 0, levels).to(torch.uint8), scale, zero
+
+
+def base_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float64 ``s (q - z)`` of base codes ``q [..., groups, G]``."""
+    return scale.double().unsqueeze(-1) * (q.double() - zero.double().unsqueeze(-1))
+
+
+def nearest_plane(
+    residual: torch.Tensor, scale: torch.Tensor, plane: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual plane ``plane`` (0-based) fitted to float64 residuals ``[..., groups, G]`` as the
+    module docstring says: its bits (bool, the residual's signs), unpacked scale codes
+    ``[..., groups]`` and the float64 values it adds."""
+    positive = residual >= 0
+    codes, alpha = encode_plane_scales(residual.abs().mean(-1), scale, plane)
+    return positive, codes, alpha.unsqueeze(-1) * (positive.double() * 2 - 1)
+
+
 def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTensor:
     """Quantize a 2-D weight ``[rows, cols]`` (any float dtype) to MWQ widths ``spec.widths``.
 
@@ -180,22 +207,16 @@ def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTe
     rows, cols = weight.shape
     w = weight.detach().to(torch.float64).reshape(rows, groups, spec.group_size)
 
-    lo, hi = w.amin(-1), w.amax(-1)
-    levels = (1 << spec.min_bits) - 1
-    scale, zero = _scale_and_zero(lo, hi, levels, name, groups)
-    scale64 = scale.double().unsqueeze(-1)
-    zero64 = zero.double().unsqueeze(-1)
-    q = torch.clamp(torch.round(w / scale64 + zero64), 0, levels).to(torch.uint8)
-    residual = w - scale64 * (q.double() - zero64)
+    q, scale, zero = nearest_base(w, spec.min_bits, name)
+    residual = w - base_values(q, scale, zero)
 
     q = q.reshape(rows, cols)
     base_bits = torch.stack([pack_bits((q >> i) & 1) for i in range(spec.min_bits)])
 
     planes = []
     for j in range(spec.max_bits - spec.min_bits):
-        positive = residual >= 0
-        codes, alpha = encode_plane_scales(residual.abs().mean(-1), scale, j)
-        residual = residual - alpha.unsqueeze(-1) * (positive.double() * 2 - 1)
+        positive, codes, added = nearest_plane(residual, scale, j)
+        residual = residual - added
         planes.append((pack_bits(positive.reshape(rows, cols)), pack_codes(codes)))
 
     return MWQTensor(

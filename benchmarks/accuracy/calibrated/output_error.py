@@ -1,0 +1,81 @@
+"""Output error per width of calibrated MWQ against round-to-nearest MWQ and a non-nested
+calibrated quantizer of each width, on the reference model's routed experts.
+
+    python benchmarks/accuracy/calibrated/output_error.py [--calibration-tokens 8192]
+
+Every expert's ``H = X^T X`` is collected from the reference corpus's train split as
+``d2moe convert --calibrate`` collects it (``converters/calibration.py``); the errors
+``tr((W - Q) H (W - Q)^T)`` are on those same inputs (in-sample), summed over the
+experts a calibration token reached, per projection. Writes ``output_error.json``
+beside this file and prints the table (``output_error.md`` quotes it).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+MODEL = HERE.parents[2] / "vllm_d2moe" / "assets" / "reference-small"
+WIDTHS = (2, 3, 4, 5, 6, 7, 8)
+GROUP = 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    args = parser.parse_args()
+
+    from vllm_d2moe.converters.calibration import ExpertInputs, calibration_tokens
+    from vllm_d2moe.converters.convert import SourceFiles, plan_conversion
+    from vllm_d2moe.mwq.calibrate import calibrated_quantize, output_error
+    from vllm_d2moe.mwq.quantize import MWQSpec, dequantize, quantize
+
+    plan = plan_conversion(MODEL)
+    source = SourceFiles(plan.src, plan.files)
+    tokens = calibration_tokens(MODEL, plan.config["vocab_size"], args.calibration_tokens)
+    inputs = ExpertInputs(plan, source, tokens.tokens)
+    nested = MWQSpec(WIDTHS[0], WIDTHS[-1], GROUP)
+    errors = {proj: {m: [0.0] * len(WIDTHS) for m in ("rtn", "calibrated", "non-nested")}
+              for proj in ("gate_up", "down")}
+    seconds = {"calibrated": 0.0, "non-nested": 0.0}
+    for layer, experts in plan.experts.layers.items():
+        statistics = inputs.layer(layer)
+        for e, expert in enumerate(experts):
+            if statistics.tokens[e] == 0:
+                continue
+            weights = {"gate_up": torch.cat([source.matrix(p) for p in expert.gate_up]),
+                       "down": source.matrix(expert.down)}
+            for proj, weight in weights.items():
+                hessian = getattr(statistics, proj)[e]
+                start = time.perf_counter()
+                (calibrated,) = calibrated_quantize(weight, hessian, nested, f"layer {layer} expert {e} {proj}")
+                seconds["calibrated"] += time.perf_counter() - start
+                rtn = quantize(weight, nested)
+                for i, b in enumerate(WIDTHS):
+                    start = time.perf_counter()
+                    (alone,) = calibrated_quantize(weight, hessian, MWQSpec(b, b, GROUP))
+                    seconds["non-nested"] += time.perf_counter() - start
+                    for method, tensor in (("rtn", rtn.truncate(b)), ("calibrated", calibrated.truncate(b)),
+                                           ("non-nested", alone)):
+                        errors[proj][method][i] += output_error(weight, dequantize(tensor), hessian)
+        print(f"layer {layer} done", flush=True)
+    source.close()
+    report = {"command": " ".join(sys.argv), "calibration_tokens": int(tokens.tokens.numel()),
+              "widths": WIDTHS, "errors": errors, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    (HERE / "output_error.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["| projection | quantizer / round-to-nearest MWQ | " + " | ".join(map(str, WIDTHS)) + " |",
+             "|---|---|" + "---:|" * len(WIDTHS)]
+    for proj, by_method in errors.items():
+        for method in ("calibrated", "non-nested"):
+            ratios = [f"{a / r:.3f}" for a, r in zip(by_method[method], by_method["rtn"])]
+            lines.append(f"| {proj} | {method} | " + " | ".join(ratios) + " |")
+    print("\n".join(lines))
+    print(f"seconds (one thread of 2 shared cores): {report['seconds']}")
+
+
+if __name__ == "__main__":
+    main()

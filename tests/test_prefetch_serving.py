@@ -154,6 +154,68 @@ def test_outputs_equal_resident_within_the_pool_and_without_leaks(checkpoint, sl
     manager.pipeline.close()
 
 
+class _WatchedBackend:
+    """``backend`` whose expert computations call ``before_compute()`` first."""
+
+    def __init__(self, backend, before_compute):
+        self._backend, self._before_compute = backend, before_compute
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def grouped_mlp(self, *args):
+        self._before_compute()
+        return self._backend.grouped_mlp(*args)
+
+
+def test_prefetch_streams_into_the_slots_a_call_is_done_with(checkpoint):
+    """A pool smaller than two layers' experts (10 slots, two layers of 8, every expert routed at
+    every call, the forecast exact): no slot is free or cold, yet the next layer's experts are read
+    while this layer still computes, into the slots of experts it has finished, and later calls find
+    them prefetched. The outputs stay the resident layers', nothing stays pinned."""
+    backend = load_backend("cpu_bitplanes")
+    manager = OffloadManager(checkpoint, budget_for(checkpoint, 10), MAX_BITS, OffloadPolicy(), backend)
+    layers = [manager.layer(layer, list(range(EXPERTS)), MAX_BITS) for layer in (0, 1)]
+    resident = [load_layer_experts(checkpoint, layer, list(range(EXPERTS)), MAX_BITS, 0, 1, backend)
+                for layer in (0, 1)]
+    read, next_layer_read, computed = manager.store.read, {0: threading.Event(), 1: threading.Event()}, []
+    current = [0]
+
+    def watched_read(layer, expert, first, last):
+        next_layer_read[layer].set()
+        return read(layer, expert, first, last)
+
+    def before_compute():
+        computed.append(current[0])
+        if computed.count(current[0]) == EXPERTS:  # the call's last expert waits for a read of the next layer's
+            computed.clear()
+            overlapped.append(next_layer_read[1 - current[0]].wait(5))
+
+    manager.store.read = watched_read
+    manager.backend = _WatchedBackend(backend, before_compute)
+    overlapped: list[bool] = []
+    for i in range(16):
+        layer = current[0] = i % 2
+        if i == 8:  # warmed up: the pool is full of experts routed at every call
+            settle(manager)
+            manager.metrics.reset()
+            overlapped.clear()
+        next_layer_read[1 - layer].clear()
+        args = call(list(range(EXPERTS)), 4, seed=i)
+        forecasts = [(1 - layer, 1, {e: (1, 4) for e in range(EXPERTS)})]
+        torch.testing.assert_close(layers[layer].forward(*args, forecasts), resident[layer].forward(*args),
+                                   rtol=1e-5, atol=1e-6)
+        assert manager.pool.occupied <= manager.pool.num_slots
+    # Calls that found every expert prefetched compute in one backend call, not counted here.
+    assert len(overlapped) >= 4 and all(overlapped), overlapped
+    total = manager.metrics.snapshot()["total"]
+    assert total["prefetch_reads"] > 0 and total["bytes_prefetched"] > 0 and total["prefetch_hits"] > 0
+    settle(manager)
+    manager.pipeline._reap()
+    assert not manager.pool.pinned
+    manager.pipeline.close()
+
+
 def test_expert_parallel_rank_prefetches_only_its_experts(checkpoint):
     backend = load_backend("cpu_bitplanes")
     manager = OffloadManager(checkpoint, budget_for(checkpoint, 8), MAX_BITS, OffloadPolicy(), backend)

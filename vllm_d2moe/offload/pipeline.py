@@ -24,14 +24,18 @@ of what the next MoE layers will need (``vllm_glue`` runs the predictor of
 ``vllm_d2moe.prefetch`` on the layer's input). Their reads go to the same I/O
 threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
 any demand read starts before any queued prefetch), nearest layer first, then
-hottest expert and lowest width first, into slots that are free or hold
-experts nothing protects: a prefetch never evicts what the call uses, another
-forecast expert or another prefetch, nor an expert routed more often than
-the forecast expects of the one it brings, and never exceeds the pool. A prefetched
-slot is evictable once written; a demand that finds every slot pinned cancels
-queued prefetches for their slots; a layer call adopts a prefetch of an expert
-it needs that is still reading, and cancels queued ones it does not need. A
-prefetch that turns out unused costs its bytes (``bytes_wasted``).
+hottest expert and lowest width first, into slots that are free, hold an expert
+the call has finished computing, or hold one nothing protects that is routed
+less often than the forecast expects of the one it brings: a prefetch never
+evicts what the call still needs, another forecast expert or another prefetch,
+and never holds more slots than the call's unfinished experts leave. A forecast
+that finds no slot waits for the call's next finished expert, so that under a
+pool smaller than two layers' working sets the next layer's reads stream into
+the slots this layer frees while it still computes. Demand reads evict forecast
+experts last. A prefetched slot is evictable once written; a demand that finds
+every slot pinned cancels queued prefetches for their slots; a layer call adopts
+a prefetch of an expert it needs that is still reading, and cancels queued ones
+it does not need. A prefetch that turns out unused costs its bytes (``bytes_wasted``).
 
 :class:`OffloadPolicy` switches each step off for the benchmark's ablations:
 expert-id order instead of HEBF, reads on the compute thread instead of
@@ -112,6 +116,12 @@ class LoadPipeline:
         self._unused: dict[Key, int] = {}  # prefetched and installed, not yet needed: bytes read
         self._adopted: dict[Key, _Load] = {}  # prefetches still reading that this call needs
         self._forecasts: dict[int, dict[int, dict[int, int]]] = {}  # later layer -> depth -> {expert: width}
+        # The current call's: its experts, those it has finished computing, the experts it forecasts, and
+        # its forecasts not yet queued, (depth, -tokens, width, expert, later layer, rank) in queue order.
+        self._protect: set[Key] = set()
+        self._done: set[Key] = set()
+        self._forecast_keys: set[Key] = set()
+        self._wanted: list[tuple[int, int, int, int, int, int]] = []
         pool.on_evict = self._evicted
 
     def run(
@@ -156,9 +166,10 @@ class LoadPipeline:
         for key in order:
             if key in self.pool.slot_of:
                 self.pool.pin(key)
+        self._expect(forecasts, set(order))
         try:
             failed = self._execute(queue, chains, segments, widths, rows, compute, counters, adopted,
-                                   lambda: self._queue_prefetches(forecasts, set(order)))
+                                   self._queue_prefetches)
         except BaseException:
             self._settle(load for chain in chains.values() for load in chain)
             for key in order:
@@ -204,7 +215,8 @@ class LoadPipeline:
         counters.calls += 1
         counters.hits += len(pairs)
         self.pool.touch({(layer, e): n for e, n in tokens.items()})
-        self._queue_prefetches(forecasts, {(layer, e) for e, _ in pairs})
+        self._expect(forecasts, {(layer, e) for e, _ in pairs})
+        self._queue_prefetches()
         self.metrics.maybe_log()
         return {e: self.pool.slot_of[(layer, e)] for e, _ in pairs}
 
@@ -214,6 +226,7 @@ class LoadPipeline:
         self._prefetches.update(self._adopted)  # a call that failed before running: not adopted after all
         self._adopted.clear()
         self._reap()
+        self._protect, self._done, self._forecast_keys, self._wanted = set(), set(), set(), []
         needed: dict[int, int] = {}
         for expert, width in pairs:
             needed[expert] = max(width, needed.get(expert, 0))
@@ -247,24 +260,37 @@ class LoadPipeline:
                 if load.write_ahead:
                     self.pool.release(key)
 
-    def _queue_prefetches(self, forecasts: Forecasts, protect: set[Key]) -> None:
-        """Queue reads of the forecast experts that the pool does not serve, in one global order
-        (nearest layer, hottest expert, lowest width first), into slots nothing in use or
-        predicted holds and no expert routed more often than the forecast expects of this one, and
-        no more slots than the call (``protect``) leaves (a call streaming through the pool needs
-        them)."""
-        if not forecasts or self.executor is None:
+    def _expect(self, forecasts: Forecasts, protect: set[Key]) -> None:
+        """Take the call's ``forecasts`` (scored when their layer is called, queued by
+        :meth:`_queue_prefetches`) and its experts ``protect``."""
+        self._protect = protect
+        if self.executor is None:
             return
         wanted = []
         for later, depth, experts in forecasts:
             self._forecasts.setdefault(later, {})[depth] = {e: w for e, (_, w) in experts.items()}
             wanted += [(depth, -tokens, width, expert, later) for expert, (tokens, width) in experts.items()]
         wanted.sort()
-        keep = protect | {(later, e) for *_, e, later in wanted} | set(self._unused) | set(self._prefetches)
+        self._wanted = [(*entry, rank) for rank, entry in enumerate(wanted)]
+        self._forecast_keys = {(later, e) for *_, e, later, _ in self._wanted}
+
+    def _queue_prefetches(self) -> None:
+        """Queue reads of the call's forecasts that the pool does not serve, in one global order
+        (nearest layer, hottest expert, lowest width first), into slots that are free, hold an expert
+        the call is done with, or hold one nothing in use or forecast holds and routed less often
+        than the forecast expects of this one; no more slots than the call's unfinished experts
+        leave (a call streaming through the pool needs them). Those left wait for the call's next
+        finished expert."""
+        if not self._wanted:
+            return
         min_bits = self.pool.min_bits
-        room = self.pool.num_slots - len(protect) - sum(p.write_ahead for p in self._prefetches.values())
+        in_use = self._protect - self._done
+        keep = in_use | self._forecast_keys | self._unused.keys() | self._prefetches.keys()
+        room = self.pool.num_slots - len(in_use) - sum(p.write_ahead for p in self._prefetches.values())
         full: set[int] = set()  # depths whose next prediction found no slot
-        for rank, (depth, hotness, width, expert, later) in enumerate(wanted):
+        waiting = []
+        for entry in self._wanted:
+            depth, hotness, width, expert, later, rank = entry
             key = (later, expert)
             have = self.pool.width(key)
             if key in self._prefetches or have >= width or (key in self.pool.slot_of and not have):
@@ -275,9 +301,11 @@ class LoadPipeline:
                 load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
             else:
                 # Never in place of an expert as hot as this one is expected to be (nor, then, of one
-                # for a colder prediction of the same depth).
-                if room <= 0 or depth in full or self.pool.acquire(key, keep, colder_than=-hotness) is None:
+                # for a colder prediction of the same depth) unless the call is done with it.
+                if room <= 0 or depth in full or self.pool.acquire(
+                        key, keep, colder_than=-hotness, spare=self._done) is None:
                     full.add(depth)
+                    waiting.append(entry)
                     continue
                 room -= 1
                 self.pool.pin(key)  # until written: no eviction while an I/O thread writes the slot
@@ -285,6 +313,7 @@ class LoadPipeline:
             load.future = self.executor.submit((1, self.calls + depth, rank), self._fetch, load,
                                                self.pool.slot_of[key])
             self._prefetches[key] = load
+        self._wanted = waiting
 
     def _reap(self) -> None:
         """Install the prefetches that finished reading (on the compute thread, between layer calls
@@ -347,7 +376,8 @@ class LoadPipeline:
     def _execute(self, queue, chains, segments, widths, rows, compute, counters, in_flight, prefetch
                  ) -> dict[int, CheckpointError]:
         """The call's loop; ``prefetch()`` queues the forecasts once the first demand reads are
-        submitted (an idle I/O thread would otherwise start a prefetch first)."""
+        submitted (an idle I/O thread would otherwise start a prefetch first), then again as each
+        expert is finished (its slot may take one)."""
         def compute_ready(key: Key) -> bool:
             """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
             it; without: exactly it); unpin it when none is left."""
@@ -361,6 +391,9 @@ class LoadPipeline:
             if pending is not None and not pending:
                 del segments[key]
                 self.pool.unpin(key)
+                self._done.add(key)
+                if prefetch is None:  # queued once the call's first reads were: now into its slot too
+                    self._queue_prefetches()
             return ran
 
         def drop_loads(key: Key) -> None:
@@ -408,8 +441,9 @@ class LoadPipeline:
                 self.pool.unpin(key)  # a lower width stays resident and valid
 
         def acquire(key: Key) -> bool:
-            """A slot for ``key``, at the cost of queued prefetches' slots if every slot is pinned."""
-            keep = self._unused.keys()
+            """A slot for ``key`` (prefetched and forecast experts evicted last), at the cost of queued
+            prefetches' slots if every slot is pinned."""
+            keep = self._unused.keys() | self._forecast_keys
             while self.pool.acquire(key, keep) is None:
                 if not self._reclaim_slot():
                     return False

@@ -24,15 +24,16 @@ of what the next MoE layers will need (``vllm_glue`` runs the predictor of
 ``vllm_d2moe.prefetch`` on the layer's input). Their reads go to the same I/O
 threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
 any demand read starts before any queued prefetch), nearest layer first, then
-hottest expert and lowest width first, into slots that are free, hold an expert
-the call has finished computing, or hold one nothing protects that is routed
-less often than the forecast expects of the one it brings: a prefetch never
-evicts what the call still needs, another forecast expert or another prefetch,
-and never holds more slots than the call's unfinished experts leave. A forecast
-that finds no slot waits for the call's next finished expert, so that under a
-pool smaller than two layers' working sets the next layer's reads stream into
-the slots this layer frees while it still computes. Demand reads evict forecast
-experts last. A prefetched slot is evictable once written; a demand that finds
+hottest expert and lowest width first. A prefetch takes the slot a demand read
+would (free, else the least frequent expert) but never one that the call still
+needs or that holds a forecast or prefetched expert, and only while slots are
+left beyond the call's unfinished experts and the resident forecast ones: the
+slots an expert frees once the call has computed it count from then on. A
+forecast that finds no slot waits for the call's next finished expert, so that
+under a pool smaller than two layers' working sets the next layer's reads
+stream into the slots this layer frees while it still computes (what a demand
+read at the next layer would evict anyway, read earlier). Demand reads evict
+forecast experts last. A prefetched slot is evictable once written; a demand that finds
 every slot pinned cancels queued prefetches for their slots; a layer call adopts
 a prefetch of an expert it needs that is still reading, and cancels queued ones
 it does not need. A prefetch that turns out unused costs its bytes (``bytes_wasted``).
@@ -276,21 +277,20 @@ class LoadPipeline:
 
     def _queue_prefetches(self) -> None:
         """Queue reads of the call's forecasts that the pool does not serve, in one global order
-        (nearest layer, hottest expert, lowest width first), into slots that are free, hold an expert
-        the call is done with, or hold one nothing in use or forecast holds and routed less often
-        than the forecast expects of this one; no more slots than the call's unfinished experts
-        leave (a call streaming through the pool needs them). Those left wait for the call's next
-        finished expert."""
+        (nearest layer, hottest expert, lowest width first), into free slots or those of the least
+        frequent experts that nothing in use, forecast or prefetched holds, while the slots the call's
+        unfinished experts and the resident forecast and prefetched ones need leave room (a call
+        streaming through the pool needs its slots). Those left wait for the call's next finished
+        expert."""
         if not self._wanted:
             return
         min_bits = self.pool.min_bits
         in_use = self._protect - self._done
         keep = in_use | self._forecast_keys | self._unused.keys() | self._prefetches.keys()
-        room = self.pool.num_slots - len(in_use) - sum(p.write_ahead for p in self._prefetches.values())
-        full: set[int] = set()  # depths whose next prediction found no slot
+        room = self.pool.num_slots - len(in_use) - sum(k in self.pool.slot_of for k in keep - in_use)
         waiting = []
         for entry in self._wanted:
-            depth, hotness, width, expert, later, rank = entry
+            depth, _, width, expert, later, rank = entry
             key = (later, expert)
             have = self.pool.width(key)
             if key in self._prefetches or have >= width or (key in self.pool.slot_of and not have):
@@ -300,14 +300,10 @@ class LoadPipeline:
                     continue
                 load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
             else:
-                # Never in place of an expert as hot as this one is expected to be (nor, then, of one
-                # for a colder prediction of the same depth) unless the call is done with it.
-                if room <= 0 or depth in full or self.pool.acquire(
-                        key, keep, colder_than=-hotness, spare=self._done) is None:
-                    full.add(depth)
+                if room <= 0 or self.pool.acquire(key, keep, evict_keep=False) is None:
                     waiting.append(entry)
                     continue
-                room -= 1
+                room -= 1  # its slot was not counted: it was free or held an expert nothing keeps
                 self.pool.pin(key)  # until written: no eviction while an I/O thread writes the slot
                 load = _Load(key, 0, width - min_bits, write_ahead=True, prefetch=True)
             load.future = self.executor.submit((1, self.calls + depth, rank), self._fetch, load,

@@ -37,7 +37,10 @@ stays out of reach of every wider width: an error floor, which the wider widths'
 round-to-nearest error, halving per width, soon falls below (unguarded on the
 reference model: 0.32x round-to-nearest's output error at width 2, 21x at width 8,
 ``benchmarks/accuracy/calibrated/output_error.md``). The guard keeps calibrated fits
-where no wider width pays for them, mostly in the widest planes.
+where no wider width pays for them, mostly in the widest planes. ``guarded_up_to``
+limits it to the widths up to one (the router's, say): those keep more of the gain,
+and the wider widths may then lose against round-to-nearest MWQ, though never against
+a round-to-nearest plane on the widths below them.
 
 ``H`` is damped before inversion by a share of its mean diagonal (:data:`DAMPING`,
 :data:`NESTED_DAMPING`); an input no token reached has a zero row and column, gets
@@ -198,7 +201,7 @@ def _fit_plane(
 
 
 # A row takes a calibrated fit only when its float32-evaluated errors are below the
-# bounds by this share: the evaluation's rounding error is orders of magnitude smaller,
+# round-to-nearest ones by this share: the evaluation's rounding error is orders of magnitude smaller,
 # so the guard holds for the exact (float64) objective.
 GUARD_MARGIN = 1e-4
 
@@ -242,7 +245,7 @@ def _guarded(
     in the rows taken)."""
     below = 1 - GUARD_MARGIN
     errors = [objective.rows(candidate)]
-    take = (errors[0] < kept_errors) & (errors[0] <= below * bounds[0])
+    take = (errors[0] <= below * kept_errors) & (errors[0] <= below * bounds[0])
     residual = candidate
     for plane, bound in enumerate(bounds[1:], next_plane):
         if not take.any():
@@ -265,13 +268,17 @@ def calibrated_quantize(
     spec: MWQSpec,
     name: str = "weight",
     damping: float | None = None,
+    guarded_up_to: int | None = None,
 ) -> list[MWQTensor]:
     """Quantize ``weight`` (``[rows, cols]`` or a batch ``[n, rows, cols]``, any float dtype)
     to MWQ widths ``spec.widths``, fitted to the output error under ``hessian``
     (``[cols, cols]`` or ``[n, cols, cols]``, ``X^T X`` of the calibration inputs; its
     scale does not matter), each width's at most round-to-nearest MWQ's. ``damping``:
     share of H's mean diagonal added to it (default :data:`NESTED_DAMPING` with residual
-    planes, :data:`DAMPING` for one width). Returns one :class:`MWQTensor` per matrix."""
+    planes, :data:`DAMPING` for one width). ``guarded_up_to``: the widest width the guard
+    keeps at or below round-to-nearest MWQ's error (default: every width); a wider width
+    takes a row's calibrated plane wherever it lowers that width's error given the widths
+    below. Returns one :class:`MWQTensor` per matrix."""
     w = weight.detach().unsqueeze(0) if weight.dim() == 2 else weight.detach()
     h = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
     if w.dim() != 3:
@@ -286,6 +293,8 @@ def calibrated_quantize(
     if not torch.isfinite(w).all():
         raise MWQError(f"{name}: contains NaN or infinite values")
     planes = spec.max_bits - spec.min_bits
+    top = spec.max_bits if guarded_up_to is None else spec.check_width(guarded_up_to, "guarded_up_to")
+    guarded = top - spec.min_bits
     if damping is None:
         damping = NESTED_DAMPING if planes else DAMPING
     if not damping > 0:
@@ -295,7 +304,7 @@ def calibrated_quantize(
     g = spec.group_size
     grouped = w.double().view(batch, rows, groups, g)
 
-    # Round-to-nearest MWQ and its per-row errors at every width: the guard's bounds.
+    # Round-to-nearest MWQ and its per-row errors at the guarded widths: the guard's bounds.
     codes, scale, zero = (
         t.view(batch, rows, *t.shape[1:])
         for t in nearest_base(grouped.view(batch * rows, groups, g), spec.min_bits, name)
@@ -303,34 +312,39 @@ def calibrated_quantize(
     residual = grouped - base_values(codes, scale, zero)
     bounds = [objective.rows(residual)]
     path = residual
-    for j in range(planes):
+    for j in range(guarded):
         path = path - nearest_plane(path, scale, j)[2]
         bounds.append(objective.rows(path))
     del path
-    # Per row, the errors of continuing the chosen widths by round-to-nearest.
+    # Per row and guarded width, the errors of continuing the chosen fits by round-to-nearest.
     continued = list(bounds)
+
+    def calibrated_rows(level: int, candidate: torch.Tensor, kept: torch.Tensor, base_scale: torch.Tensor):
+        """Rows taking the calibrated fit of width ``min_bits + level`` (which leaves
+        ``candidate``) over the round-to-nearest one (which leaves ``kept``)."""
+        if level > guarded:
+            return objective.rows(candidate) <= (1 - GUARD_MARGIN) * objective.rows(kept)
+        take, errors = _guarded(objective, candidate, continued[level], bounds[level:], base_scale, level)
+        continued[level : level + len(errors)] = [_take(take, e, c) for e, c in zip(errors, continued[level:])]
+        return take
 
     calibrated_codes, calibrated_scale, calibrated_zero = _fit_base(w, factor, spec, name)
     calibrated_codes = calibrated_codes.view(codes.shape)
     candidate = grouped - base_values(calibrated_codes, calibrated_scale, calibrated_zero)
-    take, errors = _guarded(objective, candidate, bounds[0], bounds, calibrated_scale, 0)
+    take = calibrated_rows(0, candidate, residual, calibrated_scale)
     codes = _take(take, calibrated_codes, codes)
     scale, zero = _take(take, calibrated_scale, scale), _take(take, calibrated_zero, zero)
     residual = _take(take, candidate, residual)
-    continued[: len(errors)] = [_take(take, e, c) for e, c in zip(errors, continued)]
 
     fitted = []
     for j in range(planes):
         nearest = nearest_plane(residual, scale, j)
         calibrated = _fit_plane(residual, factor, objective.hessian, g, scale, j)
-        candidate = residual - calibrated[2]
-        take, errors = _guarded(objective, candidate, continued[j + 1], bounds[j + 1 :], scale, j + 1)
-        positive, plane_codes, added = (_take(take, c, n) for c, n in zip(calibrated, nearest))
-        residual = residual - added
+        candidate, kept = residual - calibrated[2], residual - nearest[2]
+        take = calibrated_rows(j + 1, candidate, kept, scale)
+        positive, plane_codes = (_take(take, c, n) for c, n in zip(calibrated[:2], nearest[:2]))
+        residual = _take(take, candidate, kept)
         fitted.append((positive.view(batch, rows, cols), pack_codes(plane_codes)))
-        continued[j + 1 : j + 1 + len(errors)] = [
-            _take(take, e, c) for e, c in zip(errors, continued[j + 1 :])
-        ]
     codes = codes.view(batch, rows, cols)
     return [
         MWQTensor(

@@ -194,6 +194,11 @@ def goals(vllm: dict, llama: dict) -> list[str]:
                        f"{'met' if met else 'missed'}")
         else:
             out.append(f"- calibrated MWQ-{b} vs llama.cpp {quant}: not measured")
+    eight = vllm.get("mwq-cal-8", {})
+    if "bits_per_weight" in eight:
+        met = eight["bits_per_weight"] <= 8.5
+        out.append(f"- MWQ-8 at {eight['bits_per_weight']:.3f} bits/w (goal <= 8.5, q8_0's): "
+                   f"{'met' if met else 'missed'}")
     for b in WIDTHS:
         ours, alone = vllm.get(f"mwq-cal-{b}", {}), vllm.get(f"gptq-{b}", {})
         if "kl" in ours and "kl" in alone:

@@ -39,9 +39,10 @@ def main() -> None:
     tokens = calibration_tokens(MODEL, plan.config["vocab_size"], args.calibration_tokens)
     inputs = ExpertInputs(plan, source, tokens.tokens)
     nested = MWQSpec(WIDTHS[0], WIDTHS[-1], GROUP)
-    errors = {proj: {m: [0.0] * len(WIDTHS) for m in ("rtn", "calibrated", "non-nested")}
-              for proj in ("gate_up", "down")}
-    seconds = {"calibrated": 0.0, "non-nested": 0.0}
+    guards = {"calibrated": None, "calibrated, guarded to 4": 4, "calibrated, guarded to 2": 2}
+    methods = ("rtn", *guards, "non-nested")
+    errors = {proj: {m: [0.0] * len(WIDTHS) for m in methods} for proj in ("gate_up", "down")}
+    seconds = {m: 0.0 for m in methods[1:]}
     for layer, experts in plan.experts.layers.items():
         statistics = inputs.layer(layer)
         for e, expert in enumerate(experts):
@@ -51,16 +52,17 @@ def main() -> None:
                        "down": source.matrix(expert.down)}
             for proj, weight in weights.items():
                 hessian = getattr(statistics, proj)[e]
-                start = time.perf_counter()
-                (calibrated,) = calibrated_quantize(weight, hessian, nested, f"layer {layer} expert {e} {proj}")
-                seconds["calibrated"] += time.perf_counter() - start
-                rtn = quantize(weight, nested)
+                fitted = {"rtn": quantize(weight, nested)}
+                for method, guard in guards.items():
+                    start = time.perf_counter()
+                    (fitted[method],) = calibrated_quantize(weight, hessian, nested, guarded_up_to=guard)
+                    seconds[method] += time.perf_counter() - start
                 for i, b in enumerate(WIDTHS):
                     start = time.perf_counter()
                     (alone,) = calibrated_quantize(weight, hessian, MWQSpec(b, b, GROUP))
                     seconds["non-nested"] += time.perf_counter() - start
-                    for method, tensor in (("rtn", rtn.truncate(b)), ("calibrated", calibrated.truncate(b)),
-                                           ("non-nested", alone)):
+                    for method in methods:
+                        tensor = alone if method == "non-nested" else fitted[method].truncate(b)
                         errors[proj][method][i] += output_error(weight, dequantize(tensor), hessian)
         print(f"layer {layer} done", flush=True)
     source.close()
@@ -70,7 +72,7 @@ def main() -> None:
     lines = ["| projection | quantizer / round-to-nearest MWQ | " + " | ".join(map(str, WIDTHS)) + " |",
              "|---|---|" + "---:|" * len(WIDTHS)]
     for proj, by_method in errors.items():
-        for method in ("calibrated", "non-nested"):
+        for method in methods[1:]:
             ratios = [f"{a / r:.3f}" for a, r in zip(by_method[method], by_method["rtn"])]
             lines.append(f"| {proj} | {method} | " + " | ".join(ratios) + " |")
     print("\n".join(lines))

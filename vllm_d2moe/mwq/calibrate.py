@@ -207,25 +207,25 @@ GUARD_MARGIN = 1e-4
 
 
 class _Objective:
-    """Per-row output errors ``r H r^T`` of residuals ``[batch, rows, groups, G]`` (float32
-    products, float64 sums; ``H`` normalised to a unit mean diagonal, which scales every
-    error of a matrix alike)."""
+    """Per-row output errors ``r H r^T`` of residuals (float32 products, float64 sums; ``H``
+    normalised to a unit mean diagonal, which scales every error of a matrix alike)."""
 
     def __init__(self, hessian: torch.Tensor):
         h = hessian.double()
         self.hessian = (h / h.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]).float()
 
-    def rows(self, residual: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
-        """float64 ``[batch, rows]``; with a mask ``only`` just those rows (0 elsewhere)."""
+    def rows(self, residual: torch.Tensor) -> torch.Tensor:
+        """float64 ``[batch, rows]`` of residuals ``[batch, rows, groups, G]``."""
         r = residual.flatten(-2)
-        if only is None:
-            return (torch.bmm(r.float(), self.hessian).double() * r).sum(-1)
-        errors = torch.zeros(only.shape, dtype=torch.float64)
-        for e in range(len(r)):
-            picked = only[e].nonzero().flatten()
-            if len(picked):
-                rows = r[e, picked]
-                errors[e, picked] = ((rows.float() @ self.hessian[e]).double() * rows).sum(-1)
+        return (torch.bmm(r.float(), self.hessian).double() * r).sum(-1)
+
+    def picked(self, residual: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """float64 ``[n]`` of rows ``[n, groups, G]`` of the matrices ``matrix [n]``."""
+        r = residual.flatten(-2)
+        errors = torch.empty(len(r), dtype=torch.float64)
+        for e in matrix.unique().tolist():
+            mine = (matrix == e).nonzero().flatten()
+            errors[mine] = ((r[mine].float() @ self.hessian[e]).double() * r[mine]).sum(-1)
         return errors
 
 
@@ -241,18 +241,38 @@ def _guarded(
     leaves rather than the round-to-nearest fit's (whose errors are ``kept_errors``): a
     lower output error at this width, and at most round-to-nearest MWQ's (``bounds``, this
     width's first) at every wider width when continued from it by round-to-nearest planes
-    ``next_plane, ...``. Also the errors of that continuation, this width's first (valid
-    in the rows taken)."""
+    ``next_plane, ...``. Also the errors of that continuation by width, this width's first
+    (valid in the rows taken)."""
     below = 1 - GUARD_MARGIN
     errors = [objective.rows(candidate)]
     take = (errors[0] <= below * kept_errors) & (errors[0] <= below * bounds[0])
-    residual = candidate
-    for plane, bound in enumerate(bounds[1:], next_plane):
-        if not take.any():
+    if len(bounds) == 1 or not take.any():
+        return take, errors
+    index = take.nonzero(as_tuple=True)  # the rows still in, compacted: (matrix, row)
+    later = torch.stack([b[index] for b in bounds[1:]])
+    planes = range(next_plane, next_plane + len(later))
+    scales = base_scale[index]
+
+    # The widest width first, for every row: where a calibrated fit loses most often.
+    residual = candidate[index]
+    for plane in planes:
+        residual = residual - nearest_plane(residual, scales, plane)[2]
+    continued = torch.zeros_like(later)
+    continued[-1] = objective.picked(residual, index[0])
+    kept = continued[-1] <= below * later[-1]
+    # Then the widths between, for the rows still in.
+    rows = kept.nonzero().flatten()
+    residual = candidate[index][rows]
+    for k, plane in enumerate(planes[:-1]):
+        if not len(rows):
             break
-        residual = residual - nearest_plane(residual, base_scale, plane)[2]
-        errors.append(objective.rows(residual, only=take))
-        take &= errors[-1] <= below * bound
+        residual = residual - nearest_plane(residual, scales[rows], plane)[2]
+        continued[k, rows] = objective.picked(residual, index[0][rows])
+        ok = continued[k, rows] <= below * later[k, rows]
+        kept[rows[~ok]] = False
+        rows, residual = rows[ok], residual[ok]
+    take[index] = kept
+    errors += [torch.zeros_like(errors[0]).index_put_(index, c) for c in continued]
     return take, errors
 
 

@@ -216,16 +216,16 @@ class _Objective:
 
     def rows(self, residual: torch.Tensor) -> torch.Tensor:
         """float64 ``[batch, rows]`` of residuals ``[batch, rows, groups, G]``."""
-        r = residual.flatten(-2)
-        return (torch.bmm(r.float(), self.hessian).double() * r).sum(-1)
+        r = residual.flatten(-2).float()
+        return (torch.bmm(r, self.hessian) * r).sum(-1, dtype=torch.float64)
 
     def picked(self, residual: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """float64 ``[n]`` of rows ``[n, groups, G]`` of the matrices ``matrix [n]``."""
-        r = residual.flatten(-2)
+        r = residual.flatten(-2).float()
         errors = torch.empty(len(r), dtype=torch.float64)
         for e in matrix.unique().tolist():
             mine = (matrix == e).nonzero().flatten()
-            errors[mine] = ((r[mine].float() @ self.hessian[e]).double() * r[mine]).sum(-1)
+            errors[mine] = ((r[mine] @ self.hessian[e]) * r[mine]).sum(-1, dtype=torch.float64)
         return errors
 
 

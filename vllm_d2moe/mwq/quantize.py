@@ -195,7 +195,8 @@ def nearest_plane(
     ``[..., groups]`` and the float64 values it adds."""
     positive = residual >= 0
     codes, alpha = encode_plane_scales(residual.abs().mean(-1), scale, plane)
-    return positive, codes, alpha.unsqueeze(-1) * (positive.double() * 2 - 1)
+    alpha = alpha.unsqueeze(-1)
+    return positive, codes, torch.where(positive, alpha, -alpha)
 
 
 def quantize(weight: torch.Tensor, spec: MWQSpec, name: str = "weight") -> MWQTensor:

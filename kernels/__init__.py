@@ -24,7 +24,8 @@ bound (a layer makes it once, so a call hands over only its own tensors).
 reason when the backend cannot run.
 
 Backends: ``reference`` (pure torch, the ground truth of the tests),
-``cpu_bitplanes`` (x86-64 C++, an AVX2 or AVX-512 build chosen by the CPU, built at first use), ``triton_mwq`` (CUDA).
+``cpu_bitplanes`` (x86-64 C++, an AVX2 or AVX-512 build chosen by the CPU, built at first use), ``triton_mwq`` (CUDA),
+and ``cpu_int8`` (int8 activations and integer dot products, AVX2; only when named by ``D2MOE_KERNEL``).
 
 Not a backend: ``cpu_width_select``, the per-pair width decision on CPU as
 one C++ call (used by :mod:`vllm_d2moe.width_selection`).

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from vllm_d2moe import kernels
 from vllm_d2moe.experts import ExpertSegments, LayerExperts
-from vllm_d2moe.kernels import cpu_bitplanes
-from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor, dequantize, quantize
+from vllm_d2moe.kernels import cpu_bitplanes, cpu_int8
+from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, MWQTensor, dequantize, quantize
 from vllm_d2moe.mwq.stacked import StackedProjection
 
 BACKENDS = ["reference", "cpu_bitplanes", "cpu_bitplanes:avx2", "cpu_bitplanes:avx512-simde", "triton_mwq"]
@@ -320,3 +320,111 @@ def test_triton_backend_interpreted():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+# --- cpu_int8: int8 activations, integer dot products (kernels/cpu_int8.py) ---------------------------
+#
+# Not one of BACKENDS: its result is the product of the weights with int8-rounded activations, so
+# it is held to two references. (1) One projection against the float64 product of the same int8
+# activations (reproduced by int8_activations below): only float32 accumulation differs, tolerance
+# 1e-5 of the output scale. (2) The whole MLP against the float64 MLP of the float inputs: each
+# input is off by at most half a step (max|x| / 254 of its group): 0.5-0.6% RMS for normal inputs
+# (groups of 32-128), more for the heavy-tailed SiLU products that enter the down projection. In
+# a torch simulation of these shapes (int8_activations at both stages, 40 tokens) the MLP's error
+# was 1.1-1.6% RMS of the output and at most 1.5% of its largest magnitude: tolerance 3e-2 of
+# the output scale (and rtol 3e-2).
+
+needs_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the int8 backend needs AVX2"
+)
+INT8_ROUNDING_TOLERANCE = 3e-2
+
+
+def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The int8 backend's inputs, float64: per row and group ``t = max|x| / 127`` and ``c = round(x * (127 /
+    max|x|))`` in float32, ties to even, as the kernel rounds; returns ``c * t``."""
+    g = x.float().reshape(x.shape[0], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))
+    codes = torch.round(g * inverse)
+    return (codes.double() * amax.div(torch.full_like(amax, 127)).double()).reshape(x.shape)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "spec,rows,cols",
+    [
+        (MWQSpec(2, 8, 32), 37, 96),
+        (MWQSpec(1, 8, 64), 5, 192),
+        (MWQSpec(5, 8, 128), 67, 256),
+        (MWQSpec(7, 8, 32), 3, 64),
+    ],
+)
+@pytest.mark.parametrize("tokens", [1, 6, 21])
+def test_int8_linear_is_the_float64_product_of_its_int8_activations(spec, rows, cols, tokens):
+    """Every width of one projection; odd row counts, an odd number of groups, 1 to 7 base planes, one token
+    and more than a register block (4) and a decode batch (16); outputs pre-filled with NaN."""
+    stacked = cpu_int8.prepare(random_stacked(spec, 2, rows, cols, "cpu"))
+    x = torch.randn(tokens, cols)
+    x[:, 5] *= 20  # an outlier channel, as hidden states have: its group's step grows
+    for bits in spec.widths:
+        out = torch.full((tokens, rows), float("nan"))
+        cpu_int8.linear(x, stacked, 1, bits, out)
+        want = int8_activations(x, spec.group_size) @ dequantize(stacked.expert(1, bits)).double().T
+        assert_close(out, want, 1e-5)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "spec,hidden,inter",
+    [(MWQSpec(2, 8, 32), 96, 64), (MWQSpec(2, 8, 128), 256, 128)],
+)
+def test_int8_grouped_mlp_is_the_float_mlp_within_int8_rounding(spec, hidden, inter):
+    """Every width 2..8 in one call: ragged and empty segments, 1 to 17 tokens, row blocks cut short."""
+    gate_up, down = (cpu_int8.prepare(p) for p in random_layer(spec, 3, hidden, inter, "cpu"))
+    plan = [(0, 2, 1), (1, 8, 3), (2, 4, 17), (0, 5, 0), (1, 3, 4), (2, 6, 1), (0, 7, 9)]
+    starts = [0]
+    for _, _, tokens in plan:
+        starts.append(starts[-1] + tokens)
+    segments = ExpertSegments(tuple(e for e, _, _ in plan), tuple(b for _, b, _ in plan), tuple(starts))
+    x = torch.randn(starts[-1], hidden, dtype=torch.bfloat16)
+    out = torch.full((starts[-1], hidden), float("nan"))
+    cpu_int8.grouped_mlp(x, gate_up, down, segments, out)
+    want = torch.cat(
+        [
+            float64_mlp(x[a:b], gate_up.expert(e, bits), down.expert(e, bits))
+            for (e, bits, _), a, b in zip(plan, starts, starts[1:])
+        ]
+    )
+    assert_close(out, want, INT8_ROUNDING_TOLERANCE)
+
+
+@needs_avx2
+def test_int8_backend_chosen_by_option_serves_layer_experts(monkeypatch):
+    """D2MOE_KERNEL=cpu_int8 selects it; LayerExperts.forward with it: routing weights, other ranks' experts
+    (-1), a width per pair."""
+    monkeypatch.setenv(kernels.BACKEND_ENV, "cpu_int8")
+    module = kernels.select_backend.__wrapped__("cpu")
+    assert module.NAME == "cpu-int8"
+    spec, tokens, top_k = MWQSpec(2, 6, 32), 11, 3
+    gate_up, down = random_layer(spec, 4, 64, 32, "cpu")
+    layer = LayerExperts(gate_up, down, spec.max_bits, module)
+    x = torch.randn(tokens, 64)
+    ids = torch.randint(-1, 4, (tokens, top_k))
+    widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), dtype=torch.int8)
+    weights = torch.rand(tokens, top_k)
+    got = layer.forward(x, weights, ids, widths)
+    want = torch.zeros(tokens, 64, dtype=torch.float64)
+    for t in range(tokens):
+        for k in range(top_k):
+            e, bits = int(ids[t, k]), int(widths[t, k])
+            if e >= 0:
+                expert = float64_mlp(x[t : t + 1], gate_up.expert(e, bits), down.expert(e, bits))[0]
+                want[t] += float(weights[t, k]) * expert
+    assert_close(got, want, INT8_ROUNDING_TOLERANCE)
+
+
+@needs_avx2
+def test_int8_backend_refuses_group_sizes_it_cannot_run_by_name():
+    with pytest.raises(MWQError, match="D2MOE_KERNEL=cpu_int8: group size 16 is not a multiple of 32"):
+        cpu_int8.prepare(random_stacked(MWQSpec(2, 4, 16), 1, 4, 32, "cpu"))

@@ -1,0 +1,105 @@
+"""MWQ expert MLP with int8 activations and integer dot products, llama.cpp's way (AVX2; C++ in ``cpu_int8.cpp``).
+
+Not chosen by itself: ``D2MOE_KERNEL=cpu_int8`` selects it (tests, benchmarks, ``d2moe eval``).
+Each projection's inputs are quantized per token and per weight group to int8
+(``t = max|x| / 127``, ``c = round(x / t)``; llama.cpp's q8 activations use blocks of 32
+or 256), then every product of a group is an exact integer dot product of the
+stored planes with the codes: the base codes ``q`` (rebuilt from the base
+planes) and each residual sign plane's 0/1 bits times ``c``, 32 bytes at a time
+with ``vpmaddubsw``, each plane weighted by its integer coefficient (the format's
+plane scales are ``s * k * 2**-(j + 7)`` with integer ``k``, ``plane_scales.py``)
+with ``vpmaddwd``; one float FMA per group and token (``cpu_int8.cpp``). The
+weights are not requantized: the only rounding is the activations', at most half
+a step (``max|x| / 254`` of its group) per input.
+
+What bounds it, against ``cpu_bitplanes``: a plane's 32 bytes cost two
+instructions to rebuild (shift, AND) and every token then pays one multiply-add
+per plane per 32 weights, where the float kernel rebuilds 8 float weights from
+two planes with a lookup and pays one FMA per 8 weights whatever the width. So
+it does least work at one token and narrow widths, and its per-token cost grows
+with the width. Measured side by side, and its accuracy cost on the reference
+model: ``benchmarks/results/kernels_int8.md``.
+
+Reads the layer's stacked planes as they are (no resident layout of its own);
+needs group sizes that are multiples of 32 (up to 1024) and at most 7 base planes.
+"""
+
+import functools
+import logging
+
+import torch
+import torch.utils.cpp_extension
+
+from vllm_d2moe.kernels import cpu_bitplanes, require_avx2
+from vllm_d2moe.mwq.plane_scales import decode_table
+from vllm_d2moe.mwq.quantize import MWQError
+from vllm_d2moe.mwq.stacked import StackedProjection
+
+logger = logging.getLogger(__name__)
+
+NAME = "cpu-int8"
+
+_SOURCE = __file__.removesuffix(".py") + ".cpp"
+COLUMNS = 32  # columns per vector: one 32-bit word of a plane
+MAX_GROUP_SIZE = 1024
+MAX_BASE_PLANES = 7
+
+
+@functools.cache
+def load() -> None:
+    """Compile the AVX2 build (cached under torch's extensions dir, ``TORCH_EXTENSIONS_DIR``) and register
+    its ops as ``torch.ops.d2moe_cpu_int8``; raises with the reason when this CPU cannot run it."""
+    require_avx2()
+    torch.utils.cpp_extension.load(
+        name="d2moe_cpu_int8",
+        sources=[_SOURCE],
+        extra_cflags=cpu_bitplanes.ISAS["avx2"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    logger.info("d2moe: cpu_int8 runs its avx2 build (int8 activations, integer dot products)")
+
+
+def prepare(projection: StackedProjection) -> StackedProjection:
+    """The stacked projection itself (this backend reads the planes as stored), after checking it can run it."""
+    load()
+    if projection.group_size % COLUMNS or projection.group_size > MAX_GROUP_SIZE:
+        raise MWQError(
+            f"D2MOE_KERNEL=cpu_int8: group size {projection.group_size} is not a multiple of {COLUMNS} "
+            f"up to {MAX_GROUP_SIZE}; use the default kernel for this checkpoint"
+        )
+    if projection.min_bits > MAX_BASE_PLANES:
+        raise MWQError(
+            f"D2MOE_KERNEL=cpu_int8: min_bits {projection.min_bits} is above {MAX_BASE_PLANES} (base codes must "
+            f"fit vpmaddubsw's unsigned bytes twice in int16); use the default kernel for this checkpoint"
+        )
+    return projection
+
+
+@functools.cache
+def _scale_table(planes: int) -> torch.Tensor:
+    return decode_table(planes)
+
+
+def _tensors(p: StackedProjection) -> list[torch.Tensor]:
+    return [p.base_bits, p.base_scale, p.base_zero, p.plane_bits, p.plane_scale, _scale_table(p.plane_bits.shape[1])]
+
+
+def linear(x: torch.Tensor, projection: StackedProjection, expert: int, bits: int, out: torch.Tensor) -> None:
+    """``out = x @ W.T`` (contiguous float32 ``[tokens, rows]``) of expert ``expert``'s projection at width
+    ``bits``, ``x`` taken as int8 activations: one projection of :func:`grouped_mlp`."""
+    load()
+    torch.ops.d2moe_cpu_int8.linear(
+        x.float().contiguous(), _tensors(projection), projection.group_size, expert, bits, out
+    )
+
+
+def grouped_mlp(x, gate_up: StackedProjection, down: StackedProjection, segments, out) -> None:
+    """See ``kernels/__init__.py``; ``out`` must be contiguous float32."""
+    load()
+    table = torch.tensor(
+        [segments.experts, segments.bits, segments.starts[:-1], segments.starts[1:]], dtype=torch.int64
+    ).T.contiguous()
+    torch.ops.d2moe_cpu_int8.moe_segments(
+        x.float().contiguous(), table, _tensors(gate_up), _tensors(down), gate_up.group_size, out
+    )

@@ -70,7 +70,7 @@ def checkpoints(work: Path, tokens: int, non_nested: bool) -> dict:
     return {"dirs": made, "seconds": seconds, "uncalibrated": source["uncalibrated_experts"]}
 
 
-def llama_results(work: Path, scores_dir: Path) -> dict:
+def llama_results(work: Path, scores_dir: Path, widths: list[int]) -> dict:
     from vllm_d2moe.eval.scoring import REFERENCE_FILE
 
     import peers
@@ -80,10 +80,11 @@ def llama_results(work: Path, scores_dir: Path) -> dict:
         return {}
     cache = Path.home() / ".cache" / "vllm_d2moe" / "scale"  # the converter vendored from the sdist
     converter = peers.vendored_converter(version, cache)
-    peers.LLAMA_QUANTS = ("f16", *LLAMA.values())
+    quants = [LLAMA[b] for b in widths]
+    peers.LLAMA_QUANTS = ("f16", *quants)
     files = peers.gguf_files(MODEL, converter, work)
     out = {}
-    for quant in LLAMA.values():
+    for quant in quants:
         result = peers.llama_quality({"model": str(files[quant]), "windows": str(scores_dir / "windows.npy"),
                                       "reference": str(scores_dir / REFERENCE_FILE), "threads": 2})
         result["bits_per_weight"] = peers.gguf_expert_stats(files[quant], converter)["expert_bits_per_weight"]
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/d2moe-calibrated"))
     parser.add_argument("--skip-non-nested", action="store_true",
                         help="leave out the non-nested calibrated checkpoints (a calibration each)")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), choices=WIDTHS,
+                        help="widths scored; rows of other widths are kept from an earlier run's "
+                        "accuracy.json of the same tokens")
     parser.add_argument("--llama", action="store_true",
                         help="measure llama.cpp's k-quants (peers extra) instead of quoting peers.md")
     args = parser.parse_args()
@@ -119,7 +123,7 @@ def main() -> None:
                        hf_overrides={"quantization_config": {"quant_method": QUANT_METHOD, "bits": bits}})
 
     variants = [Variant(REFERENCE, REFERENCE, None, str(MODEL), 16.0)]
-    for b in WIDTHS:
+    for b in args.widths:
         variants += [variant(f"mwq-{b}", dirs["mwq"], b), variant(f"mwq-cal-{b}", dirs["mwq-cal"], b),
                      variant(f"mwq-cal-g{GUARDED_UP_TO}-{b}", dirs[f"mwq-cal-g{GUARDED_UP_TO}"], b)]
         if f"gptq-{b}" in dirs:
@@ -133,9 +137,15 @@ def main() -> None:
     report = {"command": " ".join(sys.argv), "model": str(MODEL), "tokens": int(windows.shape[0] * 256),
               "calibration_tokens": args.calibration_tokens, "convert_seconds": made["seconds"],
               "uncalibrated_experts": made["uncalibrated"], "vllm": rows, "llama.cpp": PEERS_MD}
+    earlier = json.loads((HERE / "accuracy.json").read_text()) if (HERE / "accuracy.json").is_file() else {}
+    same = all(earlier.get(k) == report[k] for k in ("tokens", "calibration_tokens"))
+    if same:  # the other widths' rows (each run scores the same unquantized reference anew)
+        report["vllm"] = {**earlier["vllm"], **rows}
+        report["command"] = f"{earlier['command']}; {report['command']}"
     write(report)  # before llama.cpp, which a stopped run may not reach
     if args.llama:
-        report["llama.cpp"] = llama_results(args.work, scores_dir)
+        measured = {k: v for k, v in earlier.get("llama.cpp", {}).items() if same and "from" not in v}
+        report["llama.cpp"] = {**PEERS_MD, **measured, **llama_results(args.work, scores_dir, args.widths)}
         write(report)
 
 

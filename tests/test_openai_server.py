@@ -9,13 +9,8 @@ requests read the damage and fail (HTTP 500 naming the expert) and which are ser
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -28,45 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.offload.pool import expert_nbytes
 from vllm_d2moe.testing.damage import corrupt_section
+from vllm_d2moe.testing.served import ServerError, running_server, serve_process
 
-from conftest import ENGINE_ENV, PROMPTS, routed_budget
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(args: list[str], log_path) -> subprocess.Popen:
-    """The server in a process group of its own, which :func:`_stop` ends whole."""
-    # vLLM's default layout, whatever the caller's environment; serve.py makes its own metrics dir.
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vllm_d2moe.cli", "serve", *args],
-        env={**env, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
-        stdout=open(log_path, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and its engine processes: a server stopped while its engine core was still
-    starting leaves that engine running otherwise."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-# A start that compiles the CPU kernels on a busy machine takes minutes.
-START_TIMEOUT_S = 600
+from conftest import PROMPTS, routed_budget
 
 
 class Server:
@@ -76,32 +35,14 @@ class Server:
 
 @contextlib.contextmanager
 def _running_server(model: str, quantization_config: dict, tmp: Path):
-    """``d2moe serve`` of ``model`` on a free port, once ``/health`` answers; stopped on exit."""
-    port = _free_port()
-    overrides = json.dumps({"quantization_config": {"quant_method": "d2moe", **quantization_config}})
-    log = tmp / "server.log"
-    proc = _serve(
-        [model, "--quantization", "d2moe", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
-         "--enforce-eager", "--hf-overrides", overrides],
-        log,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
+    """``d2moe serve`` of ``model`` on a free port (float32, eager), once ``/health`` answers;
+    a failed start fails the test with the log's tail."""
+    args = ("--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--enforce-eager")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield base
-    finally:
-        _stop(proc)
+        with running_server(model, quantization_config, tmp / "server.log", args) as (_, base):
+            yield base
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +100,7 @@ def test_chat_completion(server):
 
 def test_invalid_width_option_stops_the_server(model_zoo, tmp_path):
     overrides = json.dumps({"quantization_config": {"quant_method": "d2moe", "bits": 9}})
-    proc = _serve([str(model_zoo["mixtral"]["d2moe"]), "--hf-overrides", overrides], tmp_path / "log")
+    proc = serve_process([str(model_zoo["mixtral"]["d2moe"]), "--hf-overrides", overrides], tmp_path / "log")
     assert proc.wait(timeout=300) != 0
     assert "d2moe option 'bits' must be an integer in [1, 8], got 9" in (tmp_path / "log").read_text()
 

@@ -1,5 +1,5 @@
 # The two set-up commands of the README.
-.PHONY: demo test install install-test lint wheel-check
+.PHONY: demo test test-extended install install-test lint wheel-check
 
 install:
 	bash scripts/install.sh
@@ -20,5 +20,10 @@ wheel-check:
 # What CI runs (.ci/run). pytest exits 5 when it collects no test: a failure here too.
 # Two pytest-xdist workers: most of the suite's time is engines starting (one core each);
 # tests/conftest.py keeps the tests that share an engine fixture in one worker.
+PYTEST = python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=20
 test: install-test lint wheel-check
-	python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=20
+	$(PYTEST)
+
+# The long end-to-end tests the default suite leaves out (marker `extended`); CI runs them after `test`.
+test-extended: install-test
+	$(PYTEST) -m extended

@@ -46,6 +46,7 @@ def served(routed_mixtral, tmp_path_factory) -> dict:
     return {**results, "log": log}
 
 
+@pytest.mark.extended
 def test_failed_read_on_first_stage_fails_its_requests_and_serves_the_others(served):
     intact, damaged = served["intact"], served["two-stages-damaged"]
     assert "error" not in intact and "error" not in damaged, damaged.get("error")

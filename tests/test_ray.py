@@ -87,6 +87,7 @@ def assert_same_tokens(results: dict[int, dict], reference: list[dict]) -> None:
         assert results[index]["text"] == expected["text"]
 
 
+@pytest.mark.extended
 class TestReplicaPool:
     """Both tests share one pool (two engines); it is shut down before the command tests start theirs."""
 
@@ -212,6 +213,7 @@ def test_a_raising_generate_is_retried_once_elsewhere_and_recorded(monkeypatch, 
     assert pool.task_failures == len(outcome["failed_on"]) and pool.failures == {}
 
 
+@pytest.mark.extended
 def test_ray_batch_command_with_a_replica_that_fails_to_start(model, single_process, tmp_path):
     """Per-replica budgets: replica 0 holds 2 of the 16 experts (120 KiB each at 8 bits) and
     streams the rest, with unchanged outputs; replica 1's budget is below one expert, so its
@@ -272,6 +274,7 @@ def _servers_of(model: str) -> set[str]:
     return set(found.stdout.split())
 
 
+@pytest.mark.extended
 def test_ray_serve_front_balances_two_replicas(model, single_process, tmp_path):
     # Servers of the same model started by other tests (tests/test_openai_server.py's is
     # session-scoped) are not this command's replicas.

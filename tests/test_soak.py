@@ -105,6 +105,7 @@ def test_tree_memory_counts_each_process_and_growth_is_a_slope():
     assert rss_growth([{"t_s": t, "anon": 5e8} for t in range(5)], "anon")["growth_pct_per_hour"] == 0
 
 
+@pytest.mark.extended
 def test_mini_soak_with_a_corrupt_blob(embedded_d2moe, tmp_path, report):
     """32 clients for 60 s at a budget of a third of the 8-bit experts (streaming); half-way, one
     byte of one expert's widest plane is flipped on the served copy: requests that need it fail

@@ -117,7 +117,8 @@ def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
 
 @pytest.mark.parametrize(
     "expert_parallel, budget",
-    [(False, None), (True, None), (False, "100KiB"), (True, "300KiB")],
+    [pytest.param(False, None, marks=pytest.mark.extended), pytest.param(True, None, marks=pytest.mark.extended),
+     (False, "100KiB"), (True, "300KiB")],
     ids=["tp2", "tp2-ep", "tp2-budget", "tp2-ep-budget"],
 )
 def test_two_ranks_match_single_process(model_zoo, engine_results, report, tmp_path, expert_parallel, budget):

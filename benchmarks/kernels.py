@@ -8,6 +8,7 @@ per call, for every token count of ``--tokens``, timed for
 
 * the fused CPU backend at every width, once per build this CPU runs
   (``cpu_bitplanes``: AVX2, and AVX-512 where torch reports it; ``--isas``),
+* with ``--int8``, the int8-activation backend (``cpu_int8``: integer dot products, AVX2) at every width,
 * the pure-torch reference (dequantizes on every call; 1 token, small shapes only),
 * bf16 ``torch.matmul`` (``F.linear``), torch's int8 weight-only kernel
   (``_weight_int8pack_mm``, per-channel) and int4 weight-only kernel
@@ -183,14 +184,20 @@ def baseline_methods(hidden: int, inter: int, pool_mb: float) -> list[Method]:
     return methods
 
 
-def mwq_methods(hidden: int, inter: int, pool_mb: float, isas: list[str], with_reference: bool) -> list[Method]:
-    """Every width of the fused backend's ``isas`` builds (one resident layout, shared), and the reference."""
+def mwq_methods(
+    hidden: int, inter: int, pool_mb: float, isas: list[str], with_reference: bool, with_int8: bool
+) -> list[Method]:
+    """Every width of the fused backend's ``isas`` builds (one resident layout, shared), of the int8-activation
+    backend, and the reference."""
     probe_gu, probe_d = random_stacked(2 * inter, hidden, 1), random_stacked(hidden, inter, 1)
     n = pool_size(mwq_bytes(probe_gu, MIN_BITS) + mwq_bytes(probe_d, MIN_BITS), pool_mb)
     gate_up, down = random_stacked(2 * inter, hidden, n), random_stacked(hidden, inter, n)
     outs: dict[int, torch.Tensor] = {}  # tokens -> output buffer, made once
     fused = load_backend("cpu_bitplanes")
     runners = [(f"MWQ fused CPU {isa}", fused, isa, (fused.prepare(gate_up), fused.prepare(down))) for isa in isas]
+    if with_int8:
+        int8 = load_backend("cpu_int8")
+        runners.append(("MWQ int8-act CPU avx2", int8, None, (int8.prepare(gate_up), int8.prepare(down))))
     del gate_up, down  # the prepared layouts hold what they need
     if with_reference:
         reference = load_backend("reference")
@@ -199,7 +206,7 @@ def mwq_methods(hidden: int, inter: int, pool_mb: float, isas: list[str], with_r
     methods = []
     for label, backend, isa, resident in runners:
         for bits in range(MIN_BITS, MAX_BITS + 1):
-            if isa is None and bits not in REFERENCE_WIDTHS:
+            if backend.NAME == "torch-reference" and bits not in REFERENCE_WIDTHS:
                 continue
 
             def run(x, e, bits=bits, backend=backend, resident=resident, isa=isa):
@@ -242,12 +249,14 @@ def copy_bandwidth_gbps(mb: int = 512) -> float:
     return 2 * src.nbytes / min(times) / 1e9
 
 
-def measure(shape: str, token_counts: list[int], isas: list[str], reps: int, pool_mb: float, clock) -> list[dict]:
+def measure(
+    shape: str, token_counts: list[int], isas: list[str], reps: int, pool_mb: float, clock, with_int8: bool
+) -> list[dict]:
     """Rows of results for one expert shape, every token count, methods interleaved round-robin."""
     hidden, inter = SHAPES[shape]
     big = 3 * hidden * inter > BIG_WEIGHTS
     methods = baseline_methods(hidden, inter, pool_mb) + mwq_methods(
-        hidden, inter, pool_mb, isas, with_reference=1 in token_counts and not big
+        hidden, inter, pool_mb, isas, with_reference=1 in token_counts and not big, with_int8=with_int8
     )
     rows = []
     for tokens in token_counts:
@@ -293,6 +302,7 @@ def main():
     parser.add_argument("--big-tokens", type=int, nargs="+", default=[1, 8], help="token counts of Mixtral's shape")
     own = ["avx2", "avx512"] if cpu_bitplanes.cpu_isa()[0] == "avx512" else ["avx2"]
     parser.add_argument("--isas", nargs="+", choices=cpu_bitplanes.ISAS, default=own, help="builds of cpu_bitplanes")
+    parser.add_argument("--int8", action="store_true", help="also time the int8-activation backend (cpu_int8)")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--pool-mb", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -320,7 +330,7 @@ def main():
         hidden, inter = SHAPES[shape]
         token_counts = args.big_tokens if 3 * hidden * inter > BIG_WEIGHTS else args.tokens
         print(f"\n{shape}: expert hidden {hidden}, intermediate {inter}, group {GROUP}; load {os.getloadavg()[0]:.1f}")
-        shape_rows = measure(shape, token_counts, args.isas, args.reps, args.pool_mb, CLOCKS[args.clock])
+        shape_rows = measure(shape, token_counts, args.isas, args.reps, args.pool_mb, CLOCKS[args.clock], args.int8)
         bf16 = {r["tokens"]: r["ms"] for r in shape_rows if r["method"] == "bf16 matmul"}
         prev = None
         for r in shape_rows:

@@ -199,10 +199,11 @@ Projection view_projection(const std::vector<at::Tensor>& t, int64_t expert, int
   return _mm256_and_si256(shifted, _mm256_set1_epi8(1));
 }
 
-// The base codes q of 32 columns: sum_i 2^i B_i, by Horner's rule over the planes.
-[[gnu::always_inline]] inline __m256i base_bytes(const uint8_t* const* rows, int min_bits, int64_t offset) {
-  __m256i q = plane_bytes(rows[min_bits - 1] + offset);
-  for (int i = min_bits - 2; i >= 0; --i) q = _mm256_add_epi8(_mm256_add_epi8(q, q), plane_bytes(rows[i] + offset));
+// The base codes q of 32 columns: sum_i 2^i B_i over the B base planes, by Horner's rule.
+template <int B>
+[[gnu::always_inline]] inline __m256i base_bytes(const uint8_t* const* rows, int64_t offset) {
+  __m256i q = plane_bytes(rows[B - 1] + offset);
+  for (int i = B - 2; i >= 0; --i) q = _mm256_add_epi8(_mm256_add_epi8(q, q), plane_bytes(rows[i] + offset));
   return q;
 }
 
@@ -215,7 +216,9 @@ template <int TT, typename Bytes>
   for (int64_t start = v0; start < v1; start += flush) {
     __m256i lanes[TT];
     for (int t = 0; t < TT; ++t) lanes[t] = _mm256_setzero_si256();
-    for (int64_t v = start; v < std::min(v1, start + flush); ++v) {
+    const int64_t end = std::min(v1, start + flush);
+#pragma GCC unroll 4
+    for (int64_t v = start; v < end; ++v) {
       const __m256i w = bytes(v);
       for (int t = 0; t < TT; ++t) {
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + kColumns * v));
@@ -234,8 +237,8 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // out[t * rows + r] = sum_c W[r, c] x_t[c] for TT tokens (activation rows first .. first + TT - 1) and
-// rows [r0, r1).
-template <int TT>
+// rows [r0, r1) of a projection with B base planes.
+template <int TT, int B>
 void rows_block(const Projection& p, const Activations& a, int64_t first, float* out, int64_t r0, int64_t r1) {
   const int8_t* x[TT];
   for (int t = 0; t < TT; ++t) x[t] = a.codes.data() + (first + t) * a.cols;
@@ -245,7 +248,7 @@ void rows_block(const Projection& p, const Activations& a, int64_t first, float*
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* base_rows[kMaxBasePlanes];
     const uint8_t* plane_rows[kMaxResidualPlanes];
-    for (int i = 0; i < p.min_bits; ++i) base_rows[i] = p.base_bits[i] + r * p.row_bytes;
+    for (int i = 0; i < B; ++i) base_rows[i] = p.base_bits[i] + r * p.row_bytes;
     for (int j = 0; j < p.residual; ++j) plane_rows[j] = p.plane_bits[j] + r * p.row_bytes;
     __m256 acc[TT];
     float offset_sum[TT];
@@ -259,7 +262,7 @@ void rows_block(const Projection& p, const Activations& a, int64_t first, float*
       float offset = s * half_to_float(p.base_zero[at]);  // s z + sum_j a_j
       __m256i sums[TT];
       for (int t = 0; t < TT; ++t) sums[t] = _mm256_setzero_si256();
-      add_products<TT>([&](int64_t v) { return base_bytes(base_rows, p.min_bits, 4 * v); }, v0, v1, p.base_flush,
+      add_products<TT>([&](int64_t v) { return base_bytes<B>(base_rows, 4 * v); }, v0, v1, p.base_flush,
                        p.base_coef, x, sums);
       for (int j = 0; j < p.residual; ++j) {
         const int code = (p.codes[j][r * p.code_row_bytes + g / 2] >> (4 * (g % 2))) & 15;
@@ -279,16 +282,31 @@ void rows_block(const Projection& p, const Activations& a, int64_t first, float*
   }
 }
 
+// rows_block<TT, B> with the base planes B = p.min_bits as a template argument (its Horner loop unrolled).
+template <int TT>
+void rows_block_any_base(const Projection& p, const Activations& a, int64_t first, float* out, int64_t r0,
+                         int64_t r1) {
+  switch (p.min_bits) {
+    case 1: return rows_block<TT, 1>(p, a, first, out, r0, r1);
+    case 2: return rows_block<TT, 2>(p, a, first, out, r0, r1);
+    case 3: return rows_block<TT, 3>(p, a, first, out, r0, r1);
+    case 4: return rows_block<TT, 4>(p, a, first, out, r0, r1);
+    case 5: return rows_block<TT, 5>(p, a, first, out, r0, r1);
+    case 6: return rows_block<TT, 6>(p, a, first, out, r0, r1);
+    default: return rows_block<TT, 7>(p, a, first, out, r0, r1);  // check_projection: 1 <= min_bits <= 7
+  }
+}
+
 // Tokens [first, first + tokens) of `a` through rows [r0, r1), kTokenBlock at a time; out: row `first`
 // of a [*, rows] matrix.
 void rows_linear(const Projection& p, const Activations& a, int64_t first, int64_t tokens, float* out, int64_t r0,
                  int64_t r1) {
   for (int64_t t = 0; t < tokens; t += kTokenBlock, out += kTokenBlock * p.rows) {
     switch (std::min(kTokenBlock, tokens - t)) {
-      case 1: rows_block<1>(p, a, first + t, out, r0, r1); break;
-      case 2: rows_block<2>(p, a, first + t, out, r0, r1); break;
-      case 3: rows_block<3>(p, a, first + t, out, r0, r1); break;
-      default: rows_block<4>(p, a, first + t, out, r0, r1); break;
+      case 1: rows_block_any_base<1>(p, a, first + t, out, r0, r1); break;
+      case 2: rows_block_any_base<2>(p, a, first + t, out, r0, r1); break;
+      case 3: rows_block_any_base<3>(p, a, first + t, out, r0, r1); break;
+      default: rows_block_any_base<4>(p, a, first + t, out, r0, r1); break;
     }
   }
 }

@@ -7,7 +7,7 @@ Every expert's ``H = X^T X`` is collected from the reference corpus's train spli
 ``d2moe convert --calibrate`` collects it (``converters/calibration.py``); the errors
 ``tr((W - Q) H (W - Q)^T)`` are on those same inputs (in-sample), summed over the
 experts a calibration token reached, per projection. Writes ``output_error.json``
-beside this file and prints the table (``output_error.md`` quotes it).
+beside this file and prints the table after every layer (``output_error.md`` quotes it).
 """
 
 import argparse
@@ -27,6 +27,8 @@ GROUP = 128
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--experts", type=int, default=None, help="experts 0..N-1 of each layer (those reached)")
+    parser.add_argument("--non-nested-widths", type=int, nargs="*", default=list(WIDTHS))
     args = parser.parse_args()
 
     from vllm_d2moe.converters.calibration import ExpertInputs, calibration_tokens
@@ -39,14 +41,14 @@ def main() -> None:
     tokens = calibration_tokens(MODEL, plan.config["vocab_size"], args.calibration_tokens)
     inputs = ExpertInputs(plan, source, tokens.tokens)
     nested = MWQSpec(WIDTHS[0], WIDTHS[-1], GROUP)
-    guards = {"calibrated": None, "calibrated, guarded to 4": 4, "calibrated, guarded to 2": 2}
+    guards = {"calibrated": None, "calibrated, guarded to 4": 4}
     methods = ("rtn", *guards, "non-nested")
     errors = {proj: {m: [0.0] * len(WIDTHS) for m in methods} for proj in ("gate_up", "down")}
     seconds = {m: 0.0 for m in methods[1:]}
     for layer, experts in plan.experts.layers.items():
         statistics = inputs.layer(layer)
         for e, expert in enumerate(experts):
-            if statistics.tokens[e] == 0:
+            if statistics.tokens[e] == 0 or args.experts is not None and e >= args.experts:
                 continue
             weights = {"gate_up": torch.cat([source.matrix(p) for p in expert.gate_up]),
                        "down": source.matrix(expert.down)}
@@ -58,25 +60,33 @@ def main() -> None:
                     (fitted[method],) = calibrated_quantize(weight, hessian, nested, guarded_up_to=guard)
                     seconds[method] += time.perf_counter() - start
                 for i, b in enumerate(WIDTHS):
-                    start = time.perf_counter()
-                    (alone,) = calibrated_quantize(weight, hessian, MWQSpec(b, b, GROUP))
-                    seconds["non-nested"] += time.perf_counter() - start
+                    if b in args.non_nested_widths:
+                        start = time.perf_counter()
+                        (fitted["non-nested"],) = calibrated_quantize(weight, hessian, MWQSpec(b, b, GROUP))
+                        seconds["non-nested"] += time.perf_counter() - start
                     for method in methods:
-                        tensor = alone if method == "non-nested" else fitted[method].truncate(b)
+                        if method == "non-nested" and b not in args.non_nested_widths:
+                            errors[proj][method][i] = float("nan")
+                            continue
+                        tensor = fitted[method] if method == "non-nested" else fitted[method].truncate(b)
                         errors[proj][method][i] += output_error(weight, dequantize(tensor), hessian)
-        print(f"layer {layer} done", flush=True)
+        report = {"command": " ".join(sys.argv), "calibration_tokens": int(tokens.tokens.numel()),
+                  "experts_per_layer": args.experts, "layers_done": layer + 1, "widths": WIDTHS,
+                  "errors": errors, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+        (HERE / "output_error.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"after layer {layer}:\n{table(errors, methods)}", flush=True)
     source.close()
-    report = {"command": " ".join(sys.argv), "calibration_tokens": int(tokens.tokens.numel()),
-              "widths": WIDTHS, "errors": errors, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    (HERE / "output_error.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"seconds (one thread of 2 shared cores): {report['seconds']}")
+
+
+def table(errors: dict, methods: tuple) -> str:
     lines = ["| projection | quantizer / round-to-nearest MWQ | " + " | ".join(map(str, WIDTHS)) + " |",
              "|---|---|" + "---:|" * len(WIDTHS)]
     for proj, by_method in errors.items():
         for method in methods[1:]:
             ratios = [f"{a / r:.3f}" for a, r in zip(by_method[method], by_method["rtn"])]
             lines.append(f"| {proj} | {method} | " + " | ".join(ratios) + " |")
-    print("\n".join(lines))
-    print(f"seconds (one thread of 2 shared cores): {report['seconds']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

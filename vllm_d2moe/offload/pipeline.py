@@ -24,15 +24,16 @@ of what the next MoE layers will need (``vllm_glue`` runs the predictor of
 ``vllm_d2moe.prefetch`` on the layer's input). Their reads go to the same I/O
 threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
 any demand read starts before any queued prefetch), nearest layer first, then
-hottest expert and lowest width first. A prefetch takes the slot a demand read
-would (free, else the least frequent expert) but never one that the call still
-needs or that holds a forecast or prefetched expert, and only while slots are
-left beyond the call's unfinished experts and the resident forecast ones: the
-slots an expert frees once the call has computed it count from then on. A
-forecast that finds no slot waits for the call's next finished expert, so that
-under a pool smaller than two layers' working sets the next layer's reads
-stream into the slots this layer frees while it still computes (what a demand
-read at the next layer would evict anyway, read earlier). Demand reads evict
+hottest expert and lowest width first. A prefetch takes a slot that a demand
+read at the next layer would take anyway: a free one, or one of an expert among
+the as many least frequent as the forecast needs slots (counting the call's own
+experts, once done with), never one that the call still needs or that holds a
+forecast or prefetched expert; and only while slots are left beyond the call's
+unfinished experts and the resident forecast ones: an expert's slot counts from
+the moment the call has computed it. A forecast that finds no slot waits for the
+call's next finished expert, so that under a pool smaller than two layers'
+working sets the next layer's reads stream into the slots this layer frees while
+it still computes, and the hot experts the pool keeps stay. Demand reads evict
 forecast experts last. A prefetched slot is evictable once written; a demand that finds
 every slot pinned cancels queued prefetches for their slots; a layer call adopts
 a prefetch of an expert it needs that is still reading, and cancels queued ones
@@ -278,7 +279,8 @@ class LoadPipeline:
     def _queue_prefetches(self) -> None:
         """Queue reads of the call's forecasts that the pool does not serve, in one global order
         (nearest layer, hottest expert, lowest width first), into free slots or those of the least
-        frequent experts that nothing in use, forecast or prefetched holds, while the slots the call's
+        frequent experts (no more frequent than the ones a demand read would evict for the forecast
+        ones) that nothing in use, forecast or prefetched holds, while the slots the call's
         unfinished experts and the resident forecast and prefetched ones need leave room (a call
         streaming through the pool needs its slots). Those left wait for the call's next finished
         expert."""
@@ -286,8 +288,15 @@ class LoadPipeline:
             return
         min_bits = self.pool.min_bits
         in_use = self._protect - self._done
-        keep = in_use | self._forecast_keys | self._unused.keys() | self._prefetches.keys()
-        room = self.pool.num_slots - len(in_use) - sum(k in self.pool.slot_of for k in keep - in_use)
+        held = self._forecast_keys | self._unused.keys() | self._prefetches.keys()
+        keep = in_use | held
+        room = self.pool.num_slots - len(in_use) - sum(k in self.pool.slot_of for k in held - in_use)
+        # What the next calls' demand reads would evict for the forecast experts: as many of the least
+        # frequent experts nothing forecasts or holds prefetched (this call's own included, evictable
+        # once done) as those need slots.
+        slots_needed = sum((later, e) not in self.pool.slot_of for _, _, _, e, later, _ in self._wanted)
+        evictable = sorted(self.pool.frequency(k) for k in (self.pool.slot_of.keys() | self._protect) - held)
+        at_most = evictable[min(slots_needed, len(evictable)) - 1] if evictable and slots_needed else 0.0
         waiting = []
         for entry in self._wanted:
             depth, _, width, expert, later, rank = entry
@@ -300,7 +309,7 @@ class LoadPipeline:
                     continue
                 load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
             else:
-                if room <= 0 or self.pool.acquire(key, keep, evict_keep=False) is None:
+                if room <= 0 or self.pool.acquire(key, keep, evict_keep=False, at_most=at_most) is None:
                     waiting.append(entry)
                     continue
                 room -= 1  # its slot was not counted: it was free or held an expert nothing keeps

@@ -66,7 +66,7 @@ def main() -> None:
                         seconds["non-nested"] += time.perf_counter() - start
                     for method in methods:
                         if method == "non-nested" and b not in args.non_nested_widths:
-                            errors[proj][method][i] = float("nan")
+                            errors[proj][method][i] = None
                             continue
                         tensor = fitted[method] if method == "non-nested" else fitted[method].truncate(b)
                         errors[proj][method][i] += output_error(weight, dequantize(tensor), hessian)
@@ -84,7 +84,7 @@ def table(errors: dict, methods: tuple) -> str:
              "|---|---|" + "---:|" * len(WIDTHS)]
     for proj, by_method in errors.items():
         for method in methods[1:]:
-            ratios = [f"{a / r:.3f}" for a, r in zip(by_method[method], by_method["rtn"])]
+            ratios = ["-" if a is None else f"{a / r:.3f}" for a, r in zip(by_method[method], by_method["rtn"])]
             lines.append(f"| {proj} | {method} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 

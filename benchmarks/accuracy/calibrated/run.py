@@ -4,8 +4,9 @@ and llama.cpp's k-quants, on the reference model's held-out text.
     python benchmarks/accuracy/calibrated/run.py [--tokens 4096] [--work DIR]
 
 Checkpoints (``d2moe convert``): MWQ 2..8 round-to-nearest; MWQ 2..8 with
-``--calibrate`` (every width guarded: none worse than round-to-nearest in output error),
-and the same with the guard limited to widths up to ``GUARDED_UP_TO``; for each width B
+``--calibrate`` (every width guarded: none worse than round-to-nearest in output error;
+``output_error.py`` measures the narrower guard of ``calibrated_quantize(guarded_up_to=...)``,
+which ``d2moe convert`` does not offer); for each width B
 a checkpoint with ``min_bits == max_bits == B`` and ``--calibrate`` (the calibrated
 base alone: GPTQ at one width, no nesting).
 All of them, and the unquantized model, are scored through ``d2moe eval``'s
@@ -18,9 +19,7 @@ import argparse
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
-from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/: peers.py
@@ -28,15 +27,12 @@ sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/: peers.py
 WIDTHS = (2, 3, 4, 8)
 LLAMA = {2: "q2_K", 3: "q3_K_M", 4: "q4_K_M", 8: "q8_0"}
 MODEL = HERE.parents[2] / "vllm_d2moe" / "assets" / "reference-small"
-GUARDED_UP_TO = 4  # the router's default widths: a checkpoint whose guard stops there
 
 
 def checkpoints(work: Path, tokens: int, non_nested: bool) -> dict:
     """Every compared checkpoint; the calibration text is tokenized once (saved as ids)."""
-    from vllm_d2moe.converters import convert as converter
     from vllm_d2moe.converters.calibration import calibration_tokens
     from vllm_d2moe.converters.convert import convert
-    from vllm_d2moe.mwq.calibrate import calibrated_quantize
     from vllm_d2moe.mwq.quantize import MWQSpec
 
     text = work / "calibration.jsonl"
@@ -45,22 +41,18 @@ def checkpoints(work: Path, tokens: int, non_nested: bool) -> dict:
         ids = calibration_tokens(MODEL, config["vocab_size"], tokens)
         text.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in ids.tokens))
     made, seconds = {}, {}
-    plans = {"mwq": (MWQSpec(2, 8, 128), None, None), "mwq-cal": (MWQSpec(2, 8, 128), tokens, None),
-             f"mwq-cal-g{GUARDED_UP_TO}": (MWQSpec(2, 8, 128), tokens, GUARDED_UP_TO)}
+    plans = {"mwq": (MWQSpec(2, 8, 128), None), "mwq-cal": (MWQSpec(2, 8, 128), tokens)}
     if non_nested:
-        plans |= {f"gptq-{b}": (MWQSpec(b, b, 128), tokens, None) for b in WIDTHS}
-    for name, (spec, calibration, guard) in plans.items():
+        plans |= {f"gptq-{b}": (MWQSpec(b, b, 128), tokens) for b in WIDTHS}
+    for name, (spec, calibration) in plans.items():
         if (work / name / "config.json").is_file():  # kept from an earlier run of this script
             made[name], seconds[name] = work / name, None
             continue
         start = time.perf_counter()
         counts = {}
-        # d2moe convert guards every width; it has no option for a narrower guard yet
-        quantizer = partial(calibrated_quantize, guarded_up_to=guard)
-        with mock.patch.object(converter, "calibrated_quantize", quantizer):
-            made[name] = convert(MODEL, work / name, spec, overwrite=True, progress=False, counts=counts,
-                                 calibration_tokens_requested=calibration,
-                                 calibration_text=[text] if calibration else None)
+        made[name] = convert(MODEL, work / name, spec, overwrite=True, progress=False, counts=counts,
+                             calibration_tokens_requested=calibration,
+                             calibration_text=[text] if calibration else None)
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: converted in {seconds[name]} s; uncalibrated experts {counts.get('uncalibrated_experts')}",
               flush=True)
@@ -124,8 +116,7 @@ def main() -> None:
 
     variants = [Variant(REFERENCE, REFERENCE, None, str(MODEL), 16.0)]
     for b in args.widths:
-        variants += [variant(f"mwq-{b}", dirs["mwq"], b), variant(f"mwq-cal-{b}", dirs["mwq-cal"], b),
-                     variant(f"mwq-cal-g{GUARDED_UP_TO}-{b}", dirs[f"mwq-cal-g{GUARDED_UP_TO}"], b)]
+        variants += [variant(f"mwq-{b}", dirs["mwq"], b), variant(f"mwq-cal-{b}", dirs["mwq-cal"], b)]
         if f"gptq-{b}" in dirs:
             variants.append(variant(f"gptq-{b}", dirs[f"gptq-{b}"], b))
     scores_dir = args.work / "scores"
@@ -190,7 +181,6 @@ def markdown(report: dict) -> str:
     for b in WIDTHS:
         for name, label in ((f"mwq-{b}", "MWQ round-to-nearest (nested)"),
                             (f"mwq-cal-{b}", "MWQ calibrated, every width guarded (nested)"),
-                            (f"mwq-cal-g{GUARDED_UP_TO}-{b}", f"MWQ calibrated, widths <= {GUARDED_UP_TO} guarded"),
                             (f"gptq-{b}", "calibrated, not nested")):
             lines.append(f"| {b} | {label} | {_cell(vllm.get(name))} |")
         quant = LLAMA[b]
@@ -209,8 +199,7 @@ def markdown(report: dict) -> str:
 
 def goals(vllm: dict, llama: dict) -> list[str]:
     out = []
-    calibrated = {"mwq-cal": "calibrated MWQ",
-                  f"mwq-cal-g{GUARDED_UP_TO}": f"calibrated MWQ (guard <= {GUARDED_UP_TO})"}
+    calibrated = {"mwq-cal": "calibrated MWQ"}
     for prefix, label in calibrated.items():
         for b, quant in ((2, "q2_K"), (3, "q3_K_M")):
             ours, peer = vllm.get(f"{prefix}-{b}", {}), llama.get(quant, {})

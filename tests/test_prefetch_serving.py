@@ -99,11 +99,10 @@ def test_queue_order_demand_first_then_nearest_layer_hottest_lowest_width(checkp
     torch.testing.assert_close(layers[0].forward(*args[1]), resident[0].forward(*args[1]), rtol=1e-5, atol=1e-6)
     settle(manager)
     assert reads[6:] == [(0, 1, 2), (0, 6, 8), (1, 4, 2)]
-    manager.pipeline._reap()  # installs the last prefetch (of layer 1's expert 4) whenever it finished
 
     snapshot = manager.metrics.snapshot()
     layer1 = snapshot["layers"][1]
-    assert layer1["prefetch_reads"] == 4 and layer1["prefetch_hits"] == 2 and layer1["misses"] == 0
+    assert layer1["prefetch_reads"] == 3 and layer1["prefetch_hits"] == 2 and layer1["misses"] == 0
     assert layer1["bytes_wasted"] == expert_nbytes(checkpoint.layer(1).layout, 2)  # expert 6, not needed
     scored = snapshot["prefetch"]["layers"][1][1]
     assert (scored["needed_pairs"], scored["covered_pairs"], scored["predicted_experts"], scored["used_experts"]) \
@@ -152,68 +151,6 @@ def test_outputs_equal_resident_within_the_pool_and_without_leaks(checkpoint, sl
     if slots >= 3:  # room for a call's experts and a prefetch
         assert total["prefetch_reads"] > 0 and total["bytes_prefetched"] > 0
     assert total["bytes_wasted"] <= total["bytes_prefetched"]
-    manager.pipeline.close()
-
-
-class _WatchedBackend:
-    """``backend`` whose expert computations call ``before_compute()`` first."""
-
-    def __init__(self, backend, before_compute):
-        self._backend, self._before_compute = backend, before_compute
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def grouped_mlp(self, *args):
-        self._before_compute()
-        return self._backend.grouped_mlp(*args)
-
-
-def test_prefetch_streams_into_the_slots_a_call_is_done_with(checkpoint):
-    """A pool smaller than two layers' experts (10 slots, two layers of 8, every expert routed at
-    every call, the forecast exact): no slot is free or cold, yet the next layer's experts are read
-    while this layer still computes, into the slots of experts it has finished, and later calls find
-    them prefetched. The outputs stay the resident layers', nothing stays pinned."""
-    backend = load_backend("cpu_bitplanes")
-    manager = OffloadManager(checkpoint, budget_for(checkpoint, 10), MAX_BITS, OffloadPolicy(), backend)
-    layers = [manager.layer(layer, list(range(EXPERTS)), MAX_BITS) for layer in (0, 1)]
-    resident = [load_layer_experts(checkpoint, layer, list(range(EXPERTS)), MAX_BITS, 0, 1, backend)
-                for layer in (0, 1)]
-    read, next_layer_read, computed = manager.store.read, {0: threading.Event(), 1: threading.Event()}, []
-    current = [0]
-
-    def watched_read(layer, expert, first, last):
-        next_layer_read[layer].set()
-        return read(layer, expert, first, last)
-
-    def before_compute():
-        computed.append(current[0])
-        if computed.count(current[0]) == EXPERTS:  # the call's last expert waits for a read of the next layer's
-            computed.clear()
-            overlapped.append(next_layer_read[1 - current[0]].wait(5))
-
-    manager.store.read = watched_read
-    manager.backend = _WatchedBackend(backend, before_compute)
-    overlapped: list[bool] = []
-    for i in range(16):
-        layer = current[0] = i % 2
-        if i == 8:  # warmed up: the pool is full of experts routed at every call
-            settle(manager)
-            manager.metrics.reset()
-            overlapped.clear()
-        next_layer_read[1 - layer].clear()
-        args = call(list(range(EXPERTS)), 4, seed=i)
-        forecasts = [(1 - layer, 1, {e: (1, 4) for e in range(EXPERTS)})]
-        torch.testing.assert_close(layers[layer].forward(*args, forecasts), resident[layer].forward(*args),
-                                   rtol=1e-5, atol=1e-6)
-        assert manager.pool.occupied <= manager.pool.num_slots
-    # Calls that found every expert prefetched compute in one backend call, not counted here.
-    assert len(overlapped) >= 4 and all(overlapped), overlapped
-    total = manager.metrics.snapshot()["total"]
-    assert total["prefetch_reads"] > 0 and total["bytes_prefetched"] > 0 and total["prefetch_hits"] > 0
-    settle(manager)
-    manager.pipeline._reap()
-    assert not manager.pool.pinned
     manager.pipeline.close()
 
 
@@ -353,7 +290,7 @@ def test_served_tokens_with_prefetch_equal_without_and_stay_in_budget(served, re
     report.add(f"prefetch {name}: {check_streamed_run(served, name)}")
     (metrics,) = served[name]["offload"]["metrics"]
     # The predictor ran in the engine and its forecasts were scored. (Whether a prefetch finds a slot
-    # depends on the pool: it evicts only experts a demand read would.)
+    # depends on the pool: once full of experts routed every step, none is colder than a forecast.)
     assert _forecast_counts(metrics)["predicted_experts"] > 0
     assert metrics["total"]["bytes_wasted"] <= metrics["total"]["bytes_prefetched"]
     report.add(f"prefetch {name}: {_prefetch_report([metrics])}")

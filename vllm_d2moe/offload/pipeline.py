@@ -24,20 +24,14 @@ of what the next MoE layers will need (``vllm_glue`` runs the predictor of
 ``vllm_d2moe.prefetch`` on the layer's input). Their reads go to the same I/O
 threads, behind the call's demand reads (:mod:`~vllm_d2moe.offload.io_queue`:
 any demand read starts before any queued prefetch), nearest layer first, then
-hottest expert and lowest width first. A prefetch takes a slot that a demand
-read at the next layer would take anyway: a free one, or one of an expert among
-the as many least frequent as the forecast needs slots (counting the call's own
-experts, once done with), never one that the call still needs or that holds a
-forecast or prefetched expert; and only while slots are left beyond the call's
-unfinished experts and the resident forecast ones: an expert's slot counts from
-the moment the call has computed it. A forecast that finds no slot waits for the
-call's next finished expert, so that under a pool smaller than two layers'
-working sets the next layer's reads stream into the slots this layer frees while
-it still computes, and the hot experts the pool keeps stay. Demand reads evict
-forecast experts last. A prefetched slot is evictable once written; a demand that finds
-every slot pinned cancels queued prefetches for their slots; a layer call adopts
-a prefetch of an expert it needs that is still reading, and cancels queued ones
-it does not need. A prefetch that turns out unused costs its bytes (``bytes_wasted``).
+hottest expert and lowest width first, into slots that are free or hold
+experts nothing protects: a prefetch never evicts what the call uses, another
+forecast expert or another prefetch, nor an expert routed more often than
+the forecast expects of the one it brings, and never exceeds the pool. A prefetched
+slot is evictable once written; a demand that finds every slot pinned cancels
+queued prefetches for their slots; a layer call adopts a prefetch of an expert
+it needs that is still reading, and cancels queued ones it does not need. A
+prefetch that turns out unused costs its bytes (``bytes_wasted``).
 
 :class:`OffloadPolicy` switches each step off for the benchmark's ablations:
 expert-id order instead of HEBF, reads on the compute thread instead of
@@ -118,12 +112,6 @@ class LoadPipeline:
         self._unused: dict[Key, int] = {}  # prefetched and installed, not yet needed: bytes read
         self._adopted: dict[Key, _Load] = {}  # prefetches still reading that this call needs
         self._forecasts: dict[int, dict[int, dict[int, int]]] = {}  # later layer -> depth -> {expert: width}
-        # The current call's: its experts, those it has finished computing, the experts it forecasts, and
-        # its forecasts not yet queued, (depth, -tokens, width, expert, later layer, rank) in queue order.
-        self._protect: set[Key] = set()
-        self._done: set[Key] = set()
-        self._forecast_keys: set[Key] = set()
-        self._wanted: list[tuple[int, int, int, int, int, int]] = []
         pool.on_evict = self._evicted
 
     def run(
@@ -168,10 +156,9 @@ class LoadPipeline:
         for key in order:
             if key in self.pool.slot_of:
                 self.pool.pin(key)
-        self._expect(forecasts, set(order))
         try:
             failed = self._execute(queue, chains, segments, widths, rows, compute, counters, adopted,
-                                   self._queue_prefetches)
+                                   lambda: self._queue_prefetches(forecasts, set(order)))
         except BaseException:
             self._settle(load for chain in chains.values() for load in chain)
             for key in order:
@@ -217,8 +204,7 @@ class LoadPipeline:
         counters.calls += 1
         counters.hits += len(pairs)
         self.pool.touch({(layer, e): n for e, n in tokens.items()})
-        self._expect(forecasts, {(layer, e) for e, _ in pairs})
-        self._queue_prefetches()
+        self._queue_prefetches(forecasts, {(layer, e) for e, _ in pairs})
         self.metrics.maybe_log()
         return {e: self.pool.slot_of[(layer, e)] for e, _ in pairs}
 
@@ -228,7 +214,6 @@ class LoadPipeline:
         self._prefetches.update(self._adopted)  # a call that failed before running: not adopted after all
         self._adopted.clear()
         self._reap()
-        self._protect, self._done, self._forecast_keys, self._wanted = set(), set(), set(), []
         needed: dict[int, int] = {}
         for expert, width in pairs:
             needed[expert] = max(width, needed.get(expert, 0))
@@ -262,44 +247,24 @@ class LoadPipeline:
                 if load.write_ahead:
                     self.pool.release(key)
 
-    def _expect(self, forecasts: Forecasts, protect: set[Key]) -> None:
-        """Take the call's ``forecasts`` (scored when their layer is called, queued by
-        :meth:`_queue_prefetches`) and its experts ``protect``."""
-        self._protect = protect
-        if self.executor is None:
+    def _queue_prefetches(self, forecasts: Forecasts, protect: set[Key]) -> None:
+        """Queue reads of the forecast experts that the pool does not serve, in one global order
+        (nearest layer, hottest expert, lowest width first), into slots nothing in use or
+        predicted holds and no expert routed more often than the forecast expects of this one, and
+        no more slots than the call (``protect``) leaves (a call streaming through the pool needs
+        them)."""
+        if not forecasts or self.executor is None:
             return
         wanted = []
         for later, depth, experts in forecasts:
             self._forecasts.setdefault(later, {})[depth] = {e: w for e, (_, w) in experts.items()}
             wanted += [(depth, -tokens, width, expert, later) for expert, (tokens, width) in experts.items()]
         wanted.sort()
-        self._wanted = [(*entry, rank) for rank, entry in enumerate(wanted)]
-        self._forecast_keys = {(later, e) for *_, e, later, _ in self._wanted}
-
-    def _queue_prefetches(self) -> None:
-        """Queue reads of the call's forecasts that the pool does not serve, in one global order
-        (nearest layer, hottest expert, lowest width first), into free slots or those of the least
-        frequent experts (no more frequent than the ones a demand read would evict for the forecast
-        ones) that nothing in use, forecast or prefetched holds, while the slots the call's
-        unfinished experts and the resident forecast and prefetched ones need leave room (a call
-        streaming through the pool needs its slots). Those left wait for the call's next finished
-        expert."""
-        if not self._wanted:
-            return
+        keep = protect | {(later, e) for *_, e, later in wanted} | set(self._unused) | set(self._prefetches)
         min_bits = self.pool.min_bits
-        in_use = self._protect - self._done
-        held = self._forecast_keys | self._unused.keys() | self._prefetches.keys()
-        keep = in_use | held
-        room = self.pool.num_slots - len(in_use) - sum(k in self.pool.slot_of for k in held - in_use)
-        # What the next calls' demand reads would evict for the forecast experts: as many of the least
-        # frequent experts nothing forecasts or holds prefetched (this call's own included, evictable
-        # once done) as those need slots.
-        slots_needed = sum((later, e) not in self.pool.slot_of for _, _, _, e, later, _ in self._wanted)
-        evictable = sorted(self.pool.frequency(k) for k in (self.pool.slot_of.keys() | self._protect) - held)
-        at_most = evictable[min(slots_needed, len(evictable)) - 1] if evictable and slots_needed else 0.0
-        waiting = []
-        for entry in self._wanted:
-            depth, _, width, expert, later, rank = entry
+        room = self.pool.num_slots - len(protect) - sum(p.write_ahead for p in self._prefetches.values())
+        full: set[int] = set()  # depths whose next prediction found no slot
+        for rank, (depth, hotness, width, expert, later) in enumerate(wanted):
             key = (later, expert)
             have = self.pool.width(key)
             if key in self._prefetches or have >= width or (key in self.pool.slot_of and not have):
@@ -309,16 +274,17 @@ class LoadPipeline:
                     continue
                 load = _Load(key, have - min_bits + 1, width - min_bits, write_ahead=False, prefetch=True)
             else:
-                if room <= 0 or self.pool.acquire(key, keep, evict_keep=False, at_most=at_most) is None:
-                    waiting.append(entry)
+                # Never in place of an expert as hot as this one is expected to be (nor, then, of one
+                # for a colder prediction of the same depth).
+                if room <= 0 or depth in full or self.pool.acquire(key, keep, colder_than=-hotness) is None:
+                    full.add(depth)
                     continue
-                room -= 1  # its slot was not counted: it was free or held an expert nothing keeps
+                room -= 1
                 self.pool.pin(key)  # until written: no eviction while an I/O thread writes the slot
                 load = _Load(key, 0, width - min_bits, write_ahead=True, prefetch=True)
             load.future = self.executor.submit((1, self.calls + depth, rank), self._fetch, load,
                                                self.pool.slot_of[key])
             self._prefetches[key] = load
-        self._wanted = waiting
 
     def _reap(self) -> None:
         """Install the prefetches that finished reading (on the compute thread, between layer calls
@@ -381,8 +347,7 @@ class LoadPipeline:
     def _execute(self, queue, chains, segments, widths, rows, compute, counters, in_flight, prefetch
                  ) -> dict[int, CheckpointError]:
         """The call's loop; ``prefetch()`` queues the forecasts once the first demand reads are
-        submitted (an idle I/O thread would otherwise start a prefetch first), then again as each
-        expert is finished (its slot may take one)."""
+        submitted (an idle I/O thread would otherwise start a prefetch first)."""
         def compute_ready(key: Key) -> bool:
             """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
             it; without: exactly it); unpin it when none is left."""
@@ -396,9 +361,6 @@ class LoadPipeline:
             if pending is not None and not pending:
                 del segments[key]
                 self.pool.unpin(key)
-                self._done.add(key)
-                if prefetch is None:  # queued once the call's first reads were: now into its slot too
-                    self._queue_prefetches()
             return ran
 
         def drop_loads(key: Key) -> None:
@@ -446,9 +408,8 @@ class LoadPipeline:
                 self.pool.unpin(key)  # a lower width stays resident and valid
 
         def acquire(key: Key) -> bool:
-            """A slot for ``key`` (prefetched and forecast experts evicted last), at the cost of queued
-            prefetches' slots if every slot is pinned."""
-            keep = self._unused.keys() | self._forecast_keys
+            """A slot for ``key``, at the cost of queued prefetches' slots if every slot is pinned."""
+            keep = self._unused.keys()
             while self.pool.acquire(key, keep) is None:
                 if not self._reclaim_slot():
                     return False

@@ -127,12 +127,12 @@ class ResidentPool:
         score, step = self._scores.get(key, (0.0, self.step))
         return score * 0.5 ** ((self.step - step) / FREQUENCY_HALF_LIFE)
 
-    def acquire(self, key: Key, keep: set[Key] | frozenset[Key] = frozenset(), evict_keep: bool = True,
-                at_most: float = float("inf")) -> int | None:
+    def acquire(self, key: Key, keep: set[Key] | frozenset[Key] = frozenset(), colder_than: float | None = None
+                ) -> int | None:
         """A slot for ``key``: its own, a free one, or the least frequent unpinned one's (evicted),
-        experts in ``keep`` (prefetched or forecast for a coming layer) last, or with ``evict_keep=False``
-        (a prefetch) never, nor then one more frequent than ``at_most``; ``None`` while no slot can be
-        had."""
+        experts in ``keep`` (prefetched for a coming layer) last. With ``colder_than`` (a prefetch,
+        which expects ``key`` to route that many tokens) those in ``keep`` never, nor any expert
+        that frequent; ``None`` while no slot can be had."""
         if key in self.slot_of:
             return self.slot_of[key]
         free = [s for s, k in enumerate(self.keys) if k is None]
@@ -140,7 +140,7 @@ class ResidentPool:
             slot = free[0]
         else:
             candidates = [s for s in range(self.num_slots) if s not in self.pinned and (
-                evict_keep or (self.keys[s] not in keep and self.frequency(self.keys[s]) <= at_most))]
+                colder_than is None or (self.keys[s] not in keep and self.frequency(self.keys[s]) < colder_than))]
             if not candidates:
                 return None
             slot = min(candidates, key=lambda s: (self.keys[s] in keep, self.frequency(self.keys[s])))

@@ -254,13 +254,19 @@ def served(model, checkpoint, learned_model, bad_predictors, routed_mixtral, tmp
           for name, copy in bad_predictors.items()),
     ]
     results, _ = run_engines(runs, tmp_path_factory.mktemp("prefetch-engines"))
-    # vLLM's default process layout (engine core and two tensor-parallel workers spawned), compiled,
-    # with and without prefetch (tensor parallelism sums in another order than one process).
+    return results
+
+
+@pytest.fixture(scope="module")
+def served_tp(model, checkpoint, tmp_path_factory) -> dict:
+    """vLLM's default process layout (engine core and two tensor-parallel workers spawned), compiled,
+    with and without prefetch (tensor parallelism sums in another order than one process)."""
+    budget = budget_for(checkpoint, 8)
     tp = [_run(f"tp2-{name}", model, budget, prefetch, tensor_parallel_size=2, enforce_eager=False)
           for name, prefetch in (("streamed", None), ("gate", {"predictor": "gate", "extra": 1}))]
-    tp_results, _ = run_engines(tp, tmp_path_factory.mktemp("prefetch-tp-engines"),
-                                extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    return results | tp_results
+    results, _ = run_engines(tp, tmp_path_factory.mktemp("prefetch-tp-engines"),
+                             extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    return results
 
 
 def _tokens(served: dict, name: str) -> list:
@@ -296,9 +302,10 @@ def test_served_tokens_with_prefetch_equal_without_and_stay_in_budget(served, re
     report.add(f"prefetch {name}: {_prefetch_report([metrics])}")
 
 
-def test_served_with_prefetch_in_the_default_layout_compiled_under_tp(served, report):
-    assert _tokens(served, "tp2-gate") == _tokens(served, "tp2-streamed")
-    metrics = served["tp2-gate"]["offload_metrics"]
+@pytest.mark.extended
+def test_served_with_prefetch_in_the_default_layout_compiled_under_tp(served_tp, report):
+    assert _tokens(served_tp, "tp2-gate") == _tokens(served_tp, "tp2-streamed")
+    metrics = served_tp["tp2-gate"]["offload_metrics"]
     assert len(metrics) == 1  # rank 0's worker process (engine_stats answers one worker's), one manager
     assert _forecast_counts(metrics[0])["predicted_experts"] > 0
     report.add(f"prefetch tp2-gate (compiled): {_prefetch_report(metrics)}")

@@ -350,6 +350,7 @@ def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     return (codes.double() * amax.div(torch.full_like(amax, 127)).double()).reshape(x.shape)
 
 
+@pytest.mark.extended  # the opt-in integer backend: its C++ build takes minutes
 @needs_avx2
 @pytest.mark.parametrize(
     "spec,rows,cols",
@@ -374,6 +375,7 @@ def test_int8_linear_is_the_float64_product_of_its_int8_activations(spec, rows, 
         assert_close(out, want, 1e-5)
 
 
+@pytest.mark.extended  # the opt-in integer backend: its C++ build takes minutes
 @needs_avx2
 @pytest.mark.parametrize(
     "spec,hidden,inter",
@@ -399,6 +401,7 @@ def test_int8_grouped_mlp_is_the_float_mlp_within_int8_rounding(spec, hidden, in
     assert_close(out, want, INT8_ROUNDING_TOLERANCE)
 
 
+@pytest.mark.extended  # the opt-in integer backend: its C++ build takes minutes
 @needs_avx2
 def test_int8_backend_chosen_by_option_serves_layer_experts(monkeypatch):
     """D2MOE_KERNEL=cpu_int8 selects it; LayerExperts.forward with it: routing weights, other ranks' experts
@@ -424,6 +427,7 @@ def test_int8_backend_chosen_by_option_serves_layer_experts(monkeypatch):
     assert_close(got, want, INT8_ROUNDING_TOLERANCE)
 
 
+@pytest.mark.extended  # the opt-in integer backend: its C++ build takes minutes
 @needs_avx2
 def test_int8_backend_refuses_group_sizes_it_cannot_run_by_name():
     with pytest.raises(MWQError, match="D2MOE_KERNEL=cpu_int8: group size 16 is not a multiple of 32"):

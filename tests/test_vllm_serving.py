@@ -103,6 +103,7 @@ def test_width_outside_checkpoint_is_a_clear_error(engine_results):
     assert "d2moe option 'bits' 1 is outside this checkpoint's widths [2, 8]" in error
 
 
+@pytest.mark.extended
 def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(model_zoo["mixtral"]["d2moe"], corrupt)
@@ -118,7 +119,7 @@ def test_corrupt_expert_blob_fails_loading_with_its_name(model_zoo, tmp_path):
 @pytest.mark.parametrize(
     "expert_parallel, budget",
     [pytest.param(False, None, marks=pytest.mark.extended), pytest.param(True, None, marks=pytest.mark.extended),
-     (False, "100KiB"), (True, "300KiB")],
+     pytest.param(False, "100KiB", marks=pytest.mark.extended), (True, "300KiB")],
     ids=["tp2", "tp2-ep", "tp2-budget", "tp2-ep-budget"],
 )
 def test_two_ranks_match_single_process(model_zoo, engine_results, report, tmp_path, expert_parallel, budget):

@@ -194,6 +194,18 @@ def test_every_width_in_each_activation_dtype(backend, bits, dtype):
     assert_close(out, want, tolerance(module, dtype))
 
 
+def float64_layer_forward(x, weights, ids, widths, gate_up, down) -> torch.Tensor:
+    """``LayerExperts.forward`` in float64, pair by pair (experts of other ranks, -1, add nothing)."""
+    want = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e, bits = int(ids[t, k]), int(widths[t, k])
+            if e >= 0:
+                expert = float64_mlp(x[t : t + 1], gate_up.expert(e, bits), down.expert(e, bits))[0]
+                want[t] += float(weights[t, k]) * expert
+    return want
+
+
 def test_layer_forward_mixes_experts_widths_and_ranks(backend):
     """LayerExperts.forward: routing weights, experts of other ranks (-1), a different width per pair."""
     module, device = backend
@@ -205,15 +217,7 @@ def test_layer_forward_mixes_experts_widths_and_ranks(backend):
     widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), device=device, dtype=torch.int8)
     weights = torch.rand(tokens, top_k, device=device)
     got = layer.forward(x, weights, ids, widths)
-    want = torch.zeros(tokens, 48, dtype=torch.float64)
-    for t in range(tokens):
-        for k in range(top_k):
-            e, bits = int(ids[t, k]), int(widths[t, k])
-            if e >= 0:
-                want[t] += (
-                    float(weights[t, k])
-                    * float64_mlp(x[t : t + 1], gate_up.expert(e, bits), down.expert(e, bits))[0]
-                )
+    want = float64_layer_forward(x, weights, ids, widths, gate_up, down)
     assert got.dtype == x.dtype
     assert_close(got, want, tolerance(module))
 
@@ -417,13 +421,7 @@ def test_int8_backend_chosen_by_option_serves_layer_experts(monkeypatch):
     widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), dtype=torch.int8)
     weights = torch.rand(tokens, top_k)
     got = layer.forward(x, weights, ids, widths)
-    want = torch.zeros(tokens, 64, dtype=torch.float64)
-    for t in range(tokens):
-        for k in range(top_k):
-            e, bits = int(ids[t, k]), int(widths[t, k])
-            if e >= 0:
-                expert = float64_mlp(x[t : t + 1], gate_up.expert(e, bits), down.expert(e, bits))[0]
-                want[t] += float(weights[t, k]) * expert
+    want = float64_layer_forward(x, weights, ids, widths, gate_up, down)
     assert_close(got, want, INT8_ROUNDING_TOLERANCE)
 
 

@@ -99,3 +99,15 @@ def test_serve_and_demo_ask_for_the_preload_before_anything_imports_vllm_or_torc
     from vllm_d2moe.mwq import inspect
 
     assert not hasattr(inspect, "PRELOAD")  # a command that starts no engine is never re-executed
+
+
+def test_the_projects_environment_variables_pass_vllms_strict_check(monkeypatch):
+    """vLLM warns at every start about a ``VLLM_*`` variable it does not know, and refuses to start
+    with one when its check is strict: the project's own variables stay out of that prefix."""
+    from vllm.platforms.interface import Platform
+
+    from vllm_d2moe.vllm_glue.patches import ALLOW_UNTESTED_ENV
+
+    for name in (cpu_setup.OPT_OUT_ENV, cpu_setup.REEXECUTED_ENV, ALLOW_UNTESTED_ENV):
+        monkeypatch.setenv(name, "1")
+    Platform.validate_environ(hard_fail=True)

@@ -46,7 +46,7 @@ def register() -> None:
     the plugin's patches of vLLM internals (:mod:`vllm_d2moe.vllm_glue.patches`),
     and raises :class:`~vllm_d2moe.vllm_glue.patches.UnsupportedVLLMVersion` on a
     vLLM release not in :data:`SUPPORTED_VLLM_VERSIONS` unless
-    ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1``.
+    ``D2MOE_ALLOW_UNTESTED_VLLM=1``.
     """
     global _registered
     if _registered:

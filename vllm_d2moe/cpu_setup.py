@@ -6,7 +6,7 @@ in ``LD_PRELOAD``; it only reads the variable, and a library can only be preload
 loader when a process starts, hence the re-exec (before vLLM or torch is imported). On a 2-core
 AVX2 VM neither measurably changed decode speed (``benchmarks/results/cpu_setup.md``); both are
 preloaded as vLLM recommends. The command prints one line saying what it set and why;
-``VLLM_D2MOE_NO_PRELOAD=1`` starts it unchanged. ``scripts/install.sh`` installs the libraries.
+``D2MOE_NO_PRELOAD=1`` starts it unchanged. ``scripts/install.sh`` installs the libraries.
 """
 
 import importlib.metadata
@@ -15,9 +15,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-OPT_OUT_ENV = "VLLM_D2MOE_NO_PRELOAD"
+OPT_OUT_ENV = "D2MOE_NO_PRELOAD"
 # Set in the re-executed process, so that it never re-executes again (whatever it then finds).
-REEXECUTED_ENV = "VLLM_D2MOE_PRELOAD_DONE"
+REEXECUTED_ENV = "D2MOE_PRELOAD_DONE"
 
 
 def _system_library_dirs() -> list[Path]:
@@ -84,7 +84,7 @@ def preload_environment(environ: dict[str, str], libraries: dict[str, Path]) -> 
 def reexec_with_preload(args: list[str], libraries: dict[str, Path] | None = None) -> None:
     """Replace this process with ``python ARGS`` under :func:`preload_environment` (``libraries``:
     default the installed ones of :data:`PRELOADED`), printing one line that says what was set and
-    why; return without doing anything when there is nothing to add, when ``VLLM_D2MOE_NO_PRELOAD``
+    why; return without doing anything when there is nothing to add, when ``D2MOE_NO_PRELOAD``
     is set, or in a process this function started."""
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0") or REEXECUTED_ENV in os.environ:
         return

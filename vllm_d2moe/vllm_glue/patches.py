@@ -11,7 +11,7 @@ running vLLM first, and wraps each method once (a wrapped method carries
 On a vLLM release other than the pinned ones the wrapped methods may have other
 signatures or meanings, and a wrong wrapper fails in the middle of serving (or,
 worse, silently finishes the wrong requests), so :func:`apply` refuses to start
-there unless ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1`` is set; then it warns.
+there unless ``D2MOE_ALLOW_UNTESTED_VLLM=1`` is set; then it warns.
 """
 
 import functools
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-ALLOW_UNTESTED_ENV = "VLLM_D2MOE_ALLOW_UNTESTED_VLLM"
+ALLOW_UNTESTED_ENV = "D2MOE_ALLOW_UNTESTED_VLLM"
 _MARK = "_d2moe_patch"
 
 
@@ -40,7 +40,7 @@ def _public(version: str) -> str:
 
 def check_vllm_version(version: str | None = None) -> str:
     """The running vLLM version, if supported; raises :class:`UnsupportedVLLMVersion` otherwise
-    (a warning instead when ``VLLM_D2MOE_ALLOW_UNTESTED_VLLM=1``)."""
+    (a warning instead when ``D2MOE_ALLOW_UNTESTED_VLLM=1``)."""
     from vllm_d2moe import SUPPORTED_VLLM_VERSIONS
 
     if version is None:

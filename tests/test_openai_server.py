@@ -9,14 +9,19 @@ requests read the damage and fail (HTTP 500 naming the expert) and which are ser
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -103,6 +108,42 @@ def test_invalid_width_option_stops_the_server(model_zoo, tmp_path):
     proc = serve_process([str(model_zoo["mixtral"]["d2moe"]), "--hf-overrides", overrides], tmp_path / "log")
     assert proc.wait(timeout=300) != 0
     assert "d2moe option 'bits' must be an integer in [1, 8], got 9" in (tmp_path / "log").read_text()
+
+
+STARTER = """
+import sys
+from pathlib import Path
+from vllm_d2moe.testing.served import serve_process
+proc = serve_process([sys.argv[1]], Path(sys.argv[2]))
+print(proc.pid, flush=True)
+sys.stdin.read()  # until the test kills this process
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_server_ends_when_the_process_that_started_it_is_killed(model_zoo, tmp_path):
+    """A test worker ended by SIGKILL (the OOM killer) leaves no server behind."""
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(model_zoo["mixtral"]["d2moe"]),
+                                str(tmp_path / "log")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server_pid = int(starter.stdout.readline())
+    try:
+        time.sleep(3)  # the server is importing vLLM: far from ready, alive
+        assert not _ended(server_pid), (tmp_path / "log").read_text()
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while not _ended(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _ended(server_pid), "the server outlived the process that started it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server_pid, signal.SIGKILL)
 
 
 def _samples(base_url: str) -> dict[tuple, float]:

@@ -3,6 +3,7 @@
 leaves that engine running otherwise)."""
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -26,9 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate_with_parent() -> None:
+    """In a child between fork and exec: the kernel sends it SIGTERM when the process that started
+    it dies, however it dies (a test worker ended by the OOM killer would otherwise leave its
+    servers running, each holding gigabytes). Survives the exec of ``d2moe serve``'s restart."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def serve_process(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """``d2moe serve ARGS`` in vLLM's default process layout (engine core spawned), whatever the
-    caller's environment; ``d2moe serve`` makes its own Prometheus directory."""
+    caller's environment; ``d2moe serve`` makes its own Prometheus directory. The server ends
+    (SIGTERM: vLLM's own shutdown, children included) if the caller dies first."""
     base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     return subprocess.Popen(
         [sys.executable, "-m", "vllm_d2moe.cli", "serve", *args],
@@ -36,6 +50,7 @@ def serve_process(args: list[str], log_path: Path, env: dict | None = None) -> s
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=terminate_with_parent,
     )
 
 

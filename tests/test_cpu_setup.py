@@ -111,3 +111,35 @@ def test_the_projects_environment_variables_pass_vllms_strict_check(monkeypatch)
     for name in (cpu_setup.OPT_OUT_ENV, cpu_setup.REEXECUTED_ENV, ALLOW_UNTESTED_ENV):
         monkeypatch.setenv(name, "1")
     Platform.validate_environ(hard_fail=True)
+
+
+ONEDNN_PROBE = """
+import torch
+from vllm import _custom_ops as ops
+import vllm_d2moe
+vllm_d2moe.register()  # as vLLM calls it: torch and vLLM's kernels already imported
+weight, x = torch.randn(64, 64), torch.randn(%d, 64)
+handler = ops.create_onednn_mm(weight.t(), 32)
+for m in range(1, %d + 1):  # one oneDNN primitive per batch size, as a server's new batches make them
+    ops.onednn_mm(handler, x[:m], None)
+print("AGAIN", flush=True)
+for m in range(1, 41):  # the first batch sizes again
+    ops.onednn_mm(handler, x[:m], None)
+"""
+
+
+def test_registration_bounds_onednns_primitive_cache_of_vllms_cpu_linear_layers():
+    """oneDNN (its verbose log says whether a primitive came from its cache) keeps the first batch
+    sizes' primitives among 1024 by default; after registration it keeps only the last
+    ``ONEDNN_CACHE_CAPACITY``. A user's own capacity is left as it is."""
+    sizes = cpu_setup.ONEDNN_CACHE_CAPACITY + 72
+
+    def again(env):
+        done = run_python(["-c", ONEDNN_PROBE % (sizes, sizes)], {"ONEDNN_VERBOSE": "all", **env})
+        lines = done.stdout.split("AGAIN", 1)[1].splitlines()
+        return {kind: sum(f"primitive,create:{kind}" in line for line in lines) for kind in ("cache_hit", "cache_miss")}
+
+    assert again({}) == {"cache_hit": 0, "cache_miss": 40}
+    assert again({cpu_setup.ONEDNN_CACHE_ENV: "1024"}) == {"cache_hit": 40, "cache_miss": 0}
+    env = {cpu_setup.ONEDNN_CACHE_ENV: "7"}
+    assert not cpu_setup.bound_onednn_primitive_cache(env) and env == {cpu_setup.ONEDNN_CACHE_ENV: "7"}

@@ -1,5 +1,7 @@
-"""The libraries vLLM's CPU backend asks to have preloaded, found on this machine and preloaded into
-``d2moe serve`` / ``d2moe demo`` by re-executing the command once with ``LD_PRELOAD`` naming them.
+"""vLLM's CPU runtime set up: the libraries its CPU backend asks to have preloaded, found on this
+machine and preloaded into ``d2moe serve`` / ``d2moe demo`` by re-executing the command once with
+``LD_PRELOAD`` naming them; and oneDNN's primitive cache bounded (:func:`bound_onednn_primitive_cache`,
+applied by the plugin's registration in every process).
 
 vLLM's CPU worker warns at every start that ``libtcmalloc`` and ``libiomp`` (Intel OpenMP) are not
 in ``LD_PRELOAD``; it only reads the variable, and a library can only be preloaded by the dynamic
@@ -18,6 +20,25 @@ from pathlib import Path
 OPT_OUT_ENV = "D2MOE_NO_PRELOAD"
 # Set in the re-executed process, so that it never re-executes again (whatever it then finds).
 REEXECUTED_ENV = "D2MOE_PRELOAD_DONE"
+
+# oneDNN keeps every primitive it creates in a process-wide cache, 1024 of them by default, each
+# holding memory that grows with its shapes. vLLM's CPU linear layers (``onednn_mm``) create one per
+# distinct batch token count, so a long-running server's memory grows with every new batch size:
+# +120 MiB in a minute of fresh prefills in the soak's worker (benchmarks/results/soak.md).
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+# Above the 64 decode batch sizes a 64-client server cycles through (vLLM's own cache per layer
+# holds 32); at 0 such cycling made each call ~15% slower.
+ONEDNN_CACHE_CAPACITY = 128
+
+
+def bound_onednn_primitive_cache(environ=os.environ) -> bool:
+    """Set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` to :data:`ONEDNN_CACHE_CAPACITY` unless it is set
+    (a user's own value wins); True when it set it. oneDNN reads it when it makes its first
+    primitive, so setting it at plugin registration reaches this process and those it starts."""
+    if ONEDNN_CACHE_ENV in environ:
+        return False
+    environ[ONEDNN_CACHE_ENV] = str(ONEDNN_CACHE_CAPACITY)
+    return True
 
 
 def _system_library_dirs() -> list[Path]:

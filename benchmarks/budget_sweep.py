@@ -76,6 +76,8 @@ OFFLOAD_METHODS = {
 WORKER_TIMEOUT_S = 3600
 # --cpu-setups parts that preload a library -> the name vLLM looks for in LD_PRELOAD (vllm_d2moe.cpu_setup)
 PRELOAD_PARTS = {"tcmalloc": "libtcmalloc", "iomp": "libiomp"}
+# --cpu-setups parts that run the engine in vLLM's default process layout (see cpu_setup_env)
+LAYOUT_PARTS = ("mp", "mp-allcpus")
 TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeline.py", "vllm_d2moe/mwq/layout.py"]
 
 
@@ -151,7 +153,16 @@ def run_engine(spec: dict) -> dict:
         "offload": snapshots[0] if snapshots else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory": engine_memory(llm),
+        # The model workers as they ran (another process under an ``mp`` set-up: its threads, CPUs, peak RSS).
+        "workers": llm.collective_rpc(_worker_process),
     }
+
+
+def _worker_process(worker) -> dict:
+    import torch
+
+    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _worker_offload_totals(worker) -> dict:
@@ -318,12 +329,21 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
     ``KMP_AFFINITY`` and its ``KMP_BLOCKTIME=5``, ``KMP_TPAUSE=0`` under Intel OpenMP, ``GOMP_CPU_AFFINITY``
     under torch's GNU OpenMP (which vLLM preloads otherwise). vLLM sets them only for the worker
     processes of its ``mp`` executor; the engines here run in the benchmark's worker process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) unless a layout part says otherwise:
+
+    - ``mp``: vLLM's default process layout (engine core and model worker in processes of their
+      own, as ``d2moe serve`` runs) with its default binding, ``VLLM_CPU_OMP_THREADS_BIND=auto``:
+      the worker's threads are pinned to the CPUs left after one is reserved for the engine core;
+    - ``mp-allcpus``: the same layout, the worker bound to every CPU this process may use."""
     parts = [] if name == "plain" else name.split("+")
-    unknown = [p for p in parts if p not in [*PRELOAD_PARTS, "bind"]]
+    known = [*PRELOAD_PARTS, "bind", *LAYOUT_PARTS]
+    unknown = [p for p in parts if p not in known]
     if unknown:
         raise SystemExit(f"--cpu-setups {name}: unknown part(s) {unknown}; "
-                         f"'plain' or parts of {[*PRELOAD_PARTS, 'bind']} joined by '+'")
+                         f"'plain' or parts of {known} joined by '+'")
+    layouts = [p for p in parts if p in LAYOUT_PARTS]
+    if len(layouts) > 1 or (layouts and "bind" in parts):
+        raise SystemExit(f"--cpu-setups {name}: at most one of {[*LAYOUT_PARTS, 'bind']} (each decides the binding)")
     wanted = [PRELOAD_PARTS[p] for p in parts if p in PRELOAD_PARTS]
     found = found_libraries(wanted)
     if len(found) < len(wanted):
@@ -337,6 +357,10 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
                     "KMP_BLOCKTIME": "5", "KMP_TPAUSE": "0"}
         else:
             env["GOMP_CPU_AFFINITY"] = " ".join(cpus)
+    for layout in layouts:
+        allowed = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
+        env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": allowed if layout == "mp-allcpus" else "auto"}
     return env
 
 
@@ -439,7 +463,9 @@ def sweep(args) -> dict:
               + (f"{spec['cpu_setup']:20s} " if "cpu_setup" in spec else "")
               + f"{time.perf_counter() - started:6.1f} s  "
               + (f"FAILED: {describe_error(result)}" if "error" in result
-                 else " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])),
+                 else " ".join(f"{r['decode_tokens_per_s']:8.1f}" for r in result["rows"])
+                 + "".join(f"  (worker: {w['torch_threads']} threads on CPUs {w['cpus']})"
+                           for w in result["workers"] if "cpu_setup" in spec)),
               flush=True)
         results.append({k: v for k, v in spec.items() if k not in ("prompts",)} | result
                        | {"load_average_after": os.getloadavg()})

@@ -15,15 +15,20 @@ _registered = False
 
 
 def _log_through_vllm() -> None:
-    """Send this plugin's log records (backend choice, width and offload statistics)
-    through the handlers vLLM configured for its own logger."""
+    """Send this plugin's log records (backend choice, width and offload statistics, failed
+    requests) to the handlers of vLLM's logger as they are when a record is emitted: vLLM configures
+    them from its arguments, in the API server after plugins are registered."""
     import logging
+    import os
 
-    vllm_logger, plugin_logger = logging.getLogger("vllm"), logging.getLogger(__name__)
-    if vllm_logger.handlers and not plugin_logger.handlers:
-        for handler in vllm_logger.handlers:
-            plugin_logger.addHandler(handler)
-        plugin_logger.setLevel(vllm_logger.getEffectiveLevel())
+    class ToVllm(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logging.getLogger("vllm").handle(record)
+
+    plugin_logger = logging.getLogger(__name__)
+    if not any(type(h).__name__ == "ToVllm" for h in plugin_logger.handlers):
+        plugin_logger.addHandler(ToVllm())
+        plugin_logger.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
         plugin_logger.propagate = False
 
 
@@ -63,12 +68,11 @@ def register() -> None:
     from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
 
     _log_through_vllm()
-    if bounded:
-        import logging
+    if bounded:  # printed: in the API server vLLM configures its logging only later
+        import sys
 
-        logging.getLogger(__name__).info(
-            "d2moe: %s=%d for this process and those it starts (oneDNN's default of 1024 cached "
-            "primitives grows a server's memory with every new batch size; set it to choose another)",
-            cpu_setup.ONEDNN_CACHE_ENV, cpu_setup.ONEDNN_CACHE_CAPACITY)
+        print(f"d2moe: {cpu_setup.ONEDNN_CACHE_ENV}={cpu_setup.ONEDNN_CACHE_CAPACITY} for this process and "
+              "those it starts (oneDNN's default of 1024 cached primitives grows a server's memory with "
+              "every new batch size; set it to choose another)", file=sys.stderr, flush=True)
 
     _registered = True

@@ -557,7 +557,8 @@ def soak_run(pristine: Path, workdir: Path, *, quantization_config: dict, server
                                   seed=seed, config={"quantization_config": quantization_config,
                                                      "server_args": list(args), "targets": list(targets)}))
         finish(result, proc, base)
+        # Counted before the stop: vLLM's own shutdown (abort mode) logs the engine's death with a traceback.
+        result.config["server_log_tracebacks"] = log.read_text(errors="replace").count("Traceback")
     finally:
         stop(proc)
-    result.config["server_log_tracebacks"] = log.read_text(errors="replace").count("Traceback")
     return result

@@ -30,7 +30,8 @@ def free_port() -> int:
 def terminate_with_parent() -> None:
     """In a child between fork and exec: the kernel sends it SIGTERM when the process that started
     it dies, however it dies (a test worker ended by the OOM killer would otherwise leave its
-    servers running, each holding gigabytes). Survives the exec of ``d2moe serve``'s restart."""
+    servers running, each holding gigabytes). Survives the exec of ``d2moe serve``'s restart. The
+    kernel ties it to the starting *thread*: start servers from one that outlives them."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")

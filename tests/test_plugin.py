@@ -1,6 +1,7 @@
 """Plugin registration: cheap to import, idempotent, visible to vLLM through its entry point."""
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -54,24 +55,11 @@ def test_cli_lists_its_subcommands():
         assert command in proc.stdout
 
 
-LOGGING_PROBE = """
-import logging
-import vllm_d2moe
-vllm_d2moe.register()  # as in the API server: before vLLM configures its logging from the arguments
-from vllm.config.logging import LoggingConfig
-from vllm.logger import configure_logging
-configure_logging(LoggingConfig())
-logging.getLogger("vllm_d2moe.offload.manager").info("d2moe-probe-line")
-"""
-
-
-def test_plugin_log_lines_reach_the_handlers_vllm_configures_after_registration():
-    env = {k: v for k, v in __import__("os").environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    proc = subprocess.run([sys.executable, "-c", LOGGING_PROBE], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "d2moe-probe-line" in line]
-    # Once, in vLLM's format (level, then the emitting file and line).
-    assert len(lines) == 1 and " INFO " in lines[0] and "[<string>:8]" in lines[0], proc.stdout + proc.stderr
-    # The oneDNN cache bound is said once, on stderr (no logging configured yet when it is set).
+def test_registration_says_once_that_it_bounds_onednns_primitive_cache():
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    code = ("import os, vllm_d2moe; vllm_d2moe.register(); vllm_d2moe.register(); "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "128", proc.stderr[-3000:]
+    # On stderr: in the API server vLLM configures its logging only after plugins are registered.
     assert proc.stderr.count("d2moe: ONEDNN_PRIMITIVE_CACHE_CAPACITY=128 for this process") == 1

@@ -15,20 +15,15 @@ _registered = False
 
 
 def _log_through_vllm() -> None:
-    """Send this plugin's log records (backend choice, width and offload statistics, failed
-    requests) to the handlers of vLLM's logger as they are when a record is emitted: vLLM configures
-    them from its arguments, in the API server after plugins are registered."""
+    """Send this plugin's log records (backend choice, width and offload statistics)
+    through the handlers vLLM configured for its own logger."""
     import logging
-    import os
 
-    class ToVllm(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            logging.getLogger("vllm").handle(record)
-
-    plugin_logger = logging.getLogger(__name__)
-    if not any(type(h).__name__ == "ToVllm" for h in plugin_logger.handlers):
-        plugin_logger.addHandler(ToVllm())
-        plugin_logger.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    vllm_logger, plugin_logger = logging.getLogger("vllm"), logging.getLogger(__name__)
+    if vllm_logger.handlers and not plugin_logger.handlers:
+        for handler in vllm_logger.handlers:
+            plugin_logger.addHandler(handler)
+        plugin_logger.setLevel(vllm_logger.getEffectiveLevel())
         plugin_logger.propagate = False
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vllm_d2moe import cpu_setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +130,7 @@ for m in range(1, 41):  # the first batch sizes again
 """
 
 
+@pytest.mark.extended  # two engines' worth of imports and 400 primitives: ~70 s
 def test_registration_bounds_onednns_primitive_cache_of_vllms_cpu_linear_layers():
     """oneDNN (its verbose log says whether a primitive came from its cache) keeps the first batch
     sizes' primitives among 1024 by default; after registration it keeps only the last

@@ -127,6 +127,7 @@ def _ended(pid: int) -> bool:
         return True
 
 
+@pytest.mark.extended  # a server start cut short: ~50 s
 def test_a_server_ends_when_the_process_that_started_it_is_killed(model_zoo, tmp_path):
     """A test worker ended by SIGKILL (the OOM killer) leaves no server behind."""
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(model_zoo["mixtral"]["d2moe"]),

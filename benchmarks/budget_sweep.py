@@ -358,10 +358,10 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
                     "KMP_BLOCKTIME": "5", "KMP_TPAUSE": "0"}
         else:
             env["GOMP_CPU_AFFINITY"] = " ".join(cpus)
-    for layout in layouts:
+    if layouts:
         allowed = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
         env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-                "VLLM_CPU_OMP_THREADS_BIND": allowed if layout == "mp-allcpus" else "auto",
+                "VLLM_CPU_OMP_THREADS_BIND": allowed if layouts == ["mp-allcpus"] else "auto",
                 # The benchmark's worker RPCs are functions; vLLM pickles them to another process only so.
                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     return env

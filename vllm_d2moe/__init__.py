@@ -47,7 +47,7 @@ def register() -> None:
     and raises :class:`~vllm_d2moe.vllm_glue.patches.UnsupportedVLLMVersion` on a
     vLLM release not in :data:`SUPPORTED_VLLM_VERSIONS` unless
     ``D2MOE_ALLOW_UNTESTED_VLLM=1``. It bounds oneDNN's primitive cache unless the
-    user did (:func:`vllm_d2moe.cpu_setup.bound_onednn_primitive_cache`, one log line).
+    user did (:func:`vllm_d2moe.cpu_setup.bound_onednn_primitive_cache`, one line on stderr).
     """
     global _registered
     if _registered:
@@ -55,7 +55,7 @@ def register() -> None:
     from vllm_d2moe import cpu_setup
 
     # Before any model runs: the only moment oneDNN reads it.
-    bounded = cpu_setup.bound_onednn_primitive_cache()
+    cpu_setup.bound_onednn_primitive_cache()
     from vllm_d2moe.vllm_glue import patches
 
     # First: on an unsupported vLLM this refuses to start (vllm_glue/patches.py says why).
@@ -63,11 +63,5 @@ def register() -> None:
     from vllm_d2moe.vllm_glue import quant_config  # noqa: F401  (registers "d2moe")
 
     _log_through_vllm()
-    if bounded:  # printed: in the API server vLLM configures its logging only later
-        import sys
-
-        print(f"d2moe: {cpu_setup.ONEDNN_CACHE_ENV}={cpu_setup.ONEDNN_CACHE_CAPACITY} for this process and "
-              "those it starts (oneDNN's default of 1024 cached primitives grows a server's memory with "
-              "every new batch size; set it to choose another)", file=sys.stderr, flush=True)
 
     _registered = True

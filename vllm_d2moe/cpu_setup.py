@@ -24,7 +24,7 @@ REEXECUTED_ENV = "D2MOE_PRELOAD_DONE"
 # oneDNN keeps every primitive it creates in a process-wide cache, 1024 of them by default, each
 # holding memory that grows with its shapes. vLLM's CPU linear layers (``onednn_mm``) create one per
 # distinct batch token count, so a long-running server's memory grows with every new batch size:
-# +120 MiB in a minute of fresh prefills in the soak's worker (benchmarks/results/soak.md).
+# +123 MiB of live allocations in one minute of failing requests in the soak's worker (issue 17).
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 # Above the 64 decode batch sizes a 64-client server cycles through (vLLM's own cache per layer
 # holds 32); at 0 such cycling made each call ~15% slower.
@@ -33,11 +33,15 @@ ONEDNN_CACHE_CAPACITY = 128
 
 def bound_onednn_primitive_cache(environ=os.environ) -> bool:
     """Set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` to :data:`ONEDNN_CACHE_CAPACITY` unless it is set
-    (a user's own value wins); True when it set it. oneDNN reads it when it makes its first
+    (a user's own value wins) and say so on stderr; True when it set it. oneDNN reads it when it makes its first
     primitive, so setting it at plugin registration reaches this process and those it starts."""
     if ONEDNN_CACHE_ENV in environ:
         return False
     environ[ONEDNN_CACHE_ENV] = str(ONEDNN_CACHE_CAPACITY)
+    # Printed: in the API server vLLM configures its logging only after plugins are registered.
+    print(f"d2moe: {ONEDNN_CACHE_ENV}={ONEDNN_CACHE_CAPACITY} for this process and those it starts (oneDNN's "
+          "default of 1024 cached primitives grows a server's memory with every new batch size; set it to "
+          "choose another)", file=sys.stderr, flush=True)
     return True
 
 

@@ -27,6 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def terminate_with_parent() -> None:
     """In a child between fork and exec: the kernel sends it SIGTERM when the process that started
     it dies, however it dies (a test worker ended by the OOM killer would otherwise leave its
@@ -35,9 +38,6 @@ def terminate_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def serve_process(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:

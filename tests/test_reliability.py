@@ -7,12 +7,15 @@ the positional read it performs, or a wrapper of its ``read``) and the pool
 (a wrapper of ``write``), and by damaging a copy of the checkpoint's files.
 """
 
+import errno
+import gc
 import logging
 import pickle
 import random
 import shutil
 import threading
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -324,6 +327,54 @@ def test_degrade_without_an_intact_width_fails_the_pairs(copy, checkpoint, backe
         assert all("section 0 (base)" in f.error for f in faults)
     assert reads.counts["base"] == 1
     assert not manager.pool.pinned and (1, 7) not in manager.pool.slot_of
+
+
+class FailingReads:
+    """A ``read_at`` whose reads of layer 1 ``expert`` fail with EIO, as a bad disk's would."""
+
+    def __init__(self, checkpoint: MWQCheckpoint, expert: int):
+        _, offset, nbytes = checkpoint.expert_extent(1, expert)
+        self.extent = offset, offset + nbytes
+
+    def __call__(self, fd, offset, length):
+        lo, hi = self.extent
+        if offset < hi and lo < offset + length:
+            raise OSError(errno.EIO, "injected I/O error")
+        return read_buffered(fd, offset, length)
+
+
+@pytest.mark.parametrize("how", ["read error", "corrupt"])
+def test_failed_reads_leave_no_reference_cycles(copy, checkpoint, backend, how):
+    """A failed expert read keeps no frame of the layer call alive in a reference cycle: a failed
+    read's error held its traceback, the traceback this call's frames and, up their callers, the
+    forward pass's with its activations, until the cyclic GC ran (the soak's worker grew while reads
+    failed). Every object a collection finds unreachable is kept (``DEBUG_SAVEALL``) and checked."""
+    if how == "corrupt":
+        damage(copy, checkpoint, 7, 6, "corrupt")
+        read_at = read_buffered
+    else:
+        read_at = FailingReads(checkpoint, 7)
+    faults = []
+    damaged = MWQCheckpoint(copy)
+    manager = OffloadManager(damaged, budget_for(checkpoint, 6), MAX_BITS, OffloadPolicy(on_read_error="fail"),
+                             backend, store=ExpertStore(damaged, read_at=read_at), fault_sink=faults.append)
+    layer = manager.layer(1, list(range(8)), MAX_BITS)
+    x, weights = torch.randn(5, 128), torch.rand(5, 2)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.garbage.clear()
+        for _ in range(2):
+            layer.forward(x, weights, IDS, WIDTHS)
+        assert faults and all(f.expert == 7 for f in faults)
+        faults.clear()
+        gc.collect()
+        cyclic = sorted({f"{o.f_code.co_name} ({Path(o.f_code.co_filename).name})" for o in gc.garbage
+                         if isinstance(o, types.FrameType) and "vllm_d2moe" in o.f_code.co_filename})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not cyclic, f"frames kept alive in reference cycles: {cyclic}"
 
 
 def test_damaged_sections_error_crosses_processes(copy, checkpoint):

@@ -5,10 +5,24 @@ queued; prefetches run nearest layer first, then hottest expert and lowest width
 import heapq
 import itertools
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 
 DEMAND = (0,)
+
+
+def set_failed(future: Future, error: BaseException) -> None:
+    """Fail ``future`` with ``error``, the finished frames of its traceback, and of those of the
+    errors it was raised from or while handling, cleared of their locals (they still print). The
+    future outlives the call, and a frame that holds it (a read's ``load``) would otherwise close a
+    reference cycle that frees the frames, and what they hold, only when the cyclic GC runs."""
+    chained, seen = error, set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
+    future.set_exception(error)
 
 
 class PriorityExecutor:
@@ -45,7 +59,7 @@ class PriorityExecutor:
             try:
                 result = fn(*args)
             except BaseException as e:  # noqa: BLE001 (raised where the future is read)
-                future.set_exception(e)
+                set_failed(future, e)
             else:
                 future.set_result(result)
 

@@ -47,7 +47,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, fields
 
 from vllm_d2moe.mwq.checkpoint import CheckpointError, CorruptSectionsError
-from vllm_d2moe.offload.io_queue import DEMAND, PriorityExecutor
+from vllm_d2moe.offload.io_queue import DEMAND, PriorityExecutor, set_failed
 from vllm_d2moe.offload.metrics import LayerCounters, OffloadMetrics
 from vllm_d2moe.offload.pool import Key, ResidentPool
 from vllm_d2moe.offload.store import ExpertStore, SectionBytes
@@ -443,6 +443,11 @@ class LoadPipeline:
                     try:
                         self._install(chain[0], counters)
                     except CheckpointError as error:
+                        # Kept past this call (in `failed`) without its traceback, which holds this
+                        # frame and, up its callers, the forward pass's: a reference cycle that kept
+                        # a batch's activations alive until the cyclic GC ran (the soak's worker
+                        # grew while reads failed).
+                        error.with_traceback(None)
                         compute_ready(key)  # what the resident width serves still runs
                         damaged = isinstance(error, CorruptSectionsError)
                         if damaged:
@@ -479,7 +484,7 @@ class LoadPipeline:
         try:
             result = self._fetch(load, slot)
         except Exception as e:  # noqa: BLE001 (raised at install, like a background read's)
-            future.set_exception(e)
+            set_failed(future, e)
         else:
             future.set_result(result)
             counters.wait_seconds += result[2]

@@ -205,16 +205,19 @@ def test_store_refuses_a_missing_expert_tensor_at_start(copy):
 # ---------------------------------------------------------------- damaged planes
 
 class SectionReads:
-    """A ``read_at`` that counts the reads overlapping given byte ranges of the layer-1 file."""
+    """A ``read_at`` that counts the reads overlapping given byte ranges of the layer-1 file; those
+    overlapping a range named in ``failing`` fail with EIO, as a bad disk's would."""
 
-    def __init__(self, ranges: dict[str, tuple[int, int]]):
-        self.ranges = ranges
+    def __init__(self, ranges: dict[str, tuple[int, int]], failing: tuple[str, ...] = ()):
+        self.ranges, self.failing = ranges, failing
         self.counts = dict.fromkeys(ranges, 0)
 
     def __call__(self, fd, offset, length):
         for name, (lo, hi) in self.ranges.items():
             if offset < hi and lo < offset + length:
                 self.counts[name] += 1
+                if name in self.failing:
+                    raise OSError(errno.EIO, "injected I/O error")
         return read_buffered(fd, offset, length)
 
 
@@ -329,20 +332,6 @@ def test_degrade_without_an_intact_width_fails_the_pairs(copy, checkpoint, backe
     assert not manager.pool.pinned and (1, 7) not in manager.pool.slot_of
 
 
-class FailingReads:
-    """A ``read_at`` whose reads of layer 1 ``expert`` fail with EIO, as a bad disk's would."""
-
-    def __init__(self, checkpoint: MWQCheckpoint, expert: int):
-        _, offset, nbytes = checkpoint.expert_extent(1, expert)
-        self.extent = offset, offset + nbytes
-
-    def __call__(self, fd, offset, length):
-        lo, hi = self.extent
-        if offset < hi and lo < offset + length:
-            raise OSError(errno.EIO, "injected I/O error")
-        return read_buffered(fd, offset, length)
-
-
 @pytest.mark.parametrize("how", ["read error", "corrupt"])
 def test_failed_reads_leave_no_reference_cycles(copy, checkpoint, backend, how):
     """A failed expert read keeps no frame of the layer call alive in a reference cycle: a failed
@@ -350,15 +339,12 @@ def test_failed_reads_leave_no_reference_cycles(copy, checkpoint, backend, how):
     forward pass's with its activations, until the cyclic GC ran (the soak's worker grew while reads
     failed). Every object a collection finds unreachable is kept (``DEBUG_SAVEALL``) and checked."""
     if how == "corrupt":
-        damage(copy, checkpoint, 7, 6, "corrupt")
-        read_at = read_buffered
+        reads = SectionReads({"plane 6": damage(copy, checkpoint, 7, 6, "corrupt")})
     else:
-        read_at = FailingReads(checkpoint, 7)
+        _, offset, nbytes = checkpoint.expert_extent(1, 7)
+        reads = SectionReads({"expert 7": (offset, offset + nbytes)}, failing=("expert 7",))
     faults = []
-    damaged = MWQCheckpoint(copy)
-    manager = OffloadManager(damaged, budget_for(checkpoint, 6), MAX_BITS, OffloadPolicy(on_read_error="fail"),
-                             backend, store=ExpertStore(damaged, read_at=read_at), fault_sink=faults.append)
-    layer = manager.layer(1, list(range(8)), MAX_BITS)
+    _, layer = offloaded(copy, checkpoint, backend, "fail", reads, faults)
     x, weights = torch.randn(5, 128), torch.rand(5, 2)
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)

@@ -55,7 +55,7 @@ import time
 import traceback
 from pathlib import Path
 
-from vllm_d2moe.cpu_setup import found_libraries
+from vllm_d2moe.cpu_setup import found_libraries, share_reserved_cpus
 from vllm_d2moe.vllm_glue.llm import ENGINE_ENV as BASE_ENGINE_ENV
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,7 +77,7 @@ WORKER_TIMEOUT_S = 3600
 # --cpu-setups parts that preload a library -> the name vLLM looks for in LD_PRELOAD (vllm_d2moe.cpu_setup)
 PRELOAD_PARTS = {"tcmalloc": "libtcmalloc", "iomp": "libiomp"}
 # --cpu-setups parts that run the engine in vLLM's default process layout (see cpu_setup_env)
-LAYOUT_PARTS = ("mp", "mp-allcpus")
+LAYOUT_PARTS = ("mp", "mp-allcpus", "mp-d2moe")
 TEXT_SOURCES = ["README.md", "vllm_d2moe/experts.py", "vllm_d2moe/offload/pipeline.py", "vllm_d2moe/mwq/layout.py"]
 
 
@@ -335,7 +335,9 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
     - ``mp``: vLLM's default process layout (engine core and model worker in processes of their
       own, as ``d2moe serve`` runs) with its default binding, ``VLLM_CPU_OMP_THREADS_BIND=auto``:
       the worker's threads are pinned to the CPUs left after one is reserved for the engine core;
-    - ``mp-allcpus``: the same layout, the worker bound to every CPU this process may use."""
+    - ``mp-allcpus``: the same layout, the worker bound to every CPU this process may use;
+    - ``mp-d2moe``: the same layout with the binding ``d2moe serve`` arranges
+      (:func:`vllm_d2moe.cpu_setup.share_reserved_cpus`)."""
     parts = [] if name == "plain" else name.split("+")
     known = [*PRELOAD_PARTS, "bind", *LAYOUT_PARTS]
     unknown = [p for p in parts if p not in known]
@@ -364,6 +366,8 @@ def cpu_setup_env(name: str, threads: int) -> dict[str, str]:
                 "VLLM_CPU_OMP_THREADS_BIND": allowed if layouts == ["mp-allcpus"] else "auto",
                 # The benchmark's worker RPCs are functions; vLLM pickles them to another process only so.
                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+        if layouts == ["mp-d2moe"]:
+            share_reserved_cpus(env)
     return env
 
 

@@ -23,7 +23,8 @@ def loaded_libm() -> Path:
 
 
 def run_python(code: str, env_changes: dict[str, str | None]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in (cpu_setup.REEXECUTED_ENV, cpu_setup.OPT_OUT_ENV)}
+    ours = (cpu_setup.REEXECUTED_ENV, cpu_setup.OPT_OUT_ENV, cpu_setup.RESERVED_CPUS_ENV, cpu_setup.THREADS_BIND_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env.pop("LD_PRELOAD", None)
     env |= {k: v for k, v in env_changes.items() if v is not None}
     return subprocess.run([sys.executable, *code], capture_output=True, text=True, env=env, timeout=120, check=True)
@@ -94,13 +95,43 @@ def test_demo_command_runs_under_the_preloaded_libraries_it_names():
     assert REEXEC_LINE not in opted_out.stderr
 
 
-def test_serve_and_demo_ask_for_the_preload_before_anything_imports_vllm_or_torch():
+def test_serve_and_demo_ask_for_the_cpu_setup_before_anything_imports_vllm_or_torch():
     code = ("import sys; from vllm_d2moe import cpu_setup, demo, serve; "
-            "print(demo.PRELOAD, serve.PRELOAD, 'vllm' in sys.modules, 'torch' in sys.modules)")
+            "print(demo.CPU_SETUP, serve.CPU_SETUP, 'vllm' in sys.modules, 'torch' in sys.modules)")
     assert run_python(["-c", code], {}).stdout.split() == ["True", "True", "False", "False"]
     from vllm_d2moe.mwq import inspect
 
-    assert not hasattr(inspect, "PRELOAD")  # a command that starts no engine is never re-executed
+    assert not hasattr(inspect, "CPU_SETUP")  # a command that starts no engine is never re-executed
+
+
+SHARE_LINE = f"d2moe: {cpu_setup.RESERVED_CPUS_ENV}=0"
+
+
+def test_small_machines_give_the_worker_every_cpu_unless_the_user_chose(capsys):
+    """vLLM's automatic binding reserves a CPU per rank for the engine core; on at most
+    ``SMALL_MACHINE_CPUS`` the reservation is dropped, once, with a line saying so."""
+    reserved, bind = cpu_setup.RESERVED_CPUS_ENV, cpu_setup.THREADS_BIND_ENV
+    for cpus in range(1, cpu_setup.SMALL_MACHINE_CPUS + 1):
+        for env in ({}, {bind: "auto"}):
+            assert cpu_setup.share_reserved_cpus(env, usable_cpus=cpus)
+            assert env[reserved] == "0"
+            assert capsys.readouterr().err.startswith(f"{SHARE_LINE}: the model worker gets all {cpus} CPUs")
+            assert not cpu_setup.share_reserved_cpus(env, usable_cpus=cpus)  # already set: once only
+    for env in ({reserved: "1"}, {bind: "0"}, {bind: "nobind"}):
+        before = dict(env)
+        assert not cpu_setup.share_reserved_cpus(env, usable_cpus=2) and env == before
+    env = {}
+    assert not cpu_setup.share_reserved_cpus(env, usable_cpus=cpu_setup.SMALL_MACHINE_CPUS + 1) and env == {}
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_command_shares_the_reserved_cpu_on_this_machine():
+    """From the command line (``--help``: no engine), before its re-exec, which inherits it."""
+    done = run_python(["-m", "vllm_d2moe.cli", "demo", "--help"], {})
+    small = len(os.sched_getaffinity(0)) <= cpu_setup.SMALL_MACHINE_CPUS
+    assert done.stderr.count(SHARE_LINE) == (1 if small else 0), done.stderr
+    chosen = run_python(["-m", "vllm_d2moe.cli", "demo", "--help"], {cpu_setup.RESERVED_CPUS_ENV: "1"})
+    assert SHARE_LINE not in chosen.stderr
 
 
 def test_the_projects_environment_variables_pass_vllms_strict_check(monkeypatch):

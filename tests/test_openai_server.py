@@ -34,8 +34,8 @@ from conftest import PROMPTS, routed_budget
 
 
 class Server:
-    def __init__(self, client: openai.OpenAI, model: str, base_url: str, budget: int):
-        self.client, self.model, self.base_url, self.budget = client, model, base_url, budget
+    def __init__(self, client: openai.OpenAI, model: str, base_url: str, budget: int, log: Path):
+        self.client, self.model, self.base_url, self.budget, self.log = client, model, base_url, budget, log
 
 
 @contextlib.contextmanager
@@ -56,8 +56,9 @@ def server(model_zoo, tmp_path_factory):
     experts at 8 bits in the budget: most layer calls read from disk."""
     model = str(model_zoo["mixtral"]["d2moe"])
     budget = 3 * expert_nbytes(MWQCheckpoint(model).layer(0).layout, 8) + 1024
-    with _running_server(model, {"memory_budget": budget}, tmp_path_factory.mktemp("server")) as base:
-        yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, base, budget)
+    tmp = tmp_path_factory.mktemp("server")
+    with _running_server(model, {"memory_budget": budget}, tmp) as base:
+        yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused"), model, base, budget, tmp / "server.log")
 
 
 # Residual plane 2 of every layer-1 expert is corrupt: 4-bit pairs need it, 2- and 3-bit ones do not.
@@ -78,7 +79,7 @@ def damaged_server(routed_mixtral, tmp_path_factory):
     options = {"memory_budget": routed_budget(model), "capacities": "off", "on_read_error": "fail"}
     with _running_server(str(model), options, tmp) as base:
         yield Server(openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0), str(model), base,
-                     options["memory_budget"])
+                     options["memory_budget"], tmp / "server.log")
 
 
 def test_completion_matches_offline_engine(server, engine_results):
@@ -86,6 +87,18 @@ def test_completion_matches_offline_engine(server, engine_results):
     reply = server.client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=16, temperature=0)
     offline = engine_results["mixtral/d2moe-8"]["outputs"][0]["text"]
     assert reply.choices[0].text == offline
+
+
+def test_the_model_worker_is_bound_as_d2moe_serve_arranges(server):
+    """vLLM logs the CPUs it binds the worker's threads to: on a small machine every CPU (no
+    reservation for the engine core, ``cpu_setup.share_reserved_cpus``), elsewhere vLLM's own choice."""
+    from vllm_d2moe import cpu_setup
+
+    bound = re.findall(r"local_rank=0, core ids=\[([\d, ]*)\]", server.log.read_text())
+    assert len(bound) == 1, server.log.read_text()[-3000:]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) <= cpu_setup.SMALL_MACHINE_CPUS:
+        assert [int(cpu) for cpu in bound[0].split(",")] == cpus
 
 
 def test_chat_completion(server):

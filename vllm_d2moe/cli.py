@@ -3,8 +3,9 @@
 Each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``run(args) -> int | None``; modules are imported
 only when their subcommand runs, so ``d2moe --help`` stays fast. A module with
-``PRELOAD = True`` (those that start vLLM engines) is run, from the command line,
-under the libraries :mod:`vllm_d2moe.cpu_setup` preloads.
+``CPU_SETUP = True`` (those that start vLLM engines) is run, from the command line,
+with :mod:`vllm_d2moe.cpu_setup`'s thread binding on small machines and under the
+libraries it preloads.
 """
 
 import argparse
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    if from_command_line and getattr(module, "PRELOAD", False):
-        from vllm_d2moe.cpu_setup import reexec_with_preload
+    if from_command_line and getattr(module, "CPU_SETUP", False):
+        from vllm_d2moe.cpu_setup import reexec_with_preload, share_reserved_cpus
 
+        share_reserved_cpus()  # before the re-exec, which inherits it
         reexec_with_preload(["-m", "vllm_d2moe.cli", *argv])
     sub_parser = argparse.ArgumentParser(prog=f"d2moe {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)

@@ -1,7 +1,8 @@
 """vLLM's CPU runtime set up: the libraries its CPU backend asks to have preloaded, found on this
 machine and preloaded into ``d2moe serve`` / ``d2moe demo`` by re-executing the command once with
-``LD_PRELOAD`` naming them; and oneDNN's primitive cache bounded (:func:`bound_onednn_primitive_cache`,
-applied by the plugin's registration in every process).
+``LD_PRELOAD`` naming them; on small machines the model worker given every CPU
+(:func:`share_reserved_cpus`, also for those two commands); and oneDNN's primitive cache bounded
+(:func:`bound_onednn_primitive_cache`, applied by the plugin's registration in every process).
 
 vLLM's CPU worker warns at every start that ``libtcmalloc`` and ``libiomp`` (Intel OpenMP) are not
 in ``LD_PRELOAD``; it only reads the variable, and a library can only be preloaded by the dynamic
@@ -42,6 +43,35 @@ def bound_onednn_primitive_cache(environ=os.environ) -> bool:
     print(f"d2moe: {ONEDNN_CACHE_ENV}={ONEDNN_CACHE_CAPACITY} for this process and those it starts (oneDNN's "
           "default of 1024 cached primitives grows a server's memory with every new batch size; set it to "
           "choose another)", file=sys.stderr, flush=True)
+    return True
+
+
+# vLLM's default thread binding (``VLLM_CPU_OMP_THREADS_BIND=auto``) keeps one CPU per local rank
+# away from the model worker for the engine-core process. At this many usable CPUs or fewer, that
+# is a quarter of the compute or more, while the engine core only schedules between the worker's
+# steps: on 2 CPUs the reservation decoded 1.5-2.0x slower (benchmarks/results/cpu_setup.md).
+SMALL_MACHINE_CPUS = 4
+RESERVED_CPUS_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def share_reserved_cpus(environ=os.environ, usable_cpus: int | None = None) -> bool:
+    """On a machine with at most :data:`SMALL_MACHINE_CPUS` usable CPUs (``usable_cpus``, default
+    this process's affinity), set ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` in ``environ`` so that vLLM's
+    automatic binding gives the model worker every CPU, and say so on stderr; True when it set it.
+    A user's own reservation or explicit binding (either variable set, the binding to anything but
+    ``auto``) is left as it is. vLLM reads both when it starts its workers, in processes started
+    after this one, so setting them before the engine starts is enough."""
+    if RESERVED_CPUS_ENV in environ or environ.get(THREADS_BIND_ENV, "auto") != "auto":
+        return False
+    usable_cpus = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
+    if usable_cpus > SMALL_MACHINE_CPUS:
+        return False
+    environ[RESERVED_CPUS_ENV] = "0"
+    print(f"d2moe: {RESERVED_CPUS_ENV}=0: the model worker gets all {usable_cpus} CPUs (vLLM reserves one "
+          f"per rank for its engine-core process, which on {SMALL_MACHINE_CPUS} CPUs or fewer costs more "
+          f"than it saves; set {RESERVED_CPUS_ENV} to choose, and expect vLLM's warning about it)",
+          file=sys.stderr, flush=True)
     return True
 
 

@@ -16,7 +16,7 @@ from vllm_d2moe.reference.corpus import cache_root
 from vllm_d2moe.vllm_glue.llm import ENGINE_ENV, start_llm
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "reference-small"
-PRELOAD = True  # runs under vllm_d2moe.cpu_setup's preloaded libraries (see there)
+CPU_SETUP = True  # runs with vllm_d2moe.cpu_setup's binding and preloaded libraries (see there)
 DEFAULT_PROMPTS = [
     "The kernel module",
     "To create a virtual environment, run",

@@ -17,7 +17,7 @@ import importlib.metadata
 import sys
 
 PASS_THROUGH = True  # the arguments go to vLLM's parser untouched
-PRELOAD = True  # runs under vllm_d2moe.cpu_setup's preloaded libraries (see there)
+CPU_SETUP = True  # runs with vllm_d2moe.cpu_setup's binding and preloaded libraries (see there)
 
 
 def add_arguments(parser) -> None:

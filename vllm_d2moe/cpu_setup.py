@@ -55,19 +55,26 @@ RESERVED_CPUS_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
-def share_reserved_cpus(environ=os.environ, usable_cpus: int | None = None) -> bool:
-    """On a machine with at most :data:`SMALL_MACHINE_CPUS` usable CPUs (``usable_cpus``, default
-    this process's affinity), set ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` in ``environ`` so that vLLM's
-    automatic binding gives the model worker every CPU, and say so on stderr; True when it set it.
-    A user's own reservation or explicit binding (either variable set, the binding to anything but
-    ``auto``) is left as it is. vLLM reads both when it starts its workers, in processes started
-    after this one, so setting them before the engine starts is enough."""
+def reserved_cpus_to_share(environ=os.environ, usable_cpus: int | None = None) -> dict[str, str]:
+    """``{"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}`` on a machine with at most :data:`SMALL_MACHINE_CPUS`
+    usable CPUs (``usable_cpus``, default this process's affinity) when ``environ`` holds neither a
+    user's own reservation nor an explicit binding (anything but ``auto``); else nothing."""
     if RESERVED_CPUS_ENV in environ or environ.get(THREADS_BIND_ENV, "auto") != "auto":
-        return False
+        return {}
     usable_cpus = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
-    if usable_cpus > SMALL_MACHINE_CPUS:
+    return {RESERVED_CPUS_ENV: "0"} if usable_cpus <= SMALL_MACHINE_CPUS else {}
+
+
+def share_reserved_cpus(environ=os.environ, usable_cpus: int | None = None) -> bool:
+    """Set :func:`reserved_cpus_to_share` in ``environ``, so that vLLM's automatic binding gives the
+    model worker every CPU, and say so on stderr; True when it set it. vLLM reads the variable when
+    it starts its workers, in processes started after this one, so setting it before the engine
+    starts is enough."""
+    setting = reserved_cpus_to_share(environ, usable_cpus)
+    if not setting:
         return False
-    environ[RESERVED_CPUS_ENV] = "0"
+    environ.update(setting)
+    usable_cpus = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
     print(f"d2moe: {RESERVED_CPUS_ENV}=0: the model worker gets all {usable_cpus} CPUs (vLLM reserves one "
           f"per rank for its engine-core process, which on {SMALL_MACHINE_CPUS} CPUs or fewer costs more "
           f"than it saves; set {RESERVED_CPUS_ENV} to choose, and expect vLLM's warning about it)",

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_d2moe.cpu_setup import RESERVED_CPUS_ENV, THREADS_BIND_ENV, reserved_cpus_to_share
 from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, MWQCheckpoint, layer_file
 from vllm_d2moe.offload.injected_faults import ENV_VARIABLE as FAULTS_ENV
 from vllm_d2moe.testing.damage import flip_byte
@@ -503,7 +504,10 @@ def cached_expected_outcomes(pristine: Path, workdir: Path, quantization_config:
     from vllm_d2moe.testing.served import running_server
 
     resident = {k: v for k, v in quantization_config.items() if k not in ("memory_budget", "offload")}
-    key = reference_cache_key(pristine, {"options": resident, "args": args}, requests)
+    # The worker's CPUs decide its thread count, which may change a float sum's order.
+    cpus = {"usable": sorted(os.sched_getaffinity(0)), **reserved_cpus_to_share(),
+            **{name: os.environ[name] for name in (RESERVED_CPUS_ENV, THREADS_BIND_ENV) if name in os.environ}}
+    key = reference_cache_key(pristine, {"options": resident, "args": args, "cpus": cpus}, requests)
     cached = json.loads(reference_cache.read_text()) if reference_cache and reference_cache.exists() else {}
     if cached.get("key") == key:
         progress(f"expected outcomes of {len(cached['outcomes'])} requests from {reference_cache}")

@@ -70,11 +70,11 @@ def share_reserved_cpus(environ=os.environ, usable_cpus: int | None = None) -> b
     model worker every CPU, and say so on stderr; True when it set it. vLLM reads the variable when
     it starts its workers, in processes started after this one, so setting it before the engine
     starts is enough."""
+    usable_cpus = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
     setting = reserved_cpus_to_share(environ, usable_cpus)
     if not setting:
         return False
     environ.update(setting)
-    usable_cpus = len(os.sched_getaffinity(0)) if usable_cpus is None else usable_cpus
     print(f"d2moe: {RESERVED_CPUS_ENV}=0: the model worker gets all {usable_cpus} CPUs (vLLM reserves one "
           f"per rank for its engine-core process, which on {SMALL_MACHINE_CPUS} CPUs or fewer costs more "
           f"than it saves; set {RESERVED_CPUS_ENV} to choose, and expect vLLM's warning about it)",

@@ -1,6 +1,6 @@
 """Decode throughput under expert memory budgets: the offload pipeline against its baselines.
 
-One run serves the same model through vLLM (CPU, eager, bfloat16 activations)
+One run serves the same model through vLLM (CPU, eager unless ``--compiled``, bfloat16 activations)
 with every method below, each engine in its own process (so its peak RSS is
 its own), at 1 / 4 / 8 / 16 concurrent requests of ``--input-len`` prompt
 tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
@@ -8,6 +8,9 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
 * ``bf16``: stock vLLM, unquantized bfloat16 experts, all resident;
 * ``int8-resident``: MWQ at 8 bits, all resident ("hold-in-memory INT8");
 * ``mwq4-resident``: MWQ at 4 bits, all resident (issue 4's end-to-end check);
+* ``mwq2-resident``, ``mwq3-resident``: the narrower widths, all resident; ``mwq4-dense-int8``,
+  ``mwq4-dense-int4``, ``mwq8-dense-int8``: with the non-expert linear layers (attention, output
+  head) as weight-only int8 / int4 too (``dense`` option), all resident (opt-in: not in the default);
 * offloaded under each budget, reads with ``O_DIRECT`` (page cache bypassed),
   the paper's ablation steps:
 
@@ -73,6 +76,15 @@ OFFLOAD_METHODS = {
     "+hebf": {"order": "hebf", "overlap": True, "reuse": True, "keep": False},
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
+# More all-resident MWQ runs: narrower widths, and the non-expert layers as weight-only int8 / int4
+# (the ``dense`` option of quantization_config).
+RESIDENT_VARIANTS = {
+    "mwq2-resident": {"bits": 2},
+    "mwq3-resident": {"bits": 3},
+    "mwq4-dense-int8": {"bits": 4, "dense": "int8"},
+    "mwq4-dense-int4": {"bits": 4, "dense": "int4"},
+    "mwq8-dense-int8": {"bits": 8, "dense": "int8"},
+}
 WORKER_TIMEOUT_S = 3600
 # --cpu-setups parts that preload a library -> the name vLLM looks for in LD_PRELOAD (vllm_d2moe.cpu_setup)
 PRELOAD_PARTS = {"tcmalloc": "libtcmalloc", "iomp": "libiomp"}
@@ -97,7 +109,7 @@ def run_engine(spec: dict) -> dict:
         spec["model"],
         hf_overrides={"quantization_config": spec["quantization_config"]} if spec["quantization_config"] else None,
         dtype="bfloat16",
-        enforce_eager=True,
+        enforce_eager=not spec["compiled"],
         max_model_len=spec["input_len"] + spec["output_len"] + 8,
         max_num_seqs=max(spec["concurrency"]),
     )
@@ -435,7 +447,7 @@ def sweep(args) -> dict:
     d2moe = converted(args.model, args.cache)
     checkpoint = MWQCheckpoint(d2moe)
     prompts = text_prompts(args.model, max(args.concurrency), args.input_len)
-    common = run_settings(args, prompts)
+    common = {**run_settings(args, prompts), "compiled": args.compiled}
     bits = checkpoint.spec.max_bits
     plan = [{"method": "bf16", "model": str(args.model), "quantization_config": None},
             {"method": "int8-resident", "model": str(d2moe),
@@ -443,6 +455,8 @@ def sweep(args) -> dict:
             # Issue 4's end-to-end check: MWQ width 4, all resident, against bf16.
             {"method": "mwq4-resident", "model": str(d2moe),
              "quantization_config": {"quant_method": "d2moe", "bits": 4}}]
+    plan += [{"method": method, "model": str(d2moe), "quantization_config": {"quant_method": "d2moe", **config}}
+             for method, config in RESIDENT_VARIANTS.items()]
     routed = routed_copy(args.router, d2moe) if args.router else None
     for budget_name, budget in budgets(checkpoint, bits).items():
         for method, offload in OFFLOAD_METHODS.items():
@@ -481,7 +495,8 @@ def sweep(args) -> dict:
         "model": str(args.model),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
-        "threads": args.threads, "repeats": args.repeats, "load_average_at_start": os.getloadavg(),
+        "threads": args.threads, "repeats": args.repeats, "compiled": args.compiled,
+        "load_average_at_start": os.getloadavg(),
         "bf16_expert_bytes": bf16_expert_bytes,
         "results": results,
     }
@@ -572,6 +587,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vllm_d2moe" / "budget_sweep",
                         help="where the MWQ conversion (2..8 bits, group 128) is kept")
     add_run_arguments(parser, concurrency=[1, 4, 8, 16], threads=1, repeats=3)
+    parser.add_argument("--compiled", action="store_true",
+                        help="serve with torch.compile (vLLM's default) instead of eager mode")
     parser.add_argument("--methods", nargs="+",
                         default=["bf16", "int8-resident", *OFFLOAD_METHODS, "router+budget"],
                         help="a subset of the methods")

@@ -10,7 +10,8 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
 * ``mwq4-resident``: MWQ at 4 bits, all resident (issue 4's end-to-end check);
 * ``mwq2-resident``, ``mwq3-resident``: the narrower widths, all resident; ``mwq4-dense-int8``,
   ``mwq4-dense-int4``, ``mwq8-dense-int8``: with the non-expert linear layers (attention, output
-  head) as weight-only int8 / int4 too (``dense`` option), all resident (opt-in: not in the default);
+  head) as weight-only int8 / int4 too (``dense`` option); ``mwq4-int8-kernel`` (and ``-dense-int4``):
+  the experts through the int8-activation kernel (``D2MOE_KERNEL=cpu_int8``); all resident, opt-in;
 * offloaded under each budget, reads with ``O_DIRECT`` (page cache bypassed),
   the paper's ablation steps:
 
@@ -29,7 +30,7 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
 Engines run with ``--threads`` torch threads (default 1; the I/O threads of
 the pipeline are extra). Budgets run from one layer's experts (at the serving width) to all of them.
 Decode tokens/s is ``c * (output_len - 1) / (t(output_len) - t(1))``: the time
-of the full generation minus that of the prefill-only (one token) generation of
+of the full generation minus that of the fastest prefill-only (one token) generation of
 the same prompts; of ``--repeats`` measurements the fastest (least disturbed by
 the other jobs on a shared machine) is reported, the median kept in the JSON.
 Prompts are windows of real Python/English text (the model's training domain),
@@ -76,14 +77,16 @@ OFFLOAD_METHODS = {
     "+hebf": {"order": "hebf", "overlap": True, "reuse": True, "keep": False},
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
-# More all-resident MWQ runs: narrower widths, and the non-expert layers as weight-only int8 / int4
-# (the ``dense`` option of quantization_config).
+# More all-resident MWQ runs (quantization_config, environment): narrower widths, the non-expert layers
+# as weight-only int8 / int4 (the ``dense`` option), the int8-activation expert kernel (D2MOE_KERNEL).
 RESIDENT_VARIANTS = {
-    "mwq2-resident": {"bits": 2},
-    "mwq3-resident": {"bits": 3},
-    "mwq4-dense-int8": {"bits": 4, "dense": "int8"},
-    "mwq4-dense-int4": {"bits": 4, "dense": "int4"},
-    "mwq8-dense-int8": {"bits": 8, "dense": "int8"},
+    "mwq2-resident": ({"bits": 2}, {}),
+    "mwq3-resident": ({"bits": 3}, {}),
+    "mwq4-dense-int8": ({"bits": 4, "dense": "int8"}, {}),
+    "mwq4-dense-int4": ({"bits": 4, "dense": "int4"}, {}),
+    "mwq8-dense-int8": ({"bits": 8, "dense": "int8"}, {}),
+    "mwq4-int8-kernel": ({"bits": 4}, {"D2MOE_KERNEL": "cpu_int8"}),
+    "mwq4-int8-kernel-dense-int4": ({"bits": 4, "dense": "int4"}, {"D2MOE_KERNEL": "cpu_int8"}),
 }
 WORKER_TIMEOUT_S = 3600
 # --cpu-setups parts that preload a library -> the name vLLM looks for in LD_PRELOAD (vllm_d2moe.cpu_setup)
@@ -136,14 +139,17 @@ def run_engine(spec: dict) -> dict:
     timed(2, 8)  # warm-up (first-call set-up; fills a pool like steady serving)
     rows = []
     for c in spec["concurrency"]:
-        rates, prefills, decode_io = [], [], []
+        fulls, prefills, decode_io = [], [], []
         for _ in range(spec["repeats"]):
             prefill, prefill_io = timed(c, 1)
             full, full_io = timed(c, spec["output_len"])
             prefills.append(prefill)
-            rates.append(c * (spec["output_len"] - 1) / max(full - prefill, 1e-9))
+            fulls.append(full)
             # The decode part's reads and waits: the full generation's minus the prefill-only one's.
             decode_io.append({k: v - prefill_io[k] for k, v in full_io.items()} | {"seconds": full - prefill})
+        # Each full generation less the least disturbed prefill-only one (the same work every repeat): a
+        # prefill slowed by another job would otherwise make its repeat's decode look arbitrarily fast.
+        rates = [c * (spec["output_len"] - 1) / (full - min(prefills)) for full in fulls]
         fastest = max(range(len(rates)), key=rates.__getitem__)
         rows.append({
             "concurrency": c,
@@ -455,8 +461,8 @@ def sweep(args) -> dict:
             # Issue 4's end-to-end check: MWQ width 4, all resident, against bf16.
             {"method": "mwq4-resident", "model": str(d2moe),
              "quantization_config": {"quant_method": "d2moe", "bits": 4}}]
-    plan += [{"method": method, "model": str(d2moe), "quantization_config": {"quant_method": "d2moe", **config}}
-             for method, config in RESIDENT_VARIANTS.items()]
+    plan += [{"method": method, "model": str(d2moe), "quantization_config": {"quant_method": "d2moe", **config},
+              "env": env} for method, (config, env) in RESIDENT_VARIANTS.items()]
     routed = routed_copy(args.router, d2moe) if args.router else None
     for budget_name, budget in budgets(checkpoint, bits).items():
         for method, offload in OFFLOAD_METHODS.items():
@@ -472,7 +478,7 @@ def sweep(args) -> dict:
             and spec.get("budget_name", args.budgets[0]) in args.budgets]
     if args.cpu_setups:
         # Set-up by set-up: a run cut short still compares the methods under the set-ups it reached.
-        plan = [{**spec, "cpu_setup": setup, "env": cpu_setup_env(setup, args.threads)}
+        plan = [{**spec, "cpu_setup": setup, "env": {**spec.get("env", {}), **cpu_setup_env(setup, args.threads)}}
                 for setup in args.cpu_setups for spec in plan]
     log = args.results_dir / f"{args.name}.log"
     log.write_text("")

@@ -197,7 +197,10 @@ def mwq_methods(
     runners = [(f"MWQ fused CPU {isa}", fused, isa, (fused.prepare(gate_up), fused.prepare(down))) for isa in isas]
     if with_int8:
         int8 = load_backend("cpu_int8")
-        runners.append(("MWQ int8-act CPU avx2", int8, None, (int8.prepare(gate_up), int8.prepare(down))))
+        for isa in isas:  # cpu_int8 follows cpu_bitplanes' build choice where the group size allows
+            with cpu_build(isa):
+                build = int8.build_for(gate_up.group_size)[0]
+            runners.append((f"MWQ int8-act CPU {build}", int8, isa, (int8.prepare(gate_up), int8.prepare(down))))
     del gate_up, down  # the prepared layouts hold what they need
     if with_reference:
         reference = load_backend("reference")

@@ -39,10 +39,8 @@ namespace {
 constexpr int kMaxPlanes = 8;
 constexpr int kMaxChunks = kMaxPlanes / 2;
 // Up to kRegisterTokens tokens the weights are rebuilt in registers once per block of
-// kTokenBlock tokens (by instruction set, below); above it a tile of kTileRows rows (1 MB of
-// float32 at 2048 columns) is rebuilt once and multiplied by torch's GEMM (measured with AVX2 at
-// width 4: 8 tokens take 0.65x the tile path's time; at 16 they are even).
-constexpr int64_t kRegisterTokens = 8;
+// kTokenBlock tokens (both by instruction set, below); above it a tile of kTileRows rows (1 MB of
+// float32 at 2048 columns) is rebuilt once and multiplied by torch's GEMM.
 constexpr int64_t kTileRows = 128;
 // Rows per thread at least this many plane-bits, so a small projection does not pay a thread
 // wake-up and barrier for microseconds of work. A layer call's stage (segments_linear) goes
@@ -165,6 +163,10 @@ using VecI = __m512i;
 constexpr int kLanes = 16;
 // 32 registers hold eight tokens' accumulators beside the codebooks.
 constexpr int64_t kTokenBlock = 8;
+// Three blocks: on an AVX-512 Xeon (OLMoE expert, two threads) 12 / 16 / 24 tokens took 0.49-0.64 /
+// 0.45-0.59 / 0.59-0.78x the tile path's time at widths 2 and 4, and 1.0 / 0.79 / 1.05x at width 8
+// (benchmarks/results/kernels.md).
+constexpr int64_t kRegisterTokens = 3 * kTokenBlock;
 inline Vec vzero() { return D2MOE_MM512(setzero_ps)(); }
 inline Vec vset1(float f) { return D2MOE_MM512(set1_ps)(f); }
 inline Vec vload(const float* p) { return D2MOE_MM512(loadu_ps)(p); }
@@ -194,6 +196,8 @@ inline __m256 vlow_plus_high(Vec v) {
 #else
 constexpr int kLanes = 8;
 constexpr int64_t kTokenBlock = 4;
+// Two blocks: with AVX2 at width 4, 8 tokens took 0.65x the tile path's time; at 16 they were even.
+constexpr int64_t kRegisterTokens = 2 * kTokenBlock;
 using Vec = __m256;
 using VecI = __m256i;
 inline Vec vzero() { return _mm256_setzero_ps(); }

@@ -9,9 +9,10 @@ pair, a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``
 ``vpermps`` with AVX-512) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}`` (a residual plane's
 coefficient decoded from its 4-bit scale code: one table load and multiply per group),
 and multiplies them straight into the tokens; no float copy of the expert
-exists. Up to 8 tokens the rebuilt weights feed per-token accumulators (in
-blocks of 4 with AVX2's 16 registers, of 8 with AVX-512's 32); above that a
-128-row tile is rebuilt across the threads and multiplied with torch's GEMM.
+exists. Up to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with
+AVX-512 (blocks of 8, its 32 registers) the rebuilt weights feed per-token
+accumulators; above that a 128-row tile is rebuilt across the threads and
+multiplied with torch's GEMM.
 Rows are split across torch's own intra-op (OpenMP) threads with
 ``at::parallel_for`` (small projections stay on one thread), so both cores
 work and no second thread pool competes with torch's.

@@ -1,5 +1,7 @@
-// MWQ expert MLP with int8 activations and integer dot products on AVX2, as llama.cpp's AVX2
-// paths multiply (vpmaddubsw, vpmaddwd); kernels/cpu_int8.py says why and what it costs.
+// MWQ expert MLP with int8 activations and integer dot products, as llama.cpp's AVX2 paths multiply
+// (vpmaddubsw, vpmaddwd); one source compiled for AVX2 (32 columns per vector) and AVX-512 BW
+// (64 columns per vector, a plane's bytes expanded from a mask register); kernels/cpu_int8.py says
+// why and what it costs.
 //
 // The weights are not requantized: one group of one row at width b (vllm_d2moe/mwq/quantize.py) is
 //   W = s (q - z) + sum_j a_j (2 P_j - 1),   q = sum_{i < min_bits} 2^i B_i,  B_i, P_j in {0, 1}
@@ -14,11 +16,12 @@
 // rebuilt from the planes) times c (signed) by vpmaddubsw into int16 lanes, weighted by the int16
 // coefficient and widened by vpmaddwd into int32 lanes; one float FMA per group and token.
 //
-// A plane's 32 columns are one 32-bit word (bit c = column c). Broadcast to the 8 int32 lanes and
-// shifted right by the lane index d, byte k of lane d holds column 8k + d in its low bit: one
+// AVX2: a plane's 32 columns are one 32-bit word (bit c = column c). Broadcast to the 8 int32 lanes
+// and shifted right by the lane index d, byte k of lane d holds column 8k + d in its low bit: one
 // shift and one AND give 32 bytes of 0/1 without a shuffle, in the order byte 4d + k <- column
 // 8k + d. The activations are stored in that order (quantize_activations), so the byte products
-// pair the right columns.
+// pair the right columns. AVX-512: a plane's 64 columns are one 64-bit mask (kmovq from memory) and
+// one masked move of ones gives their 64 bytes of 0/1 in column order; activations stay in order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,7 +39,15 @@
 namespace d2moe_int8 {
 namespace {
 
+#ifdef __AVX512BW__
+using VecI = __m512i;
+using VecF = __m512;
+constexpr int64_t kColumns = 64;      // columns per vector: one 64-bit word of a plane, 64 int8 activations
+#else
+using VecI = __m256i;
+using VecF = __m256;
 constexpr int64_t kColumns = 32;      // columns per vector: one 32-bit word of a plane, 32 int8 activations
+#endif
 constexpr int kMaxBasePlanes = 7;     // q < 2^7: two products of q by |c| <= 127 fit vpmaddubsw's int16
 constexpr int kMaxResidualPlanes = 7;
 constexpr int64_t kMaxGroupSize = 1024;  // a group's int32 sums stay below 2^31 (see check_projection)
@@ -49,6 +60,94 @@ constexpr int kInt16Max = 32767;
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
+// The vector operations, by instruction set.
+#ifdef __AVX512BW__
+inline VecI izero() { return _mm512_setzero_si512(); }
+inline VecI iload(const void* p) { return _mm512_loadu_si512(p); }
+inline VecI add8(VecI a, VecI b) { return _mm512_add_epi8(a, b); }
+inline VecI add16(VecI a, VecI b) { return _mm512_add_epi16(a, b); }
+inline VecI add32(VecI a, VecI b) { return _mm512_add_epi32(a, b); }
+inline VecI set16(int16_t v) { return _mm512_set1_epi16(v); }
+inline VecI maddubs(VecI u8, VecI s8) { return _mm512_maddubs_epi16(u8, s8); }
+inline VecI madd(VecI a, VecI b) { return _mm512_madd_epi16(a, b); }
+inline VecF fzero() { return _mm512_setzero_ps(); }
+inline VecF fmadd_i32(VecI a, float b, VecF c) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(b), c); }
+inline float horizontal_sum(VecF v) { return _mm512_reduce_add_ps(v); }
+
+// Bytes k = bit k of the 64-bit word at `bits`: 0 or 1, in column order. The mask is loaded straight
+// from memory (GCC would move _load_mask64's value through a general register: kmovq k, r64 takes
+// the vector port the byte moves need).
+[[gnu::always_inline]] inline VecI plane_bytes(const uint8_t* bits) {
+  __mmask64 k;
+  asm("kmovq %1, %0" : "=Yk"(k) : "m"(*reinterpret_cast<const uint64_t*>(bits)));
+  return _mm512_maskz_mov_epi8(k, _mm512_set1_epi8(1));
+}
+
+// Codes of `n` columns (n % 16 == 0) in column order.
+inline void store_codes(const float* x, int64_t n, float inverse, int8_t* dst, int32_t& sum) {
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_set1_ps(inverse)));
+    total = _mm512_add_epi32(total, code);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtepi32_epi8(code));
+  }
+  sum = _mm512_reduce_add_epi32(total);
+}
+#else
+inline VecI izero() { return _mm256_setzero_si256(); }
+inline VecI iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VecI add8(VecI a, VecI b) { return _mm256_add_epi8(a, b); }
+inline VecI add16(VecI a, VecI b) { return _mm256_add_epi16(a, b); }
+inline VecI add32(VecI a, VecI b) { return _mm256_add_epi32(a, b); }
+inline VecI set16(int16_t v) { return _mm256_set1_epi16(v); }
+inline VecI maddubs(VecI u8, VecI s8) { return _mm256_maddubs_epi16(u8, s8); }
+inline VecI madd(VecI a, VecI b) { return _mm256_madd_epi16(a, b); }
+inline VecF fzero() { return _mm256_setzero_ps(); }
+inline VecF fmadd_i32(VecI a, float b, VecF c) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(b), c); }
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Bytes 4d + k = bit 8k + d of the 32-bit word at `bits`: 0 or 1 (the plane order).
+[[gnu::always_inline]] inline VecI plane_bytes(const uint8_t* bits) {
+  uint32_t word;
+  std::memcpy(&word, bits, 4);
+  const __m256i shifted = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(1));
+}
+
+inline int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Codes of `n` columns (n % 32 == 0), each 32 in the plane order.
+inline void store_codes(const float* x, int64_t n, float inverse, int8_t* dst, int32_t& sum) {
+  const __m256i low_byte = _mm256_set1_epi32(0xFF);
+  __m256i total = _mm256_setzero_si256();
+  for (int64_t c = 0; c < n; c += kColumns) {
+    // Lane d of vector k: column c + 8k + d, rounded to nearest even (the default MXCSR mode).
+    __m256i code[4];
+    for (int k = 0; k < 4; ++k) {
+      code[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c + 8 * k), _mm256_set1_ps(inverse)));
+      total = _mm256_add_epi32(total, code[k]);
+    }
+    // Byte k of lane d <- column 8k + d: the plane order.
+    const __m256i word = _mm256_or_si256(
+        _mm256_or_si256(_mm256_and_si256(code[0], low_byte), _mm256_slli_epi32(_mm256_and_si256(code[1], low_byte), 8)),
+        _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(code[2], low_byte), 16), _mm256_slli_epi32(code[3], 24)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), word);
+  }
+  sum = horizontal_sum_epi32(total);
+}
+#endif
+
 // ---------------------------------------------------------------- activations
 
 // Rows of a float32 matrix as int8 codes c and one scale t per (row, group): x ~ t c,
@@ -60,43 +159,21 @@ struct Activations {
   std::vector<float> scaled_sum;   // [rows, groups]: t * sum of the group's codes
 };
 
-inline int32_t horizontal_sum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
 Activations quantize_activations(const float* x, int64_t rows, int64_t cols, int64_t group_size) {
   Activations a{rows, cols, cols / group_size, {}, {}, {}};
   a.codes.resize(rows * cols);
   a.scale.resize(rows * a.groups);
   a.scaled_sum.resize(rows * a.groups);
-  const __m256i low_byte = _mm256_set1_epi32(0xFF);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < a.groups; ++g) {
       const float* xg = x + r * cols + g * group_size;
       float amax = 0;
       for (int64_t c = 0; c < group_size; ++c) amax = std::max(amax, std::fabs(xg[c]));
-      const __m256 inverse = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-      __m256i sum = _mm256_setzero_si256();
-      int8_t* dst = a.codes.data() + r * cols + g * group_size;
-      for (int64_t c = 0; c < group_size; c += kColumns) {
-        // Lane d of vector k: column c + 8k + d, rounded to nearest even (the default MXCSR mode).
-        __m256i code[4];
-        for (int k = 0; k < 4; ++k) {
-          code[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + c + 8 * k), inverse));
-          sum = _mm256_add_epi32(sum, code[k]);
-        }
-        // Byte k of lane d <- column 8k + d: the plane order.
-        const __m256i word = _mm256_or_si256(
-            _mm256_or_si256(_mm256_and_si256(code[0], low_byte), _mm256_slli_epi32(_mm256_and_si256(code[1], low_byte), 8)),
-            _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(code[2], low_byte), 16), _mm256_slli_epi32(code[3], 24)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), word);
-      }
+      int32_t sum;
+      store_codes(xg, group_size, amax > 0 ? 127.0f / amax : 0.0f, a.codes.data() + r * cols + g * group_size, sum);
       const float t = amax / 127.0f;
       a.scale[r * a.groups + g] = t;
-      a.scaled_sum[r * a.groups + g] = t * float(horizontal_sum_epi32(sum));
+      a.scaled_sum[r * a.groups + g] = t * float(sum);
     }
   }
   return a;
@@ -191,49 +268,31 @@ Projection view_projection(const std::vector<at::Tensor>& t, int64_t expert, int
   return p;
 }
 
-// Bytes 4d + k = bit 8k + d of the 32-bit word at `bits`: 0 or 1 (the plane order).
-[[gnu::always_inline]] inline __m256i plane_bytes(const uint8_t* bits) {
-  uint32_t word;
-  std::memcpy(&word, bits, 4);
-  const __m256i shifted = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_and_si256(shifted, _mm256_set1_epi8(1));
-}
-
-// The base codes q of 32 columns: sum_i 2^i B_i over the B base planes, by Horner's rule.
+// The base codes q of a vector's columns: sum_i 2^i B_i over the B base planes, by Horner's rule.
 template <int B>
-[[gnu::always_inline]] inline __m256i base_bytes(const uint8_t* const* rows, int64_t offset) {
-  __m256i q = plane_bytes(rows[B - 1] + offset);
-  for (int i = B - 2; i >= 0; --i) q = _mm256_add_epi8(_mm256_add_epi8(q, q), plane_bytes(rows[i] + offset));
+[[gnu::always_inline]] inline VecI base_bytes(const uint8_t* const* rows, int64_t offset) {
+  VecI q = plane_bytes(rows[B - 1] + offset);
+  for (int i = B - 2; i >= 0; --i) q = add8(add8(q, q), plane_bytes(rows[i] + offset));
   return q;
 }
 
 // sums[t] += coef * (the weight bytes times token t's codes) over vectors [v0, v1), int16 lanes
-// widened to int32 every `flush` vectors. bytes(v): the 32 unsigned weight bytes of vector v.
+// widened to int32 every `flush` vectors. bytes(v): the kColumns unsigned weight bytes of vector v.
 template <int TT, typename Bytes>
 [[gnu::always_inline]] inline void add_products(Bytes&& bytes, int64_t v0, int64_t v1, int64_t flush, int16_t coef,
-                                                const int8_t* const* x, __m256i* sums) {
-  const __m256i weight = _mm256_set1_epi16(coef);
+                                                const int8_t* const* x, VecI* sums) {
+  const VecI weight = set16(coef);
   for (int64_t start = v0; start < v1; start += flush) {
-    __m256i lanes[TT];
-    for (int t = 0; t < TT; ++t) lanes[t] = _mm256_setzero_si256();
+    VecI lanes[TT];
+    for (int t = 0; t < TT; ++t) lanes[t] = izero();
     const int64_t end = std::min(v1, start + flush);
 #pragma GCC unroll 4
     for (int64_t v = start; v < end; ++v) {
-      const __m256i w = bytes(v);
-      for (int t = 0; t < TT; ++t) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + kColumns * v));
-        lanes[t] = _mm256_add_epi16(lanes[t], _mm256_maddubs_epi16(w, c));
-      }
+      const VecI w = bytes(v);
+      for (int t = 0; t < TT; ++t) lanes[t] = add16(lanes[t], maddubs(w, iload(x[t] + kColumns * v)));
     }
-    for (int t = 0; t < TT; ++t) sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(lanes[t], weight));
+    for (int t = 0; t < TT; ++t) sums[t] = add32(sums[t], madd(lanes[t], weight));
   }
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // out[t * rows + r] = sum_c W[r, c] x_t[c] for TT tokens (activation rows first .. first + TT - 1) and
@@ -250,31 +309,31 @@ void rows_block(const Projection& p, const Activations& a, int64_t first, float*
     const uint8_t* plane_rows[kMaxResidualPlanes];
     for (int i = 0; i < B; ++i) base_rows[i] = p.base_bits[i] + r * p.row_bytes;
     for (int j = 0; j < p.residual; ++j) plane_rows[j] = p.plane_bits[j] + r * p.row_bytes;
-    __m256 acc[TT];
+    VecF acc[TT];
     float offset_sum[TT];
     for (int t = 0; t < TT; ++t) {
-      acc[t] = _mm256_setzero_ps();
+      acc[t] = fzero();
       offset_sum[t] = 0;
     }
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t at = r * p.groups + g, v0 = g * vectors_per_group, v1 = v0 + vectors_per_group;
       const float s = half_to_float(p.base_scale[at]);
       float offset = s * half_to_float(p.base_zero[at]);  // s z + sum_j a_j
-      __m256i sums[TT];
-      for (int t = 0; t < TT; ++t) sums[t] = _mm256_setzero_si256();
-      add_products<TT>([&](int64_t v) { return base_bytes<B>(base_rows, 4 * v); }, v0, v1, p.base_flush,
+      VecI sums[TT];
+      for (int t = 0; t < TT; ++t) sums[t] = izero();
+      add_products<TT>([&](int64_t v) { return base_bytes<B>(base_rows, kColumns / 8 * v); }, v0, v1, p.base_flush,
                        p.base_coef, x, sums);
       for (int j = 0; j < p.residual; ++j) {
         const int code = (p.codes[j][r * p.code_row_bytes + g / 2] >> (4 * (g % 2))) & 15;
         offset += s * p.scale_table[16 * j + code];
         const uint8_t* bits = plane_rows[j];
-        add_products<TT>([&](int64_t v) { return plane_bytes(bits + 4 * v); }, v0, v1, plane_flush,
+        add_products<TT>([&](int64_t v) { return plane_bytes(bits + kColumns / 8 * v); }, v0, v1, plane_flush,
                          p.plane_coef[j][code], x, sums);
       }
       const float unit = s * p.unit;
       for (int t = 0; t < TT; ++t) {
         const int64_t tg = (first + t) * a.groups + g;
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_set1_ps(unit * a.scale[tg]), acc[t]);
+        acc[t] = fmadd_i32(sums[t], unit * a.scale[tg], acc[t]);
         offset_sum[t] += offset * a.scaled_sum[tg];
       }
     }
@@ -396,7 +455,9 @@ void moe_segments(const at::Tensor& x, const at::Tensor& segments, const std::ve
 }  // namespace
 }  // namespace d2moe_int8
 
-TORCH_LIBRARY(d2moe_cpu_int8, m) {
+// D2MOE_LIBRARY: the op namespace of this build (one per instruction set, kernels/cpu_int8.py).
+#define D2MOE_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+D2MOE_TORCH_LIBRARY(D2MOE_LIBRARY, m) {
   m.def("linear(Tensor x, Tensor[] projection, int group_size, int expert, int width, Tensor(a!) out) -> ()",
         &d2moe_int8::linear);
   m.def(

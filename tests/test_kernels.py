@@ -143,6 +143,8 @@ CASES = {
     "many-tokens": (MWQSpec(2, 4, 64), 128, 64, [(1, 3, 70), (0, 4, 1)]),
     # 3 (AVX-512) or 6 (AVX2) vectors per group; 6 to 8 tokens fill the AVX-512 build's register block.
     "g48-token-blocks": (MWQSpec(2, 8, 48), 96, 48, [(0, 2, 8), (1, 5, 7), (2, 8, 6), (0, 4, 8), (1, 7, 3)]),
+    # Around the register path's limit (AVX2: 8 tokens, AVX-512: 24 in three blocks); above it, tiles.
+    "register-token-limit": (MWQSpec(2, 8, 32), 64, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),
 }
 
 
@@ -344,6 +346,19 @@ needs_avx2 = pytest.mark.skipif(
 INT8_ROUNDING_TOLERANCE = 3e-2
 
 
+@pytest.fixture(params=["own", "avx2"])
+def int8_build(request, monkeypatch):
+    """The int8 backend's build for this CPU (``own``) and, forced through ``D2MOE_CPU_ISA``, its AVX2 build;
+    the AVX-512 build takes group sizes that are multiples of 64 (the others run the AVX2 build)."""
+    if request.param == "avx2":
+        if cpu_bitplanes.cpu_isa()[0] == "avx2":
+            pytest.skip("the own case runs this CPU's avx2 build")
+        monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx2")
+    else:
+        monkeypatch.delenv(cpu_bitplanes.ISA_ENV, raising=False)
+    return request.param
+
+
 def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     """The int8 backend's inputs, float64: per row and group ``t = max|x| / 127`` and ``c = round(x * (127 /
     max|x|))`` in float32, ties to even, as the kernel rounds; returns ``c * t``."""
@@ -366,7 +381,7 @@ def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("tokens", [1, 6, 21])
-def test_int8_linear_is_the_float64_product_of_its_int8_activations(spec, rows, cols, tokens):
+def test_int8_linear_is_the_float64_product_of_its_int8_activations(int8_build, spec, rows, cols, tokens):
     """Every width of one projection; odd row counts, an odd number of groups, 1 to 7 base planes, one token
     and more than a register block (4) and a decode batch (16); outputs pre-filled with NaN."""
     stacked = cpu_int8.prepare(random_stacked(spec, 2, rows, cols, "cpu"))
@@ -385,7 +400,7 @@ def test_int8_linear_is_the_float64_product_of_its_int8_activations(spec, rows, 
     "spec,hidden,inter",
     [(MWQSpec(2, 8, 32), 96, 64), (MWQSpec(2, 8, 128), 256, 128)],
 )
-def test_int8_grouped_mlp_is_the_float_mlp_within_int8_rounding(spec, hidden, inter):
+def test_int8_grouped_mlp_is_the_float_mlp_within_int8_rounding(int8_build, spec, hidden, inter):
     """Every width 2..8 in one call: ragged and empty segments, 1 to 17 tokens, row blocks cut short."""
     gate_up, down = (cpu_int8.prepare(p) for p in random_layer(spec, 3, hidden, inter, "cpu"))
     plan = [(0, 2, 1), (1, 8, 3), (2, 4, 17), (0, 5, 0), (1, 3, 4), (2, 6, 1), (0, 7, 9)]
@@ -430,3 +445,11 @@ def test_int8_backend_chosen_by_option_serves_layer_experts(monkeypatch):
 def test_int8_backend_refuses_group_sizes_it_cannot_run_by_name():
     with pytest.raises(MWQError, match="D2MOE_KERNEL=cpu_int8: group size 16 is not a multiple of 32"):
         cpu_int8.prepare(random_stacked(MWQSpec(2, 4, 16), 1, 4, 32, "cpu"))
+
+
+def test_int8_build_follows_the_cpu_build_and_the_group_size(monkeypatch):
+    monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx2")
+    assert cpu_int8.build_for(128) == ("avx2", "cpu_bitplanes runs avx2 here (set by D2MOE_CPU_ISA)")
+    monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx512")
+    assert cpu_int8.build_for(128) == ("avx512", "set by D2MOE_CPU_ISA")
+    assert cpu_int8.build_for(96) == ("avx2", "group size 96 is not a multiple of 64")

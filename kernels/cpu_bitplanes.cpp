@@ -1,7 +1,8 @@
 // MWQ expert MLP on x86-64 CPUs, one source compiled for AVX2 and for AVX-512
 // (kernels/cpu_bitplanes.py picks the build): weights rebuilt a vector (8 or 16
-// lanes) at a time in a register from bit-plane pairs, multiplied straight into
-// the tokens; never more than a 128-row tile of float weights. Why this design,
+// lanes) at a time in a register from the bit planes, multiplied straight into
+// the tokens, or with AVX-512 and one token, input sums looked up by the planes'
+// bit patterns; never more than a 128-row tile of float weights. Why this design,
 // and its speed: cpu_bitplanes.py.
 //
 // Every width is "b binary planes with per-group coefficients plus a per-group
@@ -11,11 +12,15 @@
 //   residual plane j:          coef   = 2 * a_j,  a_j = s * table[j][code_j]  (4-bit code,
 //                                                  vllm_d2moe/mwq/plane_scales.py)
 //   offset = -s * z - sum_j a_j
-// The planes are resident in pairs (plane 2p, 2p + 1), each column's two bits
-// side by side, so a vector's columns of a pair are one 16- or 32-bit field:
-// broadcast, shift lane l right by 2l, and a permute of the group's 4-entry
-// codebook {0, c_2p, c_2p+1, c_2p + c_2p+1} yields their contribution. An odd
-// last plane is a chunk of one bit per column (its codebook ignores bit 1).
+// AVX2 build: the planes are resident in pairs (plane 2p, 2p + 1), each column's two bits
+// side by side, so a vector's columns of a pair are one 32-bit field: broadcast, shift
+// lane l right by 2l, and a permute of the group's 4-entry codebook
+// {0, c_2p, c_2p+1, c_2p + c_2p+1} yields their contribution. An odd last plane is a
+// chunk of one bit per column (its codebook ignores bit 1).
+// AVX-512 build: the planes are resident as stored, one bit per column; 16 columns of a
+// plane are one mask register loaded straight from memory, and a masked add of the
+// plane's coefficient builds the weights: one instruction per plane per 16 weights. One
+// token needs no weights at all (one_token_rows).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,7 +42,7 @@ namespace d2moe_cpu {
 namespace {
 
 constexpr int kMaxPlanes = 8;
-constexpr int kMaxChunks = kMaxPlanes / 2;
+constexpr int kMaxChunks = kMaxPlanes;  // planes as stored: one per chunk
 // Up to kRegisterTokens tokens the weights are rebuilt in registers once per block of
 // kTokenBlock tokens (both by instruction set, below); above it a tile of kTileRows rows (1 MB of
 // float32 at 2048 columns) is rebuilt once and multiplied by torch's GEMM.
@@ -49,6 +54,13 @@ constexpr int64_t kTileRows = 128;
 // 190 on one thread, although back-to-back calls outside vLLM ran 1.4x faster split.
 constexpr int64_t kBitsPerThread = int64_t(1) << 20;
 constexpr int64_t kStageBitsPerThread = int64_t(1) << 21;
+// Resident layout of this build (kernels/cpu_bitplanes.py, planes_per_chunk): AVX-512 reads each
+// plane as stored through mask registers; AVX2 reads plane pairs.
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+constexpr int kPlanesPerChunk = 1;
+#else
+constexpr int kPlanesPerChunk = 2;
+#endif
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
 const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
@@ -59,6 +71,7 @@ struct Projection {
   int64_t rows, cols, groups, group_size;
   int min_bits, planes;                          // planes == width
   int chunks;                                    // chunks holding planes [0, width)
+  int planes_per_chunk;                          // 2: plane pairs (AVX2 build), 1: planes as stored (AVX-512)
   const uint8_t* chunk_bits[kMaxChunks];         // chunk c, row 0
   int64_t chunk_row_bytes[kMaxChunks];
   int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
@@ -70,13 +83,14 @@ struct Projection {
 
   // Bit `plane` of column `col` in row `row`.
   int bit(int plane, int64_t row, int64_t col) const {
-    const int c = plane / 2;
-    const int64_t at = chunk_planes[c] * col + plane % 2;
+    const int c = plane / planes_per_chunk;
+    const int64_t at = chunk_planes[c] * col + plane % planes_per_chunk;
     return (chunk_bits[c][row * chunk_row_bytes[c] + at / 8] >> (at % 8)) & 1;
   }
 };
 
-// Resident tensors (kernels/cpu_bitplanes.py, PlanePairs): chunks[c] uint8 [E, rows, row bytes],
+// Resident tensors (kernels/cpu_bitplanes.py, ResidentPlanes): chunks[c] uint8 [E, rows, row bytes]
+// (kPlanesPerChunk planes each, the last maybe one),
 // base_scale / base_zero float16 [E, rows, groups], plane_scale uint8 [E, residual planes, rows,
 // ceil(groups / 2)] (two 4-bit codes per byte, the even group low), scale_table float32 [residual planes, 16].
 Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales,
@@ -90,15 +104,18 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   p.groups = base_scale.size(2);
   p.min_bits = int(min_bits);
   p.planes = int(width);
-  p.chunks = int((width + 1) / 2);
+  p.planes_per_chunk = kPlanesPerChunk;
+  p.chunks = int((width + kPlanesPerChunk - 1) / kPlanesPerChunk);
   const int64_t resident = min_bits + plane_scale.size(1);
   TORCH_CHECK(group_size > 0 && p.groups * group_size == cols, "scales do not describe ", cols,
               " columns in groups of ", group_size);
-  TORCH_CHECK(min_bits <= width && width <= resident && width <= kMaxPlanes &&
-                  int64_t(chunks.size()) == (resident + 1) / 2,
+  TORCH_CHECK(min_bits <= width && width <= resident && width <= kMaxPlanes,
               "width ", width, " is outside the resident planes [", min_bits, ", ", resident, "]");
+  TORCH_CHECK(int64_t(chunks.size()) == (resident + kPlanesPerChunk - 1) / kPlanesPerChunk,
+              chunks.size(), " resident chunks do not hold ", resident, " planes ", kPlanesPerChunk,
+              " at a time, this build's layout");
   for (int c = 0; c < p.chunks; ++c) {
-    p.chunk_planes[c] = int(std::min<int64_t>(2, resident - 2 * c));
+    p.chunk_planes[c] = int(std::min<int64_t>(kPlanesPerChunk, resident - kPlanesPerChunk * c));
     p.chunk_row_bytes[c] = chunks[c].size(2);
     TORCH_CHECK(p.chunk_row_bytes[c] == (p.chunk_planes[c] * cols + 7) / 8 && chunks[c].size(1) == p.rows,
                 "chunk ", c, " does not hold ", p.chunk_planes[c], " bits per column of [", p.rows, ", ", cols, "]");
@@ -125,6 +142,7 @@ template <int P>
 struct GroupCoefs {
   float coef[P];
   float offset;
+  GroupCoefs() = default;
   GroupCoefs(const Projection& p, int64_t row, int64_t group) {
     const int64_t at = row * p.groups + group;
     const int64_t code_at = row * p.code_row_bytes + group / 2, code_shift = 4 * (group % 2);
@@ -167,12 +185,34 @@ constexpr int64_t kTokenBlock = 8;
 // 0.45-0.59 / 0.59-0.78x the tile path's time at widths 2 and 4, and 1.0 / 0.79 / 1.05x at width 8
 // (benchmarks/results/kernels.md).
 constexpr int64_t kRegisterTokens = 3 * kTokenBlock;
+using Mask = uint16_t;
+// Lanes whose bit of k is set: a + b; the others: a.
+inline Vec vmask_add(Vec a, Mask k, Vec b) { return D2MOE_MM512(mask_add_ps)(a, k, a, b); }
+// 16 bits from memory straight into a mask register (kmovw k, m16: a load, not a vector ALU op).
+#ifdef D2MOE_SIMDE_AVX512
+inline Mask vload_mask(const uint8_t* p) {
+  Mask k;
+  std::memcpy(&k, p, sizeof(k));
+  return k;
+}
+#else
+// GCC moves a mask loaded by _load_mask16 through a general register (kmovw k, r32 takes port 5,
+// which the masked adds need); the load written out stays a load.
+inline Mask vload_mask(const uint8_t* p) {
+  __mmask16 k;
+  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*reinterpret_cast<const uint16_t*>(p)));
+  return k;
+}
+#endif
+// Lanes whose bit of k is set: a; the others: 0.
+inline Vec vmaskz_mov(Mask k, Vec a) { return D2MOE_MM512(maskz_mov_ps)(k, a); }
 inline Vec vzero() { return D2MOE_MM512(setzero_ps)(); }
 inline Vec vset1(float f) { return D2MOE_MM512(set1_ps)(f); }
 inline Vec vload(const float* p) { return D2MOE_MM512(loadu_ps)(p); }
 inline void vstore(float* p, Vec v) { D2MOE_MM512(storeu_ps)(p, v); }
 inline Vec vadd(Vec a, Vec b) { return D2MOE_MM512(add_ps)(a, b); }
 inline Vec vmul(Vec a, Vec b) { return D2MOE_MM512(mul_ps)(a, b); }
+inline Vec vsub(Vec a, Vec b) { return D2MOE_MM512(sub_ps)(a, b); }
 inline Vec vfmadd(Vec a, Vec b, Vec c) { return D2MOE_MM512(fmadd_ps)(a, b, c); }
 inline VecI vbroadcast(uint32_t w) { return D2MOE_MM512(set1_epi32)(int(w)); }
 inline VecI vsrlv(VecI a, VecI n) { return D2MOE_MM512(srlv_epi32)(a, n); }
@@ -206,6 +246,7 @@ inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline VecI vbroadcast(uint32_t w) { return _mm256_set1_epi32(int(w)); }
 inline VecI vsrlv(VecI a, VecI n) { return _mm256_srlv_epi32(a, n); }
@@ -234,22 +275,40 @@ alignas(64) constexpr float kIndexBit1[16] = {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1
 template <int NC, int LAST>
 struct Chunks {
   static constexpr int count = NC;
+  static constexpr int planes = 2 * NC;  // coefficients read (a lone last plane's second is zero)
+  static constexpr bool masked = false;
   static constexpr int bits_per_column(int c) { return c == NC - 1 ? LAST : 2; }
 };
 
-// The 4-entry codebook of each chunk, repeated across the register; the offset rides on chunk 0.
+// N planes as stored (the AVX-512 build): each a mask per vector of columns.
+template <int N>
+struct Planes {
+  static constexpr int count = N;
+  static constexpr int planes = N;
+  static constexpr bool masked = true;
+  static constexpr int bits_per_column(int) { return 1; }
+};
+
+// Plane pairs: the 4-entry codebook of each chunk, repeated across the register; the offset rides
+// on chunk 0. Planes as stored: each plane's coefficient in every lane, and the offset.
 template <class L>
 struct Codebooks {
   Vec entries[L::count];
+  Vec offset;  // planes as stored only
   Codebooks() = default;
   [[gnu::always_inline]] inline void set(const Projection& p, int64_t row, int64_t group) {
-    const GroupCoefs<2 * L::count> k(p, row, group);
-    const Vec bit0 = vload(kIndexBit0), bit1 = vload(kIndexBit1);
-    for (int c = 0; c < L::count; ++c) {
-      const Vec low = vmul(vset1(k.coef[2 * c]), bit0);
-      entries[c] = vfmadd(vset1(k.coef[2 * c + 1]), bit1, low);
+    const GroupCoefs<L::planes> k(p, row, group);
+    if constexpr (L::masked) {
+      for (int c = 0; c < L::count; ++c) entries[c] = vset1(k.coef[c]);
+      offset = vset1(k.offset);
+    } else {
+      const Vec bit0 = vload(kIndexBit0), bit1 = vload(kIndexBit1);
+      for (int c = 0; c < L::count; ++c) {
+        const Vec low = vmul(vset1(k.coef[2 * c]), bit0);
+        entries[c] = vfmadd(vset1(k.coef[2 * c + 1]), bit1, low);
+      }
+      entries[0] = vadd(entries[0], vset1(k.offset));
     }
-    entries[0] = vadd(entries[0], vset1(k.offset));
   }
 };
 
@@ -259,6 +318,23 @@ struct Codebooks {
 // past the row: resident chunks carry 4 bytes of slack at the end.
 template <class L>
 [[gnu::always_inline]] inline Vec weights(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t col) {
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+  if constexpr (L::masked) {
+    // Two chains (even and odd planes) halve the dependent adds.
+    Mask k[L::count];
+    for (int c = 0; c < L::count; ++c) k[c] = vload_mask(row_bits[c] + col / 8);
+    Vec even = vmask_add(cb.offset, k[0], cb.entries[0]);
+    if constexpr (L::count == 1) return even;
+    Vec odd = vmaskz_mov(k[1], cb.entries[1]);
+    for (int c = 2; c < L::count; ++c) {
+      if (c % 2 == 0)
+        even = vmask_add(even, k[c], cb.entries[c]);
+      else
+        odd = vmask_add(odd, k[c], cb.entries[c]);
+    }
+    return vadd(even, odd);
+  }
+#endif
   Vec w;
   for (int c = 0; c < L::count; ++c) {
     const int n = L::bits_per_column(c);
@@ -269,6 +345,11 @@ template <class L>
   }
   return w;
 }
+
+// Vectors of weights rebuilt before they are used: independent rebuilds in flight hide the latency
+// of each one's chain of masked adds (4 cycles each).
+template <class L>
+constexpr int kVectorsPerStep = L::masked ? 4 : 2;
 
 // Calls step(i, weights, first column) for every kLanes weights of rows row .. row + R - 1, group
 // by group; each row's calls come in the same order whatever R is. R > 1 interleaves independent
@@ -284,19 +365,17 @@ template <class L, int R, typename Step>
     for (int i = 0; i < R; ++i) cb[i].set(p, row + i, g);
     const int64_t end = (g + 1) * vectors_per_group;
     int64_t v = g * vectors_per_group;
-    Vec first[R], second[R];
+    Vec w[kVectorsPerStep<L>][R];
 #pragma GCC unroll 2
-    for (; v + 2 <= end; v += 2) {
-      for (int i = 0; i < R; ++i) {
-        first[i] = weights<L>(cb[i], row_bits[i], kLanes * v);
-        second[i] = weights<L>(cb[i], row_bits[i], kLanes * v + kLanes);
-      }
-      for (int i = 0; i < R; ++i) step(i, first[i], kLanes * v);
-      for (int i = 0; i < R; ++i) step(i, second[i], kLanes * v + kLanes);
+    for (; v + kVectorsPerStep<L> <= end; v += kVectorsPerStep<L>) {
+      for (int j = 0; j < kVectorsPerStep<L>; ++j)
+        for (int i = 0; i < R; ++i) w[j][i] = weights<L>(cb[i], row_bits[i], kLanes * (v + j));
+      for (int j = 0; j < kVectorsPerStep<L>; ++j)
+        for (int i = 0; i < R; ++i) step(i, w[j][i], kLanes * (v + j));
     }
-    if (v < end) {  // an odd number of vectors per group
-      for (int i = 0; i < R; ++i) first[i] = weights<L>(cb[i], row_bits[i], kLanes * v);
-      for (int i = 0; i < R; ++i) step(i, first[i], kLanes * v);
+    for (; v < end; ++v) {  // vectors per group not a multiple of the step
+      for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], row_bits[i], kLanes * v);
+      for (int i = 0; i < R; ++i) step(i, w[0][i], kLanes * v);
     }
   }
 }
@@ -320,7 +399,143 @@ template <class L, int TT, int R>
   }
 }
 
-// Rows [r0, r1). Where the rebuild is light (one chunk, or two chunks shared by two tokens) the
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+// One token, planes as stored, groups of whole 32-column words: no weight is rebuilt (T-MAC's lookup
+// tables). For every 4 columns a table holds the 16 sums of their inputs that a 4-bit pattern selects;
+// the 32-bit words of one plane's 32 columns in 16 rows (gathered, one row per lane) hold 8 patterns
+// each, and one permute looks them up for all 16 rows at once. Per group and row
+//   out[r] += offset[r, g] * sum_{c in g} x[c] + sum_i coef_i[r, g] * (sum of plane i's selected inputs),
+// about 3 vector instructions per 64 weight-bits where the masked rebuild takes 4 masked adds.
+constexpr int64_t kLookupColumns = 32;  // columns of one gathered word
+
+// Lane p of kPatternBit[k]: bit k of the pattern p.
+alignas(64) constexpr float kPatternBit[4][16] = {
+    {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1},
+    {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1},
+    {0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1},
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+};
+
+// tables[16 q + pattern]: the sum of x[4q + k] over the bits k of the pattern; group_sums[g]: of group g.
+void lookup_tables(const Projection& p, const float* x, float* tables, float* group_sums) {
+  const Vec bit0 = vload(kPatternBit[0]), bit1 = vload(kPatternBit[1]), bit2 = vload(kPatternBit[2]),
+            bit3 = vload(kPatternBit[3]);
+  for (int64_t q = 0; q < p.cols / 4; ++q) {
+    const float* xq = x + 4 * q;
+    Vec t = vmul(bit0, vset1(xq[0]));
+    t = vfmadd(bit1, vset1(xq[1]), t);
+    t = vfmadd(bit2, vset1(xq[2]), t);
+    vstore(tables + 16 * q, vfmadd(bit3, vset1(xq[3]), t));
+  }
+  for (int64_t g = 0; g < p.groups; ++g) {
+    Vec sum = vzero();
+    for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += kLanes) sum = vadd(sum, vload(x + c));
+    group_sums[g] = horizontal_sum(sum);
+  }
+}
+
+// GroupCoefs<N> of group g for rows r .. r + 15, lane l for row r + l: the base scales and zeros
+// gathered as float16 pairs (the pair that ends at the element, or for group 0 the one that starts
+// there, so no read leaves the tensor: needs two groups or more), the residual planes' 4-bit codes
+// read one by one and decoded by a permute of their 16-entry table.
+template <int N>
+struct LaneCoefs {
+  Vec coef[N], offset;
+  LaneCoefs(const Projection& p, int64_t r, int64_t g) {
+#ifdef D2MOE_SIMDE_AVX512
+    alignas(64) float c[N][kLanes], o[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const GroupCoefs<N> k(p, r + l, g);
+      o[l] = k.offset;
+      for (int i = 0; i < N; ++i) c[i][l] = k.coef[i];
+    }
+    offset = vload(o);
+    for (int i = 0; i < N; ++i) coef[i] = vload(c[i]);
+#else
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i at = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(int(r))),
+                                                           _mm512_set1_epi32(int(p.groups))),
+                                        _mm512_set1_epi32(int(g) - (g > 0)));
+    const auto halves = [&](const uint16_t* base) {
+      const __m512i pairs = _mm512_i32gather_epi32(at, base, 2);
+      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g > 0 ? _mm512_srli_epi32(pairs, 16) : pairs));
+    };
+    const Vec s = halves(p.base_scale);
+    offset = vmul(vsub(vzero(), s), halves(p.base_zero));
+    for (int i = 0; i < N && i < p.min_bits; ++i) coef[i] = vmul(s, vset1(float(1 << i)));
+    alignas(64) int32_t codes[kLanes];
+    for (int i = p.min_bits; i < N; ++i) {
+      const int j = i - p.min_bits;
+      for (int l = 0; l < kLanes; ++l)
+        codes[l] = (p.residual_codes[j][(r + l) * p.code_row_bytes + g / 2] >> (4 * (g % 2))) & 15;
+      const Vec a = vmul(s, _mm512_permutexvar_ps(_mm512_load_si512(codes), vload(p.scale_table + 16 * j)));
+      coef[i] = vadd(a, a);
+      offset = vsub(offset, a);
+    }
+#endif
+  }
+};
+
+// out[r .. r + 16) for one token by lookup, N planes as stored.
+// Lane l: the 32-bit word at base + l * stride bytes.
+#ifdef D2MOE_SIMDE_AVX512
+inline VecI gather_words(const uint8_t* base, int64_t stride) {
+  alignas(64) uint32_t words[kLanes];
+  for (int l = 0; l < kLanes; ++l) std::memcpy(&words[l], base + l * stride, 4);
+  return simde_mm512_load_si512(words);
+}
+#else
+inline VecI gather_words(const uint8_t* base, int64_t stride) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int(stride)));
+  return _mm512_i32gather_epi32(offsets, base, 1);
+}
+#endif
+
+template <int N>
+void lookup_block(const Projection& p, const float* tables, const float* group_sums, float* out, int64_t r) {
+  const uint8_t* rows[N];
+  for (int i = 0; i < N; ++i) rows[i] = p.chunk_bits[i] + r * p.chunk_row_bytes[i];
+  const int64_t words_per_group = p.group_size / kLookupColumns;
+  Vec total = vzero();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const LaneCoefs<N> k(p, r, g);
+    Vec acc[N];
+    for (int i = 0; i < N; ++i) acc[i] = vzero();
+    for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
+      VecI words[N];
+      for (int i = 0; i < N; ++i) words[i] = gather_words(rows[i] + 4 * w, p.chunk_row_bytes[i]);
+      const float* t = tables + 16 * 8 * w;
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        const Vec table = vload(t + 16 * q);
+        for (int i = 0; i < N; ++i)  // the permute reads each lane's low 4 bits: pattern q
+          acc[i] = vadd(acc[i], D2MOE_MM512(permutexvar_ps)(q == 0 ? words[i] : D2MOE_MM512(srli_epi32)(words[i], 4 * q),
+                                                            table));
+      }
+    }
+    total = vfmadd(k.offset, vset1(group_sums[g]), total);
+    for (int i = 0; i < N; ++i) total = vfmadd(k.coef[i], acc[i], total);
+  }
+  vstore(out + r, total);
+}
+
+template <class L>
+void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  if (p.group_size % kLookupColumns == 0 && p.groups >= 2 && r1 - r0 >= kLanes) {
+    thread_local std::vector<float> tables, group_sums;
+    tables.resize(4 * p.cols);
+    group_sums.resize(p.groups);
+    lookup_tables(p, x, tables.data(), group_sums.data());
+    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, tables.data(), group_sums.data(), out, r);
+  }
+  for (; r < r1; ++r) register_row_block<L, 1, 1>(p, x, out, r);  // rows left over, and other group sizes
+}
+#endif
+
+// Rows [r0, r1). One token with AVX-512: one_token_rows. Where the rebuild is light (one chunk,
+// or two chunks shared by two tokens; with AVX-512 up to two tokens) the
 // FMA chains (two accumulators per row for one token, one per token for two) leave the FMA units
 // waiting, so two rows run interleaved: each row's sums are the same operations in the same order,
 // only scheduled side by side. With more chunks per token the rebuild already fills the vector
@@ -329,7 +544,11 @@ template <class L, int TT, int R>
 // width 4, 2 tokens 1.64 -> 1.39; but width 4, 1 token 1.19 -> 1.44 and width 8 13 % slower.)
 template <class L, int TT>
 void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
-  constexpr bool interleave = (L::count == 1 && TT <= 2) || (L::count == 2 && TT == 2);
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+  if constexpr (L::masked && TT == 1) return one_token_rows<L>(p, x, out, r0, r1);
+#endif
+  constexpr bool interleave = L::masked ? (TT <= 2)
+                                        : (L::count == 1 && TT <= 2) || (L::count == 2 && TT == 2);
   int64_t r = r0;
   if constexpr (interleave)
     for (; r + 2 <= r1; r += 2) register_row_block<L, TT, 2>(p, x, out, r);
@@ -359,20 +578,35 @@ void dequantize_rows_scalar(const Projection& p, int64_t r0, int64_t r1, float* 
 
 // ---------------------------------------------------------------- dispatch
 
-// Calls F<Chunks<chunks, last>>::run(args...): the chunk shape as template arguments.
+// Calls F<Chunks<chunks, last>>::run(args...) (plane pairs) or F<Planes<planes>>::run(args...)
+// (planes as stored): the chunk shape as template arguments.
 template <template <class> class F, typename... Args>
 void with_chunks(const Projection& p, Args&&... args) {
-  const int last = p.chunk_planes[p.chunks - 1];
-  switch (p.chunks * 2 + last - 1) {
-    case 2: F<Chunks<1, 1>>::run(p, args...); break;
-    case 3: F<Chunks<1, 2>>::run(p, args...); break;
-    case 4: F<Chunks<2, 1>>::run(p, args...); break;
-    case 5: F<Chunks<2, 2>>::run(p, args...); break;
-    case 6: F<Chunks<3, 1>>::run(p, args...); break;
-    case 7: F<Chunks<3, 2>>::run(p, args...); break;
-    case 8: F<Chunks<4, 1>>::run(p, args...); break;
-    case 9: F<Chunks<4, 2>>::run(p, args...); break;
-    default: TORCH_CHECK(false, "unsupported plane pairs: ", p.chunks, " chunks, last of ", last);
+  if constexpr (kPlanesPerChunk == 1) {
+    switch (p.chunks) {
+      case 1: F<Planes<1>>::run(p, args...); break;
+      case 2: F<Planes<2>>::run(p, args...); break;
+      case 3: F<Planes<3>>::run(p, args...); break;
+      case 4: F<Planes<4>>::run(p, args...); break;
+      case 5: F<Planes<5>>::run(p, args...); break;
+      case 6: F<Planes<6>>::run(p, args...); break;
+      case 7: F<Planes<7>>::run(p, args...); break;
+      case 8: F<Planes<8>>::run(p, args...); break;
+      default: TORCH_CHECK(false, "unsupported width: ", p.chunks, " planes");
+    }
+  } else {
+    const int last = p.chunk_planes[p.chunks - 1];
+    switch (p.chunks * 2 + last - 1) {
+      case 2: F<Chunks<1, 1>>::run(p, args...); break;
+      case 3: F<Chunks<1, 2>>::run(p, args...); break;
+      case 4: F<Chunks<2, 1>>::run(p, args...); break;
+      case 5: F<Chunks<2, 2>>::run(p, args...); break;
+      case 6: F<Chunks<3, 1>>::run(p, args...); break;
+      case 7: F<Chunks<3, 2>>::run(p, args...); break;
+      case 8: F<Chunks<4, 1>>::run(p, args...); break;
+      case 9: F<Chunks<4, 2>>::run(p, args...); break;
+      default: TORCH_CHECK(false, "unsupported plane pairs: ", p.chunks, " chunks, last of ", last);
+    }
   }
 }
 

@@ -1,15 +1,20 @@
 """Fused MWQ expert MLP for x86-64 CPUs with AVX2 or AVX-512 (C++ in ``cpu_bitplanes.cpp``).
 
 Every MWQ width is "b binary planes with per-group coefficients plus a
-per-group offset". At load (:func:`prepare`) the planes are re-laid in pairs,
-each column's two bits side by side (:class:`PlanePairs`: same bytes, the
-MWQ tensors stay recoverable bit for bit). The kernel then rebuilds a vector
-of float32 weights (8 with AVX2, 16 with AVX-512) in a register with, per plane
-pair, a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``;
-``vpermps`` with AVX-512) of the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}`` (a residual plane's
-coefficient decoded from its 4-bit scale code: one table load and multiply per group),
-and multiplies them straight into the tokens; no float copy of the expert
-exists. Up to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with
+per-group offset". At load (:func:`prepare`) the planes are laid out for the
+build that runs (:class:`ResidentPlanes`: same bytes, the MWQ tensors stay
+recoverable bit for bit). AVX2 build: in pairs, each column's two bits side by
+side; the kernel rebuilds 8 float32 weights in a register with, per plane pair,
+a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``) of
+the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}`` (a residual plane's
+coefficient decoded from its 4-bit scale code: one table load and multiply per
+group), and multiplies them straight into the tokens. AVX-512 builds: planes as
+stored; 16 weights are rebuilt with one masked add of each plane's coefficient,
+the plane's 16 bits loaded straight into a mask register; one token (groups of
+whole 32-column words) rebuilds nothing: per 4 columns a table of the 16 input
+sums a bit pattern selects, and one permute (``vpermps``) looks up 16 rows'
+patterns of a plane at once (T-MAC's lookup tables), each plane's sums scaled
+by its coefficients once per group. No float copy of the expert exists. Up to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with
 AVX-512 (blocks of 8, its 32 registers) the rebuilt weights feed per-token
 accumulators; above that a 128-row tile is rebuilt across the threads and
 multiplied with torch's GEMM.
@@ -24,9 +29,9 @@ every segment's gate/up rows share one parallel region, then one SiLU-and-
 multiply covers all pairs, then every segment's down rows share another
 (split across threads only from 2^21 plane-bits per thread: served through
 vLLM, splitting the reference model's one-token stages cost a third of its
-decode rate, ``benchmarks/results/kernels.md``). With one or two tokens and one
-or two chunks two rows are rebuilt side by side (their FMA chains overlap;
-each row's sums are unchanged). The extension compiles at first use
+decode rate, ``benchmarks/results/kernels.md``). Where the rebuild is light
+two rows are rebuilt side by side (their FMA chains overlap; each row's sums
+are unchanged). The extension compiles at first use
 (about 30 s) into torch's extensions directory (``~/.cache/torch_extensions``);
 if it cannot be built the dispatcher logs why and serves with the reference.
 
@@ -38,23 +43,26 @@ reports AVX-512, ``avx2`` otherwise. ``D2MOE_CPU_ISA`` forces one (``avx2`` on a
 AVX-512 CPU tests what CPUs without it run); ``avx512-simde`` builds the AVX-512
 source on SIMDe's portable intrinsics (Debian's ``libsimde-dev``), so a CPU
 without AVX-512 tests its arithmetic (slowly; never chosen by itself). The
-resident layout is the same for all of them.
+resident layout follows the build (:func:`planes_per_chunk`): pairs for AVX2,
+planes as stored for both AVX-512 builds.
 
 Why plane pairs with 4-entry codebooks: the kernel designs compared (C++ on
 the planes as stored, numba lookup tables, torch's int8/int4 weight-only
 kernels, bf16) and their timings are in ``benchmarks/results/kernels.md``
-("Kernel designs compared"). The plane-as-stored kernel spends about a cycle
-per plane per eight weights on data-dependent table loads; pairs with
-codebooks halve the lookups and need no data-dependent loads. Torch's
+("Kernel designs compared"). With AVX2 a plane-as-stored kernel spends about
+a cycle per plane per eight weights on data-dependent table loads; pairs with
+codebooks halve the lookups and need no data-dependent loads. AVX-512's mask
+registers read planes as stored for free, and its 16-entry permutes make the
+lookup tables pay ("First run on AVX-512 hardware"). Torch's
 int8/int4 weight-only kernels cannot run MWQ exactly: a width-b weight is
 ``s (q - z) + sum_j a_j (+-1)`` with arbitrary float16 residual scales
 ``a_j`` (4-bit codes times the base scale), not an integer code times one scale.
 
-What bounds it: compute, one codebook lookup per plane pair per eight weights,
-so the time grows with ``ceil(width / 2)`` while the bytes read stay below the
-memory bandwidth; at width 8 that makes it slower than torch's int8 kernel,
-which converts each int8 weight once and is bound by bytes. An odd width reads
-its pair's second plane too (coefficient zero): 1/b more bytes.
+What bounds it: compute, about one vector instruction per plane per 8 (AVX2)
+or 16 (AVX-512 rebuild) weights, so the time grows with the width while the
+bytes read stay below the memory bandwidth; the AVX-512 lookup path takes about
+a third of that at one token. With AVX2 an odd width reads its pair's second
+plane too (coefficient zero): 1/b more bytes.
 """
 
 import functools
@@ -91,34 +99,37 @@ _modules: dict = {}  # instruction set -> its built extension
 
 
 @dataclass(frozen=True)
-class PlanePairs:
+class ResidentPlanes:
     """One projection of every expert of a layer in this backend's resident layout.
 
     The bit planes of a :class:`~vllm_d2moe.mwq.stacked.StackedProjection` (base
-    planes, then residual planes) taken two at a time, each column's two bits
-    side by side (bits ``2c, 2c + 1`` of a row's stream); an odd last plane
-    keeps one bit per column. The same bytes as the planes, plus 4 bytes of
-    slack per pair tensor; scales are the stacked ones, plus the plane scale codes' decoding
-    table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`, 64 bytes per plane).
+    planes, then residual planes), by the build's layout (:func:`planes_per_chunk`):
+    the AVX2 build takes them two at a time, each column's two bits side by side
+    (bits ``2c, 2c + 1`` of a row's stream; an odd last plane keeps one bit per
+    column); the AVX-512 builds keep each plane as stored. The same bytes as the
+    planes, plus 4 bytes of slack per chunk tensor; scales are the stacked ones, plus the
+    plane scale codes' decoding table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`,
+    64 bytes per plane).
     """
 
     shape: tuple[int, int]
     group_size: int
     min_bits: int
-    chunks: tuple[torch.Tensor, ...]  # uint8 [experts, rows, ceil(planes in pair * cols / 8)]
+    chunks: tuple[torch.Tensor, ...]  # uint8 [experts, rows, ceil(planes in chunk * cols / 8)]
     base_scale: torch.Tensor  # float16 [experts, rows, groups]
     base_zero: torch.Tensor  # float16 [experts, rows, groups]
     plane_scale: torch.Tensor  # uint8 [experts, residual planes, rows, ceil(groups / 2)]: 4-bit codes
     scale_table: torch.Tensor  # float32 [residual planes, 16]
 
     @staticmethod
-    def from_stacked(p) -> "PlanePairs":
+    def from_stacked(p) -> "ResidentPlanes":
         load()
         planes = [p.base_bits[:, i] for i in range(p.min_bits)]
         planes += [p.plane_bits[:, j] for j in range(p.plane_bits.shape[1])]
         chunks = []
-        for first in range(0, len(planes), 2):
-            pair = planes[first : first + 2]
+        per_chunk = planes_per_chunk()
+        for first in range(0, len(planes), per_chunk):
+            pair = planes[first : first + per_chunk]
             row_bytes = (len(pair) * p.shape[1] + 7) // 8
             size = p.num_experts * p.shape[0] * row_bytes
             chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(
@@ -130,7 +141,7 @@ class PlanePairs:
                 else:
                     chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
-        return PlanePairs(
+        return ResidentPlanes(
             p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale,
             decode_table(p.plane_scale.shape[1]),
         )
@@ -142,6 +153,10 @@ class PlanePairs:
     @property
     def num_experts(self) -> int:
         return self.base_scale.shape[0]
+
+    @property
+    def planes_per_chunk(self) -> int:
+        return 1 if len(self.chunks) == self.bits else 2
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +187,10 @@ class PlanePairs:
         load()
         end = start + len(planes)
         plane_bytes = (self.shape[1] + 7) // 8
+        if self.planes_per_chunk == 1:
+            for i, bits in enumerate(planes, start=start):
+                self.chunks[i][expert].copy_(bits)
+            return
         for c in range(start // 2, (end + 1) // 2):
             chunk = self.chunks[c][expert]
             if chunk.shape[-1] == plane_bytes:  # a lone last plane
@@ -190,8 +209,9 @@ class PlanePairs:
         bits = self.bits if bits is None else bits
         plane_bytes = (self.shape[1] + 7) // 8
         planes = []
-        for chunk in self.chunks[: (bits + 1) // 2]:
-            if chunk.shape[-1] == plane_bytes:  # a lone last plane
+        per_chunk = self.planes_per_chunk
+        for chunk in self.chunks[: (bits + per_chunk - 1) // per_chunk]:
+            if chunk.shape[-1] == plane_bytes:  # a plane as stored
                 planes.append(chunk[expert].clone())
                 continue
             first, second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
@@ -228,6 +248,11 @@ def cpu_isa() -> tuple[str, str]:
     return "avx2", f"torch reports {capability}, no AVX-512, on this CPU"
 
 
+def planes_per_chunk() -> int:
+    """Planes per resident chunk in the layout of the build that runs here: 2 (pairs, AVX2), 1 (AVX-512)."""
+    return 2 if choose_isa()[0] == "avx2" else 1
+
+
 def _library(isa: str) -> str:
     return "d2moe_cpu_" + isa.replace("-", "_")
 
@@ -257,12 +282,12 @@ def load():
     return module
 
 
-def prepare(projection) -> PlanePairs:
+def prepare(projection) -> ResidentPlanes:
     """This backend's resident form of a layer's :class:`~vllm_d2moe.mwq.stacked.StackedProjection`."""
-    return PlanePairs.from_stacked(projection)
+    return ResidentPlanes.from_stacked(projection)
 
 
-def _layer_args(gate_up: PlanePairs, down: PlanePairs) -> list:
+def _layer_args(gate_up: ResidentPlanes, down: ResidentPlanes) -> list:
     return [
         list(gate_up.chunks),
         [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale, gate_up.scale_table],
@@ -273,7 +298,7 @@ def _layer_args(gate_up: PlanePairs, down: PlanePairs) -> list:
     ]
 
 
-def grouped_mlp(x, gate_up: PlanePairs, down: PlanePairs, segments, out) -> None:
+def grouped_mlp(x, gate_up: ResidentPlanes, down: ResidentPlanes, segments, out) -> None:
     """See ``kernels/__init__.py``; ``out`` must be contiguous float32."""
     load()
     table = torch.tensor(
@@ -282,14 +307,14 @@ def grouped_mlp(x, gate_up: PlanePairs, down: PlanePairs, segments, out) -> None
     _ops().moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
 
 
-def layer_forward(x, topk_weights, local_ids, widths, gate_up: PlanePairs, down: PlanePairs) -> torch.Tensor:
+def layer_forward(x, topk_weights, local_ids, widths, gate_up: ResidentPlanes, down: ResidentPlanes) -> torch.Tensor:
     """See ``kernels/__init__.py``: grouping, gather and weighted scatter in the same C++ call
     (on the reference model the dozen torch ops for them cost more than its small experts)."""
     load()
     return _ops().moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
 
 
-def bind(gate_up: PlanePairs, down: PlanePairs):
+def bind(gate_up: ResidentPlanes, down: ResidentPlanes):
     """See ``kernels/__init__.py``: :func:`layer_forward` over these projections, with the layer's tensors
     handed to C++ once (the dispatcher's parsing of the dozen tensors in their lists costs more per call
     than a decode step's expert work on the small reference model)."""

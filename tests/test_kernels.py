@@ -143,6 +143,15 @@ CASES = {
     "many-tokens": (MWQSpec(2, 4, 64), 128, 64, [(1, 3, 70), (0, 4, 1)]),
     # 3 (AVX-512) or 6 (AVX2) vectors per group; 6 to 8 tokens fill the AVX-512 build's register block.
     "g48-token-blocks": (MWQSpec(2, 8, 48), 96, 48, [(0, 2, 8), (1, 5, 7), (2, 8, 6), (0, 4, 8), (1, 7, 3)]),
+    # One token at every width in groups of whole 32-column words: the AVX-512 build's lookup-table path
+    # (4 and 3 groups per row; 256 and 128 rows: whole 16-row blocks); one group per row falls back.
+    "lookup-one-token": (
+        MWQSpec(2, 8, 32),
+        128,
+        96,
+        [(0, 2, 1), (1, 3, 1), (2, 4, 1), (0, 5, 1), (1, 6, 1), (2, 7, 1), (0, 8, 1), (1, 4, 2)],
+    ),
+    "lookup-one-group": (MWQSpec(2, 8, 64), 128, 64, [(0, 4, 1), (1, 8, 1)]),
     # Around the register path's limit (AVX2: 8 tokens, AVX-512: 24 in three blocks); above it, tiles.
     "register-token-limit": (MWQSpec(2, 8, 32), 64, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),
 }

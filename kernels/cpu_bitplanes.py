@@ -14,8 +14,9 @@ the plane's 16 bits loaded straight into a mask register; one token (groups of
 whole 32-column words) rebuilds nothing: per 4 columns a table of the 16 input
 sums a bit pattern selects, and one permute (``vpermps``) looks up 16 rows'
 patterns of a plane at once (T-MAC's lookup tables), each plane's sums scaled
-by its coefficients once per group. No float copy of the expert exists. Up to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with
-AVX-512 (blocks of 8, its 32 registers) the rebuilt weights feed per-token
+by its coefficients once per group. No float copy of the expert exists. Up
+to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with AVX-512
+(blocks of 8, its 32 registers) the rebuilt weights feed per-token
 accumulators; above that a 128-row tile is rebuilt across the threads and
 multiplied with torch's GEMM.
 Rows are split across torch's own intra-op (OpenMP) threads with

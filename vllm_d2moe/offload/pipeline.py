@@ -241,7 +241,7 @@ class LoadPipeline:
                     self._adopted[key] = load
                 else:
                     self._settle([load])
-                    counters.bytes_wasted += self._prefetched_nbytes(load)
+                    self._drop_prefetch(load, counters)
             elif load.future.cancel():  # not started: cancelled, costs nothing
                 del self._prefetches[key]
                 if load.write_ahead:
@@ -300,7 +300,7 @@ class LoadPipeline:
                     self.pool.release(key)
                 continue
             if not load.write_ahead and self.pool.width(key) != load.first - 1 + self.pool.min_bits:
-                counters.bytes_wasted += self._prefetched_nbytes(load)  # an upgrade of an evicted expert
+                self._drop_prefetch(load, counters)  # an upgrade of an evicted expert
                 continue
             self._install(load, counters)
             if load.write_ahead:
@@ -321,6 +321,15 @@ class LoadPipeline:
         nbytes = self._unused.pop(key, None)
         if nbytes is not None:
             self.metrics.layer(key[0]).bytes_wasted += nbytes
+
+    def _drop_prefetch(self, load: _Load, counters: LayerCounters) -> None:
+        """A finished prefetch that is not installed: its read counts as prefetched, and as wasted."""
+        nbytes = self._prefetched_nbytes(load)
+        if nbytes:
+            counters.prefetch_reads += 1
+            counters.bytes_prefetched += nbytes
+            counters.io_seconds += load.future.result()[2]
+        counters.bytes_wasted += nbytes
 
     @staticmethod
     def _prefetched_nbytes(load: _Load) -> int:

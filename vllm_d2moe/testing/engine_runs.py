@@ -68,6 +68,17 @@ def _logprob_vectors(positions) -> list[dict[str, float]]:
     return [{str(tok): lp.logprob for tok, lp in position.items()} for position in positions]
 
 
+def _attention_config(run: Run) -> dict | None:
+    """vLLM serves MLA models (DeepSeek) on CPUs with AMX through its AMX MLA backend, which takes
+    bfloat16 / float16 weights only ("expect weight to be bfloat16, ..."): in float32 they run on its
+    reference CPU MLA backend, which CPUs without AMX use anyway."""
+    config_file = os.path.join(run.model, "config.json")
+    if run.dtype != "float32" or not os.path.exists(config_file):
+        return None
+    with open(config_file) as f:
+        return {"backend": "CPU_MLA"} if "kv_lora_rank" in json.load(f) else None
+
+
 def _set_process_layout(in_process: bool) -> None:
     """vLLM reads the variable when an engine starts; an in-process engine core caches vLLM's
     environment in this process (``enable_envs_cache``), so the cache is dropped first."""
@@ -100,6 +111,7 @@ def run_engine(run: Run, earlier: dict) -> dict:
         max_model_len=run.max_model_len,
         max_logprobs=run.logprobs or 20,
         **({"compilation_config": run.compilation_config} if run.compilation_config else {}),
+        **({"attention_config": attention} if (attention := _attention_config(run)) else {}),
     )
     start_seconds = time.monotonic() - started
     try:

@@ -112,7 +112,7 @@ def run_engine(spec: dict) -> dict:
         spec["model"],
         hf_overrides={"quantization_config": spec["quantization_config"]} if spec["quantization_config"] else None,
         dtype="bfloat16",
-        enforce_eager=not spec["compiled"],
+        enforce_eager=not spec.get("compiled", False),  # set by this sweep's --compiled only
         max_model_len=spec["input_len"] + spec["output_len"] + 8,
         max_num_seqs=max(spec["concurrency"]),
     )

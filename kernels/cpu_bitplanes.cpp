@@ -61,6 +61,11 @@ constexpr int kPlanesPerChunk = 1;
 #else
 constexpr int kPlanesPerChunk = 2;
 #endif
+// One token's lookup tables and group sums (one_token_rows), made once per segment of a layer call.
+struct Lookup {
+  const float* tables;
+  const float* group_sums;
+};
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
 const uint16_t* half_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
@@ -416,6 +421,9 @@ alignas(64) constexpr float kPatternBit[4][16] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
 };
 
+// Whether one token of `p` runs by lookup: groups of whole words, and two or more (LaneCoefs).
+inline bool lookup_fits(const Projection& p) { return p.group_size % kLookupColumns == 0 && p.groups >= 2; }
+
 // tables[16 q + pattern]: the sum of x[4q + k] over the bits k of the pattern; group_sums[g]: of group g.
 void lookup_tables(const Projection& p, const float* x, float* tables, float* group_sums) {
   const Vec bit0 = vload(kPatternBit[0]), bit1 = vload(kPatternBit[1]), bit2 = vload(kPatternBit[2]),
@@ -520,17 +528,23 @@ void lookup_block(const Projection& p, const float* tables, const float* group_s
   vstore(out + r, total);
 }
 
+// Rows [r0, r1) of one token: by lookup in 16-row blocks (with `lookup`'s tables, or tables made here),
+// the rows left over and projections whose groups are not whole words by the masked rebuild.
 template <class L>
-void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
+void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
   int64_t r = r0;
-  if (p.group_size % kLookupColumns == 0 && p.groups >= 2 && r1 - r0 >= kLanes) {
+  if (lookup_fits(p) && r1 - r0 >= kLanes) {
     thread_local std::vector<float> tables, group_sums;
-    tables.resize(4 * p.cols);
-    group_sums.resize(p.groups);
-    lookup_tables(p, x, tables.data(), group_sums.data());
-    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, tables.data(), group_sums.data(), out, r);
+    if (lookup == nullptr) {
+      tables.resize(4 * p.cols);
+      group_sums.resize(p.groups);
+      lookup_tables(p, x, tables.data(), group_sums.data());
+    }
+    const float* t = lookup ? lookup->tables : tables.data();
+    const float* sums = lookup ? lookup->group_sums : group_sums.data();
+    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, t, sums, out, r);
   }
-  for (; r < r1; ++r) register_row_block<L, 1, 1>(p, x, out, r);  // rows left over, and other group sizes
+  for (; r < r1; ++r) register_row_block<L, 1, 1>(p, x, out, r);
 }
 #endif
 
@@ -543,9 +557,9 @@ void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0,
 // hidden 2048 x intermediate 1408: width 2, 1 token 0.74 -> 0.69 ms, 2 tokens 1.40 -> 0.95;
 // width 4, 2 tokens 1.64 -> 1.39; but width 4, 1 token 1.19 -> 1.44 and width 8 13 % slower.)
 template <class L, int TT>
-void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1) {
+void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  if constexpr (L::masked && TT == 1) return one_token_rows<L>(p, x, out, r0, r1);
+  if constexpr (L::masked && TT == 1) return one_token_rows<L>(p, x, out, r0, r1, lookup);
 #endif
   constexpr bool interleave = L::masked ? (TT <= 2)
                                         : (L::count == 1 && TT <= 2) || (L::count == 2 && TT == 2);
@@ -614,9 +628,10 @@ template <class L>
 struct RegisterRows {
   // register_rows<L, tokens>, for 1 <= tokens <= TT.
   template <int TT = kTokenBlock>
-  static void run(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1) {
-    if (tokens == TT) return register_rows<L, TT>(p, x, out, r0, r1);
-    if constexpr (TT > 1) return run<TT - 1>(p, x, tokens, out, r0, r1);
+  static void run(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1,
+                  const Lookup* lookup) {
+    if (tokens == TT) return register_rows<L, TT>(p, x, out, r0, r1, lookup);
+    if constexpr (TT > 1) return run<TT - 1>(p, x, tokens, out, r0, r1, lookup);
     TORCH_CHECK(false, "register blocks hold 1 to ", kTokenBlock, " tokens, not ", tokens);
   }
 };
@@ -626,10 +641,13 @@ struct DequantizeRows {
   static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_vector<L>(p, r0, r1, dst); }
 };
 
-// out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]).
-void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1) {
+// out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]);
+// `lookup`: one token's tables, if made already.
+void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1,
+                     const Lookup* lookup = nullptr) {
   for (int64_t t = 0; t < tokens; t += kTokenBlock)
-    with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1);
+    with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1,
+                              lookup);
 }
 
 bool fits_registers(const Projection& p, int64_t tokens) {
@@ -711,12 +729,26 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
     bits += rows * cols * s.projection.planes;
   }
   if (blocks.empty()) return;
+  // One token's lookup tables once per segment, not once per block of its rows.
+  std::vector<Lookup> lookups(segments.size(), Lookup{nullptr, nullptr});
+  std::vector<std::vector<float>> lookup_data;
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const Segment& s = segments[i];
+    if (s.tokens != 1 || !lookup_fits(s.projection)) continue;
+    std::vector<float>& data = lookup_data.emplace_back(4 * cols + s.projection.groups);
+    lookup_tables(s.projection, xp + s.first * cols, data.data(), data.data() + 4 * cols);
+    lookups[i] = {data.data(), data.data() + 4 * cols};
+  }
+#endif
   const int64_t n = int64_t(blocks.size());
   const int64_t grain = bits <= kStageBitsPerThread ? n : std::max<int64_t>(1, n * kStageBitsPerThread / bits);
   at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Segment& s = *blocks[b].segment;
-      register_linear(s.projection, xp + s.first * cols, s.tokens, op + s.first * rows, blocks[b].r0, blocks[b].r1);
+      const Lookup& lookup = lookups[blocks[b].segment - segments.data()];
+      register_linear(s.projection, xp + s.first * cols, s.tokens, op + s.first * rows, blocks[b].r0, blocks[b].r1,
+                      lookup.tables ? &lookup : nullptr);
     }
   });
 }

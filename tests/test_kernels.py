@@ -217,13 +217,19 @@ def float64_layer_forward(x, weights, ids, widths, gate_up, down) -> torch.Tenso
     return want
 
 
-def test_layer_forward_mixes_experts_widths_and_ranks(backend):
+# (spec, hidden, intermediate): groups of 16; groups of whole 32-column words, where one-token
+# segments run by lookup (AVX-512 builds) with tables made once per segment of the call.
+LAYER_SHAPES = {"g16": (MWQSpec(2, 6, 16), 48, 32), "g32-lookup": (MWQSpec(2, 8, 32), 64, 64)}
+
+
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+def test_layer_forward_mixes_experts_widths_and_ranks(backend, shape):
     """LayerExperts.forward: routing weights, experts of other ranks (-1), a different width per pair."""
     module, device = backend
-    spec, tokens, top_k = MWQSpec(2, 6, 16), 11, 3
-    gate_up, down = random_layer(spec, 4, 48, 32, device)
+    (spec, hidden, inter), tokens, top_k = LAYER_SHAPES[shape], 11, 3
+    gate_up, down = random_layer(spec, 4, hidden, inter, device)
     layer = LayerExperts(gate_up, down, spec.max_bits, module)
-    x = torch.randn(tokens, 48, device=device)
+    x = torch.randn(tokens, hidden, device=device)
     ids = torch.randint(-1, 4, (tokens, top_k), device=device)
     widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), device=device, dtype=torch.int8)
     weights = torch.rand(tokens, top_k, device=device)

@@ -77,9 +77,10 @@ OFFLOAD_METHODS = {
     "+hebf": {"order": "hebf", "overlap": True, "reuse": True, "keep": False},
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
-# More all-resident MWQ runs (quantization_config, environment): narrower widths, the non-expert layers
+# All-resident MWQ runs at a fixed width (quantization_config, environment): widths 4, 2, 3, the non-expert layers
 # as weight-only int8 / int4 (the ``dense`` option), the int8-activation expert kernel (D2MOE_KERNEL).
 RESIDENT_VARIANTS = {
+    "mwq4-resident": ({"bits": 4}, {}),  # issue 4's end-to-end check: MWQ width 4 against bf16
     "mwq2-resident": ({"bits": 2}, {}),
     "mwq3-resident": ({"bits": 3}, {}),
     "mwq4-dense-int8": ({"bits": 4, "dense": "int8"}, {}),
@@ -457,10 +458,7 @@ def sweep(args) -> dict:
     bits = checkpoint.spec.max_bits
     plan = [{"method": "bf16", "model": str(args.model), "quantization_config": None},
             {"method": "int8-resident", "model": str(d2moe),
-             "quantization_config": {"quant_method": "d2moe", "bits": bits}},
-            # Issue 4's end-to-end check: MWQ width 4, all resident, against bf16.
-            {"method": "mwq4-resident", "model": str(d2moe),
-             "quantization_config": {"quant_method": "d2moe", "bits": 4}}]
+             "quantization_config": {"quant_method": "d2moe", "bits": bits}}]
     plan += [{"method": method, "model": str(d2moe), "quantization_config": {"quant_method": "d2moe", **config},
               "env": env} for method, (config, env) in RESIDENT_VARIANTS.items()]
     routed = routed_copy(args.router, d2moe) if args.router else None

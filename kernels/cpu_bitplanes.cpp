@@ -76,7 +76,6 @@ struct Projection {
   int64_t rows, cols, groups, group_size;
   int min_bits, planes;                          // planes == width
   int chunks;                                    // chunks holding planes [0, width)
-  int planes_per_chunk;                          // 2: plane pairs (AVX2 build), 1: planes as stored (AVX-512)
   const uint8_t* chunk_bits[kMaxChunks];         // chunk c, row 0
   int64_t chunk_row_bytes[kMaxChunks];
   int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
@@ -88,8 +87,8 @@ struct Projection {
 
   // Bit `plane` of column `col` in row `row`.
   int bit(int plane, int64_t row, int64_t col) const {
-    const int c = plane / planes_per_chunk;
-    const int64_t at = chunk_planes[c] * col + plane % planes_per_chunk;
+    const int c = plane / kPlanesPerChunk;
+    const int64_t at = chunk_planes[c] * col + plane % kPlanesPerChunk;
     return (chunk_bits[c][row * chunk_row_bytes[c] + at / 8] >> (at % 8)) & 1;
   }
 };
@@ -109,7 +108,6 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   p.groups = base_scale.size(2);
   p.min_bits = int(min_bits);
   p.planes = int(width);
-  p.planes_per_chunk = kPlanesPerChunk;
   p.chunks = int((width + kPlanesPerChunk - 1) / kPlanesPerChunk);
   const int64_t resident = min_bits + plane_scale.size(1);
   TORCH_CHECK(group_size > 0 && p.groups * group_size == cols, "scales do not describe ", cols,
@@ -484,24 +482,26 @@ struct LaneCoefs {
   }
 };
 
-// out[r .. r + 16) for one token by lookup, N planes as stored.
-// Lane l: the 32-bit word at base + l * stride bytes.
+// Lane l: the 32-bit word at base + offsets[l] bytes.
 #ifdef D2MOE_SIMDE_AVX512
-inline VecI gather_words(const uint8_t* base, int64_t stride) {
+inline VecI gather_words(const uint8_t* base, VecI offsets) {
+  alignas(64) int32_t at[kLanes];
   alignas(64) uint32_t words[kLanes];
-  for (int l = 0; l < kLanes; ++l) std::memcpy(&words[l], base + l * stride, 4);
+  simde_mm512_store_si512(at, offsets);
+  for (int l = 0; l < kLanes; ++l) std::memcpy(&words[l], base + at[l], 4);
   return simde_mm512_load_si512(words);
 }
 #else
-inline VecI gather_words(const uint8_t* base, int64_t stride) {
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(int(stride)));
-  return _mm512_i32gather_epi32(offsets, base, 1);
-}
+inline VecI gather_words(const uint8_t* base, VecI offsets) { return _mm512_i32gather_epi32(offsets, base, 1); }
 #endif
 
+// out[r .. r + 16) for one token by lookup, N planes as stored.
 template <int N>
 void lookup_block(const Projection& p, const float* tables, const float* group_sums, float* out, int64_t r) {
+  // Every plane's rows are chunk_row_bytes[0] apart (planes as stored: one plane per chunk).
+  const VecI row_offsets = D2MOE_MM512(mullo_epi32)(
+      D2MOE_MM512(setr_epi32)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      D2MOE_MM512(set1_epi32)(int(p.chunk_row_bytes[0])));
   const uint8_t* rows[N];
   for (int i = 0; i < N; ++i) rows[i] = p.chunk_bits[i] + r * p.chunk_row_bytes[i];
   const int64_t words_per_group = p.group_size / kLookupColumns;
@@ -512,7 +512,7 @@ void lookup_block(const Projection& p, const float* tables, const float* group_s
     for (int i = 0; i < N; ++i) acc[i] = vzero();
     for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
       VecI words[N];
-      for (int i = 0; i < N; ++i) words[i] = gather_words(rows[i] + 4 * w, p.chunk_row_bytes[i]);
+      for (int i = 0; i < N; ++i) words[i] = gather_words(rows[i] + 4 * w, row_offsets);
       const float* t = tables + 16 * 8 * w;
 #pragma GCC unroll 8
       for (int q = 0; q < 8; ++q) {
@@ -528,25 +528,32 @@ void lookup_block(const Projection& p, const float* tables, const float* group_s
   vstore(out + r, total);
 }
 
-// Rows [r0, r1) of one token: by lookup in 16-row blocks (with `lookup`'s tables, or tables made here),
-// the rows left over and projections whose groups are not whole words by the masked rebuild.
+// Rows [r0, r1) of one token: by lookup in 16-row blocks where the caller made the tables
+// (make_lookup), the rows left over and projections whose groups are not whole words by the masked rebuild.
 template <class L>
 void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
   int64_t r = r0;
-  if (lookup_fits(p) && r1 - r0 >= kLanes) {
-    thread_local std::vector<float> tables, group_sums;
-    if (lookup == nullptr) {
-      tables.resize(4 * p.cols);
-      group_sums.resize(p.groups);
-      lookup_tables(p, x, tables.data(), group_sums.data());
-    }
-    const float* t = lookup ? lookup->tables : tables.data();
-    const float* sums = lookup ? lookup->group_sums : group_sums.data();
-    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, t, sums, out, r);
-  }
+  if (lookup != nullptr)
+    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, lookup->tables, lookup->group_sums, out, r);
   for (; r < r1; ++r) register_row_block<L, 1, 1>(p, x, out, r);
 }
 #endif
+
+// The lookup tables of one token x of `p` where it runs by lookup (AVX-512 builds, groups of whole
+// words), kept in `data` and described by `lookup`: made once per projection call, before its rows
+// are split across threads; nullptr otherwise.
+const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, std::vector<float>& data,
+                          Lookup& lookup) {
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+  if (tokens == 1 && lookup_fits(p)) {
+    data.resize(4 * p.cols + p.groups);
+    lookup = {data.data(), data.data() + 4 * p.cols};
+    lookup_tables(p, x, data.data(), data.data() + 4 * p.cols);
+    return &lookup;
+  }
+#endif
+  return nullptr;
+}
 
 // Rows [r0, r1). One token with AVX-512: one_token_rows. Where the rebuild is light (one chunk,
 // or two chunks shared by two tokens; with AVX-512 up to two tokens) the
@@ -642,9 +649,9 @@ struct DequantizeRows {
 };
 
 // out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]);
-// `lookup`: one token's tables, if made already.
+// `lookup`: make_lookup's, for one token.
 void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1,
-                     const Lookup* lookup = nullptr) {
+                     const Lookup* lookup) {
   for (int64_t t = 0; t < tokens; t += kTokenBlock)
     with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1,
                               lookup);
@@ -662,7 +669,11 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (fits_registers(p, tokens)) {
-    at::parallel_for(0, p.rows, grain, [&](int64_t r0, int64_t r1) { register_linear(p, xp, tokens, op, r0, r1); });
+    std::vector<float> data;
+    Lookup lookup;
+    const Lookup* made = make_lookup(p, xp, tokens, data, lookup);
+    at::parallel_for(0, p.rows, grain,
+                     [&](int64_t r0, int64_t r1) { register_linear(p, xp, tokens, op, r0, r1, made); });
     return;
   }
   // Tiles one after another: the rebuild is split across threads, then torch's GEMM
@@ -730,25 +741,19 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
   }
   if (blocks.empty()) return;
   // One token's lookup tables once per segment, not once per block of its rows.
-  std::vector<Lookup> lookups(segments.size(), Lookup{nullptr, nullptr});
-  std::vector<std::vector<float>> lookup_data;
-#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  for (size_t i = 0; i < segments.size(); ++i) {
-    const Segment& s = segments[i];
-    if (s.tokens != 1 || !lookup_fits(s.projection)) continue;
-    std::vector<float>& data = lookup_data.emplace_back(4 * cols + s.projection.groups);
-    lookup_tables(s.projection, xp + s.first * cols, data.data(), data.data() + 4 * cols);
-    lookups[i] = {data.data(), data.data() + 4 * cols};
-  }
-#endif
+  std::vector<std::vector<float>> lookup_data(segments.size());
+  std::vector<Lookup> lookups(segments.size());
+  std::vector<const Lookup*> made(segments.size());
+  for (size_t i = 0; i < segments.size(); ++i)
+    made[i] = make_lookup(segments[i].projection, xp + segments[i].first * cols, segments[i].tokens, lookup_data[i],
+                          lookups[i]);
   const int64_t n = int64_t(blocks.size());
   const int64_t grain = bits <= kStageBitsPerThread ? n : std::max<int64_t>(1, n * kStageBitsPerThread / bits);
   at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Segment& s = *blocks[b].segment;
-      const Lookup& lookup = lookups[blocks[b].segment - segments.data()];
       register_linear(s.projection, xp + s.first * cols, s.tokens, op + s.first * rows, blocks[b].r0, blocks[b].r1,
-                      lookup.tables ? &lookup : nullptr);
+                      made[blocks[b].segment - segments.data()]);
     }
   });
 }

@@ -595,7 +595,8 @@ def main() -> None:
                         help="serve with torch.compile (vLLM's default) instead of eager mode")
     parser.add_argument("--methods", nargs="+",
                         default=["bf16", "int8-resident", *OFFLOAD_METHODS, "router+budget"],
-                        help="a subset of the methods")
+                        choices=["bf16", "int8-resident", *RESIDENT_VARIANTS, *OFFLOAD_METHODS, "router+budget"],
+                        help="a subset of the methods (int8-resident: MWQ width 8, all resident)")
     parser.add_argument("--budgets", nargs="+", default=["one layer", "1/3 bf16", "everything"],
                         help="a subset of the budgets (offloaded methods only)")
     parser.add_argument("--router", type=Path,

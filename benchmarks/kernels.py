@@ -187,14 +187,17 @@ def baseline_methods(hidden: int, inter: int, pool_mb: float) -> list[Method]:
 def mwq_methods(
     hidden: int, inter: int, pool_mb: float, isas: list[str], with_reference: bool, with_int8: bool
 ) -> list[Method]:
-    """Every width of the fused backend's ``isas`` builds (one resident layout, shared), of the int8-activation
+    """Every width of the fused backend's ``isas`` builds (each on its own resident layout), of the int8-activation
     backend, and the reference."""
     probe_gu, probe_d = random_stacked(2 * inter, hidden, 1), random_stacked(hidden, inter, 1)
     n = pool_size(mwq_bytes(probe_gu, MIN_BITS) + mwq_bytes(probe_d, MIN_BITS), pool_mb)
     gate_up, down = random_stacked(2 * inter, hidden, n), random_stacked(hidden, inter, n)
     outs: dict[int, torch.Tensor] = {}  # tokens -> output buffer, made once
     fused = load_backend("cpu_bitplanes")
-    runners = [(f"MWQ fused CPU {isa}", fused, isa, (fused.prepare(gate_up), fused.prepare(down))) for isa in isas]
+    runners = []
+    for isa in isas:  # each build reads its own resident layout (plane pairs for avx2, planes as stored for avx512)
+        with cpu_build(isa):
+            runners.append((f"MWQ fused CPU {isa}", fused, isa, (fused.prepare(gate_up), fused.prepare(down))))
     if with_int8:
         int8 = load_backend("cpu_int8")
         for isa in isas:  # cpu_int8 follows cpu_bitplanes' build choice where the group size allows

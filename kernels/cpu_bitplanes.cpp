@@ -1,7 +1,7 @@
 // MWQ expert MLP on x86-64 CPUs, one source compiled for AVX2 and for AVX-512
 // (kernels/cpu_bitplanes.py picks the build): weights rebuilt a vector (8 or 16
 // lanes) at a time in a register from the bit planes, multiplied straight into
-// the tokens, or with AVX-512 and one token, input sums looked up by the planes'
+// the tokens, or with AVX-512 and a few tokens, input sums looked up by the planes'
 // bit patterns; never more than a 128-row tile of float weights. Why this design,
 // and its speed: cpu_bitplanes.py.
 //
@@ -17,10 +17,11 @@
 // lane l right by 2l, and a permute of the group's 4-entry codebook
 // {0, c_2p, c_2p+1, c_2p + c_2p+1} yields their contribution. An odd last plane is a
 // chunk of one bit per column (its codebook ignores bit 1).
-// AVX-512 build: the planes are resident as stored, one bit per column; 16 columns of a
-// plane are one mask register loaded straight from memory, and a masked add of the
-// plane's coefficient builds the weights: one instruction per plane per 16 weights. One
-// token needs no weights at all (one_token_rows).
+// AVX-512 build: the planes are resident one bit per column, in tiles of 16 rows x 32
+// columns (each row's 32-bit word side by side) where the groups are whole words, else as
+// stored; 16 columns of a plane are one mask register loaded straight from memory, and a
+// masked add of the plane's coefficient builds the weights: one instruction per plane per
+// 16 weights. A few tokens need no weights at all (lookup_tiles).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,10 +62,17 @@ constexpr int kPlanesPerChunk = 1;
 #else
 constexpr int kPlanesPerChunk = 2;
 #endif
-// One token's lookup tables and group sums (one_token_rows), made once per segment of a layer call.
+// Planes as stored are tiled where the groups are whole 32-column words (ResidentPlanes): per group,
+// per 16 rows, the rows' 32-bit words side by side, so 16 rows' word is one 64-byte vector load.
+constexpr int64_t kPlaneTileRows = 16;
+constexpr int64_t kPlaneTileColumns = 32;
+constexpr int64_t kPlaneTileWordBytes = 4 * kPlaneTileRows;
+inline bool tiled_layout(int64_t group_size) { return kPlanesPerChunk == 1 && group_size % kPlaneTileColumns == 0; }
+// The lookup tables and group sums of a few tokens (lookup_block), made once per projection call or
+// per segment of a layer call.
 struct Lookup {
-  const float* tables;
-  const float* group_sums;
+  const float* tables;      // [cols / 4][tokens][16]
+  const float* group_sums;  // [tokens][groups]
 };
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
@@ -76,6 +84,8 @@ struct Projection {
   int64_t rows, cols, groups, group_size;
   int min_bits, planes;                          // planes == width
   int chunks;                                    // chunks holding planes [0, width)
+  bool tiled;                                    // planes in tiles (tiled_layout); else rows as stored or paired
+  int64_t tiles;                                 // tiles of rows: ceil(rows / kPlaneTileRows)
   const uint8_t* chunk_bits[kMaxChunks];         // chunk c, row 0
   int64_t chunk_row_bytes[kMaxChunks];
   int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
@@ -85,9 +95,25 @@ struct Projection {
   int64_t code_row_bytes;                        // ceil(groups / 2)
   const float* scale_table;                      // float32 [residual planes, 16]: a_j = s * table[j][code]
 
+  // Chunk c's bits of group g in row `row`: a column's byte at group_row + group_byte(column in the group).
+  const uint8_t* group_row(int c, int64_t row, int64_t g) const {
+    if (tiled)
+      return chunk_bits[c] + (g * tiles + row / kPlaneTileRows) * (group_size / kPlaneTileColumns) * kPlaneTileWordBytes +
+             4 * (row % kPlaneTileRows);
+    return chunk_bits[c] + row * chunk_row_bytes[c] + chunk_planes[c] * g * group_size / 8;
+  }
+  // Byte of column `col` of a group (one bit per column): 4-byte words of 32 columns, 64 bytes apart when tiled.
+  int64_t group_byte(int64_t col) const {
+    return (col / kPlaneTileColumns) * (tiled ? kPlaneTileWordBytes : 4) + (col % kPlaneTileColumns) / 8;
+  }
+
   // Bit `plane` of column `col` in row `row`.
   int bit(int plane, int64_t row, int64_t col) const {
     const int c = plane / kPlanesPerChunk;
+    if (tiled) {
+      const int64_t in_group = col % group_size;
+      return (group_row(c, row, col / group_size)[group_byte(in_group)] >> (in_group % 8)) & 1;
+    }
     const int64_t at = chunk_planes[c] * col + plane % kPlanesPerChunk;
     return (chunk_bits[c][row * chunk_row_bytes[c] + at / 8] >> (at % 8)) & 1;
   }
@@ -109,6 +135,8 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   p.min_bits = int(min_bits);
   p.planes = int(width);
   p.chunks = int((width + kPlanesPerChunk - 1) / kPlanesPerChunk);
+  p.tiled = tiled_layout(group_size);
+  p.tiles = (p.rows + kPlaneTileRows - 1) / kPlaneTileRows;
   const int64_t resident = min_bits + plane_scale.size(1);
   TORCH_CHECK(group_size > 0 && p.groups * group_size == cols, "scales do not describe ", cols,
               " columns in groups of ", group_size);
@@ -120,8 +148,10 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
   for (int c = 0; c < p.chunks; ++c) {
     p.chunk_planes[c] = int(std::min<int64_t>(kPlanesPerChunk, resident - kPlanesPerChunk * c));
     p.chunk_row_bytes[c] = chunks[c].size(2);
-    TORCH_CHECK(p.chunk_row_bytes[c] == (p.chunk_planes[c] * cols + 7) / 8 && chunks[c].size(1) == p.rows,
-                "chunk ", c, " does not hold ", p.chunk_planes[c], " bits per column of [", p.rows, ", ", cols, "]");
+    const int64_t chunk_rows = p.tiled ? p.tiles * kPlaneTileRows : p.rows;
+    TORCH_CHECK(p.chunk_row_bytes[c] == (p.chunk_planes[c] * cols + 7) / 8 && chunks[c].size(1) == chunk_rows,
+                "chunk ", c, " does not hold ", p.chunk_planes[c], " bits per column of [", chunk_rows, ", ", cols,
+                "]", p.tiled ? " (rows padded to whole tiles)" : "");
     p.chunk_bits[c] = chunks[c].data_ptr<uint8_t>() + expert * p.rows * p.chunk_row_bytes[c];
   }
   const int64_t matrix = p.rows * p.groups;
@@ -315,17 +345,20 @@ struct Codebooks {
   }
 };
 
-// The weights of columns [col, col + kLanes) of a row (`row_bits`: each chunk's row; col a
-// multiple of 8). Each chunk's bits for them are one 32-bit word read at the column's byte (at one
-// or two bits per column), shifted right by each lane's bit offset; the word may run up to 3 bytes
-// past the row: resident chunks carry 4 bytes of slack at the end.
+// The weights of columns [col, col + kLanes) of a group in a row (`group_bits`: each chunk's
+// Projection::group_row; col a multiple of kLanes). Planes as stored: each plane's 16 bits straight
+// into a mask register. Plane pairs: each chunk's bits for them are one 32-bit word read at the
+// column's byte (at one or two bits per column), shifted right by each lane's bit offset; the word
+// may run up to 3 bytes past the row: resident chunks carry 4 bytes of slack at the end.
 template <class L>
-[[gnu::always_inline]] inline Vec weights(const Codebooks<L>& cb, const uint8_t* const* row_bits, int64_t col) {
+[[gnu::always_inline]] inline Vec weights(const Codebooks<L>& cb, const uint8_t* const* group_bits, const Projection& p,
+                                          int64_t col) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
   if constexpr (L::masked) {
     // Two chains (even and odd planes) halve the dependent adds.
     Mask k[L::count];
-    for (int c = 0; c < L::count; ++c) k[c] = vload_mask(row_bits[c] + col / 8);
+    const int64_t at = p.group_byte(col);
+    for (int c = 0; c < L::count; ++c) k[c] = vload_mask(group_bits[c] + at);
     Vec even = vmask_add(cb.offset, k[0], cb.entries[0]);
     if constexpr (L::count == 1) return even;
     Vec odd = vmaskz_mov(k[1], cb.entries[1]);
@@ -342,7 +375,7 @@ template <class L>
   for (int c = 0; c < L::count; ++c) {
     const int n = L::bits_per_column(c);
     uint32_t word;
-    std::memcpy(&word, row_bits[c] + n * col / 8, 4);
+    std::memcpy(&word, group_bits[c] + n * col / 8, 4);
     const Vec a = vlookup(cb.entries[c], vsrlv(vbroadcast(word), vlane_times(n)));
     w = c == 0 ? a : vadd(w, a);
   }
@@ -359,26 +392,27 @@ constexpr int kVectorsPerStep = L::masked ? 4 : 2;
 // rows so that their dependency chains (the accumulators' FMAs) overlap.
 template <class L, int R, typename Step>
 [[gnu::always_inline]] inline void for_each_weights(const Projection& p, int64_t row, Step&& step) {
-  const uint8_t* row_bits[R][L::count];
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < L::count; ++c) row_bits[i][c] = p.chunk_bits[c] + (row + i) * p.chunk_row_bytes[c];
   const int64_t vectors_per_group = p.group_size / kLanes;
   for (int64_t g = 0; g < p.groups; ++g) {
     Codebooks<L> cb[R];
-    for (int i = 0; i < R; ++i) cb[i].set(p, row + i, g);
-    const int64_t end = (g + 1) * vectors_per_group;
-    int64_t v = g * vectors_per_group;
+    const uint8_t* group_bits[R][L::count];
+    for (int i = 0; i < R; ++i) {
+      cb[i].set(p, row + i, g);
+      for (int c = 0; c < L::count; ++c) group_bits[i][c] = p.group_row(c, row + i, g);
+    }
+    const int64_t first = g * p.group_size;
+    int64_t v = 0;
     Vec w[kVectorsPerStep<L>][R];
 #pragma GCC unroll 2
-    for (; v + kVectorsPerStep<L> <= end; v += kVectorsPerStep<L>) {
+    for (; v + kVectorsPerStep<L> <= vectors_per_group; v += kVectorsPerStep<L>) {
       for (int j = 0; j < kVectorsPerStep<L>; ++j)
-        for (int i = 0; i < R; ++i) w[j][i] = weights<L>(cb[i], row_bits[i], kLanes * (v + j));
+        for (int i = 0; i < R; ++i) w[j][i] = weights<L>(cb[i], group_bits[i], p, kLanes * (v + j));
       for (int j = 0; j < kVectorsPerStep<L>; ++j)
-        for (int i = 0; i < R; ++i) step(i, w[j][i], kLanes * (v + j));
+        for (int i = 0; i < R; ++i) step(i, w[j][i], first + kLanes * (v + j));
     }
-    for (; v < end; ++v) {  // vectors per group not a multiple of the step
-      for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], row_bits[i], kLanes * v);
-      for (int i = 0; i < R; ++i) step(i, w[0][i], kLanes * v);
+    for (; v < vectors_per_group; ++v) {  // vectors per group not a multiple of the step
+      for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], group_bits[i], p, kLanes * v);
+      for (int i = 0; i < R; ++i) step(i, w[0][i], first + kLanes * v);
     }
   }
 }
@@ -403,13 +437,15 @@ template <class L, int TT, int R>
 }
 
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-// One token, planes as stored, groups of whole 32-column words: no weight is rebuilt (T-MAC's lookup
-// tables). For every 4 columns a table holds the 16 sums of their inputs that a 4-bit pattern selects;
-// the 32-bit words of one plane's 32 columns in 16 rows (gathered, one row per lane) hold 8 patterns
-// each, and one permute looks them up for all 16 rows at once. Per group and row
+// A few tokens, tiled planes: no weight is rebuilt (T-MAC's lookup tables). For every 4 columns a
+// table holds the 16 sums of their inputs that a 4-bit pattern selects; a tile's 32-bit words of one
+// plane's 32 columns in 16 rows (one row per lane) hold 8 patterns each, and one permute looks them up
+// for all 16 rows at once. Per group and row
 //   out[r] += offset[r, g] * sum_{c in g} x[c] + sum_i coef_i[r, g] * (sum of plane i's selected inputs),
-// about 3 vector instructions per 64 weight-bits where the masked rebuild takes 4 masked adds.
-constexpr int64_t kLookupColumns = 32;  // columns of one gathered word
+// about 3 vector instructions per 64 weight-bits where the masked rebuild takes 4 masked adds; the
+// words' shifts are shared by the tokens.
+// Tokens x planes accumulators at most: with the words, 32 registers.
+constexpr int kLookupAccumulators = 16;
 
 // Lane p of kPatternBit[k]: bit k of the pattern p.
 alignas(64) constexpr float kPatternBit[4][16] = {
@@ -419,25 +455,31 @@ alignas(64) constexpr float kPatternBit[4][16] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
 };
 
-// Whether one token of `p` runs by lookup: groups of whole words, and two or more (LaneCoefs).
-inline bool lookup_fits(const Projection& p) { return p.group_size % kLookupColumns == 0 && p.groups >= 2; }
+// Whether `tokens` tokens of `p` run by lookup: tiled planes, two groups or more (LaneCoefs), and
+// few enough tokens for the accumulators and for one register block (register_linear).
+inline bool lookup_fits(const Projection& p, int64_t tokens) {
+  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && tokens * p.planes <= kLookupAccumulators;
+}
 
-// tables[16 q + pattern]: the sum of x[4q + k] over the bits k of the pattern; group_sums[g]: of group g.
-void lookup_tables(const Projection& p, const float* x, float* tables, float* group_sums) {
+// tables[16 (tokens q + t) + pattern]: the sum of x[t, 4q + k] over the bits k of the pattern (the
+// tokens' tables of 4 columns side by side); group_sums[t groups + g]: of token t's group g.
+void lookup_tables(const Projection& p, const float* x, int64_t tokens, float* tables, float* group_sums) {
   const Vec bit0 = vload(kPatternBit[0]), bit1 = vload(kPatternBit[1]), bit2 = vload(kPatternBit[2]),
             bit3 = vload(kPatternBit[3]);
-  for (int64_t q = 0; q < p.cols / 4; ++q) {
-    const float* xq = x + 4 * q;
-    Vec t = vmul(bit0, vset1(xq[0]));
-    t = vfmadd(bit1, vset1(xq[1]), t);
-    t = vfmadd(bit2, vset1(xq[2]), t);
-    vstore(tables + 16 * q, vfmadd(bit3, vset1(xq[3]), t));
-  }
-  for (int64_t g = 0; g < p.groups; ++g) {
-    Vec sum = vzero();
-    for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += kLanes) sum = vadd(sum, vload(x + c));
-    group_sums[g] = horizontal_sum(sum);
-  }
+  for (int64_t q = 0; q < p.cols / 4; ++q)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* xq = x + t * p.cols + 4 * q;
+      Vec sums = vmul(bit0, vset1(xq[0]));
+      sums = vfmadd(bit1, vset1(xq[1]), sums);
+      sums = vfmadd(bit2, vset1(xq[2]), sums);
+      vstore(tables + 16 * (tokens * q + t), vfmadd(bit3, vset1(xq[3]), sums));
+    }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      Vec sum = vzero();
+      for (int64_t c = g * p.group_size; c < (g + 1) * p.group_size; c += kLanes) sum = vadd(sum, vload(x + t * p.cols + c));
+      group_sums[t * p.groups + g] = horizontal_sum(sum);
+    }
 }
 
 // GroupCoefs<N> of group g for rows r .. r + 15, lane l for row r + l: the base scales and zeros
@@ -482,80 +524,85 @@ struct LaneCoefs {
   }
 };
 
-// Lane l: the 32-bit word at base + offsets[l] bytes.
-#ifdef D2MOE_SIMDE_AVX512
-inline VecI gather_words(const uint8_t* base, VecI offsets) {
-  alignas(64) int32_t at[kLanes];
-  alignas(64) uint32_t words[kLanes];
-  simde_mm512_store_si512(at, offsets);
-  for (int l = 0; l < kLanes; ++l) std::memcpy(&words[l], base + at[l], 4);
-  return simde_mm512_load_si512(words);
-}
-#else
-inline VecI gather_words(const uint8_t* base, VecI offsets) { return _mm512_i32gather_epi32(offsets, base, 1); }
-#endif
-
-// out[r .. r + 16) for one token by lookup, N planes as stored.
-template <int N>
-void lookup_block(const Projection& p, const float* tables, const float* group_sums, float* out, int64_t r) {
-  // Every plane's rows are chunk_row_bytes[0] apart (planes as stored: one plane per chunk).
-  const VecI row_offsets = D2MOE_MM512(mullo_epi32)(
-      D2MOE_MM512(setr_epi32)(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      D2MOE_MM512(set1_epi32)(int(p.chunk_row_bytes[0])));
-  const uint8_t* rows[N];
-  for (int i = 0; i < N; ++i) rows[i] = p.chunk_bits[i] + r * p.chunk_row_bytes[i];
-  const int64_t words_per_group = p.group_size / kLookupColumns;
-  Vec total = vzero();
+// out[t, 16 b .. 16 b + 16) for TT tokens and the tiles b in [b0, b1) by lookup, N planes. Group by
+// group, so that the group's tables stay in L1 while every tile reads them; the sums so far wait in out.
+template <int N, int TT>
+void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t b0, int64_t b1) {
+  const int64_t words_per_group = p.group_size / kPlaneTileColumns;
+  const int64_t tile_bytes = words_per_group * kPlaneTileWordBytes;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const LaneCoefs<N> k(p, r, g);
-    Vec acc[N];
-    for (int i = 0; i < N; ++i) acc[i] = vzero();
-    for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
-      VecI words[N];
-      for (int i = 0; i < N; ++i) words[i] = gather_words(rows[i] + 4 * w, row_offsets);
-      const float* t = tables + 16 * 8 * w;
+    const float* group_tables = lookup.tables + 16 * 8 * TT * words_per_group * g;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b * kPlaneTileRows;
+      const LaneCoefs<N> k(p, r, g);
+      const uint8_t* tile[N];
 #pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q) {
-        const Vec table = vload(t + 16 * q);
-        for (int i = 0; i < N; ++i)  // the permute reads each lane's low 4 bits: pattern q
-          acc[i] = vadd(acc[i], D2MOE_MM512(permutexvar_ps)(q == 0 ? words[i] : D2MOE_MM512(srli_epi32)(words[i], 4 * q),
-                                                            table));
+      for (int i = 0; i < N; ++i) tile[i] = p.chunk_bits[i] + (g * p.tiles + b) * tile_bytes;
+      Vec acc[TT][N];
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 8
+        for (int i = 0; i < N; ++i) acc[t][i] = vzero();
+      for (int64_t w = 0; w < words_per_group; ++w) {
+        VecI words[N];
+#pragma GCC unroll 8
+        for (int i = 0; i < N; ++i) words[i] = D2MOE_MM512(loadu_si512)(tile[i] + w * kPlaneTileWordBytes);
+        const float* tables = group_tables + 16 * 8 * TT * w;
+        // GCC keeps the arrays in registers only when every loop over them is unrolled.
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q)
+#pragma GCC unroll 8
+          for (int i = 0; i < N; ++i) {  // the permute reads each lane's low 4 bits: pattern q
+            const VecI patterns = q == 0 ? words[i] : D2MOE_MM512(srli_epi32)(words[i], 4 * q);
+#pragma GCC unroll 8
+            for (int t = 0; t < TT; ++t)
+              acc[t][i] = vadd(acc[t][i], D2MOE_MM512(permutexvar_ps)(patterns, vload(tables + 16 * (TT * q + t))));
+          }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        float* o = out + t * p.rows + r;
+        Vec total = g == 0 ? vzero() : vload(o);
+        total = vfmadd(k.offset, vset1(lookup.group_sums[t * p.groups + g]), total);
+#pragma GCC unroll 8
+        for (int i = 0; i < N; ++i) total = vfmadd(k.coef[i], acc[t][i], total);
+        vstore(o, total);
       }
     }
-    total = vfmadd(k.offset, vset1(group_sums[g]), total);
-    for (int i = 0; i < N; ++i) total = vfmadd(k.coef[i], acc[i], total);
   }
-  vstore(out + r, total);
 }
 
-// Rows [r0, r1) of one token: by lookup in 16-row blocks where the caller made the tables
-// (make_lookup), the rows left over and projections whose groups are not whole words by the masked rebuild.
-template <class L>
-void one_token_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
-  int64_t r = r0;
-  if (lookup != nullptr)
-    for (; r + kLanes <= r1; r += kLanes) lookup_block<L::count>(p, lookup->tables, lookup->group_sums, out, r);
-  for (; r < r1; ++r) register_row_block<L, 1, 1>(p, x, out, r);
+// Rows [r0, r1) of TT tokens: the whole tiles among them by lookup, the other rows by the masked rebuild.
+template <class L, int TT>
+void lookup_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup& lookup) {
+  const int64_t b0 = (r0 + kPlaneTileRows - 1) / kPlaneTileRows, b1 = r1 / kPlaneTileRows;
+  if (b0 >= b1) {
+    for (int64_t r = r0; r < r1; ++r) register_row_block<L, TT, 1>(p, x, out, r);
+    return;
+  }
+  lookup_tiles<L::count, TT>(p, lookup, out, b0, b1);
+  for (int64_t r = r0; r < b0 * kPlaneTileRows; ++r) register_row_block<L, TT, 1>(p, x, out, r);
+  for (int64_t r = b1 * kPlaneTileRows; r < r1; ++r) register_row_block<L, TT, 1>(p, x, out, r);
 }
 #endif
 
-// The lookup tables of one token x of `p` where it runs by lookup (AVX-512 builds, groups of whole
-// words), kept in `data` and described by `lookup`: made once per projection call, before its rows
-// are split across threads; nullptr otherwise.
+// The lookup tables of the tokens x of `p` where they run by lookup (AVX-512 builds, lookup_fits),
+// kept in `data` and described by `lookup`: made once per projection call, before its rows are split
+// across threads; nullptr otherwise.
 const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, std::vector<float>& data,
                           Lookup& lookup) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  if (tokens == 1 && lookup_fits(p)) {
-    data.resize(4 * p.cols + p.groups);
-    lookup = {data.data(), data.data() + 4 * p.cols};
-    lookup_tables(p, x, data.data(), data.data() + 4 * p.cols);
+  if (lookup_fits(p, tokens)) {
+    data.resize(tokens * (4 * p.cols + p.groups));
+    lookup = {data.data(), data.data() + tokens * 4 * p.cols};
+    lookup_tables(p, x, tokens, data.data(), data.data() + tokens * 4 * p.cols);
     return &lookup;
   }
 #endif
   return nullptr;
 }
 
-// Rows [r0, r1). One token with AVX-512: one_token_rows. Where the rebuild is light (one chunk,
+// Rows [r0, r1). With AVX-512 and lookup tables: lookup_rows. Where the rebuild is light (one chunk,
 // or two chunks shared by two tokens; with AVX-512 up to two tokens) the
 // FMA chains (two accumulators per row for one token, one per token for two) leave the FMA units
 // waiting, so two rows run interleaved: each row's sums are the same operations in the same order,
@@ -566,9 +613,10 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
 template <class L, int TT>
 void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  if constexpr (L::masked && TT == 1) return one_token_rows<L>(p, x, out, r0, r1, lookup);
+  if constexpr (L::masked && TT * L::count <= kLookupAccumulators)
+    if (lookup != nullptr) return lookup_rows<L, TT>(p, x, out, r0, r1, *lookup);
 #endif
-  constexpr bool interleave = L::masked ? (TT <= 2)
+  constexpr bool interleave = L::masked ? (TT == 2)
                                         : (L::count == 1 && TT <= 2) || (L::count == 2 && TT == 2);
   int64_t r = r0;
   if constexpr (interleave)
@@ -649,7 +697,7 @@ struct DequantizeRows {
 };
 
 // out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]);
-// `lookup`: make_lookup's, for one token.
+// `lookup`: make_lookup's, for these tokens.
 void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1,
                      const Lookup* lookup) {
   for (int64_t t = 0; t < tokens; t += kTokenBlock)
@@ -672,8 +720,12 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
     std::vector<float> data;
     Lookup lookup;
     const Lookup* made = make_lookup(p, xp, tokens, data, lookup);
-    at::parallel_for(0, p.rows, grain,
-                     [&](int64_t r0, int64_t r1) { register_linear(p, xp, tokens, op, r0, r1, made); });
+    // Tiled planes split at whole tiles, so that a row takes the same path (lookup or rebuild) whatever the
+    // split, as in a layer call's blocks of kBlockRows rows.
+    const int64_t unit = p.tiled ? kPlaneTileRows : 1;
+    at::parallel_for(0, (p.rows + unit - 1) / unit, std::max<int64_t>(1, grain / unit), [&](int64_t u0, int64_t u1) {
+      register_linear(p, xp, tokens, op, u0 * unit, std::min(p.rows, u1 * unit), made);
+    });
     return;
   }
   // Tiles one after another: the rebuild is split across threads, then torch's GEMM
@@ -720,6 +772,7 @@ struct Segment {
   int64_t first, tokens;
 };
 constexpr int64_t kBlockRows = 64;
+static_assert(kBlockRows % kPlaneTileRows == 0, "a layer call's row blocks are whole tiles");
 
 void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, const at::Tensor& out) {
   const float* xp = x.data_ptr<float>();
@@ -740,7 +793,7 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
     bits += rows * cols * s.projection.planes;
   }
   if (blocks.empty()) return;
-  // One token's lookup tables once per segment, not once per block of its rows.
+  // A segment's lookup tables once per segment, not once per block of its rows.
   std::vector<std::vector<float>> lookup_data(segments.size());
   std::vector<Lookup> lookups(segments.size());
   std::vector<const Lookup*> made(segments.size());

@@ -8,13 +8,18 @@ side; the kernel rebuilds 8 float32 weights in a register with, per plane pair,
 a per-lane shift of one broadcast 32-bit word and a permute (``vpermilps``) of
 the group's 4-entry codebook ``{0, c_i, c_j, c_i + c_j}`` (a residual plane's
 coefficient decoded from its 4-bit scale code: one table load and multiply per
-group), and multiplies them straight into the tokens. AVX-512 builds: planes as
-stored; 16 weights are rebuilt with one masked add of each plane's coefficient,
-the plane's 16 bits loaded straight into a mask register; one token (groups of
-whole 32-column words) rebuilds nothing: per 4 columns a table of the 16 input
-sums a bit pattern selects, and one permute (``vpermps``) looks up 16 rows'
-patterns of a plane at once (T-MAC's lookup tables), each plane's sums scaled
-by its coefficients once per group. No float copy of the expert exists. Up
+group), and multiplies them straight into the tokens. AVX-512 builds: one bit
+per column, in tiles of 16 rows by 32 columns (each row's 32-bit word side by
+side) where the groups are whole 32-column words, else as stored; 16 weights
+are rebuilt with one masked add of each plane's coefficient, the plane's 16
+bits loaded straight into a mask register; a few tokens on tiles (tokens times
+width at most 16) rebuild nothing: per 4 columns a table of the 16 input sums a
+bit pattern selects, one vector load brings a tile's 16 rows' word of a plane,
+and one permute (``vpermps``) looks up 16 rows' patterns at once (T-MAC's
+lookup tables), each plane's sums scaled by its coefficients once per group.
+Without tiles the 16 rows' words had to be gathered, which on an AMD EPYC
+(Zen 4) took 21 cycles each, more than the lookups they fed
+(``benchmarks/results/kernels.md``). No float copy of the expert exists. Up
 to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with AVX-512
 (blocks of 8, its 32 registers) the rebuilt weights feed per-token
 accumulators; above that a 128-row tile is rebuilt across the threads and
@@ -96,6 +101,9 @@ ISAS = {
 }
 ISA_ENV = "D2MOE_CPU_ISA"
 _SLACK = 4  # the kernel reads each vector's bits of a chunk as one 32-bit word
+# Tiles of planes as stored (cpu_bitplanes.cpp, tiled_layout): per group, per 16 rows, each row's 32-bit
+# word of 32 columns side by side, so that the lookup path loads 16 rows' word with one vector load.
+TILE_ROWS, TILE_COLUMNS = 16, 32
 _modules: dict = {}  # instruction set -> its built extension
 
 
@@ -107,10 +115,11 @@ class ResidentPlanes:
     planes, then residual planes), by the build's layout (:func:`planes_per_chunk`):
     the AVX2 build takes them two at a time, each column's two bits side by side
     (bits ``2c, 2c + 1`` of a row's stream; an odd last plane keeps one bit per
-    column); the AVX-512 builds keep each plane as stored. The same bytes as the
-    planes, plus 4 bytes of slack per chunk tensor; scales are the stacked ones, plus the
-    plane scale codes' decoding table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`,
-    64 bytes per plane).
+    column); the AVX-512 builds keep each plane apart, in tiles (:func:`to_tiles`)
+    where the groups are whole 32-column words (``tiled``), else as stored. The same
+    bytes as the planes (tiles: rows padded to a multiple of 16), plus 4 bytes of slack
+    per chunk tensor; scales are the stacked ones, plus the plane scale codes' decoding
+    table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`, 64 bytes per plane).
     """
 
     shape: tuple[int, int]
@@ -121,6 +130,7 @@ class ResidentPlanes:
     base_zero: torch.Tensor  # float16 [experts, rows, groups]
     plane_scale: torch.Tensor  # uint8 [experts, residual planes, rows, ceil(groups / 2)]: 4-bit codes
     scale_table: torch.Tensor  # float32 [residual planes, 16]
+    tiled: bool  # planes in tiles (to_tiles)
 
     @staticmethod
     def from_stacked(p) -> "ResidentPlanes":
@@ -129,22 +139,22 @@ class ResidentPlanes:
         planes += [p.plane_bits[:, j] for j in range(p.plane_bits.shape[1])]
         chunks = []
         per_chunk = planes_per_chunk()
+        tiled = per_chunk == 1 and p.group_size % TILE_COLUMNS == 0
+        rows = -(-p.shape[0] // TILE_ROWS) * TILE_ROWS if tiled else p.shape[0]
         for first in range(0, len(planes), per_chunk):
             pair = planes[first : first + per_chunk]
             row_bytes = (len(pair) * p.shape[1] + 7) // 8
-            size = p.num_experts * p.shape[0] * row_bytes
-            chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(
-                p.num_experts, p.shape[0], row_bytes
-            )
+            size = p.num_experts * rows * row_bytes
+            chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(p.num_experts, rows, row_bytes)
             for e in range(p.num_experts):  # one expert's plane is contiguous
                 if len(pair) == 2:
                     _ops().pair_planes(pair[0][e], pair[1][e], chunk[e])
                 else:
-                    chunk[e].copy_(pair[0][e])
+                    chunk[e].copy_(to_tiles(pair[0][e], p.group_size) if tiled else pair[0][e])
             chunks.append(chunk)
         return ResidentPlanes(
             p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale,
-            decode_table(p.plane_scale.shape[1]),
+            decode_table(p.plane_scale.shape[1]), tiled,
         )
 
     @property
@@ -190,7 +200,7 @@ class ResidentPlanes:
         plane_bytes = (self.shape[1] + 7) // 8
         if self.planes_per_chunk == 1:
             for i, bits in enumerate(planes, start=start):
-                self.chunks[i][expert].copy_(bits)
+                self.chunks[i][expert].copy_(to_tiles(bits, self.group_size) if self.tiled else bits)
             return
         for c in range(start // 2, (end + 1) // 2):
             chunk = self.chunks[c][expert]
@@ -212,6 +222,9 @@ class ResidentPlanes:
         planes = []
         per_chunk = self.planes_per_chunk
         for chunk in self.chunks[: (bits + per_chunk - 1) // per_chunk]:
+            if self.tiled:
+                planes.append(from_tiles(chunk[expert], self.shape[0], self.group_size))
+                continue
             if chunk.shape[-1] == plane_bytes:  # a plane as stored
                 planes.append(chunk[expert].clone())
                 continue
@@ -229,6 +242,24 @@ class ResidentPlanes:
                 (planes[self.min_bits + j], self.plane_scale[expert, j]) for j in range(bits - self.min_bits)
             ),
         )
+
+
+def to_tiles(plane: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A plane (uint8 ``[rows, cols / 8]``, bit ``c % 8`` of byte ``c / 8`` = column ``c``) in tiles: for each
+    group, for each 16 rows (zero rows pad the last), for each 32-column word of the group, the 16 rows'
+    4-byte words side by side; uint8 ``[ceil(rows / 16) * 16, cols / 8]``."""
+    rows, row_bytes = plane.shape
+    padded = torch.nn.functional.pad(plane, (0, 0, 0, -rows % TILE_ROWS))
+    tiles, groups, words = padded.shape[0] // TILE_ROWS, row_bytes * 8 // group_size, group_size // TILE_COLUMNS
+    return padded.view(tiles, TILE_ROWS, groups, words, 4).permute(2, 0, 3, 1, 4).reshape(-1, row_bytes)
+
+
+def from_tiles(tiled: torch.Tensor, rows: int, group_size: int) -> torch.Tensor:
+    """The plane :func:`to_tiles` made ``tiled`` from (a copy)."""
+    row_bytes = tiled.shape[-1]
+    tiles, groups, words = tiled.shape[0] // TILE_ROWS, row_bytes * 8 // group_size, group_size // TILE_COLUMNS
+    plane = tiled.reshape(groups, tiles, words, TILE_ROWS, 4).permute(1, 3, 0, 2, 4).reshape(-1, row_bytes)
+    return plane[:rows].clone()
 
 
 def choose_isa() -> tuple[str, str]:

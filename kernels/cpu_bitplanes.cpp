@@ -152,7 +152,7 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
     TORCH_CHECK(p.chunk_row_bytes[c] == (p.chunk_planes[c] * cols + 7) / 8 && chunks[c].size(1) == chunk_rows,
                 "chunk ", c, " does not hold ", p.chunk_planes[c], " bits per column of [", chunk_rows, ", ", cols,
                 "]", p.tiled ? " (rows padded to whole tiles)" : "");
-    p.chunk_bits[c] = chunks[c].data_ptr<uint8_t>() + expert * p.rows * p.chunk_row_bytes[c];
+    p.chunk_bits[c] = chunks[c].data_ptr<uint8_t>() + expert * chunk_rows * p.chunk_row_bytes[c];
   }
   const int64_t matrix = p.rows * p.groups;
   p.base_scale = half_bits(base_scale) + expert * matrix;

@@ -444,8 +444,12 @@ template <class L, int TT, int R>
 //   out[r] += offset[r, g] * sum_{c in g} x[c] + sum_i coef_i[r, g] * (sum of plane i's selected inputs),
 // about 3 vector instructions per 64 weight-bits where the masked rebuild takes 4 masked adds; the
 // words' shifts are shared by the tokens.
-// Tokens x planes accumulators at most: with the words, 32 registers.
+// Tokens x planes accumulators of one pass over a tile's planes at most: with the words, 32 registers.
 constexpr int kLookupAccumulators = 16;
+// Tokens x planes up to which lookups beat the masked rebuild: the lookups grow with both, the rebuild's
+// FMAs only with the tokens. (Zen 4, OLMoE expert, two threads: 3 / 4 tokens at width 8 1.39 / 1.81 ms
+// against 2.37 / 2.35; 8 tokens at width 4 even; 8 at width 6 or 8 the rebuild 1.2x faster.)
+constexpr int kLookupPlaneTokens = 32;
 
 // Lane p of kPatternBit[k]: bit k of the pattern p.
 alignas(64) constexpr float kPatternBit[4][16] = {
@@ -455,10 +459,10 @@ alignas(64) constexpr float kPatternBit[4][16] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
 };
 
-// Whether `tokens` tokens of `p` run by lookup: tiled planes, two groups or more (LaneCoefs), and
-// few enough tokens for the accumulators and for one register block (register_linear).
+// Whether `tokens` tokens of `p` run by lookup: tiled planes, two groups or more (LaneCoefs), one
+// register block of tokens (register_linear), and tokens x planes where lookups beat the rebuild.
 inline bool lookup_fits(const Projection& p, int64_t tokens) {
-  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && tokens * p.planes <= kLookupAccumulators;
+  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && tokens * p.planes <= kLookupPlaneTokens;
 }
 
 // tables[16 (tokens q + t) + pattern]: the sum of x[t, 4q + k] over the bits k of the pattern (the
@@ -524,8 +528,53 @@ struct LaneCoefs {
   }
 };
 
+// Planes [FIRST, FIRST + COUNT) of one tile and group (`tile`: each plane's) for TT tokens: each plane's
+// selected input sums (acc[t][i] for plane FIRST + i) from the group's tables.
+template <int TT, int FIRST, int COUNT>
+[[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const float* group_tables,
+                                                 Vec (&acc)[TT][COUNT]) {
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 8
+    for (int i = 0; i < COUNT; ++i) acc[t][i] = vzero();
+  for (int64_t w = 0; w < words; ++w) {
+    VecI word[COUNT];
+#pragma GCC unroll 8
+    for (int i = 0; i < COUNT; ++i)
+      word[i] = D2MOE_MM512(loadu_si512)(tile[FIRST + i] + w * kPlaneTileWordBytes);
+    const float* tables = group_tables + 16 * 8 * TT * w;
+    // GCC keeps the arrays in registers only when every loop over them is unrolled.
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q)
+#pragma GCC unroll 8
+      for (int i = 0; i < COUNT; ++i) {  // the permute reads each lane's low 4 bits: pattern q
+        const VecI patterns = q == 0 ? word[i] : D2MOE_MM512(srli_epi32)(word[i], 4 * q);
+#pragma GCC unroll 8
+        for (int t = 0; t < TT; ++t)
+          acc[t][i] = vadd(acc[t][i], D2MOE_MM512(permutexvar_ps)(patterns, vload(tables + 16 * (TT * q + t))));
+      }
+  }
+}
+
+// total[t] += sum_i coef_i acc_i over planes [FIRST, N) of one tile and group, in passes of at most
+// kLookupAccumulators / TT planes (the accumulators stay in registers); the sums in plane order.
+template <int N, int TT, int FIRST>
+[[gnu::always_inline]] inline void lookup_passes(const uint8_t* const* tile, int64_t words, const float* group_tables,
+                                                 const LaneCoefs<N>& k, Vec (&total)[TT]) {
+  constexpr int per_pass = std::max(1, kLookupAccumulators / TT);
+  constexpr int count = std::min(per_pass, N - FIRST);
+  Vec acc[TT][count];
+  lookup_planes<TT, FIRST, count>(tile, words, group_tables, acc);
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 8
+    for (int i = 0; i < count; ++i) total[t] = vfmadd(k.coef[FIRST + i], acc[t][i], total[t]);
+  if constexpr (FIRST + count < N) lookup_passes<N, TT, FIRST + count>(tile, words, group_tables, k, total);
+}
+
 // out[t, 16 b .. 16 b + 16) for TT tokens and the tiles b in [b0, b1) by lookup, N planes. Group by
-// group, so that the group's tables stay in L1 while every tile reads them; the sums so far wait in out.
+// group, so that the group's tables stay in L1 while every tile reads them; the sums so far wait in out;
+// the offset first, then the planes in order, whatever the passes.
 template <int N, int TT>
 void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t b0, int64_t b1) {
   const int64_t words_per_group = p.group_size / kPlaneTileColumns;
@@ -535,39 +584,18 @@ void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * kPlaneTileRows;
       const LaneCoefs<N> k(p, r, g);
+      Vec total[TT];
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        total[t] = g == 0 ? vzero() : vload(out + t * p.rows + r);
+        total[t] = vfmadd(k.offset, vset1(lookup.group_sums[t * p.groups + g]), total[t]);
+      }
       const uint8_t* tile[N];
 #pragma GCC unroll 8
       for (int i = 0; i < N; ++i) tile[i] = p.chunk_bits[i] + (g * p.tiles + b) * tile_bytes;
-      Vec acc[TT][N];
+      lookup_passes<N, TT, 0>(tile, words_per_group, group_tables, k, total);
 #pragma GCC unroll 8
-      for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 8
-        for (int i = 0; i < N; ++i) acc[t][i] = vzero();
-      for (int64_t w = 0; w < words_per_group; ++w) {
-        VecI words[N];
-#pragma GCC unroll 8
-        for (int i = 0; i < N; ++i) words[i] = D2MOE_MM512(loadu_si512)(tile[i] + w * kPlaneTileWordBytes);
-        const float* tables = group_tables + 16 * 8 * TT * w;
-        // GCC keeps the arrays in registers only when every loop over them is unrolled.
-#pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q)
-#pragma GCC unroll 8
-          for (int i = 0; i < N; ++i) {  // the permute reads each lane's low 4 bits: pattern q
-            const VecI patterns = q == 0 ? words[i] : D2MOE_MM512(srli_epi32)(words[i], 4 * q);
-#pragma GCC unroll 8
-            for (int t = 0; t < TT; ++t)
-              acc[t][i] = vadd(acc[t][i], D2MOE_MM512(permutexvar_ps)(patterns, vload(tables + 16 * (TT * q + t))));
-          }
-      }
-#pragma GCC unroll 8
-      for (int t = 0; t < TT; ++t) {
-        float* o = out + t * p.rows + r;
-        Vec total = g == 0 ? vzero() : vload(o);
-        total = vfmadd(k.offset, vset1(lookup.group_sums[t * p.groups + g]), total);
-#pragma GCC unroll 8
-        for (int i = 0; i < N; ++i) total = vfmadd(k.coef[i], acc[t][i], total);
-        vstore(o, total);
-      }
+      for (int t = 0; t < TT; ++t) vstore(out + t * p.rows + r, total[t]);
     }
   }
 }
@@ -668,7 +696,7 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
 template <class L, int TT>
 void register_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup* lookup) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  if constexpr (L::masked && TT * L::count <= kLookupAccumulators)
+  if constexpr (L::masked)
     if (lookup != nullptr) return lookup_rows<L, TT>(p, x, out, r0, r1, *lookup);
   if constexpr (L::masked && TT > 1)
     if (p.tiled)

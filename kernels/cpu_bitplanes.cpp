@@ -196,6 +196,14 @@ struct GroupCoefs {
   }
 };
 
+// Loops over the kernels' small arrays of vectors unrolled, so that GCC keeps the arrays in registers;
+// not with SIMDe, whose vectors live in memory anyway (its build would take over 10 minutes).
+#ifdef D2MOE_SIMDE_AVX512
+#define D2MOE_UNROLL
+#else
+#define D2MOE_UNROLL _Pragma("GCC unroll 8")
+#endif
+
 // ---------------------------------------------------------------- vector width
 // One source, compiled once per instruction set (kernels/cpu_bitplanes.py): AVX2 (8 float lanes,
 // 16 registers) or AVX-512 F/BW/VL/DQ (16 lanes, 32 registers), the latter also through SIMDe's
@@ -533,23 +541,23 @@ struct LaneCoefs {
 template <int TT, int FIRST, int COUNT>
 [[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const float* group_tables,
                                                  Vec (&acc)[TT][COUNT]) {
-#pragma GCC unroll 8
+D2MOE_UNROLL
   for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i) acc[t][i] = vzero();
   for (int64_t w = 0; w < words; ++w) {
     VecI word[COUNT];
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i)
       word[i] = D2MOE_MM512(loadu_si512)(tile[FIRST + i] + w * kPlaneTileWordBytes);
     const float* tables = group_tables + 16 * 8 * TT * w;
     // GCC keeps the arrays in registers only when every loop over them is unrolled.
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int q = 0; q < 8; ++q)
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int i = 0; i < COUNT; ++i) {  // the permute reads each lane's low 4 bits: pattern q
         const VecI patterns = q == 0 ? word[i] : D2MOE_MM512(srli_epi32)(word[i], 4 * q);
-#pragma GCC unroll 8
+D2MOE_UNROLL
         for (int t = 0; t < TT; ++t)
           acc[t][i] = vadd(acc[t][i], D2MOE_MM512(permutexvar_ps)(patterns, vload(tables + 16 * (TT * q + t))));
       }
@@ -565,9 +573,9 @@ template <int N, int TT, int FIRST>
   constexpr int count = std::min(per_pass, N - FIRST);
   Vec acc[TT][count];
   lookup_planes<TT, FIRST, count>(tile, words, group_tables, acc);
-#pragma GCC unroll 8
+D2MOE_UNROLL
   for (int t = 0; t < TT; ++t)
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int i = 0; i < count; ++i) total[t] = vfmadd(k.coef[FIRST + i], acc[t][i], total[t]);
   if constexpr (FIRST + count < N) lookup_passes<N, TT, FIRST + count>(tile, words, group_tables, k, total);
 }
@@ -585,16 +593,16 @@ void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t
       const int64_t r = b * kPlaneTileRows;
       const LaneCoefs<N> k(p, r, g);
       Vec total[TT];
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) {
         total[t] = g == 0 ? vzero() : vload(out + t * p.rows + r);
         total[t] = vfmadd(k.offset, vset1(lookup.group_sums[t * p.groups + g]), total[t]);
       }
       const uint8_t* tile[N];
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int i = 0; i < N; ++i) tile[i] = p.chunk_bits[i] + (g * p.tiles + b) * tile_bytes;
       lookup_passes<N, TT, 0>(tile, words_per_group, group_tables, k, total);
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) vstore(out + t * p.rows + r, total[t]);
     }
   }
@@ -608,7 +616,7 @@ template <class L, int TT>
 void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
   Vec acc[kPlaneTileRows][TT];
   for (int l = 0; l < kPlaneTileRows; ++l)
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int t = 0; t < TT; ++t) acc[l][t] = vzero();
   const int64_t vectors_per_group = p.group_size / kLanes;
   constexpr int step = kVectorsPerStep<L>;
@@ -619,32 +627,32 @@ void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
       Codebooks<L> cb;
       cb.set(p, row, g);
       const uint8_t* group_bits[L::count];
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int c = 0; c < L::count; ++c) group_bits[c] = p.group_row(c, row, g);
       Vec a[TT];
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) a[t] = acc[l][t];
       int64_t v = 0;
       for (; v + step <= vectors_per_group; v += step) {
         Vec w[step];
-#pragma GCC unroll 4
+D2MOE_UNROLL
         for (int j = 0; j < step; ++j) w[j] = weights<L>(cb, group_bits, p, kLanes * (v + j));
-#pragma GCC unroll 4
+D2MOE_UNROLL
         for (int j = 0; j < step; ++j)
-#pragma GCC unroll 8
+D2MOE_UNROLL
           for (int t = 0; t < TT; ++t) a[t] = vfmadd(w[j], vload(xg + t * p.cols + kLanes * (v + j)), a[t]);
       }
       for (; v < vectors_per_group; ++v) {
         const Vec w = weights<L>(cb, group_bits, p, kLanes * v);
-#pragma GCC unroll 8
+D2MOE_UNROLL
         for (int t = 0; t < TT; ++t) a[t] = vfmadd(w, vload(xg + t * p.cols + kLanes * v), a[t]);
       }
-#pragma GCC unroll 8
+D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) acc[l][t] = a[t];
     }
   }
   for (int l = 0; l < kPlaneTileRows; ++l)
-#pragma GCC unroll 8
+D2MOE_UNROLL
     for (int t = 0; t < TT; ++t) out[t * p.rows + b * kPlaneTileRows + l] = horizontal_sum(acc[l][t]);
 }
 

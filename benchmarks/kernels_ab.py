@@ -1,0 +1,112 @@
+"""One kernel source against another in one process: the current ``cpu_bitplanes`` against the AVX-512 build
+of ``kernels/cpu_bitplanes.cpp`` at an earlier commit whose AVX-512 build read planes as stored (row-major,
+one chunk per plane: up to 222671b..e994baa), on one OLMoE expert MLP per call.
+
+Both builds are loaded side by side (the old one under its own op namespace), calls alternate between them
+on different experts of a pool larger than the last-level cache, and the median ms per call is printed for
+every token count and width, with the speed-up. Before timing, one call of each on the same input must agree
+(printed: the largest difference). Machine-noise between runs does not enter the ratios.
+
+    python benchmarks/kernels_ab.py --rev e994baa --tokens 1 2 3 4 6 8 16 --widths 2 3 4 8 --reps 40
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_d2moe.experts import ExpertSegments  # noqa: E402
+
+from kernels import (  # noqa: E402
+    cpu_bitplanes,  # noqa: E402
+    load_backend,
+    mwq_bytes,
+    pool_size,
+    random_stacked,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, INTER = 2048, 1024  # OLMoE-1B-7B's expert
+
+
+def load_old(rev: str):
+    """The AVX-512 build of ``rev``'s kernel source, as ``torch.ops.d2moe_cpu_old``."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kernels/cpu_bitplanes.cpp"],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "old_cpu_bitplanes.cpp"
+    path.write_text(source)
+    torch.utils.cpp_extension.load(name="d2moe_cpu_bitplanes_old", sources=[str(path)],
+                                   extra_cflags=[*cpu_bitplanes.ISAS["avx512"], "-DD2MOE_LIBRARY=d2moe_cpu_old"],
+                                   extra_ldflags=["-fopenmp"], is_python_module=True)
+    return torch.ops.d2moe_cpu_old
+
+
+def rows_as_stored(stacked, scale_table):
+    """``stacked``'s planes one chunk each, row-major, with the kernel's 4 bytes of slack; its scales."""
+    planes = [stacked.base_bits[:, i] for i in range(stacked.min_bits)]
+    planes += [stacked.plane_bits[:, j] for j in range(stacked.plane_bits.shape[1])]
+    chunks = []
+    for plane in planes:
+        chunk = torch.empty(plane.numel() + 4, dtype=torch.uint8)[: plane.numel()].view(plane.shape)
+        chunks.append(chunk.copy_(plane))
+    return chunks, [stacked.base_scale, stacked.base_zero, stacked.plane_scale, scale_table]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rev", default="e994baa", help="commit of the old kernel source")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
+    parser.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8])
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--pool-mb", type=float, default=64.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if cpu_bitplanes.choose_isa()[0] != "avx512":
+        sys.exit("kernels_ab.py compares AVX-512 builds; this CPU runs " + cpu_bitplanes.choose_isa()[0])
+    old_ops = load_old(args.rev)
+    # Each pool expert holds every plane (widths up to 8).
+    n = pool_size(mwq_bytes(random_stacked(2 * INTER, HIDDEN, 1), 8) + mwq_bytes(random_stacked(HIDDEN, INTER, 1), 8),
+                  args.pool_mb)
+    gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
+    fused = load_backend("cpu_bitplanes")
+    new = (fused.prepare(gate_up), fused.prepare(down))
+    old = (rows_as_stored(gate_up, new[0].scale_table), rows_as_stored(down, new[1].scale_table))
+
+    def run_old(x, expert, width, out):
+        table = torch.tensor([[expert, width, 0, x.shape[0]]], dtype=torch.int64)
+        old_ops.moe_segments(x, table, *old[0], *old[1], gate_up.min_bits, gate_up.group_size, out)
+
+    def run_new(x, expert, width, out):
+        fused.grouped_mlp(x, *new, ExpertSegments((expert,), (width,), (0, x.shape[0])), out)
+
+    x = torch.randn(3, HIDDEN)
+    want, got = torch.empty(3, HIDDEN), torch.empty(3, HIDDEN)
+    run_old(x, 1, 4, want)
+    run_new(x, 1, 4, got)
+    print(f"{n} experts per pool; old against new, 3 tokens, width 4: largest difference "
+          f"{(want - got).abs().max().item():.2e} of {want.abs().max().item():.2e}")
+    for tokens in args.tokens:
+        x, out = torch.randn(tokens, HIDDEN), torch.empty(tokens, HIDDEN)
+        cells = []
+        for width in args.widths:
+            times = {run_old: [], run_new: []}
+            for rep in range(args.reps):
+                for k, run in enumerate(times):
+                    start = time.perf_counter()
+                    run(x, (2 * rep + k) % n, width, out)
+                    times[run].append(time.perf_counter() - start)
+            before, after = (statistics.median(times[run]) * 1e3 for run in (run_old, run_new))
+            cells.append(f"w{width} {before:.3f} -> {after:.3f} ({before / after:.2f}x)")
+        print(f"{tokens:2d} tokens: " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

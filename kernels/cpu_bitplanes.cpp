@@ -68,7 +68,7 @@ constexpr int64_t kPlaneTileRows = 16;
 constexpr int64_t kPlaneTileColumns = 32;
 constexpr int64_t kPlaneTileWordBytes = 4 * kPlaneTileRows;
 inline bool tiled_layout(int64_t group_size) { return kPlanesPerChunk == 1 && group_size % kPlaneTileColumns == 0; }
-// The lookup tables and group sums of a few tokens (lookup_block), made once per projection call or
+// The lookup tables and group sums of a few tokens (lookup_tiles), made once per projection call or
 // per segment of a layer call.
 struct Lookup {
   const float* tables;      // [cols / 4][tokens][16]
@@ -395,34 +395,38 @@ template <class L>
 template <class L>
 constexpr int kVectorsPerStep = L::masked ? 4 : 2;
 
-// Calls step(i, weights, first column) for every kLanes weights of rows row .. row + R - 1, group
-// by group; each row's calls come in the same order whatever R is. R > 1 interleaves independent
+// Calls step(i, weights, first column) for every kLanes weights of group g of rows row .. row + R - 1;
+// each row's calls come in the same order whatever R is. R > 1 interleaves independent
 // rows so that their dependency chains (the accumulators' FMAs) overlap.
 template <class L, int R, typename Step>
-[[gnu::always_inline]] inline void for_each_weights(const Projection& p, int64_t row, Step&& step) {
+[[gnu::always_inline]] inline void group_weights(const Projection& p, int64_t row, int64_t g, Step&& step) {
   const int64_t vectors_per_group = p.group_size / kLanes;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    Codebooks<L> cb[R];
-    const uint8_t* group_bits[R][L::count];
-    for (int i = 0; i < R; ++i) {
-      cb[i].set(p, row + i, g);
-      for (int c = 0; c < L::count; ++c) group_bits[i][c] = p.group_row(c, row + i, g);
-    }
-    const int64_t first = g * p.group_size;
-    int64_t v = 0;
-    Vec w[kVectorsPerStep<L>][R];
-#pragma GCC unroll 2
-    for (; v + kVectorsPerStep<L> <= vectors_per_group; v += kVectorsPerStep<L>) {
-      for (int j = 0; j < kVectorsPerStep<L>; ++j)
-        for (int i = 0; i < R; ++i) w[j][i] = weights<L>(cb[i], group_bits[i], p, kLanes * (v + j));
-      for (int j = 0; j < kVectorsPerStep<L>; ++j)
-        for (int i = 0; i < R; ++i) step(i, w[j][i], first + kLanes * (v + j));
-    }
-    for (; v < vectors_per_group; ++v) {  // vectors per group not a multiple of the step
-      for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], group_bits[i], p, kLanes * v);
-      for (int i = 0; i < R; ++i) step(i, w[0][i], first + kLanes * v);
-    }
+  Codebooks<L> cb[R];
+  const uint8_t* group_bits[R][L::count];
+  for (int i = 0; i < R; ++i) {
+    cb[i].set(p, row + i, g);
+    for (int c = 0; c < L::count; ++c) group_bits[i][c] = p.group_row(c, row + i, g);
   }
+  const int64_t first = g * p.group_size;
+  int64_t v = 0;
+  Vec w[kVectorsPerStep<L>][R];
+#pragma GCC unroll 2
+  for (; v + kVectorsPerStep<L> <= vectors_per_group; v += kVectorsPerStep<L>) {
+    for (int j = 0; j < kVectorsPerStep<L>; ++j)
+      for (int i = 0; i < R; ++i) w[j][i] = weights<L>(cb[i], group_bits[i], p, kLanes * (v + j));
+    for (int j = 0; j < kVectorsPerStep<L>; ++j)
+      for (int i = 0; i < R; ++i) step(i, w[j][i], first + kLanes * (v + j));
+  }
+  for (; v < vectors_per_group; ++v) {  // vectors per group not a multiple of the step
+    for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], group_bits[i], p, kLanes * v);
+    for (int i = 0; i < R; ++i) step(i, w[0][i], first + kLanes * v);
+  }
+}
+
+// group_weights over every group of the rows, in order.
+template <class L, int R, typename Step>
+[[gnu::always_inline]] inline void for_each_weights(const Projection& p, int64_t row, Step&& step) {
+  for (int64_t g = 0; g < p.groups; ++g) group_weights<L, R>(p, row, g, step);
 }
 
 // out[t, r] = sum_c W[r, c] x[t, c] for TT tokens and rows r .. r + R - 1, weights rebuilt in registers.
@@ -618,35 +622,16 @@ void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
   for (int l = 0; l < kPlaneTileRows; ++l)
 D2MOE_UNROLL
     for (int t = 0; t < TT; ++t) acc[l][t] = vzero();
-  const int64_t vectors_per_group = p.group_size / kLanes;
-  constexpr int step = kVectorsPerStep<L>;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const float* xg = x + g * p.group_size;
     for (int l = 0; l < kPlaneTileRows; ++l) {
       const int64_t row = b * kPlaneTileRows + l;
-      Codebooks<L> cb;
-      cb.set(p, row, g);
-      const uint8_t* group_bits[L::count];
-D2MOE_UNROLL
-      for (int c = 0; c < L::count; ++c) group_bits[c] = p.group_row(c, row, g);
       Vec a[TT];
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) a[t] = acc[l][t];
-      int64_t v = 0;
-      for (; v + step <= vectors_per_group; v += step) {
-        Vec w[step];
+      group_weights<L, 1>(p, row, g, [&](int, Vec w, int64_t col) {
 D2MOE_UNROLL
-        for (int j = 0; j < step; ++j) w[j] = weights<L>(cb, group_bits, p, kLanes * (v + j));
-D2MOE_UNROLL
-        for (int j = 0; j < step; ++j)
-D2MOE_UNROLL
-          for (int t = 0; t < TT; ++t) a[t] = vfmadd(w[j], vload(xg + t * p.cols + kLanes * (v + j)), a[t]);
-      }
-      for (; v < vectors_per_group; ++v) {
-        const Vec w = weights<L>(cb, group_bits, p, kLanes * v);
-D2MOE_UNROLL
-        for (int t = 0; t < TT; ++t) a[t] = vfmadd(w, vload(xg + t * p.cols + kLanes * v), a[t]);
-      }
+        for (int t = 0; t < TT; ++t) a[t] = vfmadd(w, vload(x + t * p.cols + col), a[t]);
+      });
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) acc[l][t] = a[t];
     }

@@ -395,18 +395,14 @@ template <class L>
 template <class L>
 constexpr int kVectorsPerStep = L::masked ? 4 : 2;
 
-// Calls step(i, weights, first column) for every kLanes weights of group g of rows row .. row + R - 1;
-// each row's calls come in the same order whatever R is. R > 1 interleaves independent
-// rows so that their dependency chains (the accumulators' FMAs) overlap.
+// Calls step(i, weights, first column) for every kLanes weights of group g of rows row .. row + R - 1, given
+// their codebooks and chunks' bits (Projection::group_row); each row's calls come in the same order whatever
+// R is. R > 1 interleaves independent rows so that their dependency chains (the accumulators' FMAs) overlap.
 template <class L, int R, typename Step>
-[[gnu::always_inline]] inline void group_weights(const Projection& p, int64_t row, int64_t g, Step&& step) {
+[[gnu::always_inline]] inline void group_vectors(const Projection& p, const Codebooks<L> (&cb)[R],
+                                                 const uint8_t* const (&group_bits)[R][L::count], int64_t g,
+                                                 Step&& step) {
   const int64_t vectors_per_group = p.group_size / kLanes;
-  Codebooks<L> cb[R];
-  const uint8_t* group_bits[R][L::count];
-  for (int i = 0; i < R; ++i) {
-    cb[i].set(p, row + i, g);
-    for (int c = 0; c < L::count; ++c) group_bits[i][c] = p.group_row(c, row + i, g);
-  }
   const int64_t first = g * p.group_size;
   int64_t v = 0;
   Vec w[kVectorsPerStep<L>][R];
@@ -421,6 +417,18 @@ template <class L, int R, typename Step>
     for (int i = 0; i < R; ++i) w[0][i] = weights<L>(cb[i], group_bits[i], p, kLanes * v);
     for (int i = 0; i < R; ++i) step(i, w[0][i], first + kLanes * v);
   }
+}
+
+// group_vectors of group g of rows row .. row + R - 1, their codebooks made here.
+template <class L, int R, typename Step>
+[[gnu::always_inline]] inline void group_weights(const Projection& p, int64_t row, int64_t g, Step&& step) {
+  Codebooks<L> cb[R];
+  const uint8_t* group_bits[R][L::count];
+  for (int i = 0; i < R; ++i) {
+    cb[i].set(p, row + i, g);
+    for (int c = 0; c < L::count; ++c) group_bits[i][c] = p.group_row(c, row + i, g);
+  }
+  group_vectors<L, R>(p, cb, group_bits, g, step);
 }
 
 // group_weights over every group of the rows, in order.
@@ -458,10 +466,13 @@ template <class L, int TT, int R>
 // words' shifts are shared by the tokens.
 // Tokens x planes accumulators of one pass over a tile's planes at most: with the words, 32 registers.
 constexpr int kLookupAccumulators = 16;
-// Tokens x planes up to which lookups beat the masked rebuild: the lookups grow with both, the rebuild's
-// FMAs only with the tokens. (Zen 4, OLMoE expert, two threads: 3 / 4 tokens at width 8 1.39 / 1.81 ms
-// against 2.37 / 2.35; 8 tokens at width 4 even; 8 at width 6 or 8 the rebuild 1.2x faster.)
-constexpr int kLookupPlaneTokens = 32;
+// Where lookups beat the masked rebuild on tiles: the lookups grow with tokens x planes, the rebuild's FMAs only
+// with the tokens. Up to 4 tokens at any width, and up to a register block at 3 planes or fewer (Zen 4, OLMoE
+// expert, two threads, against the rebuild: 2-3 tokens 1.1-1.8x faster at every width; 4 tokens 1.3x at
+// width 2 and 1.14x at width 8, even at 4 and 6; 6-8 tokens at width 4 or more the rebuild 1.1-1.5x faster;
+// benchmarks/results/kernels.md).
+constexpr int64_t kLookupTokens = 4;
+constexpr int kLookupBlockPlanes = 3;
 
 // Lane p of kPatternBit[k]: bit k of the pattern p.
 alignas(64) constexpr float kPatternBit[4][16] = {
@@ -472,9 +483,9 @@ alignas(64) constexpr float kPatternBit[4][16] = {
 };
 
 // Whether `tokens` tokens of `p` run by lookup: tiled planes, two groups or more (LaneCoefs), one
-// register block of tokens (register_linear), and tokens x planes where lookups beat the rebuild.
+// register block of tokens (register_linear), and tokens and planes where lookups beat the rebuild.
 inline bool lookup_fits(const Projection& p, int64_t tokens) {
-  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && tokens * p.planes <= kLookupPlaneTokens;
+  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && (tokens <= kLookupTokens || p.planes <= kLookupBlockPlanes);
 }
 
 // tables[16 (tokens q + t) + pattern]: the sum of x[t, 4q + k] over the bits k of the pattern (the
@@ -615,20 +626,46 @@ D2MOE_UNROLL
 // out[t, 16 b .. 16 b + 16) for TT tokens, tile b rebuilt group by group: a tile's word holds 16 rows, so
 // its rows run one after another while it is in L1 (row after row over all groups it had to come back
 // from L2 for each row: 1.2-1.6x slower at 3 to 16 tokens on Zen 4). Each row's sums are
-// register_row_block's (R = 1, TT > 1): the same operations in the same order.
+// register_row_block's (R = 1, TT > 1): the same operations in the same order. Two things the row-major
+// rebuild did not need (Zen 4, OLMoE expert, against it: 0.66-0.78x without them, 0.83-0.96x with):
+// - the 16 rows' coefficients made at once (LaneCoefs) and broadcast row by row, not GroupCoefs per row;
+// - the tile's planes kPrefetchGroups groups ahead prefetched: a tile's next group lies `tiles` tiles
+//   further (16 KB in OLMoE's projections), where the hardware prefetchers do not follow.
+constexpr int64_t kPrefetchGroups = 2;
 template <class L, int TT>
 void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
   Vec acc[kPlaneTileRows][TT];
   for (int l = 0; l < kPlaneTileRows; ++l)
 D2MOE_UNROLL
     for (int t = 0; t < TT; ++t) acc[l][t] = vzero();
+  const int64_t tile_bytes = p.group_size / kPlaneTileColumns * kPlaneTileWordBytes;
   for (int64_t g = 0; g < p.groups; ++g) {
+    if (g + kPrefetchGroups < p.groups)
+      for (int c = 0; c < L::count; ++c) {
+        const uint8_t* ahead = p.chunk_bits[c] + ((g + kPrefetchGroups) * p.tiles + b) * tile_bytes;
+        for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + at), _MM_HINT_T0);
+      }
+    alignas(64) float coefs[L::count + 1][kLanes];  // [plane or offset][row]
+    if (p.groups >= 2) {
+      const LaneCoefs<L::count> k(p, b * kPlaneTileRows, g);
+      for (int c = 0; c < L::count; ++c) vstore(coefs[c], k.coef[c]);
+      vstore(coefs[L::count], k.offset);
+    }
     for (int l = 0; l < kPlaneTileRows; ++l) {
       const int64_t row = b * kPlaneTileRows + l;
       Vec a[TT];
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) a[t] = acc[l][t];
-      group_weights<L, 1>(p, row, g, [&](int, Vec w, int64_t col) {
+      Codebooks<L> cb[1];
+      if (p.groups >= 2) {
+        for (int c = 0; c < L::count; ++c) cb[0].entries[c] = vset1(coefs[c][l]);
+        cb[0].offset = vset1(coefs[L::count][l]);
+      } else {
+        cb[0].set(p, row, g);
+      }
+      const uint8_t* group_bits[1][L::count];
+      for (int c = 0; c < L::count; ++c) group_bits[0][c] = p.group_row(c, row, g);
+      group_vectors<L, 1>(p, cb, group_bits, g, [&](int, Vec w, int64_t col) {
 D2MOE_UNROLL
         for (int t = 0; t < TT; ++t) a[t] = vfmadd(w, vload(x + t * p.cols + col), a[t]);
       });

@@ -152,13 +152,14 @@ CASES = {
         [(0, 2, 1), (1, 3, 1), (2, 4, 1), (0, 5, 1), (1, 6, 1), (2, 7, 1), (0, 8, 1), (1, 4, 2)],
     ),
     "lookup-one-group": (MWQSpec(2, 8, 64), 128, 64, [(0, 4, 1), (1, 8, 1)]),
-    # A few tokens by lookup (AVX-512: tokens x width <= 32, at most 8 tokens; planes in passes of at most
-    # 16 / tokens), at the limit and above it.
+    # A few tokens by lookup (AVX-512: up to 4 tokens, or up to 8 at widths up to 3; planes in passes of at
+    # most 16 / tokens), at the limits and above them (the rebuild on tiles).
     "lookup-few-tokens": (
         MWQSpec(2, 8, 32),
         96,
         64,
-        [(0, 2, 8), (1, 3, 5), (2, 4, 8), (0, 4, 3), (1, 5, 6), (2, 8, 4), (0, 6, 5), (1, 7, 3), (2, 2, 9), (0, 8, 5)],
+        [(0, 2, 8), (1, 3, 5), (2, 4, 8), (0, 4, 3), (1, 5, 6), (2, 8, 4), (0, 6, 5), (1, 7, 3), (2, 2, 9), (0, 8, 5),
+         (1, 3, 8), (2, 4, 4), (0, 4, 5)],
     ),
     # Around the register path's limit (AVX2: 8 tokens, AVX-512: 24 in three blocks); above it, tiles.
     "register-token-limit": (MWQSpec(2, 8, 32), 64, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),

@@ -580,9 +580,10 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None, 
         "budget_bytes": budget,
         "runs": runs,
     }
-    for spec in plan_engines(model_dir, mwq_dir, ggufs, has_router) + plan_budget(
-        mwq_dir, budget, has_router
-    ):
+    plan = plan_engines(model_dir, mwq_dir, ggufs, has_router)
+    if not args.no_budget:
+        plan += plan_budget(mwq_dir, budget, has_router)
+    for spec in plan:
         runs[spec["name"]] = dict(spec) | timed_run(common | spec, log, args)
         save(report)
     if not args.no_quality:
@@ -822,8 +823,16 @@ def plot(full: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--models", nargs="+", choices=("reference", "random"), default=["reference", "random"]
+        "--models", nargs="*", choices=("reference", "random"), default=["reference", "random"]
     )
+    parser.add_argument(
+        "--checkpoints",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="more models: Hugging Face checkpoint directories with a tokenizer (d2moe random-model shapes)",
+    )
+    parser.add_argument("--no-budget", action="store_true", help="skip the runs under a memory budget")
     parser.add_argument(
         "--cache",
         type=Path,
@@ -888,7 +897,11 @@ def main() -> None:
         (RESULTS / f"{args.name}.md").write_text(markdown(full))
         plot(full, RESULTS / f"{args.name}.png")
 
-    for label in args.models:
+    for checkpoint in args.checkpoints:
+        if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.json").is_file():
+            parser.error(f"--checkpoints {checkpoint}: no config.json and tokenizer.json there")
+        models[checkpoint.name] = lambda checkpoint=checkpoint: checkpoint
+    for label in [*args.models, *(c.name for c in args.checkpoints)]:
         report = compare_model(label, models[label](), args, llama_version, save)
         save(report)
         done.append(report)

@@ -10,7 +10,8 @@ tokens and ``--output-len`` generated tokens (greedy, EOS ignored):
 * ``mwq4-resident``: MWQ at 4 bits, all resident (issue 4's end-to-end check);
 * ``mwq2-resident``, ``mwq3-resident``: the narrower widths, all resident; ``mwq4-dense-int8``,
   ``mwq4-dense-int4``, ``mwq8-dense-int8``: with the non-expert linear layers (attention, output
-  head) as weight-only int8 / int4 too (``dense`` option); ``mwq4-int8-kernel`` (and ``-dense-int4``):
+  head) as weight-only int8 / int4 too (``dense`` option); ``mwq2/4/8-dense-w8a8``: those layers as
+  int8 with per-token int8 activations (vLLM's oneDNN GEMM); ``mwq4-int8-kernel`` (and ``-dense-int4``):
   the experts through the int8-activation kernel (``D2MOE_KERNEL=cpu_int8``); all resident, opt-in;
 * offloaded under each budget, reads with ``O_DIRECT`` (page cache bypassed),
   the paper's ablation steps:
@@ -78,7 +79,7 @@ OFFLOAD_METHODS = {
     "+budget": {"order": "hebf", "overlap": True, "reuse": True, "keep": True},
 }
 # All-resident MWQ runs at a fixed width (quantization_config, environment): widths 4, 2, 3, the non-expert layers
-# as weight-only int8 / int4 (the ``dense`` option), the int8-activation expert kernel (D2MOE_KERNEL).
+# as weight-only int8 / int4 or W8A8 (the ``dense`` option), the int8-activation expert kernel (D2MOE_KERNEL).
 RESIDENT_VARIANTS = {
     "mwq4-resident": ({"bits": 4}, {}),  # issue 4's end-to-end check: MWQ width 4 against bf16
     "mwq2-resident": ({"bits": 2}, {}),
@@ -86,6 +87,9 @@ RESIDENT_VARIANTS = {
     "mwq4-dense-int8": ({"bits": 4, "dense": "int8"}, {}),
     "mwq4-dense-int4": ({"bits": 4, "dense": "int4"}, {}),
     "mwq8-dense-int8": ({"bits": 8, "dense": "int8"}, {}),
+    "mwq2-dense-w8a8": ({"bits": 2, "dense": "w8a8"}, {}),
+    "mwq4-dense-w8a8": ({"bits": 4, "dense": "w8a8"}, {}),
+    "mwq8-dense-w8a8": ({"bits": 8, "dense": "w8a8"}, {}),
     "mwq4-int8-kernel": ({"bits": 4}, {"D2MOE_KERNEL": "cpu_int8"}),
     "mwq4-int8-kernel-dense-int4": ({"bits": 4, "dense": "int4"}, {"D2MOE_KERNEL": "cpu_int8"}),
 }

@@ -50,6 +50,7 @@ METHODS = {
     "mwq4": {"quant_method": "d2moe", "bits": 4},
     "mwq8": {"quant_method": "d2moe", "bits": 8},
     "mwq4-dense-int8": {"quant_method": "d2moe", "bits": 4, "dense": "int8"},
+    "mwq4-dense-w8a8": {"quant_method": "d2moe", "bits": 4, "dense": "w8a8"},
     # The offload pipeline at --stream-fraction of the MWQ-4 expert bytes (its memory_budget set in main).
     "mwq4-streamed": {"quant_method": "d2moe", "bits": 4},
 }

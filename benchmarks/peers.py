@@ -594,15 +594,16 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None, 
 
 
 def bf16_expert_bytes(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return (
-        config["num_hidden_layers"]
-        * config["num_local_experts"]
-        * 3
-        * config["hidden_size"]
-        * config["intermediate_size"]
-        * 2
-    )
+    """Bytes of the routed experts' weights at 16 bits: the checkpoint's tensors under ``.experts.``."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                if ".experts." in name:
+                    total += 2 * math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 # ---------------------------------------------------------------- report

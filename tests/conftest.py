@@ -231,11 +231,12 @@ def engine_results(model_zoo, routed_mixtral, tmp_path_factory) -> dict:
             logprobs=logprobs,
             score_against="mixtral/unquantized",
         ),
-        # The other linear layers and the output head as weight-only int8 / int4 (option dense).
+        # The other linear layers and the output head as weight-only int8 / int4, or int8 with int8
+        # activations (option dense).
         *(Run(f"mixtral/d2moe-8/dense-{mode}", mixtral, PROMPTS, logprobs=logprobs, in_process=True,
               score_against="mixtral/unquantized",
               hf_overrides={"quantization_config": {"quant_method": "d2moe", "bits": 8, "dense": mode}})
-          for mode in ("int8", "int4")),
+          for mode in ("int8", "int4", "w8a8")),
         # No --quantization flag: detected from config.json; torch.compile on.
         Run("mixtral/auto-compiled", mixtral, PROMPTS, enforce_eager=False, in_process=True),
         # In-process twins of default-layout engines (a fixed width; the router under a memory

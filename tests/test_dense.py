@@ -85,7 +85,37 @@ def test_int4_layer_matches_float64_product_of_its_weights(dtype, cols, group_si
     assert _relative_error(method.apply(layer, x), x.double() @ dequantized.t()) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 96), (64, 256), (5, 32)])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_w8a8_layer_matches_float64_product_within_its_activation_rounding(dtype, shape, tokens):
+    weight = torch.randn(shape, dtype=dtype) * 0.05
+    bias = torch.randn(shape[0], dtype=dtype)
+    layer = _layer(weight)
+    method = DenseLinearMethod("w8a8", "model.layers.0.self_attn.qkv_proj")
+    method.process_weights_after_loading(layer)
+    assert method.quantized and layer.weight.numel() == 0
+    # The scales oneDNN reads stay on the layer; churn memory so that a dangling pointer would show.
+    scratch = [torch.full((256, 256), 77.0) for _ in range(8)]
+    q, scale = quantize_int8_rows(weight)
+    x = torch.randn(tokens, shape[1], dtype=dtype)
+    out = method.apply(layer, x)
+    del scratch
+    # Activations rounded per token to int8 (at most half a step of max|x| / 127 each): the product's
+    # relative error is about 1 / (127 sqrt(3)), 0.5 %, on Gaussian inputs; bfloat16 adds its own rounding.
+    weights = q.double() * scale.double()[:, None]
+    ref = x.double() @ weights.t()
+    assert out.shape == (tokens, shape[0]) and out.dtype == dtype
+    assert _relative_error(out, ref) < 2e-2
+    # The activations' rounding is all there is: the same product of int8-rounded inputs is exact.
+    step = x.double().abs().amax(dim=1, keepdim=True) / 127
+    rounded = torch.round(x.double() / step) * step
+    assert _relative_error(out, rounded @ weights.t()) < TOLERANCE[dtype]
+    with_bias = method.apply(layer, x, bias)
+    torch.testing.assert_close(with_bias, (out.double() + bias.double()).to(dtype))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_a_layer_whose_input_size_is_not_a_multiple_of_32_keeps_its_weights(mode):
     weight = torch.randn(16, 70)
     layer = _layer(weight)
@@ -112,5 +142,5 @@ def test_router_gates_and_tied_heads_stay_unquantized():
 
 
 def test_an_unknown_mode_is_refused_naming_the_option():
-    with pytest.raises(ValueError, match="'dense' must be one of \\['int8', 'int4'\\], got 'fp8'"):
+    with pytest.raises(ValueError, match="'dense' must be one of \\['int8', 'int4', 'w8a8'\\], got 'fp8'"):
         check_dense_mode("fp8")

@@ -79,7 +79,7 @@ def test_dense_option_quantizes_the_other_layers_within_their_error(engine_resul
     error_8 = logprob_relative_error(outputs(engine_results, "mixtral/d2moe-8"), ref)
     error_2 = logprob_relative_error(outputs(engine_results, "mixtral/d2moe-2"), ref)
     errors = {}
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "w8a8"):
         dense = outputs(engine_results, f"mixtral/d2moe-8/dense-{mode}")
         errors[mode] = logprob_relative_error(dense, ref)
         report.add(f"mixtral      width 8, dense {mode} vs unquantized: log-prob relative error "
@@ -89,6 +89,7 @@ def test_dense_option_quantizes_the_other_layers_within_their_error(engine_resul
     # neither is far off: below what 2-bit experts cost. (The tiny random model's next tokens are
     # near-ties: int4 flips most greedy choices there, and 2-bit experts more; int8 keeps them.)
     assert error_8 < errors["int8"] < errors["int4"] < error_2
+    assert error_8 < errors["w8a8"] < error_2
     assert teacher_forced_agreement(outputs(engine_results, "mixtral/d2moe-8/dense-int8"), ref) >= 0.85
 
 

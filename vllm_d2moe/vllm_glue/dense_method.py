@@ -1,23 +1,29 @@
-"""Weight-only int8 / int4 for the layers that are not routed experts (``dense`` option).
+"""int8 / int4 for the layers that are not routed experts (``dense`` option).
 
 Attention projections, shared experts, dense MLPs and the output head are
-quantized once after loading and multiplied by torch's packed CPU matmuls
-(``_weight_int8pack_mm``: int8 with one scale per output row;
-``_weight_int4pack_mm_for_cpu``: asymmetric int4 per group of input columns).
-Activations stay in the model's dtype. Router gates stay unquantized: they are
-tiny and decide which experts run.
+quantized once after loading and multiplied by torch's packed CPU matmuls,
+weight-only (activations stay in the model's dtype): ``int8``
+(``_weight_int8pack_mm``, one scale per output row) and ``int4``
+(``_weight_int4pack_mm_for_cpu``, asymmetric per group of input columns); or
+``w8a8``: the same int8 weights through vLLM's own oneDNN int8 GEMM, each
+token's activations quantized to int8 on the fly (symmetric, one scale per
+token), as vLLM serves W8A8 checkpoints on CPUs. torch's weight-only kernels
+are matrix-vector loops that slow down with every token of a batch; oneDNN's
+int8 GEMM does not (``benchmarks/results/dense.md``). Router gates stay
+unquantized: they are tiny and decide which experts run.
 """
 
 import logging
 
 import torch
+from vllm import _custom_ops as ops
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
 logger = logging.getLogger(__name__)
 
-DENSE_MODES = ("int8", "int4")
+DENSE_MODES = ("int8", "int4", "w8a8")
 # Layers named like this (the last part of vLLM's prefix) keep their unquantized method.
 GATE_NAMES = frozenset({"gate", "shared_expert_gate"})
 # Input columns per int4 scale group, the first that divides a layer's input size.
@@ -27,6 +33,9 @@ _INT4_GROUP_SIZES = (128, 64, 32)
 def check_dense_mode(mode) -> str | None:
     if mode is not None and mode not in DENSE_MODES:
         raise ValueError(f"d2moe option 'dense' must be one of {list(DENSE_MODES)}, got {mode!r}")
+    if mode == "w8a8" and not ops._supports_onednn:
+        raise ValueError("d2moe option 'dense': 'w8a8' runs on vLLM's oneDNN int8 GEMM, which this vLLM build "
+                         "lacks; use 'int8' (weight-only)")
     return mode
 
 
@@ -67,8 +76,12 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.T
 
 
 def _matmul(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1]).to(layer.dense_scales.dtype)
-    if layer.dense_mode == "int8":
+    x2d = x.reshape(-1, x.shape[-1]).to(layer.dense_dtype)
+    if layer.dense_mode == "w8a8":
+        x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x2d.contiguous(), None, None, True)
+        out = torch.empty((x2d.shape[0], layer.dense_handler.n), dtype=x2d.dtype)
+        ops.onednn_scaled_mm(layer.dense_handler, x_q, out, x_scale, None, None, None)
+    elif layer.dense_mode == "int8":
         out = torch.ops.aten._weight_int8pack_mm(x2d, layer.dense_weight, layer.dense_scales)
     else:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -93,9 +106,15 @@ def _quantize_layer(layer: torch.nn.Module, mode: str, name: str) -> bool:
         group_size = next(g for g in _INT4_GROUP_SIZES if weight.shape[1] % g == 0)
         layer.dense_weight, layer.dense_scales = quantize_int4_groups(weight, group_size)
         layer.dense_group_size = group_size
+    elif mode == "w8a8":
+        q, scale = quantize_int8_rows(weight)
+        # oneDNN keeps a packed copy of the weights but reads the scales where they are: they stay on the layer.
+        layer.dense_scales = scale.float().view(-1, 1).contiguous()
+        layer.dense_handler = ops.create_onednn_scaled_mm(q.t(), layer.dense_scales, weight.dtype, True, False, 32)
     else:
         layer.dense_weight, layer.dense_scales = quantize_int8_rows(weight)
     layer.dense_mode = mode
+    layer.dense_dtype = weight.dtype
     # The full-precision weight is no longer needed; an empty tensor keeps the attribute vLLM reads.
     layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
     return True

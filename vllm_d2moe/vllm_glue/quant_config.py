@@ -18,9 +18,10 @@ overridden at start-up, e.g.
   the predictor (:mod:`vllm_d2moe.prefetch`) forecasts for layers ``l+1..l+d``
   (plus ``m`` spare experts per token) are read into the pool. Needs
   ``memory_budget``; off unless set.
-* ``dense``: ``"int8"`` or ``"int4"``: every other linear layer (attention, shared
-  experts, dense MLPs, the output head unless tied; not the router gates) as
-  weight-only int8 / int4 (:mod:`vllm_d2moe.vllm_glue.dense_method`); unquantized unless set.
+* ``dense``: ``"int8"``, ``"int4"`` or ``"w8a8"``: every other linear layer (attention, shared
+  experts, dense MLPs, the output head unless tied; not the router gates) as weight-only
+  int8 / int4, or int8 weights times activations quantized per token (vLLM's oneDNN int8 GEMM)
+  (:mod:`vllm_d2moe.vllm_glue.dense_method`); unquantized unless set.
 
 The expert layout itself comes from the checkpoint's ``d2moe/index.json``.
 """

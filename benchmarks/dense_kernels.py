@@ -78,10 +78,11 @@ def main() -> None:
         del weights
         for tokens in args.tokens:
             x = torch.randn(tokens, k, dtype=torch.bfloat16)
-            base = median_ms([lambda h=h: ops.onednn_mm(h, x, None) for h in bf16], args.reps)
+            base = median_ms([lambda h=h, x=x: ops.onednn_mm(h, x, None) for h in bf16], args.reps)
             row = {"layer": name, "shape": [n, k], "copies": copies, "tokens": tokens, "bf16_ms": base}
             for mode, mode_layers in quantized.items():
-                row[f"{mode}_ms"] = median_ms([lambda m=m: _matmul(m, x, None) for m in mode_layers], args.reps)
+                row[f"{mode}_ms"] = median_ms([lambda m=m, x=x: _matmul(m, x, None) for m in mode_layers],
+                                              args.reps)
             rows.append(row)
             print(f"{name:<12} {tokens:>6} {base:>8.3f} "
                   + " ".join(f"{row[m + '_ms']:>8.3f} ({base / row[m + '_ms']:.2f}x)" for m in DENSE_MODES),

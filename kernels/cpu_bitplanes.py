@@ -12,8 +12,8 @@ group), and multiplies them straight into the tokens. AVX-512 builds: one bit
 per column, in tiles of 16 rows by 32 columns (each row's 32-bit word side by
 side) where the groups are whole 32-column words, else as stored; 16 weights
 are rebuilt with one masked add of each plane's coefficient, the plane's 16
-bits loaded straight into a mask register; a few tokens on tiles (tokens times
-width at most 16) rebuild nothing: per 4 columns a table of the 16 input sums a
+bits loaded straight into a mask register; a few tokens on tiles (up to 4, or
+up to 8 at widths 2-3) rebuild nothing: per 4 columns a table of the 16 input sums a
 bit pattern selects, one vector load brings a tile's 16 rows' word of a plane,
 and one permute (``vpermps``) looks up 16 rows' patterns at once (T-MAC's
 lookup tables), each plane's sums scaled by its coefficients once per group.

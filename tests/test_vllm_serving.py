@@ -86,11 +86,12 @@ def test_dense_option_quantizes_the_other_layers_within_their_error(engine_resul
                    f"{errors[mode]:.2e} (experts alone {error_8:.2e}), greedy agreement "
                    f"{teacher_forced_agreement(dense, ref):.1%}")
     # The option reached the layers (more error than the experts' alone), int4 more than int8, and
-    # neither is far off: below what 2-bit experts cost. (The tiny random model's next tokens are
+    # none is far off: below what 2-bit experts cost. (The tiny random model's next tokens are
     # near-ties: int4 flips most greedy choices there, and 2-bit experts more; int8 keeps them.)
     assert error_8 < errors["int8"] < errors["int4"] < error_2
     assert error_8 < errors["w8a8"] < error_2
-    assert teacher_forced_agreement(outputs(engine_results, "mixtral/d2moe-8/dense-int8"), ref) >= 0.85
+    for mode in ("int8", "w8a8"):  # 92.2 % and 89.1 % on Zen 4, torch 2.13
+        assert teacher_forced_agreement(outputs(engine_results, f"mixtral/d2moe-8/dense-{mode}"), ref) >= 0.85
 
 
 def test_detected_without_flag_under_torch_compile(engine_results):

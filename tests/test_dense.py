@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from vllm import _custom_ops as ops
 from vllm.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear, UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
@@ -85,6 +86,7 @@ def test_int4_layer_matches_float64_product_of_its_weights(dtype, cols, group_si
     assert _relative_error(method.apply(layer, x), x.double() @ dequantized.t()) < TOLERANCE[dtype]
 
 
+@pytest.mark.skipif(not ops._supports_onednn, reason="w8a8 needs vLLM's oneDNN kernels (x86-64 CPU builds have them)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 96), (64, 256), (5, 32)])
 @pytest.mark.parametrize("tokens", [1, 7])

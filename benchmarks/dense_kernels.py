@@ -8,7 +8,7 @@ that together they outgrow the cache as in serving), the median ms per call at 1
 * ``int4``: torch's ``_weight_int4pack_mm_for_cpu`` (weight-only, groups of 128);
 * ``w8a8``: vLLM's oneDNN int8 GEMM with per-token int8 activations.
 
-Each quantized layer is built by ``vllm_d2moe.vllm_glue.dense_method`` exactly as serving builds it.
+Each quantized layer is built and called through ``DenseLinearMethod``, as serving does.
 
     python benchmarks/dense_kernels.py --model /work/scratch/scale/olmoe-1b-7b-4l --layers 4
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from vllm import _custom_ops as ops
 
-from vllm_d2moe.vllm_glue.dense_method import DENSE_MODES, _matmul, _quantize_layer
+from vllm_d2moe.vllm_glue.dense_method import DENSE_MODES, DenseLinearMethod
 
 
 def shapes(config: dict, layers: int) -> list[tuple[str, int, int, int]]:
@@ -70,18 +70,19 @@ def main() -> None:
         for mode in DENSE_MODES:
             quantized[mode] = []
             for w in weights:
-                layer = torch.nn.Module()
+                layer, method = torch.nn.Module(), DenseLinearMethod(mode, name)
                 layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
-                if not _quantize_layer(layer, mode, name):
+                method.process_weights_after_loading(layer)
+                if not method.quantized:
                     raise SystemExit(f"{name} [{n}, {k}] cannot be quantized to {mode}")
-                quantized[mode].append(layer)
+                quantized[mode].append((layer, method))
         del weights
         for tokens in args.tokens:
             x = torch.randn(tokens, k, dtype=torch.bfloat16)
             base = median_ms([lambda h=h, x=x: ops.onednn_mm(h, x, None) for h in bf16], args.reps)
             row = {"layer": name, "shape": [n, k], "copies": copies, "tokens": tokens, "bf16_ms": base}
             for mode, mode_layers in quantized.items():
-                row[f"{mode}_ms"] = median_ms([lambda m=m, x=x: _matmul(m, x, None) for m in mode_layers],
+                row[f"{mode}_ms"] = median_ms([lambda lm=lm, x=x: lm[1].apply(lm[0], x) for lm in mode_layers],
                                               args.reps)
             rows.append(row)
             print(f"{name:<12} {tokens:>6} {base:>8.3f} "

@@ -594,16 +594,13 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None, 
 
 
 def bf16_expert_bytes(model_dir: Path) -> int:
-    """Bytes of the routed experts' weights at 16 bits: the checkpoint's tensors under ``.experts.``."""
-    from safetensors import safe_open
+    """Bytes of the routed experts' weights at 16 bits, from config.json as the converter reads it."""
+    from converters.architectures import architecture
 
-    total = 0
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                if ".experts." in name:
-                    total += 2 * math.prod(f.get_slice(name).get_shape())
-    return total
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = architecture(config.get("model_type"))
+    experts = len(arch.moe_layers(config)) * arch.num_experts(config)
+    return experts * 3 * config["hidden_size"] * arch.intermediate_size(config) * 2
 
 
 # ---------------------------------------------------------------- report

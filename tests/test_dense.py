@@ -27,6 +27,14 @@ def _layer(weight: torch.Tensor) -> torch.nn.Module:
     return layer
 
 
+def _quantized(mode: str, weight: torch.Tensor, prefix: str) -> tuple[torch.nn.Module, DenseLinearMethod]:
+    """A layer holding ``weight`` after ``mode``'s method processed it, and the method."""
+    layer = _layer(weight)
+    method = DenseLinearMethod(mode, prefix)
+    method.process_weights_after_loading(layer)
+    return layer, method
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -51,9 +59,7 @@ def _dequantized_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 def test_int8_layer_matches_float64_product_of_its_weights(dtype, shape, leading):
     weight = torch.randn(shape, dtype=dtype) * 0.05
     bias = torch.randn(shape[0], dtype=dtype)
-    layer = _layer(weight)
-    method = DenseLinearMethod("int8", "model.layers.0.self_attn.o_proj")
-    method.process_weights_after_loading(layer)
+    layer, method = _quantized("int8", weight, "model.layers.0.self_attn.o_proj")
     assert method.quantized and layer.dense_weight.dtype == torch.int8 and layer.weight.numel() == 0
 
     q, scale = quantize_int8_rows(weight)
@@ -70,9 +76,7 @@ def test_int8_layer_matches_float64_product_of_its_weights(dtype, shape, leading
 @pytest.mark.parametrize("cols,group_size", [(256, 128), (96, 32), (320, 64)])
 def test_int4_layer_matches_float64_product_of_its_weights(dtype, cols, group_size):
     weight = torch.randn(48, cols, dtype=dtype) * 0.05
-    layer = _layer(weight)
-    method = DenseLinearMethod("int4", "model.layers.1.mlp.down_proj")
-    method.process_weights_after_loading(layer)
+    layer, method = _quantized("int4", weight, "model.layers.1.mlp.down_proj")
     assert method.quantized and layer.dense_group_size == group_size
 
     dequantized = _dequantized_int4(weight, group_size)
@@ -93,9 +97,7 @@ def test_int4_layer_matches_float64_product_of_its_weights(dtype, cols, group_si
 def test_w8a8_layer_matches_float64_product_within_its_activation_rounding(dtype, shape, tokens):
     weight = torch.randn(shape, dtype=dtype) * 0.05
     bias = torch.randn(shape[0], dtype=dtype)
-    layer = _layer(weight)
-    method = DenseLinearMethod("w8a8", "model.layers.0.self_attn.qkv_proj")
-    method.process_weights_after_loading(layer)
+    layer, method = _quantized("w8a8", weight, "model.layers.0.self_attn.qkv_proj")
     assert method.quantized and layer.weight.numel() == 0
     # The scales oneDNN reads stay on the layer; churn memory so that a dangling pointer would show.
     scratch = [torch.full((256, 256), 77.0) for _ in range(8)]

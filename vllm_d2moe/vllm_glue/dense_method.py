@@ -76,7 +76,7 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.T
 
 
 def _matmul(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1]).to(layer.dense_dtype)
+    x2d = x.reshape(-1, x.shape[-1]).to(layer.weight.dtype)
     if layer.dense_mode == "w8a8":
         x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x2d.contiguous(), None, None, True)
         out = torch.empty((x2d.shape[0], layer.dense_handler.n), dtype=x2d.dtype)
@@ -114,8 +114,8 @@ def _quantize_layer(layer: torch.nn.Module, mode: str, name: str) -> bool:
     else:
         layer.dense_weight, layer.dense_scales = quantize_int8_rows(weight)
     layer.dense_mode = mode
-    layer.dense_dtype = weight.dtype
-    # The full-precision weight is no longer needed; an empty tensor keeps the attribute vLLM reads.
+    # The full-precision weight is no longer needed; an empty tensor keeps the attribute vLLM reads (and the
+    # dtype the matmuls take their inputs in).
     layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
     return True
 

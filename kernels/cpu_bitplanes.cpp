@@ -95,11 +95,13 @@ struct Projection {
   int64_t code_row_bytes;                        // ceil(groups / 2)
   const float* scale_table;                      // float32 [residual planes, 16]: a_j = s * table[j][code]
 
+  // Bytes of one tile's group of one plane (tiled): its 16 rows' words of the group's columns.
+  int64_t tile_group_bytes() const { return group_size / kPlaneTileColumns * kPlaneTileWordBytes; }
   // Chunk c's bits of group g in row `row`: a column's byte at group_row + group_byte(column in the group).
+  // Tiled, a tile's first row gives the start of the tile's group.
   const uint8_t* group_row(int c, int64_t row, int64_t g) const {
     if (tiled)
-      return chunk_bits[c] + (g * tiles + row / kPlaneTileRows) * (group_size / kPlaneTileColumns) * kPlaneTileWordBytes +
-             4 * (row % kPlaneTileRows);
+      return chunk_bits[c] + (g * tiles + row / kPlaneTileRows) * tile_group_bytes() + 4 * (row % kPlaneTileRows);
     return chunk_bits[c] + row * chunk_row_bytes[c] + chunk_planes[c] * g * group_size / 8;
   }
   // Byte of column `col` of a group (one bit per column): 4-byte words of 32 columns, 64 bytes apart when tiled.
@@ -601,7 +603,6 @@ D2MOE_UNROLL
 template <int N, int TT>
 void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t b0, int64_t b1) {
   const int64_t words_per_group = p.group_size / kPlaneTileColumns;
-  const int64_t tile_bytes = words_per_group * kPlaneTileWordBytes;
   for (int64_t g = 0; g < p.groups; ++g) {
     const float* group_tables = lookup.tables + 16 * 8 * TT * words_per_group * g;
     for (int64_t b = b0; b < b1; ++b) {
@@ -615,7 +616,7 @@ D2MOE_UNROLL
       }
       const uint8_t* tile[N];
 D2MOE_UNROLL
-      for (int i = 0; i < N; ++i) tile[i] = p.chunk_bits[i] + (g * p.tiles + b) * tile_bytes;
+      for (int i = 0; i < N; ++i) tile[i] = p.group_row(i, r, g);
       lookup_passes<N, TT, 0>(tile, words_per_group, group_tables, k, total);
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) vstore(out + t * p.rows + r, total[t]);
@@ -626,8 +627,9 @@ D2MOE_UNROLL
 // out[t, 16 b .. 16 b + 16) for TT tokens, tile b rebuilt group by group: a tile's word holds 16 rows, so
 // its rows run one after another while it is in L1 (row after row over all groups it had to come back
 // from L2 for each row: 1.2-1.6x slower at 3 to 16 tokens on Zen 4). Each row's sums are
-// register_row_block's (R = 1, TT > 1): the same operations in the same order. Two things the row-major
-// rebuild did not need (Zen 4, OLMoE expert, against it: 0.66-0.78x without them, 0.83-0.96x with):
+// register_row_block's (R = 1, TT > 1): the same operations in the same order. Needs two groups or more
+// (LaneCoefs). Two things the row-major rebuild did not need (Zen 4, OLMoE expert, against it: 0.66-0.78x
+// without them, 0.83-0.96x with):
 // - the 16 rows' coefficients made at once (LaneCoefs) and broadcast row by row, not GroupCoefs per row;
 // - the tile's planes kPrefetchGroups groups ahead prefetched: a tile's next group lies `tiles` tiles
 //   further (16 KB in OLMoE's projections), where the hardware prefetchers do not follow.
@@ -638,31 +640,26 @@ void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
   for (int l = 0; l < kPlaneTileRows; ++l)
 D2MOE_UNROLL
     for (int t = 0; t < TT; ++t) acc[l][t] = vzero();
-  const int64_t tile_bytes = p.group_size / kPlaneTileColumns * kPlaneTileWordBytes;
+  const int64_t first_row = b * kPlaneTileRows;
   for (int64_t g = 0; g < p.groups; ++g) {
     if (g + kPrefetchGroups < p.groups)
       for (int c = 0; c < L::count; ++c) {
-        const uint8_t* ahead = p.chunk_bits[c] + ((g + kPrefetchGroups) * p.tiles + b) * tile_bytes;
-        for (int64_t at = 0; at < tile_bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + at), _MM_HINT_T0);
+        const uint8_t* ahead = p.group_row(c, first_row, g + kPrefetchGroups);
+        for (int64_t at = 0; at < p.tile_group_bytes(); at += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + at), _MM_HINT_T0);
       }
     alignas(64) float coefs[L::count + 1][kLanes];  // [plane or offset][row]
-    if (p.groups >= 2) {
-      const LaneCoefs<L::count> k(p, b * kPlaneTileRows, g);
-      for (int c = 0; c < L::count; ++c) vstore(coefs[c], k.coef[c]);
-      vstore(coefs[L::count], k.offset);
-    }
+    const LaneCoefs<L::count> k(p, first_row, g);
+    for (int c = 0; c < L::count; ++c) vstore(coefs[c], k.coef[c]);
+    vstore(coefs[L::count], k.offset);
     for (int l = 0; l < kPlaneTileRows; ++l) {
-      const int64_t row = b * kPlaneTileRows + l;
+      const int64_t row = first_row + l;
       Vec a[TT];
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) a[t] = acc[l][t];
       Codebooks<L> cb[1];
-      if (p.groups >= 2) {
-        for (int c = 0; c < L::count; ++c) cb[0].entries[c] = vset1(coefs[c][l]);
-        cb[0].offset = vset1(coefs[L::count][l]);
-      } else {
-        cb[0].set(p, row, g);
-      }
+      for (int c = 0; c < L::count; ++c) cb[0].entries[c] = vset1(coefs[c][l]);
+      cb[0].offset = vset1(coefs[L::count][l]);
       const uint8_t* group_bits[1][L::count];
       for (int c = 0; c < L::count; ++c) group_bits[0][c] = p.group_row(c, row, g);
       group_vectors<L, 1>(p, cb, group_bits, g, [&](int, Vec w, int64_t col) {
@@ -675,7 +672,7 @@ D2MOE_UNROLL
   }
   for (int l = 0; l < kPlaneTileRows; ++l)
 D2MOE_UNROLL
-    for (int t = 0; t < TT; ++t) out[t * p.rows + b * kPlaneTileRows + l] = horizontal_sum(acc[l][t]);
+    for (int t = 0; t < TT; ++t) out[t * p.rows + first_row + l] = horizontal_sum(acc[l][t]);
 }
 
 // Rows [r0, r1) of TT tokens on tiles: the whole tiles among them by `tile(b)`, the other rows by the
@@ -729,7 +726,7 @@ void register_rows(const Projection& p, const float* x, float* out, int64_t r0, 
   if constexpr (L::masked)
     if (lookup != nullptr) return lookup_rows<L, TT>(p, x, out, r0, r1, *lookup);
   if constexpr (L::masked && TT > 1)
-    if (p.tiled)
+    if (p.tiled && p.groups >= 2)  // rebuild_tile's coefficients come from LaneCoefs
       return tile_rows<L, TT>(p, x, out, r0, r1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) rebuild_tile<L, TT>(p, x, out, b);
       });

@@ -1,6 +1,7 @@
 """One kernel source against another in one process: the current ``cpu_bitplanes`` against the AVX-512 build
-of ``kernels/cpu_bitplanes.cpp`` at an earlier commit whose AVX-512 build read planes as stored (row-major,
-one chunk per plane: up to 222671b..e994baa), on one OLMoE expert MLP per call.
+of ``kernels/cpu_bitplanes.cpp`` at an earlier commit, on one OLMoE expert MLP per call. The earlier build reads
+planes as stored (row-major, one chunk per plane: its layout up to 222671b..e994baa), or with ``--same-layout``
+this build's resident tensors (tiles, from b311ba1 on).
 
 Both builds are loaded side by side (the old one under its own op namespace), calls alternate between them
 on different experts of a pool larger than the last-level cache, and the median ms per call is printed for
@@ -8,6 +9,7 @@ every token count and width, with the speed-up. Before timing, one call of each 
 (printed: the largest difference). Machine-noise between runs does not enter the ratios.
 
     python benchmarks/kernels_ab.py --rev e994baa --tokens 1 2 3 4 6 8 16 --widths 2 3 4 8 --reps 40
+    python benchmarks/kernels_ab.py --rev f9740bc --same-layout --tokens 1 2 4 8 --widths 2 4 8
 """
 
 import argparse
@@ -67,9 +69,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--pool-mb", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--same-layout", action="store_true", help="the old build reads this build's resident tensors")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if cpu_bitplanes.choose_isa()[0] != "avx512":
+    if not cpu_bitplanes.choose_isa()[0].startswith("avx512"):
         sys.exit("kernels_ab.py compares AVX-512 builds; this CPU runs " + cpu_bitplanes.choose_isa()[0])
     old_ops = load_old(args.rev)
     # Each pool expert holds every plane (widths up to 8).
@@ -78,7 +81,10 @@ def main() -> None:
     gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
     fused = load_backend("cpu_bitplanes")
     new = (fused.prepare(gate_up), fused.prepare(down))
-    old = (rows_as_stored(gate_up, new[0].scale_table), rows_as_stored(down, new[1].scale_table))
+    if args.same_layout:
+        old = tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]) for p in new)
+    else:
+        old = (rows_as_stored(gate_up, new[0].scale_table), rows_as_stored(down, new[1].scale_table))
 
     def run_old(x, expert, width, out):
         table = torch.tensor([[expert, width, 0, x.shape[0]]], dtype=torch.int64)

@@ -1,9 +1,9 @@
 // MWQ expert MLP on x86-64 CPUs, one source compiled for AVX2 and for AVX-512
 // (kernels/cpu_bitplanes.py picks the build): weights rebuilt a vector (8 or 16
 // lanes) at a time in a register from the bit planes, multiplied straight into
-// the tokens, or with AVX-512 and a few tokens, input sums looked up by the planes'
-// bit patterns; never more than a 128-row tile of float weights. Why this design,
-// and its speed: cpu_bitplanes.py.
+// the tokens, or with AVX-512 and planes in tiles, up to 64 tokens, bfloat16 sums of the
+// inputs looked up by the planes' bit patterns; never more than a 128-row tile of float
+// weights. Why this design, and its speed: cpu_bitplanes.py.
 //
 // Every width is "b binary planes with per-group coefficients plus a per-group
 // offset" (vllm_d2moe/mwq/quantize.py):
@@ -21,7 +21,8 @@
 // columns (each row's 32-bit word side by side) where the groups are whole words, else as
 // stored; 16 columns of a plane are one mask register loaded straight from memory, and a
 // masked add of the plane's coefficient builds the weights: one instruction per plane per
-// 16 weights. A few tokens need no weights at all (lookup_tiles).
+// 16 weights. On tiles, up to 64 tokens need no weights at all (lookup_tiles); the AVX512_BF16
+// build adds the looked-up bfloat16 pairs with vdpbf16ps, the others with two float adds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -71,8 +72,8 @@ inline bool tiled_layout(int64_t group_size) { return kPlanesPerChunk == 1 && gr
 // The lookup tables and group sums of a few tokens (lookup_tiles), made once per projection call or
 // per segment of a layer call.
 struct Lookup {
-  const float* tables;      // [cols / 4][tokens][16]
-  const float* group_sums;  // [tokens][groups]
+  std::vector<uint16_t> tables;   // bfloat16 [cols / 32][4][tokens][32] (lookup_tables)
+  std::vector<float> group_sums;  // [tokens][groups]
 };
 
 // float16 read as raw bits and converted with F16C (at::Half converts in software).
@@ -299,6 +300,19 @@ inline Vec vlookup(Vec table, VecI index) { return _mm256_permutevar_ps(table, i
 inline __m256 vlow_plus_high(Vec v) { return v; }
 #endif
 
+// Most tokens of a projection (`planes` wide, `groups` groups, tiled or not) that run by lookup (AVX-512 builds:
+// lookup_tiles), 0 if none: tiled planes and two groups or more (LaneCoefs). Lookups beat the masked rebuild on
+// tiles at every width and token count of the register path, and torch's GEMM on rebuilt tiles up to
+// kLookupMaxTokens, a block of kTokenBlock tokens at a time (benchmarks/results/kernels.md).
+constexpr int64_t kLookupMaxTokens = 64;
+inline int64_t lookup_token_limit(bool tiled, int64_t groups, int planes) {
+  return tiled && groups >= 2 && planes > 0 ? kLookupMaxTokens : 0;
+}
+
+inline bool lookup_fits(const Projection& p, int64_t tokens) {
+  return tokens <= lookup_token_limit(p.tiled, p.groups, p.planes);
+}
+
 inline float horizontal_sum(Vec v) {
   const __m256 v8 = vlow_plus_high(v);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
@@ -460,21 +474,20 @@ template <class L, int TT, int R>
 
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
 // A few tokens, tiled planes: no weight is rebuilt (T-MAC's lookup tables). For every 4 columns a
-// table holds the 16 sums of their inputs that a 4-bit pattern selects; a tile's 32-bit words of one
-// plane's 32 columns in 16 rows (one row per lane) hold 8 patterns each, and one permute looks them up
-// for all 16 rows at once. Per group and row
+// table holds the 16 sums of their inputs that a 4-bit pattern selects, rounded to bfloat16; two such
+// tables (columns 4q.. of a 32-column word and 16 + 4q..) fill one 32-entry vector of 16-bit words. A
+// tile's 32-bit words of one plane's 32 columns in 16 rows (one row per lane) are 32 halves of 16
+// columns; one 16-bit permute (vpermw) looks up a pattern of every half at once, each half's table
+// picked by bit 4 of its index, and one vdpbf16ps adds a row's two halves into its float32 sum. Per
+// group and row
 //   out[r] += offset[r, g] * sum_{c in g} x[c] + sum_i coef_i[r, g] * (sum of plane i's selected inputs),
-// about 3 vector instructions per 64 weight-bits where the masked rebuild takes 4 masked adds; the
-// words' shifts are shared by the tokens.
+// 4 vector instructions per 128 weight-bits (a shift, the index's ternary logic, the permute, the
+// dot product), against 6 with float32 tables (16-entry vpermps: 1.75x faster per weight-bit on Zen 4,
+// benchmarks/probes/int16_lookup.cpp) and 8 masked adds for the rebuild; the shifts are shared by the
+// tokens. The price is the tables' rounding: each sum of 4 inputs to bfloat16 (relative error at most
+// 2^-9), the accuracy cost measured in benchmarks/results/kernels.md.
 // Tokens x planes accumulators of one pass over a tile's planes at most: with the words, 32 registers.
 constexpr int kLookupAccumulators = 16;
-// Where lookups beat the masked rebuild on tiles: the lookups grow with tokens x planes, the rebuild's FMAs only
-// with the tokens. Up to 4 tokens at any width, and up to a register block at 3 planes or fewer (Zen 4, OLMoE
-// expert, two threads, against the rebuild: 2-3 tokens 1.1-1.8x faster at every width; 4 tokens 1.3x at
-// width 2 and 1.14x at width 8, even at 4 and 6; 6-8 tokens at width 4 or more the rebuild 1.1-1.5x faster;
-// benchmarks/results/kernels.md).
-constexpr int64_t kLookupTokens = 4;
-constexpr int kLookupBlockPlanes = 3;
 
 // Lane p of kPatternBit[k]: bit k of the pattern p.
 alignas(64) constexpr float kPatternBit[4][16] = {
@@ -484,25 +497,53 @@ alignas(64) constexpr float kPatternBit[4][16] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
 };
 
-// Whether `tokens` tokens of `p` run by lookup: tiled planes, two groups or more (LaneCoefs), one
-// register block of tokens (register_linear), and tokens and planes where lookups beat the rebuild.
-inline bool lookup_fits(const Projection& p, int64_t tokens) {
-  return p.tiled && p.groups >= 2 && tokens <= kTokenBlock && (tokens <= kLookupTokens || p.planes <= kLookupBlockPlanes);
+// float32 to bfloat16, rounded to nearest even as torch rounds (finite inputs), in each 32-bit lane's low half:
+// the same tables with and without AVX512_BF16.
+inline VecI vbfloat16_bits(Vec v) {
+  const VecI u = D2MOE_MM512(castps_si512)(v);
+  const VecI odd = D2MOE_MM512(and_si512)(D2MOE_MM512(srli_epi32)(u, 16), D2MOE_MM512(set1_epi32)(1));
+  return D2MOE_MM512(srli_epi32)(D2MOE_MM512(add_epi32)(u, D2MOE_MM512(add_epi32)(odd, D2MOE_MM512(set1_epi32)(0x7FFF))),
+                                 16);
 }
 
-// tables[16 (tokens q + t) + pattern]: the sum of x[t, 4q + k] over the bits k of the pattern (the
-// tokens' tables of 4 columns side by side); group_sums[t groups + g]: of token t's group g.
-void lookup_tables(const Projection& p, const float* x, int64_t tokens, float* tables, float* group_sums) {
+// acc + float32 of the two bfloat16 values in each 32-bit lane of v, the upper one first (vdpbf16ps's order).
+inline Vec vadd_bfloat16_pairs(Vec acc, VecI v) {
+#if defined(__AVX512BF16__) && !defined(D2MOE_SIMDE_AVX512)
+  return _mm512_dpbf16_ps(acc, (__m512bh)v, (__m512bh)_mm512_set1_epi16(0x3F80));  // times bfloat16 1.0
+#else
+  const Vec upper = D2MOE_MM512(castsi512_ps)(D2MOE_MM512(and_si512)(v, D2MOE_MM512(set1_epi32)(int(0xFFFF0000u))));
+  const Vec lower = D2MOE_MM512(castsi512_ps)(D2MOE_MM512(slli_epi32)(v, 16));
+  return vadd(vadd(acc, upper), lower);
+#endif
+}
+
+// tables[32 (tokens (4 w + q) + t) + h * 16 + pattern]: for the 4 columns c_k = 32 w + 16 h + 4 q + k of token t,
+// bfloat16 of (sum of x[t, c_k] over the bits k of the pattern) - (sum of all 4) / 2, each sum added in column order
+// in float32: centred on the half sum, the entries are smaller (root mean square sigma instead of 1.4 sigma), and
+// so their rounding (lookup_tiles adds the half sums back through the group sums). group_sums[t groups + g]: of
+// token t's group g, in float32.
+void lookup_tables(const Projection& p, const float* x, int64_t tokens, uint16_t* tables, float* group_sums) {
   const Vec bit0 = vload(kPatternBit[0]), bit1 = vload(kPatternBit[1]), bit2 = vload(kPatternBit[2]),
             bit3 = vload(kPatternBit[3]);
-  for (int64_t q = 0; q < p.cols / 4; ++q)
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* xq = x + t * p.cols + 4 * q;
-      Vec sums = vmul(bit0, vset1(xq[0]));
-      sums = vfmadd(bit1, vset1(xq[1]), sums);
-      sums = vfmadd(bit2, vset1(xq[2]), sums);
-      vstore(tables + 16 * (tokens * q + t), vfmadd(bit3, vset1(xq[3]), sums));
-    }
+  const auto sums = [&](const float* xq) {
+    Vec s = vmul(bit0, vset1(xq[0]));
+    s = vfmadd(bit1, vset1(xq[1]), s);
+    s = vfmadd(bit2, vset1(xq[2]), s);
+    s = vfmadd(bit3, vset1(xq[3]), s);
+    const Vec half = vmul(vset1(0.5f), D2MOE_MM512(permutexvar_ps)(D2MOE_MM512(set1_epi32)(15), s));  // pattern 15: all
+    return vbfloat16_bits(vsub(s, half));
+  };
+  // Word l of the result: the low half of lane l of the first table (l < 16), else of lane l - 16 of the second.
+  const VecI halves = D2MOE_MM512(setr_epi32)(0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014,
+                                              0x001A0018, 0x001E001C, 0x00220020, 0x00260024, 0x002A0028, 0x002E002C,
+                                              0x00320030, 0x00360034, 0x003A0038, 0x003E003C);
+  for (int64_t w = 0; w < p.cols / kPlaneTileColumns; ++w)
+    for (int q = 0; q < 4; ++q)
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* xq = x + t * p.cols + kPlaneTileColumns * w + 4 * q;
+        D2MOE_MM512(storeu_si512)(tables + 32 * (tokens * (4 * w + q) + t),
+                                  D2MOE_MM512(permutex2var_epi16)(sums(xq), halves, sums(xq + 16)));
+      }
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
       Vec sum = vzero();
@@ -556,27 +597,31 @@ struct LaneCoefs {
 // Planes [FIRST, FIRST + COUNT) of one tile and group (`tile`: each plane's) for TT tokens: each plane's
 // selected input sums (acc[t][i] for plane FIRST + i) from the group's tables.
 template <int TT, int FIRST, int COUNT>
-[[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const float* group_tables,
+[[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const uint16_t* group_tables,
                                                  Vec (&acc)[TT][COUNT]) {
 D2MOE_UNROLL
   for (int t = 0; t < TT; ++t)
 D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i) acc[t][i] = vzero();
+  // A 16-bit half's index: its 4 low bits, and bit 4 set in the upper half (the second table).
+  const VecI pattern_bits = D2MOE_MM512(set1_epi32)(0x000F000F), upper_table = D2MOE_MM512(set1_epi32)(0x00100000);
   for (int64_t w = 0; w < words; ++w) {
     VecI word[COUNT];
 D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i)
       word[i] = D2MOE_MM512(loadu_si512)(tile[FIRST + i] + w * kPlaneTileWordBytes);
-    const float* tables = group_tables + 16 * 8 * TT * w;
+    const uint16_t* tables = group_tables + 32 * 4 * TT * w;
     // GCC keeps the arrays in registers only when every loop over them is unrolled.
 D2MOE_UNROLL
-    for (int q = 0; q < 8; ++q)
+    for (int q = 0; q < 4; ++q)
 D2MOE_UNROLL
-      for (int i = 0; i < COUNT; ++i) {  // the permute reads each lane's low 4 bits: pattern q
-        const VecI patterns = q == 0 ? word[i] : D2MOE_MM512(srli_epi32)(word[i], 4 * q);
+      for (int i = 0; i < COUNT; ++i) {  // pattern q of each half: (shifted & pattern_bits) | upper_table
+        const VecI shifted = q == 0 ? word[i] : D2MOE_MM512(srli_epi32)(word[i], 4 * q);
+        const VecI index = D2MOE_MM512(ternarylogic_epi32)(shifted, pattern_bits, upper_table, 0xEA);
 D2MOE_UNROLL
         for (int t = 0; t < TT; ++t)
-          acc[t][i] = vadd(acc[t][i], D2MOE_MM512(permutexvar_ps)(patterns, vload(tables + 16 * (TT * q + t))));
+          acc[t][i] = vadd_bfloat16_pairs(
+              acc[t][i], D2MOE_MM512(permutexvar_epi16)(index, D2MOE_MM512(loadu_si512)(tables + 32 * (TT * q + t))));
       }
   }
 }
@@ -584,7 +629,7 @@ D2MOE_UNROLL
 // total[t] += sum_i coef_i acc_i over planes [FIRST, N) of one tile and group, in passes of at most
 // kLookupAccumulators / TT planes (the accumulators stay in registers); the sums in plane order.
 template <int N, int TT, int FIRST>
-[[gnu::always_inline]] inline void lookup_passes(const uint8_t* const* tile, int64_t words, const float* group_tables,
+[[gnu::always_inline]] inline void lookup_passes(const uint8_t* const* tile, int64_t words, const uint16_t* group_tables,
                                                  const LaneCoefs<N>& k, Vec (&total)[TT]) {
   constexpr int per_pass = std::max(1, kLookupAccumulators / TT);
   constexpr int count = std::min(per_pass, N - FIRST);
@@ -604,15 +649,20 @@ template <int N, int TT>
 void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t b0, int64_t b1) {
   const int64_t words_per_group = p.group_size / kPlaneTileColumns;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const float* group_tables = lookup.tables + 16 * 8 * TT * words_per_group * g;
+    const uint16_t* group_tables = lookup.tables.data() + 32 * 4 * TT * words_per_group * g;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * kPlaneTileRows;
       const LaneCoefs<N> k(p, r, g);
+      // The tables are centred (lookup_tables): each plane's selected sum is short of half the group sum.
+      Vec coef_sum = k.coef[0];
+D2MOE_UNROLL
+      for (int i = 1; i < N; ++i) coef_sum = vadd(coef_sum, k.coef[i]);
+      const Vec offset = vfmadd(vset1(0.5f), coef_sum, k.offset);
       Vec total[TT];
 D2MOE_UNROLL
       for (int t = 0; t < TT; ++t) {
         total[t] = g == 0 ? vzero() : vload(out + t * p.rows + r);
-        total[t] = vfmadd(k.offset, vset1(lookup.group_sums[t * p.groups + g]), total[t]);
+        total[t] = vfmadd(offset, vset1(lookup.group_sums[t * p.groups + g]), total[t]);
       }
       const uint8_t* tile[N];
 D2MOE_UNROLL
@@ -624,92 +674,44 @@ D2MOE_UNROLL
   }
 }
 
-// out[t, 16 b .. 16 b + 16) for TT tokens, tile b rebuilt group by group: a tile's word holds 16 rows, so
-// its rows run one after another while it is in L1 (row after row over all groups it had to come back
-// from L2 for each row: 1.2-1.6x slower at 3 to 16 tokens on Zen 4). Each row's sums are
-// register_row_block's (R = 1, TT > 1): the same operations in the same order. Needs two groups or more
-// (LaneCoefs). Two things the row-major rebuild did not need (Zen 4, OLMoE expert, against it: 0.66-0.78x
-// without them, 0.83-0.96x with):
-// - the 16 rows' coefficients made at once (LaneCoefs) and broadcast row by row, not GroupCoefs per row;
-// - the tile's planes kPrefetchGroups groups ahead prefetched: a tile's next group lies `tiles` tiles
-//   further (16 KB in OLMoE's projections), where the hardware prefetchers do not follow.
-constexpr int64_t kPrefetchGroups = 2;
+// Rows [r0, r1) of TT tokens: the whole tiles among them by lookup, the other rows by the masked rebuild row by row.
 template <class L, int TT>
-void rebuild_tile(const Projection& p, const float* x, float* out, int64_t b) {
-  Vec acc[kPlaneTileRows][TT];
-  for (int l = 0; l < kPlaneTileRows; ++l)
-D2MOE_UNROLL
-    for (int t = 0; t < TT; ++t) acc[l][t] = vzero();
-  const int64_t first_row = b * kPlaneTileRows;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    if (g + kPrefetchGroups < p.groups)
-      for (int c = 0; c < L::count; ++c) {
-        const uint8_t* ahead = p.group_row(c, first_row, g + kPrefetchGroups);
-        for (int64_t at = 0; at < p.tile_group_bytes(); at += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + at), _MM_HINT_T0);
-      }
-    alignas(64) float coefs[L::count + 1][kLanes];  // [plane or offset][row]
-    const LaneCoefs<L::count> k(p, first_row, g);
-    for (int c = 0; c < L::count; ++c) vstore(coefs[c], k.coef[c]);
-    vstore(coefs[L::count], k.offset);
-    for (int l = 0; l < kPlaneTileRows; ++l) {
-      const int64_t row = first_row + l;
-      Vec a[TT];
-D2MOE_UNROLL
-      for (int t = 0; t < TT; ++t) a[t] = acc[l][t];
-      Codebooks<L> cb[1];
-      for (int c = 0; c < L::count; ++c) cb[0].entries[c] = vset1(coefs[c][l]);
-      cb[0].offset = vset1(coefs[L::count][l]);
-      const uint8_t* group_bits[1][L::count];
-      for (int c = 0; c < L::count; ++c) group_bits[0][c] = p.group_row(c, row, g);
-      group_vectors<L, 1>(p, cb, group_bits, g, [&](int, Vec w, int64_t col) {
-D2MOE_UNROLL
-        for (int t = 0; t < TT; ++t) a[t] = vfmadd(w, vload(x + t * p.cols + col), a[t]);
-      });
-D2MOE_UNROLL
-      for (int t = 0; t < TT; ++t) acc[l][t] = a[t];
-    }
-  }
-  for (int l = 0; l < kPlaneTileRows; ++l)
-D2MOE_UNROLL
-    for (int t = 0; t < TT; ++t) out[t * p.rows + first_row + l] = horizontal_sum(acc[l][t]);
-}
-
-// Rows [r0, r1) of TT tokens on tiles: the whole tiles among them by `tile(b)`, the other rows by the
-// masked rebuild row by row.
-template <class L, int TT, typename Tile>
-void tile_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, Tile&& tile) {
+void lookup_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup& lookup) {
   const int64_t b0 = (r0 + kPlaneTileRows - 1) / kPlaneTileRows, b1 = r1 / kPlaneTileRows;
   if (b0 >= b1) {
     for (int64_t r = r0; r < r1; ++r) register_row_block<L, TT, 1>(p, x, out, r);
     return;
   }
-  tile(b0, b1);
+  lookup_tiles<L::count, TT>(p, lookup, out, b0, b1);
   for (int64_t r = r0; r < b0 * kPlaneTileRows; ++r) register_row_block<L, TT, 1>(p, x, out, r);
   for (int64_t r = b1 * kPlaneTileRows; r < r1; ++r) register_row_block<L, TT, 1>(p, x, out, r);
 }
-
-// Rows [r0, r1) of TT tokens: the whole tiles among them by lookup, the other rows by the masked rebuild.
-template <class L, int TT>
-void lookup_rows(const Projection& p, const float* x, float* out, int64_t r0, int64_t r1, const Lookup& lookup) {
-  tile_rows<L, TT>(p, x, out, r0, r1, [&](int64_t b0, int64_t b1) { lookup_tiles<L::count, TT>(p, lookup, out, b0, b1); });
-}
 #endif
 
-// The lookup tables of the tokens x of `p` where they run by lookup (AVX-512 builds, lookup_fits),
-// kept in `data` and described by `lookup`: made once per projection call, before its rows are split
-// across threads; nullptr otherwise.
-const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, std::vector<float>& data,
-                          Lookup& lookup) {
+// The lookup tables of the tokens x of `p` where they run by lookup (AVX-512 builds, lookup_fits), one Lookup
+// per register block of kTokenBlock tokens, made in `blocks` once per projection call, before its rows are split
+// across threads; the first block's, or nullptr.
+const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, std::vector<Lookup>& blocks) {
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
   if (lookup_fits(p, tokens)) {
-    data.resize(tokens * (4 * p.cols + p.groups));
-    lookup = {data.data(), data.data() + tokens * 4 * p.cols};
-    lookup_tables(p, x, tokens, data.data(), data.data() + tokens * 4 * p.cols);
-    return &lookup;
+    blocks.resize((tokens + kTokenBlock - 1) / kTokenBlock);
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      const int64_t first = int64_t(b) * kTokenBlock, n = std::min(kTokenBlock, tokens - first);
+      blocks[b].tables.resize(n * 4 * p.cols);
+      blocks[b].group_sums.resize(n * p.groups);
+      lookup_tables(p, x + first * p.cols, n, blocks[b].tables.data(), blocks[b].group_sums.data());
+    }
+    return blocks.data();
   }
 #endif
   return nullptr;
+}
+
+// Most tokens of a projection that run by lookup in this build (lookup_token_limit), 0 if none or if this build
+// has no lookup path: tests choose their reference by it.
+int64_t lookup_tokens(int64_t cols, int64_t group_size, int64_t width) {
+  TORCH_CHECK(group_size > 0 && cols % group_size == 0, cols, " columns are not whole groups of ", group_size);
+  return lookup_token_limit(tiled_layout(group_size), cols / group_size, int(width));
 }
 
 // Rows [r0, r1). With AVX-512 and lookup tables: lookup_rows. Where the rebuild is light (one chunk,
@@ -725,11 +727,6 @@ void register_rows(const Projection& p, const float* x, float* out, int64_t r0, 
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
   if constexpr (L::masked)
     if (lookup != nullptr) return lookup_rows<L, TT>(p, x, out, r0, r1, *lookup);
-  if constexpr (L::masked && TT > 1)
-    if (p.tiled && p.groups >= 2)  // rebuild_tile's coefficients come from LaneCoefs
-      return tile_rows<L, TT>(p, x, out, r0, r1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) rebuild_tile<L, TT>(p, x, out, b);
-      });
 #endif
   constexpr bool interleave = L::masked ? (TT == 2)
                                         : (L::count == 1 && TT <= 2) || (L::count == 2 && TT == 2);
@@ -811,17 +808,19 @@ struct DequantizeRows {
   static void run(const Projection& p, int64_t r0, int64_t r1, float* dst) { dequantize_rows_vector<L>(p, r0, r1, dst); }
 };
 
-// out[t, r] for tokens <= kRegisterTokens and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]);
-// `lookup`: make_lookup's, for these tokens.
+// out[t, r] for tokens that fit_registers and rows [r0, r1) (x: [tokens, cols], out: [tokens, rows]);
+// `lookup`: make_lookup's, for these tokens (one per block of kTokenBlock).
 void register_linear(const Projection& p, const float* x, int64_t tokens, float* out, int64_t r0, int64_t r1,
                      const Lookup* lookup) {
   for (int64_t t = 0; t < tokens; t += kTokenBlock)
     with_chunks<RegisterRows>(p, x + t * p.cols, std::min(kTokenBlock, tokens - t), out + t * p.rows, r0, r1,
-                              lookup);
+                              lookup == nullptr ? nullptr : lookup + t / kTokenBlock);
 }
 
+// Whether `tokens` tokens of `p` run in registers (register_linear, by lookup or rebuild) rather than through
+// rebuilt tiles and torch's GEMM.
 bool fits_registers(const Projection& p, int64_t tokens) {
-  return p.group_size % kLanes == 0 && tokens <= kRegisterTokens;
+  return p.group_size % kLanes == 0 && (tokens <= kRegisterTokens || lookup_fits(p, tokens));
 }
 
 // out [tokens, rows] = x [tokens, cols] @ W^T, rows split across torch's intra-op threads.
@@ -832,9 +831,8 @@ void linear(const Projection& p, const at::Tensor& x, const at::Tensor& out) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   if (fits_registers(p, tokens)) {
-    std::vector<float> data;
-    Lookup lookup;
-    const Lookup* made = make_lookup(p, xp, tokens, data, lookup);
+    std::vector<Lookup> lookup;
+    const Lookup* made = make_lookup(p, xp, tokens, lookup);
     // Tiled planes split at whole tiles, so that a row takes the same path (lookup or rebuild) whatever the
     // split, as in a layer call's blocks of kBlockRows rows.
     const int64_t unit = p.tiled ? kPlaneTileRows : 1;
@@ -877,6 +875,20 @@ void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<a
               ": the plane scale table must be float32 [planes, 16]");
 }
 
+// out [tokens, rows] = x [tokens, cols] @ W^T for expert `expert` of one projection at width `width` (linear()),
+// as a layer call computes a segment of that many tokens: for tests and benchmarks of one projection.
+void projection_linear(const at::Tensor& x, const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales,
+                       int64_t min_bits, int64_t expert, int64_t width, int64_t group_size, at::Tensor out) {
+  check_projection(chunks, scales, "projection");
+  TORCH_CHECK(0 <= expert && expert < scales[0].size(0), "expert ", expert, " is not resident");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [tokens, cols]");
+  const Projection p = view_projection(chunks, scales, min_bits, expert, width, x.size(1), group_size);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
+                  out.size(1) == p.rows,
+              "out must be contiguous float32 [", x.size(0), ", ", p.rows, "]");
+  linear(p, x, out);
+}
+
 // Rows of one projection for several (expert, width) segments of a layer call, computed together:
 // out[first + i, :] = W_s x[first + i, :] for each segment s = (projection, first, tokens).
 // Segments of up to kRegisterTokens tokens share one parallel region, split into blocks of rows, so
@@ -909,12 +921,10 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
   }
   if (blocks.empty()) return;
   // A segment's lookup tables once per segment, not once per block of its rows.
-  std::vector<std::vector<float>> lookup_data(segments.size());
-  std::vector<Lookup> lookups(segments.size());
+  std::vector<std::vector<Lookup>> lookups(segments.size());
   std::vector<const Lookup*> made(segments.size());
   for (size_t i = 0; i < segments.size(); ++i)
-    made[i] = make_lookup(segments[i].projection, xp + segments[i].first * cols, segments[i].tokens, lookup_data[i],
-                          lookups[i]);
+    made[i] = make_lookup(segments[i].projection, xp + segments[i].first * cols, segments[i].tokens, lookups[i]);
   const int64_t n = int64_t(blocks.size());
   const int64_t grain = bits <= kStageBitsPerThread ? n : std::max<int64_t>(1, n * kStageBitsPerThread / bits);
   at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
@@ -1153,6 +1163,11 @@ D2MOE_TORCH_LIBRARY(D2MOE_LIBRARY, m) {
       "moe_forward(Tensor x, Tensor topk_weights, Tensor local_ids, Tensor widths, Tensor[] gate_up_chunks, "
       "Tensor[] gate_up_scales, Tensor[] down_chunks, Tensor[] down_scales, int min_bits, int group_size) -> Tensor",
       &d2moe_cpu::moe_forward);
+  m.def(
+      "linear(Tensor x, Tensor[] chunks, Tensor[] scales, int min_bits, int expert, int width, int group_size, "
+      "Tensor(a!) out) -> ()",
+      &d2moe_cpu::projection_linear);
+  m.def("lookup_tokens(int cols, int group_size, int width) -> int", &d2moe_cpu::lookup_tokens);
   m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
   m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
 }

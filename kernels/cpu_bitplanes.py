@@ -12,18 +12,20 @@ group), and multiplies them straight into the tokens. AVX-512 builds: one bit
 per column, in tiles of 16 rows by 32 columns (each row's 32-bit word side by
 side) where the groups are whole 32-column words, else as stored; 16 weights
 are rebuilt with one masked add of each plane's coefficient, the plane's 16
-bits loaded straight into a mask register; a few tokens on tiles (up to 4, or
-up to 8 at widths 2-3) rebuild nothing: per 4 columns a table of the 16 input sums a
-bit pattern selects, one vector load brings a tile's 16 rows' word of a plane,
-and one permute (``vpermps``) looks up 16 rows' patterns at once (T-MAC's
-lookup tables), each plane's sums scaled by its coefficients once per group.
-Without tiles the 16 rows' words had to be gathered, which on an AMD EPYC
-(Zen 4) took 21 cycles each, more than the lookups they fed
-(``benchmarks/results/kernels.md``). No float copy of the expert exists. Up
-to 8 tokens with AVX2 (blocks of 4, its 16 registers) and 24 with AVX-512
-(blocks of 8, its 32 registers) the rebuilt weights feed per-token
-accumulators; above that a 128-row tile is rebuilt across the threads and
-multiplied with torch's GEMM.
+bits loaded straight into a mask register. On tiles, up to 64 tokens (in blocks
+of 8) rebuild nothing: per 4 columns a table of the 16 input sums a bit pattern
+selects (less half their sum, rounded to bfloat16: see :func:`lookup_tokens`),
+two such tables in one 32-entry vector; one vector load brings a tile's 16 rows'
+word of a plane, one 16-bit permute (``vpermw``) looks up a pattern in each of
+the 32 half-rows at once and one ``vdpbf16ps`` (AVX512_BF16; two float adds
+without it) adds each row's two halves (T-MAC's lookup tables), each plane's
+sums scaled by its coefficients once per group. Without tiles the 16 rows'
+words had to be gathered, which on an AMD EPYC (Zen 4) took 21 cycles each, more
+than the lookups they fed (``benchmarks/results/kernels.md``). No float copy of
+the expert exists. Where the lookup does not run, up to 8 tokens with AVX2
+(blocks of 4, its 16 registers) and 24 with AVX-512 (blocks of 8, its 32
+registers) the rebuilt weights feed per-token accumulators; above that a
+128-row tile is rebuilt across the threads and multiplied with torch's GEMM.
 Rows are split across torch's own intra-op (OpenMP) threads with
 ``at::parallel_for`` (small projections stay on one thread), so both cores
 work and no second thread pool competes with torch's.
@@ -42,11 +44,13 @@ are unchanged). The extension compiles at first use
 if it cannot be built the dispatcher logs why and serves with the reference.
 
 One source, one build per instruction set (:data:`ISAS`), chosen at load by the
-CPU's features and logged once with the reason: ``avx512`` (AVX-512 F/BW/VL/DQ:
-16-lane vectors, 32 registers, so the register path rebuilds the weights once
-per 8 tokens instead of 4; group sizes that are multiples of 16) where torch
-reports AVX-512, ``avx2`` otherwise. ``D2MOE_CPU_ISA`` forces one (``avx2`` on an
-AVX-512 CPU tests what CPUs without it run); ``avx512-simde`` builds the AVX-512
+CPU's features and logged once with the reason: ``avx512-bf16`` (AVX-512
+F/BW/VL/DQ and AVX512_BF16) or ``avx512`` (without AVX512_BF16: the lookup adds
+its bfloat16 pairs with two float adds, the same sums) where torch reports them
+(16-lane vectors, 32 registers, so the register path rebuilds the weights once
+per 8 tokens instead of 4; group sizes that are multiples of 16), ``avx2``
+otherwise. ``D2MOE_CPU_ISA`` forces one (``avx2`` on an AVX-512 CPU tests what
+CPUs without it run, ``avx512`` what CPUs without AVX512_BF16 run); ``avx512-simde`` builds the AVX-512
 source on SIMDe's portable intrinsics (Debian's ``libsimde-dev``), so a CPU
 without AVX-512 tests its arithmetic (slowly; never chosen by itself). The
 resident layout follows the build (:func:`planes_per_chunk`): pairs for AVX2,
@@ -66,8 +70,8 @@ int8/int4 weight-only kernels cannot run MWQ exactly: a width-b weight is
 
 What bounds it: compute, about one vector instruction per plane per 8 (AVX2)
 or 16 (AVX-512 rebuild) weights, so the time grows with the width while the
-bytes read stay below the memory bandwidth; the AVX-512 lookup path takes about
-a third of that at one token. With AVX2 an odd width reads its pair's second
+bytes read stay below the memory bandwidth; the AVX-512 lookup path takes
+about 4 instructions per plane per 128 weights per token. With AVX2 an odd width reads its pair's second
 plane too (coefficient zero): 1/b more bytes.
 """
 
@@ -97,6 +101,7 @@ _AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
 ISAS = {
     "avx2": _AVX2_FLAGS,
     "avx512": [*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "avx512-bf16": [*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"],
     "avx512-simde": [*_AVX2_FLAGS, "-DD2MOE_SIMDE_AVX512"],
 }
 ISA_ENV = "D2MOE_CPU_ISA"
@@ -275,8 +280,10 @@ def choose_isa() -> tuple[str, str]:
 def cpu_isa() -> tuple[str, str]:
     """The best build this CPU runs, and why."""
     capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+        return "avx512-bf16", "torch reports AVX-512 (F/BW/VL/DQ) and AVX512_BF16 on this CPU"
     if capability == "AVX512":
-        return "avx512", "torch reports AVX-512 (F/BW/VL/DQ) on this CPU"
+        return "avx512", "torch reports AVX-512 (F/BW/VL/DQ), without AVX512_BF16, on this CPU"
     return "avx2", f"torch reports {capability}, no AVX-512, on this CPU"
 
 
@@ -319,15 +326,31 @@ def prepare(projection) -> ResidentPlanes:
     return ResidentPlanes.from_stacked(projection)
 
 
+def _projection_args(p: ResidentPlanes) -> list:
+    return [list(p.chunks), [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]]
+
+
+def linear(x: torch.Tensor, p: ResidentPlanes, expert: int, bits: int, out: torch.Tensor) -> None:
+    """``out [tokens, rows] = x [tokens, cols] @ W^T`` for expert ``expert`` of ``p`` at width ``bits``, as a layer
+    call computes a segment of ``tokens`` tokens (both float32, contiguous)."""
+    load()
+    _ops().linear(x, *_projection_args(p), p.min_bits, expert, bits, p.group_size, out)
+
+
+def lookup_tokens(cols: int, group_size: int, bits: int) -> int:
+    """Most tokens of a segment that this build runs by lookup tables on a projection of ``cols`` columns in groups
+    of ``group_size`` at width ``bits``; 0 where it never does.
+
+    The lookup's one rounding beyond float32: each table entry, the sum of 4 inputs selected by a bit pattern less
+    half their sum, is rounded to bfloat16 (at most 2^-9 of itself). On OLMoE's expert shape that is about 2e-3
+    RMS of a projection's output at every width, against 9e-3 (width 8) to 0.5 (width 2) for the weights' own
+    quantization error, and 1e-2 for int8 activations per group (``benchmarks/results/kernels.md``)."""
+    load()
+    return _ops().lookup_tokens(cols, group_size, bits)
+
+
 def _layer_args(gate_up: ResidentPlanes, down: ResidentPlanes) -> list:
-    return [
-        list(gate_up.chunks),
-        [gate_up.base_scale, gate_up.base_zero, gate_up.plane_scale, gate_up.scale_table],
-        list(down.chunks),
-        [down.base_scale, down.base_zero, down.plane_scale, down.scale_table],
-        gate_up.min_bits,
-        gate_up.group_size,
-    ]
+    return [*_projection_args(gate_up), *_projection_args(down), gate_up.min_bits, gate_up.group_size]
 
 
 def grouped_mlp(x, gate_up: ResidentPlanes, down: ResidentPlanes, segments, out) -> None:

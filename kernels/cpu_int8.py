@@ -58,7 +58,7 @@ MAX_BASE_PLANES = 7
 def build_for(group_size: int) -> tuple[str, str]:
     """The build that runs projections of ``group_size``, and why."""
     isa, reason = cpu_bitplanes.choose_isa()
-    if isa != "avx512":
+    if isa not in ("avx512", "avx512-bf16"):  # the int8 path uses no AVX512_BF16 instruction
         return "avx2", f"cpu_bitplanes runs {isa} here ({reason})"
     if group_size % BUILDS["avx512"][1]:
         return "avx2", f"group size {group_size} is not a multiple of {BUILDS['avx512'][1]}"

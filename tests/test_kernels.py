@@ -5,7 +5,10 @@ multiplied in float64 with the inputs as given; the pure-torch reference backend
 is checked against it like the others. Tolerance ``|got - want| <= tol * |want| +
 tol * max|want|`` (relative to the output scale), ``tol`` by :func:`tolerance`:
 ``1e-4`` for float32 accumulation over at most a few hundred inputs (the
-reference and CPU backends, which multiply in float32 whatever the input dtype);
+reference and CPU backends, which multiply in float32 whatever the input dtype;
+the AVX-512 builds' lookup path rounds its tables to bfloat16: its segments get
+:data:`LOOKUP_TOLERANCE`, and its exact arithmetic is checked projection by
+projection against :func:`lookup_product`);
 for the Triton backend's tensor-core dots, which round weights, inputs and the
 intermediate activations to the dot dtype, about ten unit roundoffs of that
 dtype: ``5e-3`` with float32 (TF32) or float16 inputs (unit roundoff 2^-11) and
@@ -13,9 +16,11 @@ dtype: ``5e-3`` with float32 (TF32) or float16 inputs (unit roundoff 2^-11) and
 (float16) and 1.8e-2 (bfloat16) of the output scale over 12 random layers.
 Outputs are pre-filled with NaN, so a row a backend forgets to write fails. Inputs are fresh random draws per test.
 
-The CPU backend runs as this CPU's build (``cpu_bitplanes``: AVX-512 where torch
-reports it, else AVX2), and forced through ``D2MOE_CPU_ISA`` as the AVX2 build on an
-AVX-512 CPU (``cpu_bitplanes:avx2``) and as the AVX-512 source on SIMDe's portable
+The CPU backend runs as this CPU's build (``cpu_bitplanes``: AVX-512 with AVX512_BF16,
+AVX-512, or AVX2, by what torch reports), and forced through ``D2MOE_CPU_ISA`` as the
+AVX2 build on an AVX-512 CPU (``cpu_bitplanes:avx2``), as the AVX-512 build without
+AVX512_BF16 on a CPU that has it (``cpu_bitplanes:avx512``: the lookup path adds its
+bfloat16 pairs without ``vdpbf16ps``) and as the AVX-512 source on SIMDe's portable
 intrinsics on a CPU without AVX-512 (``cpu_bitplanes:avx512-simde``, needs
 ``libsimde-dev``), so that both vector widths are tested on any x86-64 CPU.
 
@@ -38,17 +43,42 @@ import torch.nn.functional as F
 from vllm_d2moe import kernels
 from vllm_d2moe.experts import ExpertSegments, LayerExperts
 from vllm_d2moe.kernels import cpu_bitplanes, cpu_int8
+from vllm_d2moe.mwq.bitpack import unpack_bits
+from vllm_d2moe.mwq.plane_scales import decode_plane_scales, unpack_codes
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, MWQTensor, dequantize, quantize
 from vllm_d2moe.mwq.stacked import StackedProjection
 
-BACKENDS = ["reference", "cpu_bitplanes", "cpu_bitplanes:avx2", "cpu_bitplanes:avx512-simde", "triton_mwq"]
+BACKENDS = [
+    "reference",
+    "cpu_bitplanes",
+    "cpu_bitplanes:avx2",
+    "cpu_bitplanes:avx512",
+    "cpu_bitplanes:avx512-simde",
+    "triton_mwq",
+]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TENSOR_CORE_TOLERANCE = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+# The lookup path's bfloat16 tables: each entry (a sum of 4 inputs less half of it) off by at most 2^-9 of itself,
+# about 2e-3 RMS of a projection's output (OLMoE's expert shape, every width: benchmarks/results/kernels.md); over
+# both projections of these small random MLPs, at most 7.7e-3 of the output scale was seen (the grouped and layer
+# cases' lookup segments, 40 draws): 2e-2. The arithmetic itself is held to 1e-4 by the projection test.
+LOOKUP_TOLERANCE = 2e-2
 
 
 def tolerance(module, dtype: torch.dtype = torch.float32) -> float:
     """Allowed error relative to the output scale, for ``module``'s backend on ``dtype`` inputs."""
     return _TENSOR_CORE_TOLERANCE[dtype] if module.NAME == "triton-mwq" else 1e-4
+
+
+def segment_tolerance(module, spec: MWQSpec, hidden: int, inter: int, bits: int, tokens: int) -> float:
+    """:func:`tolerance`, or :data:`LOOKUP_TOLERANCE` where ``module`` runs either projection of a segment of
+    ``tokens`` tokens at width ``bits`` by lookup tables (cpu_bitplanes' AVX-512 builds)."""
+    lookup = getattr(module, "lookup_tokens", None)
+    if lookup is not None and tokens <= max(lookup(c, spec.group_size, bits) for c in (hidden, inter)):
+        return LOOKUP_TOLERANCE
+    return tolerance(module)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -76,8 +106,10 @@ def cpu_build(isa: str):
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the CPU backend needs AVX2")
     own = cpu_bitplanes.cpu_isa()[0]
-    if isa == own or (isa == "avx512-simde" and own == "avx512"):
+    if isa == own or (isa == "avx512-simde" and own.startswith("avx512")):
         pytest.skip(f"the cpu_bitplanes case runs this CPU's own {own} build")
+    if isa == "avx512" and own == "avx2":
+        pytest.skip("the AVX-512 build needs an AVX-512 CPU (avx512-simde tests its source here)")
     if isa == "avx512-simde" and not os.path.exists("/usr/include/simde/x86/avx512.h"):
         pytest.skip("the AVX-512 source without AVX-512 needs SIMDe's headers (Debian: libsimde-dev)")
     saved = os.environ.get(cpu_bitplanes.ISA_ENV)
@@ -127,6 +159,37 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def lookup_product(x: torch.Tensor, t: MWQTensor) -> torch.Tensor:
+    """float64 ``x @ W^T`` as the AVX-512 builds' lookup path computes it (cpu_bitplanes.cpp, lookup_tables and
+    lookup_tiles): per 4 columns of a token, the 16 pattern sums of its float32 inputs added in column order,
+    less half the sum of all 4, rounded to bfloat16; each plane's coefficient times its rows' selected entries,
+    plus (offset + half the coefficients) times the group's input sum. The rows past the last whole tile of 16 are
+    rebuilt: ``x @ W^T`` exactly. Only float32 accumulation separates the kernel from this."""
+    (rows, cols), g, tokens = t.shape, t.group_size, x.shape[0]
+    quads, pattern = x.float().reshape(tokens, cols // 4, 4), torch.arange(16)
+    sums = quads[..., :1] * (pattern & 1).float()
+    for k in range(1, 4):
+        sums = sums + quads[..., k : k + 1] * ((pattern >> k) & 1).float()
+    tables = (sums - 0.5 * sums[..., 15:]).to(torch.bfloat16).double()  # [tokens, cols / 4, 16]
+    s = t.base_scale.double()
+    planes = [(t.base_bits[i], s * (1 << i)) for i in range(t.min_bits)]
+    offset = -s * t.base_zero.double()
+    for j, (bits, codes) in enumerate(t.planes):
+        a = decode_plane_scales(unpack_codes(codes, cols // g), t.base_scale, j).double()
+        planes.append((bits, 2 * a))
+        offset = offset - a
+    half_coefs = sum(coef for _, coef in planes) / 2
+    out = ((offset + half_coefs) * x.double().reshape(tokens, 1, cols // g, g).sum(-1)).sum(-1)
+    for bits, coef in planes:
+        columns = unpack_bits(bits, cols).long().reshape(rows, cols // 4, 4)
+        patterns = (columns << torch.arange(4)).sum(-1)  # [rows, cols / 4]
+        selected = tables[:, torch.arange(cols // 4), patterns]  # [tokens, rows, cols / 4]
+        out += (selected.reshape(tokens, rows, cols // g, g // 4).sum(-1) * coef).sum(-1)
+    whole = rows // 16 * 16
+    out[:, whole:] = x.double() @ dequantize(t)[whole:].double().T
+    return out
+
+
 # (spec, hidden, intermediate, segments as (expert, width, tokens)): several widths,
 # group sizes that are odd multiples of 8 or not multiples of 8 at all, inputs that
 # are not a multiple of 8, ragged and empty segments, one token and many tokens.
@@ -152,8 +215,8 @@ CASES = {
         [(0, 2, 1), (1, 3, 1), (2, 4, 1), (0, 5, 1), (1, 6, 1), (2, 7, 1), (0, 8, 1), (1, 4, 2)],
     ),
     "lookup-one-group": (MWQSpec(2, 8, 64), 128, 64, [(0, 4, 1), (1, 8, 1)]),
-    # A few tokens by lookup (AVX-512: up to 4 tokens, or up to 8 at widths up to 3; planes in passes of at
-    # most 16 / tokens), at the limits and above them (the rebuild on tiles).
+    # A few tokens by lookup (AVX-512: tables per block of 8 tokens; planes in passes of at most 16 / tokens), one
+    # block and more.
     "lookup-few-tokens": (
         MWQSpec(2, 8, 32),
         96,
@@ -161,8 +224,11 @@ CASES = {
         [(0, 2, 8), (1, 3, 5), (2, 4, 8), (0, 4, 3), (1, 5, 6), (2, 8, 4), (0, 6, 5), (1, 7, 3), (2, 2, 9), (0, 8, 5),
          (1, 3, 8), (2, 4, 4), (0, 4, 5)],
     ),
-    # Around the register path's limit (AVX2: 8 tokens, AVX-512: 24 in three blocks); above it, tiles.
-    "register-token-limit": (MWQSpec(2, 8, 32), 64, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),
+    # Around the register path's limit (AVX2: 8 tokens, AVX-512 without tiles, groups of 48: 24 in three blocks);
+    # above it, rebuilt tiles and torch's GEMM.
+    "register-token-limit": (MWQSpec(2, 8, 48), 96, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),
+    # Around the lookup's limit (AVX-512 tiles: 64 tokens in blocks of 8); above it, tiles and torch's GEMM.
+    "lookup-token-limit": (MWQSpec(2, 8, 32), 64, 96, [(0, 4, 64), (1, 8, 65), (2, 3, 20), (0, 6, 9)]),
 }
 
 
@@ -178,13 +244,10 @@ def test_grouped_mlp_matches_float64(backend, case):
     x = torch.randn(starts[-1], hidden, device=device)
     out = torch.full((starts[-1], hidden), float("nan"), device=device)
     module.grouped_mlp(x, resident(module, gate_up), resident(module, down), segments, out)
-    want = torch.cat(
-        [
-            float64_mlp(x[a:b], gate_up.expert(e, bits), down.expert(e, bits))
-            for (e, bits, _), a, b in zip(plan, starts, starts[1:])
-        ]
-    )
-    assert_close(out, want, tolerance(module))
+    for (e, bits, tokens), a, b in zip(plan, starts, starts[1:]):
+        if tokens:
+            want = float64_mlp(x[a:b], gate_up.expert(e, bits), down.expert(e, bits))
+            assert_close(out[a:b], want, segment_tolerance(module, spec, hidden, inter, bits, tokens))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -245,7 +308,32 @@ def test_layer_forward_mixes_experts_widths_and_ranks(backend, shape):
     got = layer.forward(x, weights, ids, widths)
     want = float64_layer_forward(x, weights, ids, widths, gate_up, down)
     assert got.dtype == x.dtype
-    assert_close(got, want, tolerance(module))
+    assert_close(got, want, max(segment_tolerance(module, spec, hidden, inter, bits, 1) for bits in spec.widths))
+
+
+@pytest.mark.parametrize(
+    "spec,rows,cols", [(MWQSpec(2, 8, 32), 37, 96), (MWQSpec(1, 8, 64), 48, 192), (MWQSpec(3, 7, 128), 21, 256)]
+)
+def test_lookup_projection_is_the_float64_product_of_its_bfloat16_tables(backend, spec, rows, cols):
+    """One projection (cpu_bitplanes.linear) at every width and token count its build runs by lookup, and the
+    next one (other paths: exact), against lookup_product: the tables' rounding reproduced, only float32
+    accumulation left (1e-4). Rows past whole tiles (37, 21), 1 to 7 base planes, 2 to 4 groups per row, an
+    outlier input channel, NaN-poisoned outputs."""
+    module, _ = backend
+    if module.NAME != "cpu-bitplanes":
+        pytest.skip("the lookup path is cpu_bitplanes'")
+    stacked = random_stacked(spec, 2, rows, cols, "cpu")
+    prepared = module.prepare(stacked)
+    for bits in spec.widths:
+        limit = module.lookup_tokens(cols, spec.group_size, bits)
+        for tokens in sorted({1, 2, 3, 5, 8, 9, 17, limit, limit + 1} - {0}):
+            x = torch.randn(tokens, cols)
+            x[:, 5] *= 20  # hidden states have outlier channels: large table entries
+            out = torch.full((tokens, rows), float("nan"))
+            module.linear(x, prepared, 1, bits, out)
+            t = stacked.expert(1, bits)
+            want = lookup_product(x, t) if tokens <= limit else x.double() @ dequantize(t).double().T
+            assert_close(out, want, 1e-4)
 
 
 def test_layer_forward_without_local_experts_is_zero(backend):
@@ -316,13 +404,15 @@ def test_cpu_build_follows_the_cpu_or_the_option_and_is_logged_once(forced):
     isa, reason = (forced, "set by D2MOE_CPU_ISA") if forced else cpu_bitplanes.cpu_isa()
     chosen = [line for line in proc.stderr.splitlines() if "cpu_bitplanes runs its" in line]
     assert chosen == [f"d2moe: cpu_bitplanes runs its {isa} build ({reason})"]
-    want = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    want = "avx2"
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        want = "avx512-bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
     assert forced or isa == want
 
 
 def test_unknown_cpu_build_option_is_refused_by_name(monkeypatch):
     monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx10")
-    with pytest.raises(ValueError, match="D2MOE_CPU_ISA='avx10' is not one of avx2, avx512, avx512-simde"):
+    with pytest.raises(ValueError, match="D2MOE_CPU_ISA='avx10' is not one of avx2, avx512, avx512-bf16, avx512-simde"):
         cpu_bitplanes.load()
 
 
@@ -479,6 +569,7 @@ def test_int8_backend_refuses_group_sizes_it_cannot_run_by_name():
 def test_int8_build_follows_the_cpu_build_and_the_group_size(monkeypatch):
     monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx2")
     assert cpu_int8.build_for(128) == ("avx2", "cpu_bitplanes runs avx2 here (set by D2MOE_CPU_ISA)")
-    monkeypatch.setenv(cpu_bitplanes.ISA_ENV, "avx512")
-    assert cpu_int8.build_for(128) == ("avx512", "set by D2MOE_CPU_ISA")
-    assert cpu_int8.build_for(96) == ("avx2", "group size 96 is not a multiple of 64")
+    for isa in ("avx512", "avx512-bf16"):
+        monkeypatch.setenv(cpu_bitplanes.ISA_ENV, isa)
+        assert cpu_int8.build_for(128) == ("avx512", "set by D2MOE_CPU_ISA")
+        assert cpu_int8.build_for(96) == ("avx2", "group size 96 is not a multiple of 64")

@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -72,7 +73,7 @@ inline bool tiled_layout(int64_t group_size) { return kPlanesPerChunk == 1 && gr
 // The lookup tables and group sums of a few tokens (lookup_tiles), made once per projection call or
 // per segment of a layer call.
 struct Lookup {
-  std::vector<uint16_t> tables;   // bfloat16 [cols / 32][4][tokens][32] (lookup_tables)
+  std::vector<uint16_t> tables;   // bfloat16 [cols / 32][4][tokens][parts][32] (lookup_tables)
   std::vector<float> group_sums;  // [tokens][groups]
 };
 
@@ -300,13 +301,22 @@ inline Vec vlookup(Vec table, VecI index) { return _mm256_permutevar_ps(table, i
 inline __m256 vlow_plus_high(Vec v) { return v; }
 #endif
 
+// Widths whose tables carry a second bfloat16 part: the first part's rounding error, rounded again (2^-17 of an
+// entry instead of 2^-9). With one part, widths 7 and 8 lost 7.5 % and 26 % of their own KL on the reference model
+// in float32, widths 2-6 at most 2.1 % (benchmarks/results/kernels.md); a second part doubles the permutes and dot
+// products, about the cost of float32 tables.
+constexpr int kTwoPartPlanes = 7;
+constexpr int table_parts(int planes) { return planes >= kTwoPartPlanes ? 2 : 1; }
+
 // Most tokens of a projection (`planes` wide, `groups` groups, tiled or not) that run by lookup (AVX-512 builds:
 // lookup_tiles), 0 if none: tiled planes and two groups or more (LaneCoefs). Lookups beat the masked rebuild on
 // tiles at every width and token count of the register path, and torch's GEMM on rebuilt tiles up to
-// kLookupMaxTokens, a block of kTokenBlock tokens at a time (benchmarks/results/kernels.md).
+// kLookupMaxTokens with one table part, about kRegisterTokens with two; a block of kTokenBlock tokens at a time
+// (benchmarks/results/kernels.md).
 constexpr int64_t kLookupMaxTokens = 64;
 inline int64_t lookup_token_limit(bool tiled, int64_t groups, int planes) {
-  return tiled && groups >= 2 && planes > 0 ? kLookupMaxTokens : 0;
+  if (!tiled || groups < 2 || planes <= 0) return 0;
+  return table_parts(planes) == 1 ? kLookupMaxTokens : kRegisterTokens;
 }
 
 inline bool lookup_fits(const Projection& p, int64_t tokens) {
@@ -517,12 +527,13 @@ inline Vec vadd_bfloat16_pairs(Vec acc, VecI v) {
 #endif
 }
 
-// tables[32 (tokens (4 w + q) + t) + h * 16 + pattern]: for the 4 columns c_k = 32 w + 16 h + 4 q + k of token t,
-// bfloat16 of (sum of x[t, c_k] over the bits k of the pattern) - (sum of all 4) / 2, each sum added in column order
-// in float32: centred on the half sum, the entries are smaller (root mean square sigma instead of 1.4 sigma), and
-// so their rounding (lookup_tiles adds the half sums back through the group sums). group_sums[t groups + g]: of
-// token t's group g, in float32.
-void lookup_tables(const Projection& p, const float* x, int64_t tokens, uint16_t* tables, float* group_sums) {
+// tables[32 (parts (tokens (4 w + q) + t) + part) + h * 16 + pattern]: for the 4 columns c_k = 32 w + 16 h + 4 q + k
+// of token t, v = (sum of x[t, c_k] over the bits k of the pattern) - (sum of all 4) / 2, each sum added in column
+// order in float32, as bfloat16: part 0 rounds v, part 1 (if any) rounds v less part 0 (exact in float32). Centred
+// on the half sum, the entries are smaller (root mean square sigma instead of 1.4 sigma), and so their rounding
+// (lookup_tiles adds the half sums back through the group sums). group_sums[t groups + g]: of token t's group g, in
+// float32.
+void lookup_tables(const Projection& p, const float* x, int64_t tokens, int parts, uint16_t* tables, float* group_sums) {
   const Vec bit0 = vload(kPatternBit[0]), bit1 = vload(kPatternBit[1]), bit2 = vload(kPatternBit[2]),
             bit3 = vload(kPatternBit[3]);
   const auto sums = [&](const float* xq) {
@@ -531,8 +542,9 @@ void lookup_tables(const Projection& p, const float* x, int64_t tokens, uint16_t
     s = vfmadd(bit2, vset1(xq[2]), s);
     s = vfmadd(bit3, vset1(xq[3]), s);
     const Vec half = vmul(vset1(0.5f), D2MOE_MM512(permutexvar_ps)(D2MOE_MM512(set1_epi32)(15), s));  // pattern 15: all
-    return vbfloat16_bits(vsub(s, half));
+    return vsub(s, half);
   };
+  const auto bfloat16_value = [](VecI bits) { return D2MOE_MM512(castsi512_ps)(D2MOE_MM512(slli_epi32)(bits, 16)); };
   // Word l of the result: the low half of lane l of the first table (l < 16), else of lane l - 16 of the second.
   const VecI halves = D2MOE_MM512(setr_epi32)(0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014,
                                               0x001A0018, 0x001E001C, 0x00220020, 0x00260024, 0x002A0028, 0x002E002C,
@@ -541,8 +553,14 @@ void lookup_tables(const Projection& p, const float* x, int64_t tokens, uint16_t
     for (int q = 0; q < 4; ++q)
       for (int64_t t = 0; t < tokens; ++t) {
         const float* xq = x + t * p.cols + kPlaneTileColumns * w + 4 * q;
-        D2MOE_MM512(storeu_si512)(tables + 32 * (tokens * (4 * w + q) + t),
-                                  D2MOE_MM512(permutex2var_epi16)(sums(xq), halves, sums(xq + 16)));
+        Vec low = sums(xq), high = sums(xq + 16);
+        uint16_t* entry = tables + 32 * parts * (tokens * (4 * w + q) + t);
+        for (int part = 0; part < parts; ++part, entry += 32) {
+          const VecI low_bits = vbfloat16_bits(low), high_bits = vbfloat16_bits(high);
+          D2MOE_MM512(storeu_si512)(entry, D2MOE_MM512(permutex2var_epi16)(low_bits, halves, high_bits));
+          low = vsub(low, bfloat16_value(low_bits));
+          high = vsub(high, bfloat16_value(high_bits));
+        }
       }
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
@@ -596,7 +614,7 @@ struct LaneCoefs {
 
 // Planes [FIRST, FIRST + COUNT) of one tile and group (`tile`: each plane's) for TT tokens: each plane's
 // selected input sums (acc[t][i] for plane FIRST + i) from the group's tables.
-template <int TT, int FIRST, int COUNT>
+template <int TT, int FIRST, int COUNT, int PARTS>
 [[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const uint16_t* group_tables,
                                                  Vec (&acc)[TT][COUNT]) {
 D2MOE_UNROLL
@@ -610,7 +628,7 @@ D2MOE_UNROLL
 D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i)
       word[i] = D2MOE_MM512(loadu_si512)(tile[FIRST + i] + w * kPlaneTileWordBytes);
-    const uint16_t* tables = group_tables + 32 * 4 * TT * w;
+    const uint16_t* tables = group_tables + 32 * PARTS * 4 * TT * w;
     // GCC keeps the arrays in registers only when every loop over them is unrolled.
 D2MOE_UNROLL
     for (int q = 0; q < 4; ++q)
@@ -620,8 +638,12 @@ D2MOE_UNROLL
         const VecI index = D2MOE_MM512(ternarylogic_epi32)(shifted, pattern_bits, upper_table, 0xEA);
 D2MOE_UNROLL
         for (int t = 0; t < TT; ++t)
-          acc[t][i] = vadd_bfloat16_pairs(
-              acc[t][i], D2MOE_MM512(permutexvar_epi16)(index, D2MOE_MM512(loadu_si512)(tables + 32 * (TT * q + t))));
+D2MOE_UNROLL
+          for (int part = 0; part < PARTS; ++part) {
+            const uint16_t* entries = tables + 32 * (PARTS * (TT * q + t) + part);
+            acc[t][i] = vadd_bfloat16_pairs(
+                acc[t][i], D2MOE_MM512(permutexvar_epi16)(index, D2MOE_MM512(loadu_si512)(entries)));
+          }
       }
   }
 }
@@ -634,7 +656,7 @@ template <int N, int TT, int FIRST>
   constexpr int per_pass = std::max(1, kLookupAccumulators / TT);
   constexpr int count = std::min(per_pass, N - FIRST);
   Vec acc[TT][count];
-  lookup_planes<TT, FIRST, count>(tile, words, group_tables, acc);
+  lookup_planes<TT, FIRST, count, table_parts(N)>(tile, words, group_tables, acc);
 D2MOE_UNROLL
   for (int t = 0; t < TT; ++t)
 D2MOE_UNROLL
@@ -649,7 +671,7 @@ template <int N, int TT>
 void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t b0, int64_t b1) {
   const int64_t words_per_group = p.group_size / kPlaneTileColumns;
   for (int64_t g = 0; g < p.groups; ++g) {
-    const uint16_t* group_tables = lookup.tables.data() + 32 * 4 * TT * words_per_group * g;
+    const uint16_t* group_tables = lookup.tables.data() + 32 * table_parts(N) * 4 * TT * words_per_group * g;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * kPlaneTileRows;
       const LaneCoefs<N> k(p, r, g);
@@ -697,9 +719,10 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
     blocks.resize((tokens + kTokenBlock - 1) / kTokenBlock);
     for (size_t b = 0; b < blocks.size(); ++b) {
       const int64_t first = int64_t(b) * kTokenBlock, n = std::min(kTokenBlock, tokens - first);
-      blocks[b].tables.resize(n * 4 * p.cols);
+      blocks[b].tables.resize(n * 4 * p.cols * table_parts(p.planes));
       blocks[b].group_sums.resize(n * p.groups);
-      lookup_tables(p, x + first * p.cols, n, blocks[b].tables.data(), blocks[b].group_sums.data());
+      lookup_tables(p, x + first * p.cols, n, table_parts(p.planes), blocks[b].tables.data(),
+                    blocks[b].group_sums.data());
     }
     return blocks.data();
   }
@@ -707,11 +730,16 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
   return nullptr;
 }
 
-// Most tokens of a projection that run by lookup in this build (lookup_token_limit), 0 if none or if this build
-// has no lookup path: tests choose their reference by it.
-int64_t lookup_tokens(int64_t cols, int64_t group_size, int64_t width) {
+// How this build runs a projection by lookup: the most tokens (lookup_token_limit; 0: never) and its tables'
+// bfloat16 parts (table_parts); tests choose their reference by it.
+std::tuple<int64_t, int64_t> lookup_plan(int64_t cols, int64_t group_size, int64_t width) {
   TORCH_CHECK(group_size > 0 && cols % group_size == 0, cols, " columns are not whole groups of ", group_size);
-  return lookup_token_limit(tiled_layout(group_size), cols / group_size, int(width));
+  const int64_t tokens = lookup_token_limit(tiled_layout(group_size), cols / group_size, int(width));
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+  return {tokens, table_parts(int(width))};
+#else
+  return {tokens, 0};
+#endif
 }
 
 // Rows [r0, r1). With AVX-512 and lookup tables: lookup_rows. Where the rebuild is light (one chunk,
@@ -1167,7 +1195,7 @@ D2MOE_TORCH_LIBRARY(D2MOE_LIBRARY, m) {
       "linear(Tensor x, Tensor[] chunks, Tensor[] scales, int min_bits, int expert, int width, int group_size, "
       "Tensor(a!) out) -> ()",
       &d2moe_cpu::projection_linear);
-  m.def("lookup_tokens(int cols, int group_size, int width) -> int", &d2moe_cpu::lookup_tokens);
+  m.def("lookup_plan(int cols, int group_size, int width) -> (int, int)", &d2moe_cpu::lookup_plan);
   m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
   m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
 }

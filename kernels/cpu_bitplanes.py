@@ -14,7 +14,7 @@ side) where the groups are whole 32-column words, else as stored; 16 weights
 are rebuilt with one masked add of each plane's coefficient, the plane's 16
 bits loaded straight into a mask register. On tiles, up to 64 tokens (in blocks
 of 8) rebuild nothing: per 4 columns a table of the 16 input sums a bit pattern
-selects (less half their sum, rounded to bfloat16: see :func:`lookup_tokens`),
+selects (less half their sum, rounded to bfloat16: see :func:`lookup_plan`),
 two such tables in one 32-entry vector; one vector load brings a tile's 16 rows'
 word of a plane, one 16-bit permute (``vpermw``) looks up a pattern in each of
 the 32 half-rows at once and one ``vdpbf16ps`` (AVX512_BF16; two float adds
@@ -337,16 +337,17 @@ def linear(x: torch.Tensor, p: ResidentPlanes, expert: int, bits: int, out: torc
     _ops().linear(x, *_projection_args(p), p.min_bits, expert, bits, p.group_size, out)
 
 
-def lookup_tokens(cols: int, group_size: int, bits: int) -> int:
-    """Most tokens of a segment that this build runs by lookup tables on a projection of ``cols`` columns in groups
-    of ``group_size`` at width ``bits``; 0 where it never does.
+def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
+    """How this build runs a projection of ``cols`` columns in groups of ``group_size`` at width ``bits`` by lookup
+    tables: the most tokens of a segment it does (0: never), and the bfloat16 parts of each table entry.
 
     The lookup's one rounding beyond float32: each table entry, the sum of 4 inputs selected by a bit pattern less
-    half their sum, is rounded to bfloat16 (at most 2^-9 of itself). On OLMoE's expert shape that is about 2e-3
-    RMS of a projection's output at every width, against 9e-3 (width 8) to 0.5 (width 2) for the weights' own
-    quantization error, and 1e-2 for int8 activations per group (``benchmarks/results/kernels.md``)."""
+    half their sum, is rounded to bfloat16 (at most 2^-9 of itself), or with two parts the rest rounded again
+    (2^-17). With one part, on OLMoE's expert shape, that is about 2e-3 RMS of a projection's output at every width,
+    against 9e-3 (width 8) to 0.5 (width 2) for the weights' own quantization error, and 1e-2 for int8
+    activations per group; widths 7-8 take two parts (``benchmarks/results/kernels.md``)."""
     load()
-    return _ops().lookup_tokens(cols, group_size, bits)
+    return tuple(_ops().lookup_plan(cols, group_size, bits))
 
 
 def _layer_args(gate_up: ResidentPlanes, down: ResidentPlanes) -> list:

@@ -28,38 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from vllm_d2moe.eval.heldout import heldout_windows
-from vllm_d2moe.experts import ExpertSegments, load_layer_experts
+from vllm_d2moe.eval.simulated_kernels import compute_experts_with
 from vllm_d2moe.kernels import load_backend
-from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.router.policy import ServingWidths
 from vllm_d2moe.router.simulate import load_simulated_model, set_mode, simulated_experts
 
 # Variant -> (kernel backend, whether each token is its own segment).
 VARIANTS = {"float": ("reference", False), "lookup": ("cpu_bitplanes", True), "int8": ("cpu_int8", False)}
 RULE = 0.05  # issue 15: a kernel rounding's extra KL under 5% of the width's own KL
-
-
-def kernel_outputs(model, checkpoint: MWQCheckpoint, backend, token_segments: bool) -> dict:
-    """Per simulated MoE layer, an ``expert_outputs`` that runs ``backend`` on the layer's experts (resident at
-    the widest width): the expert's tokens in one segment, or each token in its own."""
-    outputs = {}
-    for layer in simulated_experts(model):
-        experts = load_layer_experts(
-            checkpoint, layer, list(range(checkpoint.layer(layer).num_experts)), checkpoint.spec.max_bits, 0, 1,
-            backend,
-        )
-
-        def expert_outputs(x, widths, expert, experts=experts):
-            (bits,) = widths
-            n = len(x)
-            starts = tuple(range(n + 1)) if token_segments else (0, n)
-            segments = ExpertSegments((expert,) * (len(starts) - 1), (bits,) * (len(starts) - 1), starts)
-            out = torch.empty(n, x.shape[1])
-            backend.grouped_mlp(x, experts.gate_up, experts.down, segments, out)
-            return out.to(x.dtype).unsqueeze(1)
-
-        outputs[layer] = expert_outputs
-    return outputs
 
 
 @torch.inference_mode()
@@ -84,12 +60,11 @@ def main():
     from transformers import AutoModelForCausalLM
 
     reference = log_probs(AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval(), windows)
-    checkpoint = MWQCheckpoint(args.mwq)
     model = load_simulated_model(args.mwq, ServingWidths("fixed", (min(args.widths),)), extra_widths=args.widths)
-    outputs = {
-        name: kernel_outputs(model, checkpoint, load_backend(VARIANTS[name][0]), VARIANTS[name][1])
-        for name in variants
-    }
+    outputs = {}  # variant -> layer -> its expert_outputs
+    for name in variants:
+        compute_experts_with(model, args.mwq, load_backend(VARIANTS[name][0]), token_segments=VARIANTS[name][1])
+        outputs[name] = {layer: module.expert_outputs for layer, module in simulated_experts(model).items()}
     rows = []
     for bits in args.widths:
         set_mode(model, f"fixed:{bits}")

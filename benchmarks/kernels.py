@@ -306,7 +306,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--big-tokens", type=int, nargs="+", default=[1, 8], help="token counts of Mixtral's shape")
-    own = ["avx2", "avx512"] if cpu_bitplanes.cpu_isa()[0] == "avx512" else ["avx2"]
+    own = ["avx2", cpu_bitplanes.cpu_isa()[0]] if cpu_bitplanes.cpu_isa()[0] != "avx2" else ["avx2"]
     parser.add_argument("--isas", nargs="+", choices=cpu_bitplanes.ISAS, default=own, help="builds of cpu_bitplanes")
     parser.add_argument("--int8", action="store_true", help="also time the int8-activation backend (cpu_int8)")
     parser.add_argument("--reps", type=int, default=15)

@@ -483,8 +483,8 @@ template <class L, int TT, int R>
 }
 
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-// A few tokens, tiled planes: no weight is rebuilt (T-MAC's lookup tables). For every 4 columns a
-// table holds the 16 sums of their inputs that a 4-bit pattern selects, rounded to bfloat16; two such
+// Tokens on tiled planes: no weight is rebuilt (T-MAC's lookup tables). For every 4 columns a
+// table holds the 16 sums of their inputs that a 4-bit pattern selects, in bfloat16 (lookup_tables); two such
 // tables (columns 4q.. of a 32-column word and 16 + 4q..) fill one 32-entry vector of 16-bit words. A
 // tile's 32-bit words of one plane's 32 columns in 16 rows (one row per lane) are 32 halves of 16
 // columns; one 16-bit permute (vpermw) looks up a pattern of every half at once, each half's table
@@ -492,10 +492,10 @@ template <class L, int TT, int R>
 // group and row
 //   out[r] += offset[r, g] * sum_{c in g} x[c] + sum_i coef_i[r, g] * (sum of plane i's selected inputs),
 // 4 vector instructions per 128 weight-bits (a shift, the index's ternary logic, the permute, the
-// dot product), against 6 with float32 tables (16-entry vpermps: 1.75x faster per weight-bit on Zen 4,
-// benchmarks/probes/int16_lookup.cpp) and 8 masked adds for the rebuild; the shifts are shared by the
-// tokens. The price is the tables' rounding: each sum of 4 inputs to bfloat16 (relative error at most
-// 2^-9), the accuracy cost measured in benchmarks/results/kernels.md.
+// dot product), against 6 with float32 tables (16-entry vpermps: 1.5-1.8x faster per weight-bit on Zen 4,
+// benchmarks/probes/lookup_loops.cpp) and 8 masked adds for the rebuild; the shifts are shared by the
+// tokens, a second table part (table_parts) adds a permute and a dot product. The price is the tables'
+// rounding, its accuracy cost measured in benchmarks/results/kernels.md.
 // Tokens x planes accumulators of one pass over a tile's planes at most: with the words, 32 registers.
 constexpr int kLookupAccumulators = 16;
 

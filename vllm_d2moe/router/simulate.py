@@ -8,7 +8,9 @@ its transformers architecture and replaces every fused ``*Experts`` module
 which holds the layer's experts dequantized at each needed width and picks each
 (token, expert) pair's width by the same rule serving uses
 (:func:`vllm_d2moe.router.policy.choose_pair_widths`), or, while training, by
-a straight-through Gumbel choice under the same capacities.
+a straight-through Gumbel choice under the same capacities. Its experts multiply
+in float32; :func:`vllm_d2moe.eval.simulated_kernels.compute_experts_with` has a
+kernel backend compute them instead, rounding as served.
 """
 
 import re
@@ -158,3 +160,4 @@ def load_simulated_model(
             f"the d2moe index has {len(checkpoint.layers)} MoE layers"
         )
     return model.eval()
+

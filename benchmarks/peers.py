@@ -595,7 +595,7 @@ def compare_model(label: str, model_dir: Path, args, llama_version: str | None, 
 
 def bf16_expert_bytes(model_dir: Path) -> int:
     """Bytes of the routed experts' weights at 16 bits, from config.json as the converter reads it."""
-    from converters.architectures import architecture
+    from vllm_d2moe.converters.architectures import architecture
 
     config = json.loads((model_dir / "config.json").read_text())
     arch = architecture(config.get("model_type"))

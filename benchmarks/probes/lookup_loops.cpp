@@ -17,11 +17,11 @@
 #include <cstdio>
 #include <cstdint>
 #include <vector>
+constexpr int planes = 4;
 // float32: a word is 16 rows x 32 columns; 8 patterns of 4 columns, each a shift, a vpermps and an add.
 // int16: a word is 32 rows x 16 columns (16-bit lanes); 4 patterns, each a shift, a vpermw and an add.
 int main() {
   const int words = 1 << 12;  // per plane: 256 KB each, 1 MB in all
-  const int planes = 4;
   std::vector<uint32_t> bits(words * 16 * planes);
   for (size_t i = 0; i < bits.size(); ++i) bits[i] = uint32_t(i * 2654435761u);
   alignas(64) float tf[8][16]; alignas(64) int16_t ti[4][32]; alignas(64) uint16_t tb[4][32];
@@ -45,51 +45,44 @@ int main() {
   // A 16-bit half's index: its 4 low bits, bit 4 set in the upper half; bfloat16 1.0 pairs; upper halves.
   const __m512i pattern_bits = _mm512_set1_epi32(0x000F000F), upper_table = _mm512_set1_epi32(0x00100000);
   const __m512i ones = _mm512_set1_epi16(0x3f80), upper = _mm512_set1_epi32(int(0xFFFF0000u));
+  // Planes' words shifted for pattern q of each lane (16-bit lanes too: vpermw reads each one's low bits), step(i, q, w).
+  const auto patterns = [](int lookups, const __m512i* word, auto&& step) {
+#pragma GCC unroll 8
+    for (int q = 0; q < lookups; ++q)
+#pragma GCC unroll 4
+      for (int i = 0; i < planes; ++i) step(i, q, q == 0 ? word[i] : _mm512_srli_epi32(word[i], 4 * q));
+  };
+  // bfloat16 tables: entry q of the 32 half-rows' tables.
+  const auto bfloat16_lookup = [&](int q, __m512i shifted) {
+    return _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(shifted, pattern_bits, upper_table, 0xEA),
+                                    _mm512_load_si512(tb[q]));
+  };
   for (int trial = 0; trial < 5; ++trial) {
     __m512 acc[planes] = {};
     best_f = std::min(best_f, timed([&](const __m512i* word) {
-#pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q)
-#pragma GCC unroll 4
-        for (int i = 0; i < planes; ++i) {
-          const __m512i p = q == 0 ? word[i] : _mm512_srli_epi32(word[i], 4 * q);
-          acc[i] = _mm512_add_ps(acc[i], _mm512_permutexvar_ps(p, _mm512_load_ps(tf[q])));
-        }
+      patterns(8, word, [&](int i, int q, __m512i p) {
+        acc[i] = _mm512_add_ps(acc[i], _mm512_permutexvar_ps(p, _mm512_load_ps(tf[q])));
+      });
     }));
     __m512i acci[planes] = {};
     best_i = std::min(best_i, timed([&](const __m512i* word) {
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q)
-#pragma GCC unroll 4
-        for (int i = 0; i < planes; ++i) {
-          const __m512i p = q == 0 ? word[i] : _mm512_srli_epi16(word[i], 4 * q);
-          acci[i] = _mm512_add_epi16(acci[i], _mm512_permutexvar_epi16(p, _mm512_load_si512(ti[q])));
-        }
+      patterns(4, word, [&](int i, int q, __m512i p) {
+        acci[i] = _mm512_add_epi16(acci[i], _mm512_permutexvar_epi16(p, _mm512_load_si512(ti[q])));
+      });
     }));
     __m512 accb[planes] = {};
     best_b = std::min(best_b, timed([&](const __m512i* word) {
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q)
-#pragma GCC unroll 4
-        for (int i = 0; i < planes; ++i) {
-          const __m512i s = q == 0 ? word[i] : _mm512_srli_epi32(word[i], 4 * q);
-          const __m512i index = _mm512_ternarylogic_epi32(s, pattern_bits, upper_table, 0xEA);
-          accb[i] = _mm512_dpbf16_ps(accb[i], (__m512bh)_mm512_permutexvar_epi16(index, _mm512_load_si512(tb[q])),
-                                     (__m512bh)ones);
-        }
+      patterns(4, word, [&](int i, int q, __m512i p) {
+        accb[i] = _mm512_dpbf16_ps(accb[i], (__m512bh)bfloat16_lookup(q, p), (__m512bh)ones);
+      });
     }));
     __m512 acce[planes] = {};
     best_e = std::min(best_e, timed([&](const __m512i* word) {
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q)
-#pragma GCC unroll 4
-        for (int i = 0; i < planes; ++i) {
-          const __m512i s = q == 0 ? word[i] : _mm512_srli_epi32(word[i], 4 * q);
-          const __m512i index = _mm512_ternarylogic_epi32(s, pattern_bits, upper_table, 0xEA);
-          const __m512i v = _mm512_permutexvar_epi16(index, _mm512_load_si512(tb[q]));
-          acce[i] = _mm512_add_ps(_mm512_add_ps(acce[i], _mm512_castsi512_ps(_mm512_and_si512(v, upper))),
-                                  _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-        }
+      patterns(4, word, [&](int i, int q, __m512i p) {
+        const __m512i v = bfloat16_lookup(q, p);
+        acce[i] = _mm512_add_ps(_mm512_add_ps(acce[i], _mm512_castsi512_ps(_mm512_and_si512(v, upper))),
+                                _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      });
     }));
     // Kept live so that the compiler cannot drop the loops (the int16 sums wrap: only their use matters).
     for (int i = 0; i < planes; ++i)

@@ -43,8 +43,8 @@ def main() -> None:
         out = torch.empty(tokens, rows)
         cpu_bitplanes.linear(x, resident, 0, bits, out)
         parts = cpu_bitplanes.lookup_plan(cols, spec.group_size, bits)[1]
-        print(f"| {bits} | {parts} | {rms(want - exact) / rms(exact):.2e} | {rms(out.double() - want) / rms(exact):.2e} "
-              f"| {rms(int8_activations(x, 128) @ w.T - want) / rms(exact):.2e} |")
+        errors = [want - exact, out.double() - want, int8_activations(x, 128) @ w.T - want]
+        print(f"| {bits} | {parts} | " + " | ".join(f"{rms(e) / rms(exact):.2e}" for e in errors) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""One kernel source against another in one process: the current ``cpu_bitplanes`` against the AVX-512 build
-of ``kernels/cpu_bitplanes.cpp`` at an earlier commit, on one OLMoE expert MLP per call. The earlier build reads
-planes as stored (row-major, one chunk per plane: its layout up to 222671b..e994baa), or with ``--same-layout``
-this build's resident tensors (tiles, from b311ba1 on).
+"""One kernel source against another in one process: the current ``cpu_bitplanes`` against
+``kernels/cpu_bitplanes.cpp`` at an earlier commit built for the same instruction set, on one OLMoE expert MLP
+per call. The earlier build reads planes as stored (row-major, one chunk per plane: its layout up to
+222671b..e994baa), or with ``--same-layout`` this build's resident tensors (tiles, from b311ba1 on).
 
 Both builds are loaded side by side (the old one under its own op namespace), calls alternate between them
 on different experts of a pool larger than the last-level cache, and the median ms per call is printed for
@@ -39,13 +39,15 @@ HIDDEN, INTER = 2048, 1024  # OLMoE-1B-7B's expert
 
 
 def load_old(rev: str):
-    """The AVX-512 build of ``rev``'s kernel source, as ``torch.ops.d2moe_cpu_old``."""
+    """``rev``'s kernel source built with this build's flags (``avx512-bf16`` or ``avx512``), as
+    ``torch.ops.d2moe_cpu_old``."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kernels/cpu_bitplanes.cpp"],
                             check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "old_cpu_bitplanes.cpp"
     path.write_text(source)
+    flags = cpu_bitplanes.ISAS[cpu_bitplanes.choose_isa()[0]]
     torch.utils.cpp_extension.load(name="d2moe_cpu_bitplanes_old", sources=[str(path)],
-                                   extra_cflags=[*cpu_bitplanes.ISAS["avx512"], "-DD2MOE_LIBRARY=d2moe_cpu_old"],
+                                   extra_cflags=[*flags, "-DD2MOE_LIBRARY=d2moe_cpu_old"],
                                    extra_ldflags=["-fopenmp"], is_python_module=True)
     return torch.ops.d2moe_cpu_old
 

@@ -1,7 +1,7 @@
 // MWQ expert MLP on x86-64 CPUs, one source compiled for AVX2 and for AVX-512
 // (kernels/cpu_bitplanes.py picks the build): weights rebuilt a vector (8 or 16
 // lanes) at a time in a register from the bit planes, multiplied straight into
-// the tokens, or with AVX-512 and planes in tiles, up to 64 tokens, bfloat16 sums of the
+// the tokens, or with AVX-512 and planes in tiles, up to 256 tokens, bfloat16 sums of the
 // inputs looked up by the planes' bit patterns; never more than a 128-row tile of float
 // weights. Why this design, and its speed: cpu_bitplanes.py.
 //
@@ -21,7 +21,7 @@
 // columns (each row's 32-bit word side by side) where the groups are whole words, else as
 // stored; 16 columns of a plane are one mask register loaded straight from memory, and a
 // masked add of the plane's coefficient builds the weights: one instruction per plane per
-// 16 weights. On tiles, up to 64 tokens need no weights at all (lookup_tiles); the AVX512_BF16
+// 16 weights. On tiles, up to 256 tokens need no weights at all (lookup_tiles); the AVX512_BF16
 // build adds the looked-up bfloat16 pairs with vdpbf16ps, the others with two float adds.
 
 #include <ATen/ATen.h>
@@ -303,20 +303,30 @@ inline __m256 vlow_plus_high(Vec v) { return v; }
 
 // Widths whose tables carry a second bfloat16 part: the first part's rounding error, rounded again (2^-17 of an
 // entry instead of 2^-9). With one part, widths 7 and 8 lost 7.5 % and 26 % of their own KL on the reference model
-// in float32, widths 2-6 at most 2.1 % (benchmarks/results/kernels.md); a second part doubles the permutes and dot
-// products, about the cost of float32 tables.
+// in float32, widths 2-6 at most 2.1 % (benchmarks/results/kernels.md).
 constexpr int kTwoPartPlanes = 7;
 constexpr int table_parts(int planes) { return planes >= kTwoPartPlanes ? 2 : 1; }
+// Planes that read the second part: a plane's rounding error is weighted by its coefficient, and the first 3
+// (a 2-bit base's, s and 2 s, and the first residual's, about s / 2) carry all but 1.6 % of the squared
+// coefficients at width 8; the later residuals (s / 4, s / 8, ...) read one part. 11 lookups per pattern at
+// width 8 instead of 16.
+constexpr int kTwoPartLeadingPlanes = 3;
+constexpr int plane_parts(int planes, int plane) {
+  return table_parts(planes) == 2 && plane < kTwoPartLeadingPlanes ? 2 : 1;
+}
 
 // Most tokens of a projection (`planes` wide, `groups` groups, tiled or not) that run by lookup (AVX-512 builds:
 // lookup_tiles), 0 if none: tiled planes and two groups or more (LaneCoefs). Lookups beat the masked rebuild on
-// tiles at every width and token count of the register path, and torch's GEMM on rebuilt tiles up to
-// kLookupMaxTokens with one table part, about kRegisterTokens with two; a block of kTokenBlock tokens at a time
+// tiles at every width and token count of the register path. Their time grows with tokens times lookups per
+// pattern, torch's GEMM on rebuilt tiles by less per token after a fixed rebuild: on OLMoE's expert (two threads)
+// lookups still won at 256 tokens with one table part (widths 2-6; 1.1-1.3x at width 6), and lost from about 64-80
+// at widths 7-8 (two parts on their leading planes); a block of kTokenBlock tokens at a time
 // (benchmarks/results/kernels.md).
-constexpr int64_t kLookupMaxTokens = 64;
+constexpr int64_t kLookupMaxTokens = 256;
+constexpr int64_t kTwoPartLookupMaxTokens = 64;
 inline int64_t lookup_token_limit(bool tiled, int64_t groups, int planes) {
   if (!tiled || groups < 2 || planes <= 0) return 0;
-  return table_parts(planes) == 1 ? kLookupMaxTokens : kRegisterTokens;
+  return table_parts(planes) == 1 ? kLookupMaxTokens : kTwoPartLookupMaxTokens;
 }
 
 inline bool lookup_fits(const Projection& p, int64_t tokens) {
@@ -612,9 +622,9 @@ struct LaneCoefs {
   }
 };
 
-// Planes [FIRST, FIRST + COUNT) of one tile and group (`tile`: each plane's) for TT tokens: each plane's
-// selected input sums (acc[t][i] for plane FIRST + i) from the group's tables.
-template <int TT, int FIRST, int COUNT, int PARTS>
+// Planes [FIRST, FIRST + COUNT) of one tile and group (`tile`: each plane's) of a width of N planes for TT
+// tokens: each plane's selected input sums (acc[t][i] for plane FIRST + i) from the group's tables.
+template <int TT, int N, int FIRST, int COUNT>
 [[gnu::always_inline]] inline void lookup_planes(const uint8_t* const* tile, int64_t words, const uint16_t* group_tables,
                                                  Vec (&acc)[TT][COUNT]) {
 D2MOE_UNROLL
@@ -628,7 +638,8 @@ D2MOE_UNROLL
 D2MOE_UNROLL
     for (int i = 0; i < COUNT; ++i)
       word[i] = D2MOE_MM512(loadu_si512)(tile[FIRST + i] + w * kPlaneTileWordBytes);
-    const uint16_t* tables = group_tables + 32 * PARTS * 4 * TT * w;
+    constexpr int parts = table_parts(N);
+    const uint16_t* tables = group_tables + 32 * parts * 4 * TT * w;
     // GCC keeps the arrays in registers only when every loop over them is unrolled.
 D2MOE_UNROLL
     for (int q = 0; q < 4; ++q)
@@ -639,8 +650,8 @@ D2MOE_UNROLL
 D2MOE_UNROLL
         for (int t = 0; t < TT; ++t)
 D2MOE_UNROLL
-          for (int part = 0; part < PARTS; ++part) {
-            const uint16_t* entries = tables + 32 * (PARTS * (TT * q + t) + part);
+          for (int part = 0; part < plane_parts(N, FIRST + i); ++part) {
+            const uint16_t* entries = tables + 32 * (parts * (TT * q + t) + part);
             acc[t][i] = vadd_bfloat16_pairs(
                 acc[t][i], D2MOE_MM512(permutexvar_epi16)(index, D2MOE_MM512(loadu_si512)(entries)));
           }
@@ -656,7 +667,7 @@ template <int N, int TT, int FIRST>
   constexpr int per_pass = std::max(1, kLookupAccumulators / TT);
   constexpr int count = std::min(per_pass, N - FIRST);
   Vec acc[TT][count];
-  lookup_planes<TT, FIRST, count, table_parts(N)>(tile, words, group_tables, acc);
+  lookup_planes<TT, N, FIRST, count>(tile, words, group_tables, acc);
 D2MOE_UNROLL
   for (int t = 0; t < TT; ++t)
 D2MOE_UNROLL
@@ -730,13 +741,16 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
   return nullptr;
 }
 
-// How this build runs a projection by lookup: the most tokens (lookup_token_limit; 0: never) and its tables'
-// bfloat16 parts (table_parts); tests choose their reference by it.
+// How this build runs a projection by lookup: the most tokens (lookup_token_limit; 0: never) and how many of its
+// leading planes read a second bfloat16 part of the tables (plane_parts; the others one); tests choose their
+// reference by it.
 std::tuple<int64_t, int64_t> lookup_plan(int64_t cols, int64_t group_size, int64_t width) {
   TORCH_CHECK(group_size > 0 && cols % group_size == 0, cols, " columns are not whole groups of ", group_size);
   const int64_t tokens = lookup_token_limit(tiled_layout(group_size), cols / group_size, int(width));
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-  return {tokens, table_parts(int(width))};
+  int64_t two_part_planes = 0;
+  while (two_part_planes < width && plane_parts(int(width), int(two_part_planes)) == 2) ++two_part_planes;
+  return {tokens, two_part_planes};
 #else
   return {tokens, 0};
 #endif

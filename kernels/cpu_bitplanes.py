@@ -12,7 +12,7 @@ group), and multiplies them straight into the tokens. AVX-512 builds: one bit
 per column, in tiles of 16 rows by 32 columns (each row's 32-bit word side by
 side) where the groups are whole 32-column words, else as stored; 16 weights
 are rebuilt with one masked add of each plane's coefficient, the plane's 16
-bits loaded straight into a mask register. On tiles, up to 64 tokens (in blocks
+bits loaded straight into a mask register. On tiles, up to 256 tokens (in blocks
 of 8) rebuild nothing: per 4 columns a table of the 16 input sums a bit pattern
 selects (less half their sum, rounded to bfloat16: see :func:`lookup_plan`),
 two such tables in one 32-entry vector; one vector load brings a tile's 16 rows'
@@ -339,13 +339,15 @@ def linear(x: torch.Tensor, p: ResidentPlanes, expert: int, bits: int, out: torc
 
 def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
     """How this build runs a projection of ``cols`` columns in groups of ``group_size`` at width ``bits`` by lookup
-    tables: the most tokens of a segment it does (0: never), and the bfloat16 parts of each table entry.
+    tables: the most tokens of a segment it does (0: never), and how many leading planes (the base's, then the
+    residuals') read each table entry in two bfloat16 parts, the others in one.
 
     The lookup's one rounding beyond float32: each table entry, the sum of 4 inputs selected by a bit pattern less
     half their sum, is rounded to bfloat16 (at most 2^-9 of itself), or with two parts the rest rounded again
     (2^-17). With one part, on OLMoE's expert shape, that is about 2e-3 RMS of a projection's output at every width,
     against 9e-3 (width 8) to 0.5 (width 2) for the weights' own quantization error, and 1e-2 for int8
-    activations per group; widths 7-8 take two parts (``benchmarks/results/kernels.md``)."""
+    activations per group; at widths 7-8 the first 3 planes, those with the largest coefficients, read two parts
+    (``benchmarks/results/kernels.md``)."""
     load()
     return tuple(_ops().lookup_plan(cols, group_size, bits))
 

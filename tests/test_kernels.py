@@ -159,11 +159,12 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def lookup_product(x: torch.Tensor, t: MWQTensor, parts: int) -> torch.Tensor:
+def lookup_product(x: torch.Tensor, t: MWQTensor, two_part_planes: int) -> torch.Tensor:
     """float64 ``x @ W^T`` as the AVX-512 builds' lookup path computes it (cpu_bitplanes.cpp, lookup_tables and
     lookup_tiles): per 4 columns of a token, the 16 pattern sums of its float32 inputs added in column order,
-    less half the sum of all 4, in ``parts`` bfloat16 parts (each rounds what the earlier ones left, in float32);
-    each plane's coefficient times its rows' selected entries,
+    less half the sum of all 4, rounded to bfloat16, and for the first ``two_part_planes`` planes (base, then
+    residuals) plus what that left in float32 rounded again; each plane's coefficient times its rows' selected
+    entries,
     plus (offset + half the coefficients) times the group's input sum. The rows past the last whole tile of 16 are
     rebuilt: ``x @ W^T`` exactly. Only float32 accumulation separates the kernel from this."""
     (rows, cols), g, tokens = t.shape, t.group_size, x.shape[0]
@@ -171,10 +172,9 @@ def lookup_product(x: torch.Tensor, t: MWQTensor, parts: int) -> torch.Tensor:
     sums = quads[..., :1] * (pattern & 1).float()
     for k in range(1, 4):
         sums = sums + quads[..., k : k + 1] * ((pattern >> k) & 1).float()
-    left, tables = sums - 0.5 * sums[..., 15:], 0  # tables: [tokens, cols / 4, 16]
-    for _ in range(parts):
-        part = left.to(torch.bfloat16)
-        tables, left = tables + part.double(), left - part.float()
+    centred = sums - 0.5 * sums[..., 15:]
+    first = centred.to(torch.bfloat16)  # tables: [tokens, cols / 4, 16]
+    tables = [first.double(), first.double() + (centred - first.float()).to(torch.bfloat16).double()]
     s = t.base_scale.double()
     planes = [(t.base_bits[i], s * (1 << i)) for i in range(t.min_bits)]
     offset = -s * t.base_zero.double()
@@ -184,10 +184,10 @@ def lookup_product(x: torch.Tensor, t: MWQTensor, parts: int) -> torch.Tensor:
         offset = offset - a
     half_coefs = sum(coef for _, coef in planes) / 2
     out = ((offset + half_coefs) * x.double().reshape(tokens, 1, cols // g, g).sum(-1)).sum(-1)
-    for bits, coef in planes:
+    for i, (bits, coef) in enumerate(planes):
         columns = unpack_bits(bits, cols).long().reshape(rows, cols // 4, 4)
         patterns = (columns << torch.arange(4)).sum(-1)  # [rows, cols / 4]
-        selected = tables[:, torch.arange(cols // 4), patterns]  # [tokens, rows, cols / 4]
+        selected = tables[i < two_part_planes][:, torch.arange(cols // 4), patterns]  # [tokens, rows, cols / 4]
         out += (selected.reshape(tokens, rows, cols // g, g // 4).sum(-1) * coef).sum(-1)
     whole = rows // 16 * 16
     out[:, whole:] = x.double() @ dequantize(t)[whole:].double().T
@@ -231,13 +231,13 @@ CASES = {
     # Around the register path's limit (AVX2: 8 tokens, AVX-512 without tiles, groups of 48: 24 in three blocks);
     # above it, rebuilt tiles and torch's GEMM.
     "register-token-limit": (MWQSpec(2, 8, 48), 96, 96, [(0, 4, 24), (1, 8, 25), (2, 3, 20), (0, 6, 9)]),
-    # Around the lookup's limits (AVX-512 tiles: 64 tokens in blocks of 8, 24 at widths 7-8 with their two-part
+    # Around the lookup's limits (AVX-512 tiles: 256 tokens in blocks of 8, 64 at widths 7-8 with their two-part
     # tables); above them, tiles and torch's GEMM.
     "lookup-token-limit": (
         MWQSpec(2, 8, 32),
         64,
         96,
-        [(0, 4, 64), (1, 8, 65), (2, 7, 24), (0, 8, 25), (1, 3, 20), (2, 6, 9)],
+        [(0, 4, 256), (1, 3, 257), (2, 7, 64), (0, 8, 65), (1, 3, 20), (2, 6, 9)],
     ),
 }
 
@@ -326,7 +326,7 @@ def test_layer_forward_mixes_experts_widths_and_ranks(backend, shape):
 )
 def test_lookup_projection_is_the_float64_product_of_its_bfloat16_tables(backend, spec, rows, cols):
     """One projection (cpu_bitplanes.linear) at every width and token count its build runs by lookup, and the
-    next one (other paths: exact), against lookup_product: the tables' rounding (one or two parts) reproduced,
+    next one (other paths: exact), against lookup_product: the tables' rounding (one or two parts per plane) reproduced,
     only float32 accumulation left (1e-4). Rows past whole tiles (37, 21), 1 to 7 base planes, 2 to 4 groups per row, an
     outlier input channel, NaN-poisoned outputs."""
     module, _ = backend
@@ -335,14 +335,14 @@ def test_lookup_projection_is_the_float64_product_of_its_bfloat16_tables(backend
     stacked = random_stacked(spec, 2, rows, cols, "cpu")
     prepared = module.prepare(stacked)
     for bits in spec.widths:
-        limit, parts = module.lookup_plan(cols, spec.group_size, bits)
+        limit, two_part_planes = module.lookup_plan(cols, spec.group_size, bits)
         for tokens in sorted({1, 2, 3, 5, 8, 9, 17, limit, limit + 1} - {0}):
             x = torch.randn(tokens, cols)
             x[:, 5] *= 20  # hidden states have outlier channels: large table entries
             out = torch.full((tokens, rows), float("nan"))
             module.linear(x, prepared, 1, bits, out)
             t = stacked.expert(1, bits)
-            want = lookup_product(x, t, parts) if tokens <= limit else x.double() @ dequantize(t).double().T
+            want = lookup_product(x, t, two_part_planes) if tokens <= limit else x.double() @ dequantize(t).double().T
             assert_close(out, want, 1e-4)
 
 

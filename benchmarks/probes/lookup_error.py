@@ -35,16 +35,16 @@ def main() -> None:
     x[:, 7] *= 20  # an outlier channel, as hidden states have
     exact = x.double() @ weight.double().T
     print(f"build {cpu_bitplanes.choose_isa()[0]}; RMS error / RMS output")
-    print("| width | table parts | weights' quantization | lookup tables | int8 activations |")
+    print("| width | planes on two table parts | weights' quantization | lookup tables | int8 activations |")
     print("|---:|---:|---:|---:|---:|")
     for bits in spec.widths:
         w = dequantize(stacked.expert(0, bits)).double()
         want = x.double() @ w.T
         out = torch.empty(tokens, rows)
         cpu_bitplanes.linear(x, resident, 0, bits, out)
-        parts = cpu_bitplanes.lookup_plan(cols, spec.group_size, bits)[1]
+        two_part_planes = cpu_bitplanes.lookup_plan(cols, spec.group_size, bits)[1]
         errors = [want - exact, out.double() - want, int8_activations(x, 128) @ w.T - want]
-        print(f"| {bits} | {parts} | " + " | ".join(f"{rms(e) / rms(exact):.2e}" for e in errors) + " |")
+        print(f"| {bits} | {two_part_planes} | " + " | ".join(f"{rms(e) / rms(exact):.2e}" for e in errors) + " |")
 
 
 if __name__ == "__main__":

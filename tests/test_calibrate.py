@@ -219,6 +219,20 @@ def test_an_expert_no_token_reaches_keeps_the_uncalibrated_fit(tmp_path):
         assert not torch.equal(dequantize(calibrated_expert[proj]), dequantize(rtn_other[proj]))
 
 
+# Widths 7-8 serve one-token steps from bfloat16 lookup tables on planes past the third
+# (kernels/cpu_bitplanes.cpp, kTwoPartLeadingPlanes), rounding each of those planes' partial
+# sums to 2^-9 relative, so greedy choices may differ from the float32 simulation at near-ties
+# (one seen 0.001 nats apart); a wrong computation lands far from the top.
+LOOKUP_NEAR_TIE_NATS = 0.01
+
+
+def _log_probability_gap(model, token_ids: list[int], token: int) -> float:
+    """How far ``token`` is below the most likely next token of ``model`` after ``token_ids``, in nats."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, -1].double(), -1)
+    return (log_probs.max() - log_probs[token]).item()
+
+
 def test_served_calibrated_checkpoint_equals_the_transformers_simulation(tiny, tmp_path, calibration_file, report):
     from vllm_d2moe.router.policy import ServingWidths
     from vllm_d2moe.router.simulate import load_simulated_model, set_mode
@@ -242,5 +256,12 @@ def test_served_calibrated_checkpoint_equals_the_transformers_simulation(tiny, t
             with torch.no_grad():
                 generated = model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=0)
             expected = generated[0, prompt.shape[1]:].tolist()
-            assert out["token_ids"] == expected[: len(out["token_ids"])], (b, out["text"])
+            first = next((i for i, (a, e) in enumerate(zip(out["token_ids"], expected)) if a != e), None)
+            if first is None:
+                assert len(out["token_ids"]) <= len(expected), (b, out["text"])
+                continue
+            # Later tokens follow another prefix and are not compared.
+            gap = _log_probability_gap(model, out["prompt_token_ids"] + out["token_ids"][:first],
+                                       out["token_ids"][first])
+            assert gap <= LOOKUP_NEAR_TIE_NATS, (b, first, gap, out["text"])
     report.add(textwrap.shorten(f"calibrated tiny Mixtral served at widths {widths} = transformers simulation", 200))

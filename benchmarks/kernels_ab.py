@@ -1,7 +1,8 @@
 """One kernel source against another in one process: the current ``cpu_bitplanes`` against
 ``kernels/cpu_bitplanes.cpp`` at an earlier commit built for the same instruction set, on one OLMoE expert MLP
 per call. The earlier build reads planes as stored (row-major, one chunk per plane: its layout up to
-222671b..e994baa), or with ``--same-layout`` this build's resident tensors (tiles, from b311ba1 on).
+222671b..e994baa), or with ``--same-layout`` this build's resident planes (tiles, from b311ba1 on) and the
+scales row-major (as every kernel before tile-major scales read them).
 
 Both builds are loaded side by side (the old one under its own op namespace), calls alternate between them
 on different experts of a pool larger than the last-level cache, and the median ms per call is printed for
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--pool-mb", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--same-layout", action="store_true", help="the old build reads this build's resident tensors")
+    parser.add_argument("--same-layout", action="store_true", help="the old build reads this build's resident planes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_bitplanes.choose_isa()[0].startswith("avx512"):
@@ -83,8 +84,9 @@ def main() -> None:
     gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
     fused = load_backend("cpu_bitplanes")
     new = (fused.prepare(gate_up), fused.prepare(down))
-    if args.same_layout:
-        old = tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]) for p in new)
+    if args.same_layout:  # this build's planes; the scales row-major, as kernels before tile-major scales read them
+        old = tuple(([*p.chunks], [s.base_scale, s.base_zero, s.plane_scale, p.scale_table])
+                    for p, s in zip(new, (gate_up, down), strict=True))
     else:
         old = (rows_as_stored(gate_up, new[0].scale_table), rows_as_stored(down, new[1].scale_table))
 

@@ -69,6 +69,9 @@ constexpr int kPlanesPerChunk = 2;
 constexpr int64_t kPlaneTileRows = 16;
 constexpr int64_t kPlaneTileColumns = 32;
 constexpr int64_t kPlaneTileWordBytes = 4 * kPlaneTileRows;
+// Tiled, a residual plane's scale codes are stored per group, per tile: 8 bytes, row l of the tile in the
+// low half of byte l % 8 for l < 8, else in its high half, so a tile-group's 16 codes are one 8-byte load.
+constexpr int64_t kTileCodeBytes = kPlaneTileRows / 2;
 inline bool tiled_layout(int64_t group_size) { return kPlanesPerChunk == 1 && group_size % kPlaneTileColumns == 0; }
 // The lookup tables and group sums of a few tokens (lookup_tiles), made once per projection call or
 // per segment of a layer call.
@@ -91,10 +94,10 @@ struct Projection {
   const uint8_t* chunk_bits[kMaxChunks];         // chunk c, row 0
   int64_t chunk_row_bytes[kMaxChunks];
   int chunk_planes[kMaxChunks];                  // bits per column in chunk c (1 or 2)
-  const uint16_t* base_scale;                    // float16 [rows, groups]
-  const uint16_t* base_zero;                     // float16 [rows, groups]
-  const uint8_t* residual_codes[kMaxPlanes];     // residual plane j: uint8 [rows, code_row_bytes], 4-bit codes
-  int64_t code_row_bytes;                        // ceil(groups / 2)
+  const uint16_t* base_scale;                    // float16 at scale_at(row, group)
+  const uint16_t* base_zero;                     // float16 at scale_at(row, group)
+  const uint8_t* residual_codes[kMaxPlanes];     // residual plane j's 4-bit codes (code)
+  int64_t code_row_bytes;                        // untiled: ceil(groups / 2), a row's code bytes
   const float* scale_table;                      // float32 [residual planes, 16]: a_j = s * table[j][code]
 
   // Bytes of one tile's group of one plane (tiled): its 16 rows' words of the group's columns.
@@ -111,6 +114,22 @@ struct Projection {
     return (col / kPlaneTileColumns) * (tiled ? kPlaneTileWordBytes : 4) + (col % kPlaneTileColumns) / 8;
   }
 
+  // Where the base scale and zero of (row, group) are: tiled, group-major, each group's rows padded to whole
+  // tiles (so 16 rows of a tile are one 32-byte load); else row-major.
+  int64_t scale_at(int64_t row, int64_t group) const {
+    return tiled ? group * tiles * kPlaneTileRows + row : row * groups + group;
+  }
+  // Residual plane j's 4-bit scale code of (row, group): tiled, kTileCodeBytes per tile and group; else
+  // code_row_bytes per row, the even group in the low half of a byte.
+  int code(int j, int64_t row, int64_t group) const {
+    if (tiled) {
+      const int64_t in_tile = row % kPlaneTileRows;
+      const uint8_t byte = residual_codes[j][(group * tiles + row / kPlaneTileRows) * kTileCodeBytes + in_tile % kTileCodeBytes];
+      return (byte >> (4 * (in_tile / kTileCodeBytes))) & 15;
+    }
+    return (residual_codes[j][row * code_row_bytes + group / 2] >> (4 * (group % 2))) & 15;
+  }
+
   // Bit `plane` of column `col` in row `row`.
   int bit(int plane, int64_t row, int64_t col) const {
     const int c = plane / kPlanesPerChunk;
@@ -124,9 +143,11 @@ struct Projection {
 };
 
 // Resident tensors (kernels/cpu_bitplanes.py, ResidentPlanes): chunks[c] uint8 [E, rows, row bytes]
-// (kPlanesPerChunk planes each, the last maybe one),
-// base_scale / base_zero float16 [E, rows, groups], plane_scale uint8 [E, residual planes, rows,
-// ceil(groups / 2)] (two 4-bit codes per byte, the even group low), scale_table float32 [residual planes, 16].
+// (kPlanesPerChunk planes each, the last maybe one), scale_table float32 [residual planes, 16], and
+// untiled: base_scale / base_zero float16 [E, rows, groups] and plane_scale uint8 [E, residual planes, rows,
+// ceil(groups / 2)] (two 4-bit codes per byte, the even group low);
+// tiled: base_scale / base_zero float16 [E, rows, groups] viewing [E, groups, tiles * 16] (group-major) and
+// plane_scale uint8 [E, residual planes, groups, tiles, 8] (Projection::code).
 Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vector<at::Tensor>& scales,
                            int64_t min_bits, int64_t expert, int64_t width, int64_t cols, int64_t group_size) {
   const at::Tensor &base_scale = scales[0], &base_zero = scales[1], &plane_scale = scales[2],
@@ -158,16 +179,26 @@ Projection view_projection(const std::vector<at::Tensor>& chunks, const std::vec
                 "]", p.tiled ? " (rows padded to whole tiles)" : "");
     p.chunk_bits[c] = chunks[c].data_ptr<uint8_t>() + expert * chunk_rows * p.chunk_row_bytes[c];
   }
-  const int64_t matrix = p.rows * p.groups;
-  p.base_scale = half_bits(base_scale) + expert * matrix;
-  p.base_zero = half_bits(base_zero) + expert * matrix;
+  const int64_t padded_rows = p.tiles * kPlaneTileRows;
+  const std::vector<int64_t> scale_strides =
+      p.tiled ? std::vector<int64_t>{p.groups * padded_rows, 1, padded_rows} : std::vector<int64_t>{p.rows * p.groups, p.groups, 1};
+  for (const at::Tensor* t : {&base_scale, &base_zero})
+    TORCH_CHECK(t->strides() == at::IntArrayRef(scale_strides) && t->size(1) == p.rows && t->size(2) == p.groups,
+                "base scales and zeros must be float16 [experts, ", p.rows, ", ", p.groups, "] with strides ",
+                at::IntArrayRef(scale_strides), p.tiled ? " (group-major, rows padded to whole tiles)" : "", ", not ",
+                t->strides());
+  p.base_scale = half_bits(base_scale) + expert * scale_strides[0];
+  p.base_zero = half_bits(base_zero) + expert * scale_strides[0];
   p.code_row_bytes = (p.groups + 1) / 2;
-  TORCH_CHECK(plane_scale.size(2) == p.rows && plane_scale.size(3) == p.code_row_bytes &&
+  const std::vector<int64_t> code_sizes = p.tiled ? std::vector<int64_t>{p.groups, p.tiles, kTileCodeBytes}
+                                                  : std::vector<int64_t>{p.rows, p.code_row_bytes};
+  TORCH_CHECK(plane_scale.dim() == 2 + int64_t(code_sizes.size()) && plane_scale.is_contiguous() &&
+                  plane_scale.sizes().slice(2) == at::IntArrayRef(code_sizes) &&
                   scale_table.size(0) >= plane_scale.size(1) && scale_table.size(1) == 16,
-              "plane scale codes must be uint8 [experts, planes, ", p.rows, ", ", p.code_row_bytes,
+              "plane scale codes must be contiguous uint8 [experts, planes, ", at::IntArrayRef(code_sizes),
               "] with a float32 [planes, 16] table");
   p.scale_table = scale_table.data_ptr<float>();
-  const int64_t code_matrix = p.rows * p.code_row_bytes;
+  const int64_t code_matrix = plane_scale.stride(1);
   for (int j = 0; j < width - min_bits; ++j)
     p.residual_codes[j] = plane_scale.data_ptr<uint8_t>() + (expert * plane_scale.size(1) + j) * code_matrix;
   return p;
@@ -181,8 +212,7 @@ struct GroupCoefs {
   float offset;
   GroupCoefs() = default;
   GroupCoefs(const Projection& p, int64_t row, int64_t group) {
-    const int64_t at = row * p.groups + group;
-    const int64_t code_at = row * p.code_row_bytes + group / 2, code_shift = 4 * (group % 2);
+    const int64_t at = p.scale_at(row, group);
     const float s = half_to_float(p.base_scale[at]);
     offset = -s * half_to_float(p.base_zero[at]);
     for (int i = 0; i < P; ++i) {
@@ -192,7 +222,7 @@ struct GroupCoefs {
         coef[i] = s * float(1 << i);
       } else {
         const int j = i - p.min_bits;
-        const float a = s * p.scale_table[16 * j + ((p.residual_codes[j][code_at] >> code_shift) & 15)];
+        const float a = s * p.scale_table[16 * j + p.code(j, row, group)];
         coef[i] = 2 * a;
         offset -= a;
       }
@@ -316,7 +346,7 @@ constexpr int plane_parts(int planes, int plane) {
 }
 
 // Most tokens of a projection (`planes` wide, `groups` groups, tiled or not) that run by lookup (AVX-512 builds:
-// lookup_tiles), 0 if none: tiled planes and two groups or more (LaneCoefs). Lookups beat the masked rebuild on
+// lookup_tiles), 0 if none: tiled planes. Lookups beat the masked rebuild on
 // tiles at every width and token count of the register path. Their time grows with tokens times lookups per
 // pattern, torch's GEMM on rebuilt tiles by less per token after a fixed rebuild: on OLMoE's expert (two threads)
 // lookups still won at 256 tokens with one table part (widths 2-6; 1.1-1.3x at width 6), and lost from about 64-80
@@ -324,13 +354,13 @@ constexpr int plane_parts(int planes, int plane) {
 // (benchmarks/results/kernels.md).
 constexpr int64_t kLookupMaxTokens = 256;
 constexpr int64_t kTwoPartLookupMaxTokens = 64;
-inline int64_t lookup_token_limit(bool tiled, int64_t groups, int planes) {
-  if (!tiled || groups < 2 || planes <= 0) return 0;
+inline int64_t lookup_token_limit(bool tiled, int planes) {
+  if (!tiled || planes <= 0) return 0;
   return table_parts(planes) == 1 ? kLookupMaxTokens : kTwoPartLookupMaxTokens;
 }
 
 inline bool lookup_fits(const Projection& p, int64_t tokens) {
-  return tokens <= lookup_token_limit(p.tiled, p.groups, p.planes);
+  return tokens <= lookup_token_limit(p.tiled, p.planes);
 }
 
 inline float horizontal_sum(Vec v) {
@@ -580,10 +610,9 @@ void lookup_tables(const Projection& p, const float* x, int64_t tokens, int part
     }
 }
 
-// GroupCoefs<N> of group g for rows r .. r + 15, lane l for row r + l: the base scales and zeros
-// gathered as float16 pairs (the pair that ends at the element, or for group 0 the one that starts
-// there, so no read leaves the tensor: needs two groups or more), the residual planes' 4-bit codes
-// read one by one and decoded by a permute of their 16-entry table.
+// GroupCoefs<N> of group g for rows r .. r + 15 of a tile (tiled layout), lane l for row r + l: the base
+// scales and zeros one 32-byte load each, each residual plane's 16 codes one 8-byte load decoded by a
+// permute of the plane's 16-entry table.
 template <int N>
 struct LaneCoefs {
   Vec coef[N], offset;
@@ -598,23 +627,20 @@ struct LaneCoefs {
     offset = vload(o);
     for (int i = 0; i < N; ++i) coef[i] = vload(c[i]);
 #else
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i at = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lanes, _mm512_set1_epi32(int(r))),
-                                                           _mm512_set1_epi32(int(p.groups))),
-                                        _mm512_set1_epi32(int(g) - (g > 0)));
+    const int64_t at = p.scale_at(r, g);
     const auto halves = [&](const uint16_t* base) {
-      const __m512i pairs = _mm512_i32gather_epi32(at, base, 2);
-      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g > 0 ? _mm512_srli_epi32(pairs, 16) : pairs));
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + at)));
     };
     const Vec s = halves(p.base_scale);
     offset = vmul(vsub(vzero(), s), halves(p.base_zero));
     for (int i = 0; i < N && i < p.min_bits; ++i) coef[i] = vmul(s, vset1(float(1 << i)));
-    alignas(64) int32_t codes[kLanes];
+    const int64_t code_at = (g * p.tiles + r / kPlaneTileRows) * kTileCodeBytes;
     for (int i = p.min_bits; i < N; ++i) {
       const int j = i - p.min_bits;
-      for (int l = 0; l < kLanes; ++l)
-        codes[l] = (p.residual_codes[j][(r + l) * p.code_row_bytes + g / 2] >> (4 * (g % 2))) & 15;
-      const Vec a = vmul(s, _mm512_permutexvar_ps(_mm512_load_si512(codes), vload(p.scale_table + 16 * j)));
+      // Bytes 0-7: rows 0-7 (the low halves), bytes 8-15: rows 8-15 (the high halves).
+      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.residual_codes[j] + code_at));
+      const __m128i codes = _mm_and_si128(_mm_unpacklo_epi64(packed, _mm_srli_epi16(packed, 4)), _mm_set1_epi8(15));
+      const Vec a = vmul(s, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), vload(p.scale_table + 16 * j)));
       coef[i] = vadd(a, a);
       offset = vsub(offset, a);
     }
@@ -746,7 +772,7 @@ const Lookup* make_lookup(const Projection& p, const float* x, int64_t tokens, s
 // reference by it.
 std::tuple<int64_t, int64_t> lookup_plan(int64_t cols, int64_t group_size, int64_t width) {
   TORCH_CHECK(group_size > 0 && cols % group_size == 0, cols, " columns are not whole groups of ", group_size);
-  const int64_t tokens = lookup_token_limit(tiled_layout(group_size), cols / group_size, int(width));
+  const int64_t tokens = lookup_token_limit(tiled_layout(group_size), int(width));
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
   int64_t two_part_planes = 0;
   while (two_part_planes < width && plane_parts(int(width), int(two_part_planes)) == 2) ++two_part_planes;
@@ -907,12 +933,13 @@ void check_projection(const std::vector<at::Tensor>& chunks, const std::vector<a
   for (const auto& t : chunks)
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kByte && t.dim() == 3, name,
                 ": plane pairs must be contiguous uint8 CPU tensors [experts, rows, bytes]");
-  for (const auto& t : scales)
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, ": scales must be contiguous CPU tensors");
+  for (const auto& t : scales)  // their shapes and strides: view_projection
+    TORCH_CHECK(t.device().is_cpu(), name, ": scales must be CPU tensors");
+  TORCH_CHECK(scales[3].is_contiguous(), name, ": the plane scale codes' table must be contiguous");
   TORCH_CHECK(scales[0].scalar_type() == at::kHalf && scales[1].scalar_type() == at::kHalf, name,
               ": base scales and zeros must be float16");
-  TORCH_CHECK(scales[2].scalar_type() == at::kByte && scales[2].dim() == 4, name,
-              ": plane scale codes must be uint8 [experts, planes, rows, ceil(groups / 2)]");
+  TORCH_CHECK(scales[2].scalar_type() == at::kByte && scales[2].dim() >= 2, name,
+              ": plane scale codes must be uint8 [experts, planes, ...]");
   TORCH_CHECK(scales[3].scalar_type() == at::kFloat && scales[3].dim() == 2, name,
               ": the plane scale table must be float32 [planes, 16]");
 }

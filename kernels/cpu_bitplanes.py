@@ -123,7 +123,8 @@ class ResidentPlanes:
     column); the AVX-512 builds keep each plane apart, in tiles (:func:`to_tiles`)
     where the groups are whole 32-column words (``tiled``), else as stored. The same
     bytes as the planes (tiles: rows padded to a multiple of 16), plus 4 bytes of slack
-    per chunk tensor; scales are the stacked ones, plus the plane scale codes' decoding
+    per chunk tensor; scales are the stacked ones, tiled in the tiles' order
+    (:func:`scales_in_tiles`, :func:`codes_in_tiles`), plus the plane scale codes' decoding
     table (:func:`~vllm_d2moe.mwq.plane_scales.decode_table`, 64 bytes per plane).
     """
 
@@ -131,9 +132,11 @@ class ResidentPlanes:
     group_size: int
     min_bits: int
     chunks: tuple[torch.Tensor, ...]  # uint8 [experts, rows, ceil(planes in chunk * cols / 8)]
-    base_scale: torch.Tensor  # float16 [experts, rows, groups]
-    base_zero: torch.Tensor  # float16 [experts, rows, groups]
-    plane_scale: torch.Tensor  # uint8 [experts, residual planes, rows, ceil(groups / 2)]: 4-bit codes
+    base_scale: torch.Tensor  # float16 [experts, rows, groups] (tiled: a view, scales_in_tiles)
+    base_zero: torch.Tensor  # float16 [experts, rows, groups] (tiled: a view, scales_in_tiles)
+    # uint8 [experts, residual planes, rows, ceil(groups / 2)]: 4-bit codes; tiled: [..., groups, tiles, 8]
+    # (codes_in_tiles)
+    plane_scale: torch.Tensor
     scale_table: torch.Tensor  # float32 [residual planes, 16]
     tiled: bool  # planes in tiles (to_tiles)
 
@@ -157,14 +160,21 @@ class ResidentPlanes:
                 else:
                     chunk[e].copy_(to_tiles(pair[0][e], p.group_size) if tiled else pair[0][e])
             chunks.append(chunk)
+        scales = (p.base_scale, p.base_zero, p.plane_scale)
+        if tiled:
+            codes = codes_in_tiles(p.plane_scale, p.shape[1] // p.group_size)
+            scales = (scales_in_tiles(p.base_scale), scales_in_tiles(p.base_zero), codes)
         return ResidentPlanes(
-            p.shape, p.group_size, p.min_bits, tuple(chunks), p.base_scale, p.base_zero, p.plane_scale,
-            decode_table(p.plane_scale.shape[1]), tiled,
+            p.shape, p.group_size, p.min_bits, tuple(chunks), *scales, decode_table(p.plane_scale.shape[1]), tiled
         )
 
     @property
     def bits(self) -> int:
         return self.min_bits + self.plane_scale.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.shape[1] // self.group_size
 
     @property
     def num_experts(self) -> int:
@@ -187,14 +197,14 @@ class ResidentPlanes:
         self.base_zero[expert].copy_(t.base_zero)
         self._store_bit_planes(expert, 0, [*t.base_bits, *(bits for bits, _ in t.planes)])
         for j, (_, scale) in enumerate(t.planes):
-            self.plane_scale[expert, j].copy_(scale)
+            self.plane_scale[expert, j].copy_(codes_in_tiles(scale, self.groups) if self.tiled else scale)
 
     def store_planes(self, expert: int, first: int, planes) -> None:
         """Write residual planes ``first, first + 1, ...`` ((bits, scale) pairs) of expert ``expert``:
         a width upgrade in place; the planes below stay as they are."""
         load()
         for j, (_, scale) in enumerate(planes, start=first):
-            self.plane_scale[expert, j].copy_(scale)
+            self.plane_scale[expert, j].copy_(codes_in_tiles(scale, self.groups) if self.tiled else scale)
         self._store_bit_planes(expert, self.min_bits + first, [bits for bits, _ in planes])
 
     def _store_bit_planes(self, expert: int, start: int, planes: list[torch.Tensor]) -> None:
@@ -237,15 +247,16 @@ class ResidentPlanes:
             _ops().unpair_planes(chunk[expert], first, second)
             planes += [first, second]
         planes = planes[:bits]
+        codes = [self.plane_scale[expert, j] for j in range(bits - self.min_bits)]
+        if self.tiled:
+            codes = [codes_from_tiles(c, self.shape[0]) for c in codes]
         return MWQTensor(
             shape=self.shape,
             group_size=self.group_size,
             base_bits=torch.stack(planes[: self.min_bits]),
-            base_scale=self.base_scale[expert],
-            base_zero=self.base_zero[expert],
-            planes=tuple(
-                (planes[self.min_bits + j], self.plane_scale[expert, j]) for j in range(bits - self.min_bits)
-            ),
+            base_scale=self.base_scale[expert].contiguous(),
+            base_zero=self.base_zero[expert].contiguous(),
+            planes=tuple((planes[self.min_bits + j], code) for j, code in enumerate(codes)),
         )
 
 
@@ -265,6 +276,35 @@ def from_tiles(tiled: torch.Tensor, rows: int, group_size: int) -> torch.Tensor:
     tiles, groups, words = tiled.shape[0] // TILE_ROWS, row_bytes * 8 // group_size, group_size // TILE_COLUMNS
     plane = tiled.reshape(groups, tiles, words, TILE_ROWS, 4).permute(1, 3, 0, 2, 4).reshape(-1, row_bytes)
     return plane[:rows].clone()
+
+
+def scales_in_tiles(scale: torch.Tensor) -> torch.Tensor:
+    """Base scales or zeros (float16 ``[experts, rows, groups]``) as tiles read them: group-major, each group's
+    rows padded to whole tiles (zeros), so that a tile's 16 rows of a group are one 32-byte load; a view with
+    ``scale``'s shape and values of a new ``[experts, groups, ceil(rows / 16) * 16]`` tensor."""
+    experts, rows, groups = scale.shape
+    padded = torch.zeros(experts, groups, -(-rows // TILE_ROWS) * TILE_ROWS, dtype=scale.dtype)
+    return padded.transpose(1, 2)[:, :rows].copy_(scale)
+
+
+def codes_in_tiles(codes: torch.Tensor, groups: int) -> torch.Tensor:
+    """Plane scale codes (uint8 ``[..., rows, ceil(groups / 2)]``, two 4-bit codes per byte, the even group in
+    the low half) as tiles read them: uint8 ``[..., groups, ceil(rows / 16), 8]``, byte ``l`` of a tile and
+    group holding its row ``l`` in the low half and row ``l + 8`` in the high half (rows past the last: 0)."""
+    *lead, rows, _ = codes.shape
+    nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[..., :groups]
+    nibbles = torch.nn.functional.pad(nibbles, (0, 0, 0, -rows % TILE_ROWS))
+    halves = nibbles.view(*lead, -1, 2, TILE_ROWS // 2, nibbles.shape[-1])  # [..., tiles, half, row in half, group]
+    packed = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)
+    return packed.movedim(-1, -3).contiguous()
+
+
+def codes_from_tiles(tiled: torch.Tensor, rows: int) -> torch.Tensor:
+    """The codes :func:`codes_in_tiles` made ``tiled`` from (a new tensor)."""
+    *lead, groups, tiles, _ = tiled.shape
+    nibbles = torch.stack((tiled & 15, tiled >> 4), dim=-2).reshape(*lead, groups, tiles * TILE_ROWS)
+    nibbles = torch.nn.functional.pad(nibbles[..., :rows].transpose(-1, -2), (0, groups % 2))  # [..., rows, even]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).contiguous()
 
 
 def choose_isa() -> tuple[str, str]:

@@ -71,6 +71,9 @@ ENGINE_ENV = {
     # The engine core stays in the benchmark's worker process (not vLLM's default spawned
     # ones): the thread count it sets and the peak RSS it reads (getrusage) are the engine's.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # vLLM logs to stdout, which carries the worker's result; a failing model worker's traceback (logged, not
+    # raised) belongs in the log, with the other processes' tracebacks.
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
 }
 OFFLOAD_METHODS = {
     "matryoshka-free": {"order": "id", "overlap": False, "reuse": False, "keep": False},

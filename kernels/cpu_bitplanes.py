@@ -294,7 +294,8 @@ def codes_in_tiles(codes: torch.Tensor, groups: int) -> torch.Tensor:
     *lead, rows, _ = codes.shape
     nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[..., :groups]
     nibbles = torch.nn.functional.pad(nibbles, (0, 0, 0, -rows % TILE_ROWS))
-    halves = nibbles.view(*lead, -1, 2, TILE_ROWS // 2, nibbles.shape[-1])  # [..., tiles, half, row in half, group]
+    tiles = nibbles.shape[-2] // TILE_ROWS
+    halves = nibbles.view(*lead, tiles, 2, TILE_ROWS // 2, groups)  # [..., tile, half, row in half, group]
     packed = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)
     return packed.movedim(-1, -3).contiguous()
 

@@ -207,6 +207,7 @@ CASES = {
     "g24-ragged": (MWQSpec(1, 5, 24), 48, 72, [(2, 1, 3), (0, 5, 1), (1, 3, 0), (1, 4, 9)]),
     "g12-unaligned": (MWQSpec(3, 6, 12), 36, 24, [(0, 3, 1), (1, 6, 2), (2, 4, 6)]),
     "one-width": (MWQSpec(4, 4, 16), 32, 16, [(1, 4, 1), (0, 4, 2)]),
+    "one-width-tiled": (MWQSpec(2, 2, 32), 64, 64, [(1, 2, 1), (0, 2, 5)]),  # no residual planes
     "many-tokens": (MWQSpec(2, 4, 64), 128, 64, [(1, 3, 70), (0, 4, 1)]),
     # 3 (AVX-512) or 6 (AVX2) vectors per group; 6 to 8 tokens fill the AVX-512 build's register block.
     "g48-token-blocks": (MWQSpec(2, 8, 48), 96, 48, [(0, 2, 8), (1, 5, 7), (2, 8, 6), (0, 4, 8), (1, 7, 3)]),
@@ -363,7 +364,8 @@ def test_layer_forward_without_local_experts_is_zero(backend):
 # (min bits, max bits, columns = the group size, rows); groups of 64 columns are tiled by the AVX-512 build,
 # 21 rows into two tiles of 16, the second padded.
 @pytest.mark.parametrize(
-    "min_bits,max_bits,cols,rows", [(2, 8, 48, 5), (1, 4, 20, 5), (3, 7, 13, 5), (4, 4, 8, 5), (2, 5, 64, 21)]
+    "min_bits,max_bits,cols,rows",
+    [(2, 8, 48, 5), (1, 4, 20, 5), (3, 7, 13, 5), (4, 4, 8, 5), (2, 5, 64, 21), (2, 2, 64, 21)],
 )
 def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols, rows):
     """A backend's resident layout gives back every width's planes and scales bit for bit."""

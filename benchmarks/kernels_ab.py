@@ -1,8 +1,8 @@
 """One kernel source against another in one process: the current ``cpu_bitplanes`` against
 ``kernels/cpu_bitplanes.cpp`` at an earlier commit built for the same instruction set, on one OLMoE expert MLP
 per call. The earlier build reads planes as stored (row-major, one chunk per plane: its layout up to
-222671b..e994baa), or with ``--same-layout`` this build's resident planes (tiles, from b311ba1 on) and the
-scales row-major (as every kernel before tile-major scales read them).
+222671b..e994baa), or with ``--same-layout`` this build's resident planes (tiles, from b311ba1 on), with the
+scales in the tiles' order where the old source reads them so (from 78ae0cf on), else row-major.
 
 Both builds are loaded side by side (the old one under its own op namespace), calls alternate between them
 on different experts of a pool larger than the last-level cache, and the median ms per call is printed for
@@ -25,8 +25,6 @@ import torch
 import torch.utils.cpp_extension
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_d2moe.experts import ExpertSegments  # noqa: E402
-
 from kernels import (  # noqa: E402
     cpu_bitplanes,  # noqa: E402
     load_backend,
@@ -41,7 +39,7 @@ HIDDEN, INTER = 2048, 1024  # OLMoE-1B-7B's expert
 
 def load_old(rev: str):
     """``rev``'s kernel source built with this build's flags (``avx512-bf16`` or ``avx512``), as
-    ``torch.ops.d2moe_cpu_old``."""
+    ``torch.ops.d2moe_cpu_old``, and whether it reads tiled scales in the tiles' order (from 78ae0cf on)."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kernels/cpu_bitplanes.cpp"],
                             check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "old_cpu_bitplanes.cpp"
@@ -50,7 +48,7 @@ def load_old(rev: str):
     torch.utils.cpp_extension.load(name="d2moe_cpu_bitplanes_old", sources=[str(path)],
                                    extra_cflags=[*flags, "-DD2MOE_LIBRARY=d2moe_cpu_old"],
                                    extra_ldflags=["-fopenmp"], is_python_module=True)
-    return torch.ops.d2moe_cpu_old
+    return torch.ops.d2moe_cpu_old, "kTileCodeBytes" in source
 
 
 def rows_as_stored(stacked, scale_table):
@@ -77,25 +75,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_bitplanes.choose_isa()[0].startswith("avx512"):
         sys.exit("kernels_ab.py compares AVX-512 builds; this CPU runs " + cpu_bitplanes.choose_isa()[0])
-    old_ops = load_old(args.rev)
+    old_ops, old_tiled_scales = load_old(args.rev)
     # Each pool expert holds every plane (widths up to 8).
     n = pool_size(mwq_bytes(random_stacked(2 * INTER, HIDDEN, 1), 8) + mwq_bytes(random_stacked(HIDDEN, INTER, 1), 8),
                   args.pool_mb)
     gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
     fused = load_backend("cpu_bitplanes")
     new = (fused.prepare(gate_up), fused.prepare(down))
-    if args.same_layout:  # this build's planes; the scales row-major, as kernels before tile-major scales read them
+    if args.same_layout and old_tiled_scales:
+        old = tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]) for p in new)
+    elif args.same_layout:  # this build's planes, the scales row-major as the old build reads them
         old = tuple(([*p.chunks], [s.base_scale, s.base_zero, s.plane_scale, p.scale_table])
                     for p, s in zip(new, (gate_up, down), strict=True))
     else:
         old = (rows_as_stored(gate_up, new[0].scale_table), rows_as_stored(down, new[1].scale_table))
 
-    def run_old(x, expert, width, out):
-        table = torch.tensor([[expert, width, 0, x.shape[0]]], dtype=torch.int64)
-        old_ops.moe_segments(x, table, *old[0], *old[1], gate_up.min_bits, gate_up.group_size, out)
+    # Both builds called alike, straight to their ops: a Python wrapper on one side only cost it about 0.02 ms a
+    # call, 5-15 % of a one-token call (an A/A run of one source against itself read 0.84-1.01x).
+    def call(ops, projections):
+        def run(x, expert, width, out):
+            table = torch.tensor([[expert, width, 0, x.shape[0]]], dtype=torch.int64)
+            ops.moe_segments(x, table, *projections[0], *projections[1], gate_up.min_bits, gate_up.group_size, out)
+        return run
 
-    def run_new(x, expert, width, out):
-        fused.grouped_mlp(x, *new, ExpertSegments((expert,), (width,), (0, x.shape[0])), out)
+    run_old = call(old_ops, old)
+    run_new = call(fused.ops(), tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table])
+                                      for p in new))
 
     x = torch.randn(3, HIDDEN)
     want, got = torch.empty(3, HIDDEN), torch.empty(3, HIDDEN)

@@ -156,7 +156,7 @@ class ResidentPlanes:
             chunk = torch.empty(size + _SLACK, dtype=torch.uint8)[:size].view(p.num_experts, rows, row_bytes)
             for e in range(p.num_experts):  # one expert's plane is contiguous
                 if len(pair) == 2:
-                    _ops().pair_planes(pair[0][e], pair[1][e], chunk[e])
+                    ops().pair_planes(pair[0][e], pair[1][e], chunk[e])
                 else:
                     chunk[e].copy_(to_tiles(pair[0][e], p.group_size) if tiled else pair[0][e])
             chunks.append(chunk)
@@ -224,10 +224,10 @@ class ResidentPlanes:
                 continue
             kept_first, kept_second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
             if 2 * c < start:
-                _ops().unpair_planes(chunk, kept_first, kept_second)
+                ops().unpair_planes(chunk, kept_first, kept_second)
             first = planes[2 * c - start] if 2 * c >= start else kept_first
             second = planes[2 * c + 1 - start] if 2 * c + 1 < end else kept_second
-            _ops().pair_planes(first.contiguous(), second.contiguous(), chunk)
+            ops().pair_planes(first.contiguous(), second.contiguous(), chunk)
 
     def expert(self, expert: int, bits: int | None = None) -> MWQTensor:
         """Expert ``expert`` at width ``bits`` (default: all resident planes), planes unpaired (a copy)."""
@@ -244,7 +244,7 @@ class ResidentPlanes:
                 planes.append(chunk[expert].clone())
                 continue
             first, second = (torch.empty(self.shape[0], plane_bytes, dtype=torch.uint8) for _ in range(2))
-            _ops().unpair_planes(chunk[expert], first, second)
+            ops().unpair_planes(chunk[expert], first, second)
             planes += [first, second]
         planes = planes[:bits]
         codes = [self.plane_scale[expert, j] for j in range(bits - self.min_bits)]
@@ -337,7 +337,7 @@ def _library(isa: str) -> str:
     return "d2moe_cpu_" + isa.replace("-", "_")
 
 
-def _ops():
+def ops():
     """The ops of the build :func:`load` chose (``torch.ops.d2moe_cpu_<isa>``)."""
     return getattr(torch.ops, _library(choose_isa()[0]))
 
@@ -375,7 +375,7 @@ def linear(x: torch.Tensor, p: ResidentPlanes, expert: int, bits: int, out: torc
     """``out [tokens, rows] = x [tokens, cols] @ W^T`` for expert ``expert`` of ``p`` at width ``bits``, as a layer
     call computes a segment of ``tokens`` tokens (both float32, contiguous)."""
     load()
-    _ops().linear(x, *_projection_args(p), p.min_bits, expert, bits, p.group_size, out)
+    ops().linear(x, *_projection_args(p), p.min_bits, expert, bits, p.group_size, out)
 
 
 def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
@@ -390,7 +390,7 @@ def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
     activations per group; at widths 7-8 the first 3 planes, those with the largest coefficients, read two parts
     (``benchmarks/results/kernels.md``)."""
     load()
-    return tuple(_ops().lookup_plan(cols, group_size, bits))
+    return tuple(ops().lookup_plan(cols, group_size, bits))
 
 
 def _layer_args(gate_up: ResidentPlanes, down: ResidentPlanes) -> list:
@@ -403,14 +403,14 @@ def grouped_mlp(x, gate_up: ResidentPlanes, down: ResidentPlanes, segments, out)
     table = torch.tensor(
         [segments.experts, segments.bits, segments.starts[:-1], segments.starts[1:]], dtype=torch.int64
     ).T.contiguous()
-    _ops().moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
+    ops().moe_segments(x.float().contiguous(), table, *_layer_args(gate_up, down), out)
 
 
 def layer_forward(x, topk_weights, local_ids, widths, gate_up: ResidentPlanes, down: ResidentPlanes) -> torch.Tensor:
     """See ``kernels/__init__.py``: grouping, gather and weighted scatter in the same C++ call
     (on the reference model the dozen torch ops for them cost more than its small experts)."""
     load()
-    return _ops().moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
+    return ops().moe_forward(x, topk_weights, local_ids, widths, *_layer_args(gate_up, down))
 
 
 def bind(gate_up: ResidentPlanes, down: ResidentPlanes):

@@ -19,6 +19,7 @@ from vllm_d2moe.mwq.calibrate import calibrated_quantize, output_error
 from vllm_d2moe.mwq.checkpoint import MWQCheckpoint
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQError, MWQSpec, dequantize, nearest_plane, quantize
+from vllm_d2moe.testing.compare import diverge_only_at_near_ties
 from vllm_d2moe.testing.engine_runs import Run
 from vllm_d2moe.testing.tiny_models import make_tiny_model
 
@@ -226,11 +227,22 @@ def test_an_expert_no_token_reaches_keeps_the_uncalibrated_fit(tmp_path):
 LOOKUP_NEAR_TIE_NATS = 0.01
 
 
-def _log_probability_gap(model, token_ids: list[int], token: int) -> float:
-    """How far ``token`` is below the most likely next token of ``model`` after ``token_ids``, in nats."""
-    with torch.no_grad():
-        log_probs = torch.log_softmax(model(torch.tensor([token_ids])).logits[0, -1].double(), -1)
-    return (log_probs.max() - log_probs[token]).item()
+def _simulated_run(model, served: dict) -> dict:
+    """``model``'s greedy continuation of each of ``served``'s prompts, cut to the served length, as an engine
+    run with the log-probabilities of its 20 most likely tokens at each position (the reference of
+    :func:`~vllm_d2moe.testing.compare.diverge_only_at_near_ties`)."""
+    outputs = []
+    for out in served["outputs"]:
+        prompt = len(out["prompt_token_ids"])
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([out["prompt_token_ids"]]), max_new_tokens=16, do_sample=False,
+                                 min_new_tokens=0)
+            top = torch.log_softmax(model(ids).logits[0, prompt - 1 : -1].double(), -1).topk(20)
+        outputs.append({
+            "token_ids": ids[0, prompt:].tolist()[: len(out["token_ids"])],
+            "logprobs": [dict(zip(map(str, i.tolist()), v.tolist(), strict=True)) for v, i in zip(*top, strict=True)],
+        })
+    return {"outputs": outputs}
 
 
 def test_served_calibrated_checkpoint_equals_the_transformers_simulation(tiny, tmp_path, calibration_file, report):
@@ -251,17 +263,6 @@ def test_served_calibrated_checkpoint_equals_the_transformers_simulation(tiny, t
         assert "error" not in served, served.get("error")
         model = load_simulated_model(dst, ServingWidths("fixed", (b,)))
         set_mode(model, f"fixed:{b}")
-        for out in served["outputs"]:
-            prompt = torch.tensor([out["prompt_token_ids"]])
-            with torch.no_grad():
-                generated = model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=0)
-            expected = generated[0, prompt.shape[1]:].tolist()
-            first = next((i for i, (a, e) in enumerate(zip(out["token_ids"], expected)) if a != e), None)
-            if first is None:
-                assert len(out["token_ids"]) <= len(expected), (b, out["text"])
-                continue
-            # Later tokens follow another prefix and are not compared.
-            gap = _log_probability_gap(model, out["prompt_token_ids"] + out["token_ids"][:first],
-                                       out["token_ids"][first])
-            assert gap <= LOOKUP_NEAR_TIE_NATS, (b, first, gap, out["text"])
+        problems = diverge_only_at_near_ties(_simulated_run(model, served), served, LOOKUP_NEAR_TIE_NATS)
+        assert problems == [], (b, problems)
     report.add(textwrap.shorten(f"calibrated tiny Mixtral served at widths {widths} = transformers simulation", 200))

@@ -82,8 +82,9 @@ def main() -> None:
     gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
     fused = load_backend("cpu_bitplanes")
     new = (fused.prepare(gate_up), fused.prepare(down))
+    new_args = tuple(fused.projection_args(p) for p in new)
     if args.same_layout and old_tiled_scales:
-        old = tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]) for p in new)
+        old = new_args
     elif args.same_layout:  # this build's planes, the scales row-major as the old build reads them
         old = tuple(([*p.chunks], [s.base_scale, s.base_zero, s.plane_scale, p.scale_table])
                     for p, s in zip(new, (gate_up, down), strict=True))
@@ -99,8 +100,7 @@ def main() -> None:
         return run
 
     run_old = call(old_ops, old)
-    run_new = call(fused.ops(), tuple(([*p.chunks], [p.base_scale, p.base_zero, p.plane_scale, p.scale_table])
-                                      for p in new))
+    run_new = call(fused.ops(), new_args)
 
     x = torch.randn(3, HIDDEN)
     want, got = torch.empty(3, HIDDEN), torch.empty(3, HIDDEN)

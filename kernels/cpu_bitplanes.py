@@ -367,7 +367,8 @@ def prepare(projection) -> ResidentPlanes:
     return ResidentPlanes.from_stacked(projection)
 
 
-def _projection_args(p: ResidentPlanes) -> list:
+def projection_args(p: ResidentPlanes) -> list:
+    """``p`` as the ops take a projection: its chunks, then its scales and their table."""
     return [list(p.chunks), [p.base_scale, p.base_zero, p.plane_scale, p.scale_table]]
 
 
@@ -375,7 +376,7 @@ def linear(x: torch.Tensor, p: ResidentPlanes, expert: int, bits: int, out: torc
     """``out [tokens, rows] = x [tokens, cols] @ W^T`` for expert ``expert`` of ``p`` at width ``bits``, as a layer
     call computes a segment of ``tokens`` tokens (both float32, contiguous)."""
     load()
-    ops().linear(x, *_projection_args(p), p.min_bits, expert, bits, p.group_size, out)
+    ops().linear(x, *projection_args(p), p.min_bits, expert, bits, p.group_size, out)
 
 
 def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
@@ -394,7 +395,7 @@ def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
 
 
 def _layer_args(gate_up: ResidentPlanes, down: ResidentPlanes) -> list:
-    return [*_projection_args(gate_up), *_projection_args(down), gate_up.min_bits, gate_up.group_size]
+    return [*projection_args(gate_up), *projection_args(down), gate_up.min_bits, gate_up.group_size]
 
 
 def grouped_mlp(x, gate_up: ResidentPlanes, down: ResidentPlanes, segments, out) -> None:

@@ -1068,7 +1068,7 @@ struct Layer {
                     const std::vector<Segment>& down_segments, const at::Tensor& ys) const {
     at::Tensor h = at::empty({xs.size(0), 2 * inter}, xs.options());
     segments_linear(gate_up_segments, xs, h);
-    segments_linear(down_segments, activation(h, gate_up_segments), ys);
+    segments_linear(down_segments, activation(h), ys);
   }
 
   // The routed sum of one layer call, as LayerExperts.forward computes it with torch ops:
@@ -1119,18 +1119,20 @@ struct Layer {
     return out.to(x.scalar_type());
   }
 
-  // silu(h[:, :inter]) * h[:, inter:], as a call of each segment alone computes it. Below torch's parallel
-  // grain one call over all pairs gives every row the same single-threaded vector loop; above it
-  // torch splits the elements across threads where a split may fall inside a row and change which
-  // elements take the scalar tail, so then each segment gets its own call.
-  at::Tensor activation(const at::Tensor& h, const std::vector<Segment>& segments) const {
-    if (h.size(0) * inter < at::internal::GRAIN_SIZE)
-      return at::silu(h.narrow(1, 0, inter)).mul_(h.narrow(1, inter, inter));
-    at::Tensor act = at::empty({h.size(0), inter}, h.options());
-    for (const Segment& s : segments) {
-      const at::Tensor hs = h.narrow(0, s.first, s.tokens);
-      act.narrow(0, s.first, s.tokens).copy_(at::silu(hs.narrow(1, 0, inter)).mul_(hs.narrow(1, inter, inter)));
-    }
+  // silu(h[:, :inter]) * h[:, inter:], as a call of each segment alone computes it: torch's elementwise loops
+  // take a row of `inter` elements at a time whatever the rows around it (vectors, then the scalar tail), as long
+  // as no thread split falls inside a row; so the rows are split across threads here, each share one serial call.
+  // (One call per segment, which this replaced, cost about 0.7 ms per OLMoE layer call at 16 requests.)
+  at::Tensor activation(const at::Tensor& h) const {
+    const int64_t rows = h.size(0);
+    at::Tensor act = at::empty({rows, inter}, h.options());
+    // Below this many rows a share is under torch's grain, so even an unsplit call stays serial.
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / inter);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      const at::Tensor hs = h.narrow(0, r0, r1 - r0);
+      at::Tensor share = act.narrow(0, r0, r1 - r0);
+      at::mul_out(share, at::silu(hs.narrow(1, 0, inter)), hs.narrow(1, inter, inter));
+    });
     return act;
   }
 };

@@ -26,6 +26,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -1128,7 +1129,11 @@ struct Layer {
     at::Tensor act = at::empty({rows, inter}, h.options());
     // Below this many rows a share is under torch's grain, so even an unsplit call stays serial.
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / inter);
+    // at::parallel_for's threads do not inherit the caller's thread-local state: without it, under vLLM's
+    // inference mode, writing into `act` (an inference tensor) from another thread is refused.
+    const at::ThreadLocalState caller;
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      const at::ThreadLocalStateGuard same_state(caller);
       const at::Tensor hs = h.narrow(0, r0, r1 - r0);
       at::Tensor share = act.narrow(0, r0, r1 - r0);
       at::mul_out(share, at::silu(hs.narrow(1, 0, inter)), hs.narrow(1, inter, inter));

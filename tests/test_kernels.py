@@ -347,6 +347,34 @@ def test_lookup_projection_is_the_float64_product_of_its_bfloat16_tables(backend
             assert_close(out, want, 1e-4)
 
 
+def test_layer_forward_splits_the_activation_across_threads_under_inference_mode(backend):
+    """A layer call with more pairs x intermediate than torch's grain (the activation split by rows across two
+    threads, cpu_bitplanes' Layer::activation) under torch.inference_mode, as vLLM serves: the worker threads write
+    into an inference tensor (refused without the caller's thread-local state), and the result is the same bits
+    as outside inference mode, within tolerance of float64."""
+    module, device = backend
+    if module.NAME != "cpu-bitplanes":
+        pytest.skip("cpu_bitplanes' layer call")
+    spec, hidden, inter, tokens, top_k = MWQSpec(2, 4, 32), 64, 1024, 40, 2  # 80 pairs: 80 x 1024 > 2 x 32768
+    gate_up, down = random_layer(spec, 4, hidden, inter, device)
+    layer = LayerExperts(gate_up, down, spec.max_bits, module)
+    x = torch.randn(tokens, hidden)
+    ids = torch.stack([torch.randperm(4)[:top_k] for _ in range(tokens)])
+    widths = torch.randint(spec.min_bits, spec.max_bits + 1, (tokens, top_k), dtype=torch.int8)
+    weights = torch.rand(tokens, top_k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = layer.forward(x, weights, ids, widths)
+        with torch.inference_mode():
+            served = layer.forward(x, weights, ids, widths)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(served, plain)
+    want = float64_layer_forward(x, weights, ids, widths, gate_up, down)
+    assert_close(served, want, max(segment_tolerance(module, spec, hidden, inter, bits, 1) for bits in spec.widths))
+
+
 def test_layer_forward_without_local_experts_is_zero(backend):
     module, device = backend
     spec = MWQSpec(2, 3, 16)

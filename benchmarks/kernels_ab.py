@@ -82,9 +82,10 @@ def main() -> None:
     if not cpu_bitplanes.choose_isa()[0].startswith("avx512"):
         sys.exit("kernels_ab.py compares AVX-512 builds; this CPU runs " + cpu_bitplanes.choose_isa()[0])
     old_ops, old_tiled_scales = load_old(args.rev)
-    # Each pool expert holds every plane (widths up to 8).
-    expert_bytes = mwq_bytes(random_stacked(2 * INTER, HIDDEN, 1), 8) + mwq_bytes(random_stacked(HIDDEN, INTER, 1), 8)
-    n = EXPERTS if args.layer else pool_size(expert_bytes, args.pool_mb)
+    # Each pool expert holds every plane (widths up to 8); a layer call routes among the layer's experts.
+    n = EXPERTS if args.layer else pool_size(
+        mwq_bytes(random_stacked(2 * INTER, HIDDEN, 1), 8) + mwq_bytes(random_stacked(HIDDEN, INTER, 1), 8),
+        args.pool_mb)
     gate_up, down = random_stacked(2 * INTER, HIDDEN, n), random_stacked(HIDDEN, INTER, n)
     fused = load_backend("cpu_bitplanes")
     new = (fused.prepare(gate_up), fused.prepare(down))

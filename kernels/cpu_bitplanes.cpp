@@ -978,12 +978,14 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
     int64_t r0, r1;
   };
   std::vector<Block> blocks;
+  std::vector<const Segment*> in_registers;
   int64_t bits = 0;  // plane-bits the register blocks read
   for (const Segment& s : segments) {
     if (!fits_registers(s.projection, s.tokens)) {
       linear(s.projection, x.narrow(0, s.first, s.tokens), out.narrow(0, s.first, s.tokens));
       continue;
     }
+    in_registers.push_back(&s);
     bits += rows * cols * s.projection.planes;
   }
   // One block of whole tiles per thread and segment, listed thread-share by thread-share, so that each thread
@@ -993,8 +995,7 @@ void segments_linear(const std::vector<Segment>& segments, const at::Tensor& x, 
   const int64_t shares = std::max<int64_t>(1, at::get_num_threads());
   const int64_t block_rows = (rows + shares * kPlaneTileRows - 1) / (shares * kPlaneTileRows) * kPlaneTileRows;
   for (int64_t r0 = 0; r0 < rows; r0 += block_rows)
-    for (const Segment& s : segments)
-      if (fits_registers(s.projection, s.tokens)) blocks.push_back({&s, r0, std::min(rows, r0 + block_rows)});
+    for (const Segment* s : in_registers) blocks.push_back({s, r0, std::min(rows, r0 + block_rows)});
   if (blocks.empty()) return;
   // A segment's lookup tables once per segment, not once per block of its rows.
   std::vector<std::vector<Lookup>> lookups(segments.size());

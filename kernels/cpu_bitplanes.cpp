@@ -1234,6 +1234,34 @@ void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second)
   });
 }
 
+
+// plane: uint8 [rows, row bytes] (bit c of a row = column c); out: uint8 [ceil(rows / 16) * 16, row bytes], the
+// plane in tiles (kernels/cpu_bitplanes.py, to_tiles): per group, per 16 rows (zero rows past the last), per
+// 32-column word of the group, the 16 rows' words side by side. Serial: offload I/O threads call it for every
+// expert they bring, beside the compute thread's OpenMP team.
+void tile_plane(const at::Tensor& plane, int64_t group_size, at::Tensor out) {
+  for (const at::Tensor* t : {&plane, static_cast<const at::Tensor*>(&out)})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte && t->dim() == 2,
+                "bit planes must be contiguous 2-d uint8 CPU tensors");
+  const int64_t rows = plane.size(0), row_bytes = plane.size(1);
+  TORCH_CHECK(group_size % 32 == 0 && row_bytes * 8 % group_size == 0, "groups of ", group_size,
+              " columns are not whole 32-column words of a ", row_bytes, "-byte row");
+  const int64_t tiles = (rows + 15) / 16, words = group_size / 32, groups = row_bytes * 8 / group_size;
+  TORCH_CHECK(out.size(0) == tiles * 16 && out.size(1) == row_bytes, "out must be [", tiles * 16, ", ", row_bytes, "]");
+  const uint8_t* src = plane.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t w = 0; w < words; ++w)
+        for (int64_t r = 0; r < 16; ++r, dst += 4) {
+          const int64_t row = t * 16 + r;
+          if (row < rows)
+            std::memcpy(dst, src + row * row_bytes + (g * words + w) * 4, 4);
+          else
+            std::memset(dst, 0, 4);
+        }
+}
+
 }  // namespace
 }  // namespace d2moe_cpu
 
@@ -1256,6 +1284,7 @@ D2MOE_TORCH_LIBRARY(D2MOE_LIBRARY, m) {
   m.def("lookup_plan(int cols, int group_size, int width) -> (int, int)", &d2moe_cpu::lookup_plan);
   m.def("pair_planes(Tensor first, Tensor second, Tensor(a!) pairs) -> ()", &d2moe_cpu::pair_planes);
   m.def("unpair_planes(Tensor pairs, Tensor(a!) first, Tensor(a!) second) -> ()", &d2moe_cpu::unpair_planes);
+  m.def("tile_plane(Tensor plane, int group_size, Tensor(a!) out) -> ()", &d2moe_cpu::tile_plane);
 }
 
 // The same layer forward bound to one layer's tensors once (kernels/cpu_bitplanes.py, bind): a call

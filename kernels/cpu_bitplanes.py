@@ -157,8 +157,10 @@ class ResidentPlanes:
             for e in range(p.num_experts):  # one expert's plane is contiguous
                 if len(pair) == 2:
                     ops().pair_planes(pair[0][e], pair[1][e], chunk[e])
+                elif tiled:
+                    to_tiles(pair[0][e], p.group_size, chunk[e])
                 else:
-                    chunk[e].copy_(to_tiles(pair[0][e], p.group_size) if tiled else pair[0][e])
+                    chunk[e].copy_(pair[0][e])
             chunks.append(chunk)
         scales = (p.base_scale, p.base_zero, p.plane_scale)
         if tiled:
@@ -215,7 +217,10 @@ class ResidentPlanes:
         plane_bytes = (self.shape[1] + 7) // 8
         if self.planes_per_chunk == 1:
             for i, bits in enumerate(planes, start=start):
-                self.chunks[i][expert].copy_(to_tiles(bits, self.group_size) if self.tiled else bits)
+                if self.tiled:
+                    to_tiles(bits, self.group_size, self.chunks[i][expert])
+                else:
+                    self.chunks[i][expert].copy_(bits)
             return
         for c in range(start // 2, (end + 1) // 2):
             chunk = self.chunks[c][expert]
@@ -260,14 +265,14 @@ class ResidentPlanes:
         )
 
 
-def to_tiles(plane: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A plane (uint8 ``[rows, cols / 8]``, bit ``c % 8`` of byte ``c / 8`` = column ``c``) in tiles: for each
-    group, for each 16 rows (zero rows pad the last), for each 32-column word of the group, the 16 rows'
-    4-byte words side by side; uint8 ``[ceil(rows / 16) * 16, cols / 8]``."""
-    rows, row_bytes = plane.shape
-    padded = torch.nn.functional.pad(plane, (0, 0, 0, -rows % TILE_ROWS))
-    tiles, groups, words = padded.shape[0] // TILE_ROWS, row_bytes * 8 // group_size, group_size // TILE_COLUMNS
-    return padded.view(tiles, TILE_ROWS, groups, words, 4).permute(2, 0, 3, 1, 4).reshape(-1, row_bytes)
+def to_tiles(plane: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """Write a plane (uint8 ``[rows, cols / 8]``, bit ``c % 8`` of byte ``c / 8`` = column ``c``) into ``out``
+    (uint8 ``[ceil(rows / 16) * 16, cols / 8]``, contiguous) in tiles: for each group, for each 16 rows (zero rows
+    pad the last), for each 32-column word of the group, the 16 rows' 4-byte words side by side; returns ``out``.
+    In C++ (a serial loop): torch's permuted copy cost more than the read of the expert it streams into a slot."""
+    load()
+    ops().tile_plane(plane.contiguous(), group_size, out)
+    return out
 
 
 def from_tiles(tiled: torch.Tensor, rows: int, group_size: int) -> torch.Tensor:

@@ -416,6 +416,20 @@ def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols
                 assert torch.equal(gb, wb) and torch.equal(gs & 15, ws & 15)  # one group: the high half is padding
 
 
+@pytest.mark.parametrize("rows,cols,group_size", [(2048, 256, 128), (37, 192, 64), (16, 32, 32), (5, 128, 32)])
+def test_tiles_are_the_plane_words_regrouped(rows, cols, group_size):
+    """``to_tiles`` (C++) against the layout it documents, written as a torch view: per group, per 16 rows
+    (zero rows past the last), per 32-column word, the rows' words side by side; every byte of ``out``
+    written (poisoned first)."""
+    plane = torch.randint(0, 256, (rows, cols // 8), dtype=torch.uint8)
+    out = torch.full((-(-rows // 16) * 16, cols // 8), 0xA5, dtype=torch.uint8)
+    cpu_bitplanes.to_tiles(plane, group_size, out)
+    padded = F.pad(plane, (0, 0, 0, -rows % 16))
+    want = padded.view(-1, 16, cols // group_size, group_size // 32, 4).permute(2, 0, 3, 1, 4).reshape(-1, cols // 8)
+    assert torch.equal(out, want)
+    assert torch.equal(cpu_bitplanes.from_tiles(out, rows, group_size), plane)
+
+
 def test_cpu_dispatch_uses_the_fused_kernel_and_logs_why(caplog, monkeypatch):
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="vllm_d2moe.kernels"):

@@ -22,12 +22,12 @@ import mmap
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from isal import isal_zlib
 
 from vllm_d2moe.mwq.layout import ExpertLayout
 from vllm_d2moe.mwq.quantize import MWQSpec, MWQTensor
@@ -77,7 +77,9 @@ def expert_tensor_name(layer: int, expert: int) -> str:
 
 
 def _crc(data) -> int:
-    return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
+    # ISA-L's CRC32 (zlib's, 5-15x faster here, GIL released): every byte an offload read brings is
+    # checked on the CPU that also computes.
+    return isal_zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
 
 
 def section_checksums(layout: ExpertLayout, blob: torch.Tensor) -> list[int]:

@@ -1,6 +1,6 @@
 """A MoE layer whose experts live in the offload pool, behind :class:`LayerExperts`' interface."""
 
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import torch
 
@@ -77,17 +77,27 @@ class OffloadedLayerExperts:
         manager = self.manager
         bounds = list(pairwise(segments.starts))
 
-        def run_segment(i: int, slot: int, width: int) -> None:  # width: narrower for a damaged expert
-            start, end = bounds[i]
-            one = ExpertSegments((slot,), (width,), (0, end - start))
-            manager.backend.grouped_mlp(xs[start:end], manager.pool.gate_up, manager.pool.down, one, y[start:end])
+        def run_segments(batch: list[tuple[int, int, int]]) -> None:  # width: narrower for a damaged expert
+            batch = sorted(batch)
+            starts = list(accumulate((bounds[i][1] - bounds[i][0] for i, _, _ in batch), initial=0))
+            ready = ExpertSegments(tuple(slot for _, slot, _ in batch), tuple(w for _, _, w in batch), tuple(starts))
+            first = bounds[batch[0][0]][0]
+            if all(bounds[i][0] == first + start for (i, _, _), start in zip(batch, starts)):
+                # Consecutive segments (the common case): their rows are one slice.
+                rows = slice(first, first + starts[-1])
+                manager.backend.grouped_mlp(xs[rows], manager.pool.gate_up, manager.pool.down, ready, y[rows])
+                return
+            rows = torch.cat([torch.arange(*bounds[i], device=xs.device) for i, _, _ in batch])
+            out = torch.empty(len(rows), y.shape[1], dtype=y.dtype, device=y.device)
+            manager.backend.grouped_mlp(xs[rows], manager.pool.gate_up, manager.pool.down, ready, out)
+            y[rows] = out
 
         errors = manager.pipeline.run(
             self.layer,
             [self.global_ids[e] for e in segments.experts],
             list(segments.bits),
             [end - start for start, end in bounds],
-            run_segment,
+            run_segments,
             forecasts,
         )
         for i, error in errors.items():

@@ -120,14 +120,16 @@ class LoadPipeline:
         experts: list[int],
         widths: list[int],
         rows: list[int],
-        compute: Callable[[int, int, int], None],
+        compute: Callable[[list[tuple[int, int, int]]], None],
         forecasts: Forecasts = (),
     ) -> dict[int, CheckpointError]:
         """Compute segments ``i`` (expert ``experts[i]`` at ``widths[i]`` over ``rows[i]`` pairs,
-        sorted by expert then width) by calling ``compute(i, slot, width)`` once each the expert is
-        resident; ``width`` is ``widths[i]``, or narrower where ``on_read_error="degrade"`` serves
-        a damaged expert at its widest intact width. Follows :meth:`resident_slots` of the same
-        call; ``forecasts`` are prefetched behind this call's reads.
+        sorted by expert then width) once each the expert is resident, by calls
+        ``compute([(i, slot, width), ...])`` of every segment ready at that moment (one kernel call
+        for many experts: one per expert cost several times the work at one token); ``width`` is
+        ``widths[i]``, or narrower where ``on_read_error="degrade"`` serves a damaged expert at its
+        widest intact width. Follows :meth:`resident_slots` of the same call; ``forecasts`` are
+        prefetched behind this call's reads.
 
         Returns the segments left uncomputed because their expert could not be read, with the
         read's error."""
@@ -357,20 +359,33 @@ class LoadPipeline:
                  ) -> dict[int, CheckpointError]:
         """The call's loop; ``prefetch()`` queues the forecasts once the first demand reads are
         submitted (an idle I/O thread would otherwise start a prefetch first)."""
+        ready: list[tuple[int, int, int]] = []  # (segment, slot, width) to compute at the next flush
+        finished: list[Key] = []  # experts whose last segment is in `ready`: unpinned after the flush
+
         def compute_ready(key: Key) -> bool:
-            """Run ``key``'s segments its resident width serves (with MWQ reuse: any width up to
-            it; without: exactly it); unpin it when none is left."""
+            """Queue ``key``'s segments its resident width serves (with MWQ reuse: any width up to
+            it; without: exactly it) for the next :func:`flush`."""
             have, pending = self.pool.width(key), segments.get(key)
             served = (lambda w: w <= have) if self.policy.reuse else (lambda w: w == have)
             ran = False
             while pending and have and served(widths[pending[0]]):
                 i = pending.popleft()
-                compute(i, self.pool.slot_of[key], widths[i])
+                ready.append((i, self.pool.slot_of[key], widths[i]))
                 ran = True
             if pending is not None and not pending:
                 del segments[key]
-                self.pool.unpin(key)
+                finished.append(key)
             return ran
+
+        def flush() -> None:
+            """Compute the queued segments in one call, then unpin the experts they finished (no
+            slot is acquired, so none evicted, between queueing and computing)."""
+            if ready:
+                compute(ready)
+                ready.clear()
+            for key in finished:
+                self.pool.unpin(key)
+            finished.clear()
 
         def drop_loads(key: Key) -> None:
             """Forget ``key``'s remaining loads; those in flight are cancelled or waited for."""
@@ -407,14 +422,14 @@ class LoadPipeline:
 
         def give_up(key: Key, error: CheckpointError) -> None:
             """``key`` cannot reach the widths still pending: fail those segments, drop its
-            remaining loads and free or unpin its slot."""
+            remaining loads and free its slot, or unpin it at the next flush."""
             for i in segments.pop(key, ()):
                 failed[i] = error
             drop_loads(key)
             if self.pool.width(key) == 0:
                 self.pool.release(key)  # reserved for the failed read, nothing resident
-            else:
-                self.pool.unpin(key)  # a lower width stays resident and valid
+            elif key not in finished:
+                finished.append(key)  # a lower width stays resident and valid
 
         def acquire(key: Key) -> bool:
             """A slot for ``key``, at the cost of queued prefetches' slots if every slot is pinned."""
@@ -467,6 +482,7 @@ class LoadPipeline:
                     chain.popleft()
                     in_flight -= 1
                     compute_ready(key)
+            flush()
             if progressed:
                 continue
             futures = [c[0].future for c in chains.values() if c and c[0].future is not None]

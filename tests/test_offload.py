@@ -24,7 +24,7 @@ import torch
 from vllm_d2moe.byte_sizes import format_bytes, parse_bytes
 from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import load_backend
-from vllm_d2moe.mwq.checkpoint import EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
+from vllm_d2moe.mwq.checkpoint import DIRECT_ALIGNMENT, EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.offload import OffloadManager
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
@@ -150,14 +150,14 @@ class ReadLog:
     def __init__(self, checkpoint: MWQCheckpoint, layer: int):
         self.checkpoint, self.layer, self.reads = checkpoint, layer, []
 
-    def __call__(self, fd: int, offset: int, length: int):
+    def __call__(self, fd: int, offset: int, length: int, into=None):
         layout = self.checkpoint.layer(self.layer).layout
         for expert in range(8):
             _, start, nbytes = self.checkpoint.expert_extent(self.layer, expert)
             if start <= offset < start + nbytes:
                 section = [layout.section_range(s)[0] for s in range(len(layout.sections))].index(offset - start)
                 self.reads.append((expert, section))
-        return read_buffered(fd, offset, length)
+        return read_buffered(fd, offset, length, into)
 
 
 @pytest.mark.parametrize("order, expected", [
@@ -205,11 +205,32 @@ class FlakyRead:
     def __init__(self, failures: int):
         self.failures = failures
 
-    def __call__(self, fd, offset, length):
+    def __call__(self, fd, offset, length, into=None):
         if self.failures > 0:
             self.failures -= 1
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return read_buffered(fd, offset, length)
+        return read_buffered(fd, offset, length, into)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_scratch_reads_reuse_one_buffer_per_thread_and_give_the_same_bytes(checkpoint, direct):
+    """A scratch read lands in the thread's reused buffer (no new pages per read), grown when a wider
+    read needs it, with the same verified bytes as a plain read; a plain read never touches it."""
+    try:
+        store = ExpertStore(checkpoint, direct=direct)
+    except CheckpointError as e:
+        pytest.skip(f"no O_DIRECT here: {e}")
+    narrow = store.read(1, 2, 0, 1, scratch=True)
+    first_address = narrow.data.data_ptr()
+    assert torch.equal(narrow.data.clone(), store.read(1, 2, 0, 1).data)
+    other = store.read(1, 5, 0, 1, scratch=True)
+    # The same buffer, now holding expert 5 (O_DIRECT: from its own offset in the first aligned block).
+    assert abs(other.data.data_ptr() - first_address) < DIRECT_ALIGNMENT
+    assert torch.equal(other.data, store.read(1, 5, 0, 1).data)
+    wide = store.read(1, 3, 0, 6, scratch=True)  # more sections than the buffer held: it grows
+    assert torch.equal(wide.data, store.read(1, 3, 0, 6).data)
+    plain = store.read(1, 4, 0, 6)
+    assert torch.equal(wide.data, store.read(1, 3, 0, 6).data) and plain.data.data_ptr() != wide.data.data_ptr()
 
 
 def test_store_retries_read_errors_a_bounded_number_of_times(checkpoint):
@@ -300,11 +321,11 @@ class FailingExpertRead:
         _, self.start, self.size = checkpoint.expert_extent(layer, expert)
         self.failures = 0
 
-    def __call__(self, fd, offset, length):
+    def __call__(self, fd, offset, length, into=None):
         if self.failures > 0 and self.start <= offset < self.start + self.size:
             self.failures -= 1
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return read_buffered(fd, offset, length)
+        return read_buffered(fd, offset, length, into)
 
 
 def test_read_errors_fail_only_the_calls_they_hit(checkpoint):

@@ -46,10 +46,10 @@ class CountingRead:
     def __init__(self):
         self.calls = self.nbytes = 0
 
-    def __call__(self, fd: int, offset: int, length: int):
+    def __call__(self, fd: int, offset: int, length: int, into=None):
         self.calls += 1
         self.nbytes += length
-        return read_buffered(fd, offset, length)
+        return read_buffered(fd, offset, length, into)
 
 
 def test_slices_split_every_array_evenly(checkpoint):

@@ -59,11 +59,11 @@ def gated_reads(manager: OffloadManager, gates: dict[int, threading.Event]) -> l
     ``gates[i]`` first (so that the queue fills behind it)."""
     reads, read = [], manager.store.read
 
-    def gated(layer, expert, first, last):
+    def gated(layer, expert, first, last, scratch=False):
         reads.append((layer, expert, MIN_BITS + last))
         if len(reads) - 1 in gates:
             assert gates[len(reads) - 1].wait(30)
-        return read(layer, expert, first, last)
+        return read(layer, expert, first, last, scratch)
 
     manager.store.read = gated
     return reads

@@ -83,12 +83,12 @@ class SlotWatch:
         self._writer = threading.local()
         read, write = manager.store.read, manager.pool.write
 
-        def slow_read(layer, expert, first, last):
+        def slow_read(layer, expert, first, last, scratch=False):
             self._writer.key = (layer, expert)
             time.sleep(self.delays.get(expert, 0.0))
             if (expert, MIN_BITS + last) in self.failing_reads:
                 raise CheckpointError(f"injected: layer {layer} expert {expert} sections {first}..{last}")
-            return read(layer, expert, first, last)
+            return read(layer, expert, first, last, scratch)
 
         def checked_write(slot, tensors):
             key = getattr(self._writer, "key", None)
@@ -164,9 +164,9 @@ def test_full_reloads_never_write_a_slot_that_is_published(checkpoint, backend, 
                              OffloadPolicy(io_threads=2, reuse=False), backend)
     read = manager.store.read
 
-    def slow_narrow_read(layer, expert, first, last):
+    def slow_narrow_read(layer, expert, first, last, scratch=False):
         time.sleep(0.05 if MIN_BITS + last == 5 else 0.0)
-        return read(layer, expert, first, last)
+        return read(layer, expert, first, last, scratch)
 
     manager.store.read = slow_narrow_read
     layer = manager.layer(1, list(range(8)), MAX_BITS)
@@ -212,13 +212,13 @@ class SectionReads:
         self.ranges, self.failing = ranges, failing
         self.counts = dict.fromkeys(ranges, 0)
 
-    def __call__(self, fd, offset, length):
+    def __call__(self, fd, offset, length, into=None):
         for name, (lo, hi) in self.ranges.items():
             if offset < hi and lo < offset + length:
                 self.counts[name] += 1
                 if name in self.failing:
                     raise OSError(errno.EIO, "injected I/O error")
-        return read_buffered(fd, offset, length)
+        return read_buffered(fd, offset, length, into)
 
 
 def damage(copy: Path, checkpoint: MWQCheckpoint, expert: int, section: int, how: str) -> tuple[int, int]:

@@ -42,8 +42,9 @@ QUANT_METHOD = "d2moe"
 # O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block.
 DIRECT_ALIGNMENT = 4096
 
-# read_at(fd, offset, length) -> a writable buffer of those bytes (fewer at the end of the file)
-ReadAt = Callable[[int, int, int], memoryview]
+# read_at(fd, offset, length, into) -> a writable buffer of those bytes (fewer at the end of the file): a view of
+# ``into`` (a page-aligned buffer, or None) where it is large enough, else of a new buffer
+ReadAt = Callable[[int, int, int, "mmap.mmap | None"], memoryview]
 
 
 class CheckpointError(RuntimeError):
@@ -126,19 +127,29 @@ def write_index(model_dir: Path, spec: MWQSpec, layers: dict[int, dict], source:
     }
 
 
-def read_buffered(fd: int, offset: int, length: int) -> memoryview:
-    """``length`` bytes of ``fd`` from ``offset`` (fewer at its end), in a writable buffer (tensors view it)."""
-    buffer = bytearray(length)
-    return memoryview(buffer)[: os.preadv(fd, [buffer], offset)]
+def _buffer(into: "mmap.mmap | None", nbytes: int) -> memoryview:
+    """The first ``nbytes`` of ``into`` where it holds them, else of a new page-aligned buffer. Reusing one
+    matters: a new buffer's pages are faulted in and zeroed at every read, which cost more CPU than an
+    ``O_DIRECT`` read of the same bytes (1.4 against 0.13 ms for 3.3 MiB here)."""
+    buffer = into if into is not None and len(into) >= nbytes else mmap.mmap(-1, nbytes)
+    return memoryview(buffer)[:nbytes]
 
 
-def read_direct(fd: int, offset: int, length: int) -> memoryview:
-    """An ``O_DIRECT`` read: the aligned blocks around the range into a page-aligned buffer."""
+def read_buffered(fd: int, offset: int, length: int, into: "mmap.mmap | None" = None) -> memoryview:
+    """``length`` bytes of ``fd`` from ``offset`` (fewer at its end), in a writable buffer (tensors view it):
+    ``into``'s where it is large enough."""
+    buffer = _buffer(into, length)
+    return buffer[: os.preadv(fd, [buffer], offset)]
+
+
+def read_direct(fd: int, offset: int, length: int, into: "mmap.mmap | None" = None) -> memoryview:
+    """An ``O_DIRECT`` read: the aligned blocks around the range into a page-aligned buffer (``into``'s
+    where it is large enough)."""
     start = offset // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
     end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-    buffer = mmap.mmap(-1, end - start)  # anonymous maps are page aligned
+    buffer = _buffer(into, end - start)
     got = os.preadv(fd, [buffer], start)
-    return memoryview(buffer)[offset - start : min(offset - start + length, got)]
+    return buffer[offset - start : min(offset - start + length, got)]
 
 
 def safetensors_header(
@@ -225,10 +236,12 @@ class BlobFiles:
                 )
             self.offsets[(entry.layer, expert)] = base + begin
 
-    def read(self, entry: "LayerEntry", expert: int, start: int, length: int) -> memoryview:
-        """``length`` bytes from ``start`` of the blob of ``entry``'s expert ``expert``."""
+    def read(self, entry: "LayerEntry", expert: int, start: int, length: int,
+             into: "mmap.mmap | None" = None) -> memoryview:
+        """``length`` bytes from ``start`` of the blob of ``entry``'s expert ``expert`` (in ``into`` where it
+        is large enough)."""
         try:
-            return self.read_at(self.fds[entry.file], self.offsets[(entry.layer, expert)] + start, length)
+            return self.read_at(self.fds[entry.file], self.offsets[(entry.layer, expert)] + start, length, into)
         except OSError as e:
             raise CheckpointError(
                 f"{self.paths[entry.file]}: reading layer {entry.layer} expert {expert} failed ({e})"
@@ -320,16 +333,18 @@ class MWQCheckpoint:
         return str(blobs.paths[entry.file]), blobs.offsets[(layer, expert)], entry.layout.blob_nbytes
 
     def read_sections(
-        self, layer: int, expert: int, first: int, last: int, blobs: BlobFiles | None = None
+        self, layer: int, expert: int, first: int, last: int, blobs: BlobFiles | None = None,
+        into: "mmap.mmap | None" = None,
     ) -> torch.Tensor:
         """Bytes of sections ``first .. last`` (inclusive) of an expert, verified.
 
         ``blobs`` reads the layer's blob file (the offload store passes its own); by default
-        this checkpoint's :meth:`blob_files`.
+        this checkpoint's :meth:`blob_files`. The bytes are read into ``into`` where it is large
+        enough (:func:`read_direct`: plus up to two alignment blocks).
         """
         entry = self._expert(layer, expert)
         start, end = entry.layout.section_range(first)[0], entry.layout.section_range(last)[1]
-        data = (blobs or self.blob_files()).read(entry, expert, start, end - start)
+        data = (blobs or self.blob_files()).read(entry, expert, start, end - start, into)
         self.verify_sections(layer, expert, first, last, data)
         return torch.frombuffer(data, dtype=torch.uint8)
 

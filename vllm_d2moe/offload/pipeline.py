@@ -524,7 +524,8 @@ class LoadPipeline:
         written."""
         layer, expert = load.key
         start = time.perf_counter()
-        data = self.store.read(layer, expert, load.first, load.last)
+        # A new expert's bytes are written into its slot below, on this thread: the thread's buffer serves.
+        data = self.store.read(layer, expert, load.first, load.last, scratch=load.write_ahead)
         seconds = time.perf_counter() - start
         if not load.write_ahead:
             return data, data.nbytes, seconds, None

@@ -14,6 +14,7 @@ while serving stays readable through its open descriptor.
 """
 
 import logging
+import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_d2moe.mwq.checkpoint import (
+    DIRECT_ALIGNMENT,
     BlobFiles,
     CheckpointError,
     CorruptSectionsError,
@@ -89,21 +91,24 @@ class ExpertStore:
         self.files = BlobFiles(checkpoint, direct, read_at)
         self._damaged: dict[tuple[int, int], dict[int, str]] = {}  # (layer, expert) -> {section: error}
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per thread: a buffer reads with scratch=True reuse
         self._injected = InjectedFaults.from_environment()  # None unless a test or soak asks for faults
 
     def layout(self, layer: int) -> ExpertLayout:
         return self.checkpoint.layer(layer).layout
 
-    def read(self, layer: int, expert: int, first: int, last: int) -> SectionBytes:
+    def read(self, layer: int, expert: int, first: int, last: int, scratch: bool = False) -> SectionBytes:
         """Sections ``first .. last`` of an expert, verified. A section known damaged fails the read
         at once; a failed read is retried ``retries`` times before its error is raised, unless
-        its bytes failed their checksum."""
+        its bytes failed their checksum. With ``scratch`` the bytes are in this thread's reused
+        buffer: valid until the thread's next such read (for a reader that copies them at once)."""
         self._raise_if_known(layer, expert, first, last)
+        into = self._scratch_buffer(layer, first, last) if scratch else None
         for attempt in range(self.retries + 1):
             try:
                 if self._injected:
                     self._injected.before_read(layer, expert)
-                data = self.checkpoint.read_sections(layer, expert, first, last, self.files)
+                data = self.checkpoint.read_sections(layer, expert, first, last, self.files, into)
                 return SectionBytes(layer, expert, first, last, data)
             except CorruptSectionsError as e:
                 raise self._remember(e) from e
@@ -112,6 +117,16 @@ class ExpertStore:
             if attempt < self.retries:
                 time.sleep(RETRY_DELAY_S)
         raise CheckpointError(f"{error} (after {self.retries + 1} attempts)") from error
+
+    def _scratch_buffer(self, layer: int, first: int, last: int) -> mmap.mmap:
+        """This thread's read buffer, grown to hold sections ``first .. last`` of ``layer``'s experts and
+        the alignment blocks an ``O_DIRECT`` read adds around them."""
+        layout = self.layout(layer)
+        nbytes = layout.section_range(last)[1] - layout.section_range(first)[0] + 2 * DIRECT_ALIGNMENT
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = self._scratch.buffer = mmap.mmap(-1, nbytes)
+        return buffer
 
     def intact_width(self, layer: int, expert: int) -> int | None:
         """The widest width of the expert below its lowest known damaged section (``min_bits - 1``:

@@ -191,6 +191,26 @@ def test_pool_keeps_frequent_experts_and_never_evicts_pinned(checkpoint):
     assert pool.acquire(cold) == slot and hot in pool.slot_of
 
 
+def test_pool_evicts_by_frequency_per_call_until_the_layer_is_needed(checkpoint):
+    """Layers 0..3 called in a cycle: during layer 1's call an expert of layer 2 (needed next) outweighs a
+    twice as frequent one of layer 1 (needed a whole cycle of four calls later), but not a five times as
+    frequent one of layer 3 (two calls away)."""
+    pool = ResidentPool(checkpoint.layer(0).layout, MAX_BITS, budget_for(checkpoint, 2), load_backend("reference"))
+    for layer in (3, 0, 2, 1):
+        pool.add_layer(layer)
+    just_called, next_up, later = (1, 0), (2, 0), (3, 0)
+    pool.touch({just_called: 2, next_up: 1})
+    assert {pool.acquire(just_called), pool.acquire(next_up)} == {0, 1}
+    pool.calling(1)
+    assert [pool.calls_until_needed((layer, 0)) for layer in range(4)] == [3, 4, 1, 2]
+    pool.touch({later: 10})
+    pool.acquire(later)
+    assert just_called not in pool.slot_of and next_up in pool.slot_of  # 2 / 4 < 1 / 1
+    pool.touch({(0, 7): 1})
+    pool.acquire((0, 7))  # layer 2: 1 token / 1 call, layer 3: 10 / 2
+    assert next_up not in pool.slot_of and later in pool.slot_of
+
+
 def test_budget_below_one_expert_names_the_minimum(checkpoint):
     need = slot_bytes(checkpoint)
     with pytest.raises(BudgetError, match=f"at least {need} bytes \\({format_bytes(need)}\\)"):

@@ -72,6 +72,7 @@ class OffloadManager:
 
     def layer(self, layer: int, global_ids: list[int], bits: int) -> OffloadedLayerExperts:
         self._local_experts[layer] = set(global_ids)
+        self.pool.add_layer(layer)
         return OffloadedLayerExperts(self, layer, global_ids, bits)
 
     def local_forecasts(self, forecasts: Forecasts) -> Forecasts:

@@ -103,12 +103,12 @@ class LoadPipeline:
     def __init__(self, store: ExpertStore, pool: ResidentPool, policy: OffloadPolicy, metrics: OffloadMetrics):
         self.store, self.pool, self.policy, self.metrics = store, pool, policy, metrics
         self.executor = PriorityExecutor(policy.io_threads, "d2moe-io") if policy.overlap else None
-        # Reads in flight at once that hold their bytes until installed (upgrades; every read
-        # without overlap): enough to keep every thread busy while one result waits for the compute
-        # thread. A new expert's read writes its slot on the I/O thread and holds nothing: all of a
-        # call's are queued at once, so the threads keep reading while the compute thread runs a
-        # long batch of segments.
-        self.max_in_flight = policy.io_threads + 1 if policy.overlap else 1
+        # Reads in flight at once: enough to keep every thread busy while the compute thread runs
+        # a batch of segments (one more read per thread behind the one it reads). Not more: a read
+        # takes its slot when queued, and slots taken later in a call can be the call's finished
+        # experts instead of the next layer's (replayed routing, 8 tokens, 1/4 budget: a depth of 5
+        # read 2% more than 3, all at once 20% more).
+        self.max_in_flight = 2 * policy.io_threads + 1 if policy.overlap else 1
         self._degraded_to: dict[Key, int] = {}  # width a degraded expert was last logged at
         self.calls = 0  # layer calls so far: a prefetch's priority is the call it is predicted for
         self._prefetches: dict[Key, _Load] = {}  # queued or reading, not yet installed or adopted
@@ -156,7 +156,7 @@ class LoadPipeline:
             queue.extend(chains[key])
             if early:
                 chains[key].appendleft(early)
-                adopted += self._holds_bytes(early)
+                adopted += 1
         self._adopted.clear()
         for key in order:
             if key in self.pool.slot_of:
@@ -197,6 +197,7 @@ class LoadPipeline:
         ``forecasts`` and return each expert's slot; else ``None`` and the call goes through
         :meth:`run` (which queues them)."""
         self.calls += 1
+        self.pool.calling(layer)
         self._begin(layer, pairs)
 
         def served(expert: int, width: int) -> bool:
@@ -398,7 +399,7 @@ class LoadPipeline:
                 if load.future is None:
                     queue.remove(load)
                 else:
-                    in_flight -= self._holds_bytes(load)
+                    in_flight -= 1
             self._settle(loads)
 
         def degrade(key: Key, error: CorruptSectionsError) -> bool:
@@ -449,15 +450,15 @@ class LoadPipeline:
             # hold a slot already (upgrades) may pass it, so pinned experts can always finish.
             blocked = False
             for load in list(queue):
-                if self._holds_bytes(load) and in_flight >= self.max_in_flight:
-                    continue
+                if in_flight >= self.max_in_flight:
+                    break
                 if load.key not in self.pool.slot_of and (blocked or not acquire(load.key)):
                     blocked = True
                     continue
                 self.pool.pin(load.key)
                 load.future = self._submit(load, counters)
                 queue.remove(load)
-                in_flight += self._holds_bytes(load)
+                in_flight += 1
             if prefetch is not None:
                 prefetch()
                 prefetch = None
@@ -482,7 +483,8 @@ class LoadPipeline:
                         if not (damaged and degrade(key, error)):
                             give_up(key, error)
                         break
-                    in_flight -= self._holds_bytes(chain.popleft())
+                    chain.popleft()
+                    in_flight -= 1
                     compute_ready(key)
             flush()
             if progressed:
@@ -496,11 +498,6 @@ class LoadPipeline:
             wait(futures, return_when=FIRST_COMPLETED)
             counters.wait_seconds += time.perf_counter() - start
         return failed
-
-    def _holds_bytes(self, load: _Load) -> bool:
-        """Whether ``load``'s bytes wait for the compute thread to install them (counted against
-        ``max_in_flight``): all but a new expert's read on an I/O thread, which writes its slot itself."""
-        return not (load.write_ahead and self.executor is not None)
 
     @staticmethod
     def _settle(loads) -> None:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import wait
 from pathlib import Path
 
@@ -97,6 +98,11 @@ def test_queue_order_demand_first_then_nearest_layer_hottest_lowest_width(checkp
     args[0][3][1:, 0] = 4  # expert 3 at 4 bits, as predicted
     torch.testing.assert_close(layers[1].forward(*args[0], [(0, 1, {1: (1, 2)}), (1, 2, {4: (1, 2)})]),
                                resident[1].forward(*args[0]), rtol=1e-5, atol=1e-6)
+    # The first is held at the gate once the I/O thread took it (on a loaded machine that can come after
+    # this thread's next call began, which would cancel it as not started).
+    deadline = time.monotonic() + 30
+    while len(reads) < 7 and time.monotonic() < deadline:
+        time.sleep(0.01)
     opened_later(gates[6])
     torch.testing.assert_close(layers[0].forward(*args[1]), resident[0].forward(*args[1]), rtol=1e-5, atol=1e-6)
     settle(manager)

@@ -13,7 +13,8 @@ Eviction keeps the experts with the highest recent activation frequency
 per layer call until their layer's next call: MoE layers are called in a cycle,
 so an expert of the layer after the current one is needed at once and one of the
 layer just called only a cycle later (frequency alone evicted the next layer's
-experts while a call's reads were queued: 20% more reads at 8 requests).
+experts first when a call's reads took their slots early; see
+``benchmarks/results/streamed_pipeline.md``).
 Pinned slots (what the current layer call still computes or loads, or a
 prefetch still writes) are never evicted; experts prefetched for a coming layer
 go last, and a prefetch never evicts them.

@@ -1234,7 +1234,6 @@ void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second)
   });
 }
 
-
 // plane: uint8 [rows, row bytes] (bit c of a row = column c); out: uint8 [ceil(rows / 16) * 16, row bytes], the
 // plane in tiles (kernels/cpu_bitplanes.py, to_tiles): per group, per 16 rows (zero rows past the last), per
 // 32-column word of the group, the 16 rows' words side by side. Serial: offload I/O threads call it for every

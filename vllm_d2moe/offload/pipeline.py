@@ -106,8 +106,7 @@ class LoadPipeline:
         # Reads in flight at once: enough to keep every thread busy while the compute thread runs
         # a batch of segments (one more read per thread behind the one it reads). Not more: a read
         # takes its slot when queued, and slots taken later in a call can be the call's finished
-        # experts instead of the next layer's (replayed routing, 8 tokens, 1/4 budget: a depth of 5
-        # read 2% more than 3, all at once 20% more).
+        # experts instead of the next layer's (benchmarks/results/streamed_pipeline.md).
         self.max_in_flight = 2 * policy.io_threads + 1 if policy.overlap else 1
         self._degraded_to: dict[Key, int] = {}  # width a degraded expert was last logged at
         self.calls = 0  # layer calls so far: a prefetch's priority is the call it is predicted for

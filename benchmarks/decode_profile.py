@@ -47,6 +47,8 @@ from budget_sweep import (
 
 METHODS = {
     "bf16": None,
+    "mwq2": {"quant_method": "d2moe", "bits": 2},
+    "mwq3": {"quant_method": "d2moe", "bits": 3},
     "mwq4": {"quant_method": "d2moe", "bits": 4},
     "mwq8": {"quant_method": "d2moe", "bits": 8},
     "mwq4-dense-int8": {"quant_method": "d2moe", "bits": 4, "dense": "int8"},

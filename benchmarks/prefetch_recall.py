@@ -15,10 +15,11 @@ each width policy of ``--widths``: every pair at a fixed width ``fixed:B``, or
 at the widths of its trained bit-width router ``router``; the transformers
 simulation of ``vllm_d2moe.router.simulate``), which adds width coverage: a
 routed expert counts only when predicted at no less than the width it was
-served at.
+served at. ``--shadow B ...`` scores OD-MoE's kind of predictor: the conversion at fixed width B
+run through the whole model first, with its own states; its routing at each layer is the forecast.
 
     python benchmarks/prefetch_recall.py --d2moe CKPT --widths fixed:2 fixed:4 router \\
-        --learned CKPT --out benchmarks/results/prefetch
+        --learned CKPT --shadow 2 3 --out benchmarks/results/prefetch
     python benchmarks/prefetch_recall.py --model RANDOM_OLMOE --tokens 2048 --label random-olmoe \\
         --out benchmarks/results/prefetch-random-olmoe
 """
@@ -51,6 +52,8 @@ GOALS = {1: 0.97, 2: 0.90}  # next-layer and depth-2 recall on held-out text
 TAPS = {
     "layer input": "the residual entering layer l (before its attention)",
     "MoE input": "layer l's normed MoE input, what the expert op gets (after its attention)",
+    "shadow": "none: a low-width MWQ copy of the model (`--shadow`) runs the token through every layer first, "
+              "with its own states (OD-MoE's shadow), so its routing at layer l+d is the forecast at every depth",
 }
 
 
@@ -126,6 +129,24 @@ def evaluate(label: str, cap: Capture, gates: CheckpointGates, predictors: dict,
     return rows
 
 
+def evaluate_shadow(label: str, cap: Capture, shadow_ids: dict[int, torch.Tensor], name: str,
+                    gates: CheckpointGates, depth: int, batches: list[int]) -> list[dict]:
+    """Rows as :func:`evaluate`'s for a shadow model's routed experts ``shadow_ids`` (its capture's
+    ``routed_ids``), scored on the same (source, target) pairs as the predictors that read layer l."""
+    rows = []
+    layers = gates.moe_layers
+    for batch in batches:
+        for i, source in enumerate(layers):
+            for d, target in enumerate(layers[i + 1:i + 1 + depth]):
+                counts = set_counts(batch_order(shadow_ids[target], batch), batch_order(cap.routed_ids[target], batch),
+                                    gates.rule.num_experts, batch)
+                rows.append({"model": label, "predictor": name, "tap": "shadow", "depth": d + 1, "extra": 0,
+                             "batch": batch, "source_layer": source, "target_layer": target,
+                             "routed": counts.routed, "predicted": counts.predicted, "covered": counts.covered,
+                             "groups": counts.groups})
+    return rows
+
+
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """Rows summed over target layers, grouped by ``keys``."""
     totals: dict[tuple, SetCounts] = {}
@@ -187,9 +208,9 @@ def markdown(setup: dict, summary: list[dict], per_layer: list[dict]) -> str:
         cells = [f"{x['recall']:.2%}" if x else "-" for x in recalls]
         lines.append(f"| {model} | {predictor} | {tap} | {batch} | {extra} | {' | '.join(cells)} "
                      f"| {r['precision']:.2%} | {r['extra_per_group']:.2f} (routed {r['routed_per_group']:.2f}) |")
-    lines += ["", "Goals (one token at a time, top-k only, MoE input tap):", ""]
+    lines += ["", "Goals (one token at a time, top-k only, MoE input tap or shadow):", ""]
     for (model, predictor, tap, batch, extra, depth), r in index.items():
-        if tap == "MoE input" and batch == 1 and extra == 0 and depth in GOALS:
+        if tap in ("MoE input", "shadow") and batch == 1 and extra == 0 and depth in GOALS:
             verdict = "met" if r["recall"] >= GOALS[depth] else "missed"
             lines.append(f"- {model}, {predictor}, depth {depth}: {r['recall']:.2%} against >= "
                          f"{GOALS[depth]:.0%}: {verdict}")
@@ -213,6 +234,8 @@ def main() -> None:
                         help="width policies of --d2moe: fixed:B or router (default router)")
     parser.add_argument("--learned", type=Path, default=None,
                         help="a d2moe checkpoint with a trained predictor (d2moe/predictor.safetensors): score it too")
+    parser.add_argument("--shadow", type=int, nargs="*", default=[],
+                        help="widths of shadow copies of --d2moe (fixed width, whole model run ahead): score them too")
     parser.add_argument("--label", default="reference")
     parser.add_argument("--note", default="", help="a paragraph for the report's header")
     parser.add_argument("--dtype", default="float32", help="compute dtype of --model (default float32)")
@@ -226,17 +249,25 @@ def main() -> None:
                         help="decode batch sizes for the --d2moe model (default 8)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json)")
     args = parser.parse_args()
+    if args.shadow and args.d2moe is None:
+        parser.error("--shadow needs --d2moe: the shadow is that conversion served at a fixed width")
 
     started = time.monotonic()
     windows = heldout_windows(args.model, args.split, args.tokens, args.window)[:, :-1]
     gates = CheckpointGates(args.model)
     # (label, width policy, routers, extras, batches, taps)
-    variants = [(args.label, None, None, args.extras, args.batches, tuple(TAPS))]
+    variants = [(args.label, None, None, args.extras, args.batches, tuple(t for t in TAPS if t != "shadow"))]
     if args.d2moe is not None:
         for name in args.widths:
             label, policy, routers = width_variant(args, name)
             # Capacities make widths depend on the call: one predictor call per decode step, so fewer settings.
             variants.append((label, policy, routers, [0], args.width_batches, ("MoE input",)))
+    shadows = {}
+    for bits in args.shadow:
+        model = load_capture_model(args.d2moe, bits)
+        shadows[f"shadow MWQ-{bits}"] = capture(model, gates, windows).routed_ids
+        del model
+        print(f"shadow MWQ-{bits}: captured ({time.monotonic() - started:.0f} s)", flush=True)
     rows = []
     for label, policy, routers, extras, batches, taps in variants:
         model = load_model(args, policy, routers)
@@ -244,6 +275,8 @@ def main() -> None:
         del model
         predictors = make_predictors(args, gates, policy, routers, taps)
         rows += evaluate(label, cap, gates, predictors, extras, batches, policy, routers)
+        for name, shadow_ids in shadows.items():
+            rows += evaluate_shadow(label, cap, shadow_ids, name, gates, args.depth, batches)
         print(f"{label}: measured ({time.monotonic() - started:.0f} s)", flush=True)
     summary = summarise(rows, ("model", "predictor", "tap", "batch", "extra", "depth"))
     setup = {"label": args.label, "command": "python benchmarks/prefetch_recall.py " + " ".join(sys.argv[1:]),

@@ -1234,10 +1234,46 @@ void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second)
   });
 }
 
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+// r[i] = row i of a 16 x 16 block of 32-bit words -> r[c] = column c: 4 x 4 blocks within each 128-bit lane
+// (unpacks), then the lanes across registers (shuffle_i32x4).
+inline void transpose_words_16x16(VecI r[16]) {
+  VecI t[16];
+  D2MOE_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = D2MOE_MM512(unpacklo_epi32)(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = D2MOE_MM512(unpackhi_epi32)(r[2 * i], r[2 * i + 1]);
+  }
+  D2MOE_UNROLL
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane k: column 4k + j of rows 4i .. 4i + 3
+    r[4 * i] = D2MOE_MM512(unpacklo_epi64)(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = D2MOE_MM512(unpackhi_epi64)(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = D2MOE_MM512(unpacklo_epi64)(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = D2MOE_MM512(unpackhi_epi64)(t[4 * i + 1], t[4 * i + 3]);
+  }
+  D2MOE_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    const VecI low = D2MOE_MM512(shuffle_i32x4)(r[j], r[4 + j], 0x44);
+    const VecI high = D2MOE_MM512(shuffle_i32x4)(r[j], r[4 + j], 0xEE);
+    const VecI low2 = D2MOE_MM512(shuffle_i32x4)(r[8 + j], r[12 + j], 0x44);
+    const VecI high2 = D2MOE_MM512(shuffle_i32x4)(r[8 + j], r[12 + j], 0xEE);
+    t[j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0x88);
+    t[4 + j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0xDD);
+    t[8 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0x88);
+    t[12 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0xDD);
+  }
+  D2MOE_UNROLL
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+#endif
+
 // plane: uint8 [rows, row bytes] (bit c of a row = column c); out: uint8 [ceil(rows / 16) * 16, row bytes], the
 // plane in tiles (kernels/cpu_bitplanes.py, to_tiles): per group, per 16 rows (zero rows past the last), per
-// 32-column word of the group, the 16 rows' words side by side. Serial: offload I/O threads call it for every
-// expert they bring, beside the compute thread's OpenMP team.
+// 32-column word of the group, the 16 rows' words side by side, so tile t's word column c goes to the 64 bytes
+// of (group c / words, tile t, word c % words). Serial: offload I/O threads call it for every expert they bring,
+// beside the compute thread's OpenMP team. With AVX-512, 16 word columns of a tile at a time through a 16 x 16
+// transpose in registers: a word at a time took 1.4-1.9x as long, 12 % of a streamed engine's CPU at 8 requests
+// (benchmarks/results/streamed_pipeline.md).
 void tile_plane(const at::Tensor& plane, int64_t group_size, at::Tensor out) {
   for (const at::Tensor* t : {&plane, static_cast<const at::Tensor*>(&out)})
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte && t->dim() == 2,
@@ -1245,20 +1281,38 @@ void tile_plane(const at::Tensor& plane, int64_t group_size, at::Tensor out) {
   const int64_t rows = plane.size(0), row_bytes = plane.size(1);
   TORCH_CHECK(group_size % 32 == 0 && row_bytes * 8 % group_size == 0, "groups of ", group_size,
               " columns are not whole 32-column words of a ", row_bytes, "-byte row");
-  const int64_t tiles = (rows + 15) / 16, words = group_size / 32, groups = row_bytes * 8 / group_size;
+  const int64_t tiles = (rows + 15) / 16, words = group_size / 32, row_words = row_bytes / 4;
   TORCH_CHECK(out.size(0) == tiles * 16 && out.size(1) == row_bytes, "out must be [", tiles * 16, ", ", row_bytes, "]");
   const uint8_t* src = plane.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t t = 0; t < tiles; ++t)
-      for (int64_t w = 0; w < words; ++w)
-        for (int64_t r = 0; r < 16; ++r, dst += 4) {
-          const int64_t row = t * 16 + r;
-          if (row < rows)
-            std::memcpy(dst, src + row * row_bytes + (g * words + w) * 4, 4);
-          else
-            std::memset(dst, 0, 4);
-        }
+  auto tile_word = [&](int64_t t, int64_t c) {
+    return dst + ((c / words * tiles + t) * words + c % words) * kPlaneTileWordBytes;
+  };
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t valid = std::min<int64_t>(16, rows - t * 16);
+    const uint8_t* first = src + t * 16 * row_bytes;
+    int64_t c = 0;
+#if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
+    for (; c + 16 <= row_words; c += 16) {
+      VecI r[16];
+      D2MOE_UNROLL
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < valid ? D2MOE_MM512(loadu_si512)(first + i * row_bytes + c * 4) : D2MOE_MM512(setzero_si512)();
+      transpose_words_16x16(r);
+      D2MOE_UNROLL
+      for (int64_t k = 0; k < 16; ++k) D2MOE_MM512(storeu_si512)(tile_word(t, c + k), r[k]);
+    }
+#endif
+    for (; c < row_words; ++c) {
+      uint8_t* word = tile_word(t, c);
+      for (int64_t i = 0; i < 16; ++i, word += 4) {
+        if (i < valid)
+          std::memcpy(word, first + i * row_bytes + c * 4, 4);
+        else
+          std::memset(word, 0, 4);
+      }
+    }
+  }
 }
 
 }  // namespace

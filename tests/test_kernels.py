@@ -416,7 +416,8 @@ def test_prepared_layout_holds_the_same_planes(backend, min_bits, max_bits, cols
                 assert torch.equal(gb, wb) and torch.equal(gs & 15, ws & 15)  # one group: the high half is padding
 
 
-@pytest.mark.parametrize("rows,cols,group_size", [(2048, 256, 128), (37, 192, 64), (16, 32, 32), (5, 128, 32)])
+@pytest.mark.parametrize("rows,cols,group_size", [(2048, 256, 128), (37, 192, 64), (16, 32, 32), (5, 128, 32),
+                                                  (50, 2048, 128), (21, 640, 32), (16, 1536, 64)])
 def test_tiles_are_the_plane_words_regrouped(rows, cols, group_size):
     """``to_tiles`` (C++) against the layout it documents, written as a torch view: per group, per 16 rows
     (zero rows past the last), per 32-column word, the rows' words side by side; every byte of ``out``

@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from vllm_d2moe.experts import load_layer_experts
 from vllm_d2moe.kernels import load_backend
 from vllm_d2moe.mwq.checkpoint import DIRECT_ALIGNMENT, EXPERTS_DIR, CheckpointError, MWQCheckpoint, read_buffered
 from vllm_d2moe.offload import OffloadManager
+from vllm_d2moe.offload.io_queue import DEMAND, PriorityExecutor
 from vllm_d2moe.offload.pipeline import OffloadPolicy
 from vllm_d2moe.offload.pool import BudgetError, ResidentPool, expert_nbytes
 from vllm_d2moe.offload.store import ExpertStore
@@ -251,6 +253,27 @@ def test_scratch_reads_reuse_one_buffer_per_thread_and_give_the_same_bytes(check
     assert torch.equal(wide.data, store.read(1, 3, 0, 6).data)
     plain = store.read(1, 4, 0, 6)
     assert torch.equal(wide.data, store.read(1, 3, 0, 6).data) and plain.data.data_ptr() != wide.data.data_ptr()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_io_threads_run_on_every_cpu_of_the_process_when_started_from_a_pinned_thread():
+    """vLLM's CPU worker pins the thread that loads the model to one CPU; I/O threads it starts must not
+    inherit that single CPU."""
+    cpus = os.sched_getaffinity(0)
+    seen = {}
+
+    def load_as_a_pinned_worker_thread():
+        os.sched_setaffinity(0, {min(cpus)})
+        executor = PriorityExecutor(2, "test_io")
+        seen["io"] = [executor.submit(DEMAND, os.sched_getaffinity, 0).result() for _ in range(4)]
+        seen["loader"] = os.sched_getaffinity(0)
+        executor.shutdown()
+
+    thread = threading.Thread(target=load_as_a_pinned_worker_thread)
+    thread.start()
+    thread.join()
+    assert seen["loader"] == {min(cpus)}
+    assert all(io == cpus for io in seen["io"])
 
 
 def test_store_retries_read_errors_a_bounded_number_of_times(checkpoint):

@@ -4,6 +4,7 @@ queued; prefetches run nearest layer first, then hottest expert and lowest width
 
 import heapq
 import itertools
+import os
 import threading
 import traceback
 from collections.abc import Callable
@@ -25,17 +26,35 @@ def set_failed(future: Future, error: BaseException) -> None:
     future.set_exception(error)
 
 
+def process_cpus() -> set[int] | None:
+    """The CPUs some thread of this process may run on (None where the OS does not say). vLLM's CPU
+    worker pins each OpenMP thread to one CPU, the thread that loads the model included, and a thread
+    inherits the CPUs of the thread that starts it: I/O threads started there would share that one
+    core with a compute thread and never run on the others (benchmarks/results/streamed_pipeline.md)."""
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        return None
+    cpus = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            cpus |= os.sched_getaffinity(int(task))
+        except OSError:  # the thread has ended
+            pass
+    return cpus or None
+
+
 class PriorityExecutor:
     """``threads`` daemon threads running submitted calls lowest ``priority`` first (ties in
-    submission order); a queued call's future can be cancelled until a thread takes it."""
+    submission order); a queued call's future can be cancelled until a thread takes it. The threads
+    may run on every CPU of the process (:func:`process_cpus`), whichever thread starts them."""
 
     def __init__(self, threads: int, name: str):
         self._heap: list = []
         self._ready = threading.Condition()
         self._order = itertools.count()
         self._closed = False
+        cpus = process_cpus()
         for i in range(threads):
-            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True).start()
+            threading.Thread(target=self._work, args=(cpus,), name=f"{name}_{i}", daemon=True).start()
 
     def submit(self, priority: tuple, fn: Callable, *args) -> Future:
         future = Future()
@@ -46,7 +65,9 @@ class PriorityExecutor:
             self._ready.notify()
         return future
 
-    def _work(self) -> None:
+    def _work(self, cpus: set[int] | None) -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)  # this thread's
         while True:
             with self._ready:
                 while not self._heap and not self._closed:

@@ -337,11 +337,12 @@ inline __m256 vlow_plus_high(Vec v) { return v; }
 // in float32, widths 2-6 at most 2.1 % (benchmarks/results/kernels.md).
 constexpr int kTwoPartPlanes = 7;
 constexpr int table_parts(int planes) { return planes >= kTwoPartPlanes ? 2 : 1; }
-// Planes that read the second part: a plane's rounding error is weighted by its coefficient, and the first 3
-// (a 2-bit base's, s and 2 s, and the first residual's, about s / 2) carry all but 1.6 % of the squared
-// coefficients at width 8; the later residuals (s / 4, s / 8, ...) read one part. 11 lookups per pattern at
-// width 8 instead of 16.
-constexpr int kTwoPartLeadingPlanes = 3;
+// Planes that read the second part: a plane's rounding error is weighted by its coefficient, and the first 2
+// (a 2-bit base's, s and 2 s) carry all but 6 % of the squared coefficients at width 8; the residuals (about
+// s / 2, s / 4, ...) read one part: 10 lookups per pattern at width 8 instead of 16, extra KL +0.1 % / -0.0 % of
+// widths 7 / 8's own on the reference model; the first residual on two parts as well was 1.03-1.07x slower at
+// 2-16 tokens, plane 0 alone moved the KL by 6-8 % (benchmarks/results/kernels.md).
+constexpr int kTwoPartLeadingPlanes = 2;
 constexpr int plane_parts(int planes, int plane) {
   return table_parts(planes) == 2 && plane < kTwoPartLeadingPlanes ? 2 : 1;
 }

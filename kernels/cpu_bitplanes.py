@@ -393,7 +393,7 @@ def lookup_plan(cols: int, group_size: int, bits: int) -> tuple[int, int]:
     half their sum, is rounded to bfloat16 (at most 2^-9 of itself), or with two parts the rest rounded again
     (2^-17). With one part, on OLMoE's expert shape, that is about 2e-3 RMS of a projection's output at every width,
     against 9e-3 (width 8) to 0.5 (width 2) for the weights' own quantization error, and 1e-2 for int8
-    activations per group; at widths 7-8 the first 3 planes, those with the largest coefficients, read two parts
+    activations per group; at widths 7-8 the 2 base planes, those with the largest coefficients, read two parts
     (``benchmarks/results/kernels.md``)."""
     load()
     return tuple(ops().lookup_plan(cols, group_size, bits))

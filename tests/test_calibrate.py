@@ -220,7 +220,7 @@ def test_an_expert_no_token_reaches_keeps_the_uncalibrated_fit(tmp_path):
         assert not torch.equal(dequantize(calibrated_expert[proj]), dequantize(rtn_other[proj]))
 
 
-# Widths 7-8 serve one-token steps from bfloat16 lookup tables on planes past the third
+# Widths 7-8 serve one-token steps from bfloat16 lookup tables on planes past the second
 # (kernels/cpu_bitplanes.cpp, kTwoPartLeadingPlanes), rounding each of those planes' partial
 # sums to 2^-9 relative, so greedy choices may differ from the float32 simulation at near-ties
 # (one seen 0.001 nats apart); a wrong computation lands far from the top.

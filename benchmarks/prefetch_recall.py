@@ -90,6 +90,14 @@ def make_predictors(args, gates: CheckpointGates, policy: ServingWidths | None, 
     return predictors
 
 
+def count_row(model: str, predictor: str, tap: str, depth: int, extra: int, batch: int, source: int, target: int,
+              counts: SetCounts) -> dict:
+    """One report row: a predictor's set counts for one (source, target) layer pair."""
+    return {"model": model, "predictor": predictor, "tap": tap, "depth": depth, "extra": extra, "batch": batch,
+            "source_layer": source, "target_layer": target, "routed": counts.routed, "predicted": counts.predicted,
+            "covered": counts.covered, "groups": counts.groups}
+
+
 def evaluate(label: str, cap: Capture, gates: CheckpointGates, predictors: dict, extras: list[int],
              batches: list[int], policy: ServingWidths | None, routers: RouterSet | None) -> list[dict]:
     """One row per (predictor, tap, depth, extra, batch, target layer): the set counts."""
@@ -121,11 +129,7 @@ def evaluate(label: str, cap: Capture, gates: CheckpointGates, predictors: dict,
                             widths = None if policy is None else torch.cat([p[d].widths for p in per_step])
                             counts = set_counts(ids, ordered["routed_ids"][target], num_experts, batch,
                                                 widths, None if policy is None else routed_widths[target])
-                            rows.append({"model": label, "predictor": name, "tap": tap, "depth": d + 1,
-                                         "extra": extra, "batch": batch, "source_layer": source,
-                                         "target_layer": target, "routed": counts.routed,
-                                         "predicted": counts.predicted, "covered": counts.covered,
-                                         "groups": counts.groups})
+                            rows.append(count_row(label, name, tap, d + 1, extra, batch, source, target, counts))
     return rows
 
 
@@ -134,16 +138,13 @@ def evaluate_shadow(label: str, cap: Capture, shadow_ids: dict[int, torch.Tensor
     """Rows as :func:`evaluate`'s for a shadow model's routed experts ``shadow_ids`` (its capture's
     ``routed_ids``), scored on the same (source, target) pairs as the predictors that read layer l."""
     rows = []
-    layers = gates.moe_layers
+    pairs = GatePredictor(gates, depth)  # only for its (source, later layer) pairs
     for batch in batches:
-        for i, source in enumerate(layers):
-            for d, target in enumerate(layers[i + 1:i + 1 + depth]):
+        for source in gates.moe_layers:
+            for d, target in enumerate(pairs.later_layers(source)):
                 counts = set_counts(batch_order(shadow_ids[target], batch), batch_order(cap.routed_ids[target], batch),
                                     gates.rule.num_experts, batch)
-                rows.append({"model": label, "predictor": name, "tap": "shadow", "depth": d + 1, "extra": 0,
-                             "batch": batch, "source_layer": source, "target_layer": target,
-                             "routed": counts.routed, "predicted": counts.predicted, "covered": counts.covered,
-                             "groups": counts.groups})
+                rows.append(count_row(label, name, "shadow", d + 1, 0, batch, source, target, counts))
     return rows
 
 

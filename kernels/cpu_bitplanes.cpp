@@ -1236,35 +1236,33 @@ void unpair_planes(const at::Tensor& pairs, at::Tensor first, at::Tensor second)
 }
 
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
-// r[i] = row i of a 16 x 16 block of 32-bit words -> r[c] = column c: 4 x 4 blocks within each 128-bit lane
-// (unpacks), then the lanes across registers (shuffle_i32x4).
-inline void transpose_words_16x16(VecI r[16]) {
-  VecI t[16];
+// rows[i] = row i of a 16 x 16 block of 32-bit words -> columns[c] = column c: 4 x 4 blocks within each 128-bit
+// lane (unpacks), then the lanes across registers (shuffle_i32x4).
+inline void transpose_words_16x16(const VecI rows[16], VecI columns[16]) {
+  VecI pairs[16], quads[16];
   D2MOE_UNROLL
   for (int i = 0; i < 8; ++i) {
-    t[2 * i] = D2MOE_MM512(unpacklo_epi32)(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = D2MOE_MM512(unpackhi_epi32)(r[2 * i], r[2 * i + 1]);
+    pairs[2 * i] = D2MOE_MM512(unpacklo_epi32)(rows[2 * i], rows[2 * i + 1]);
+    pairs[2 * i + 1] = D2MOE_MM512(unpackhi_epi32)(rows[2 * i], rows[2 * i + 1]);
   }
   D2MOE_UNROLL
-  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane k: column 4k + j of rows 4i .. 4i + 3
-    r[4 * i] = D2MOE_MM512(unpacklo_epi64)(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = D2MOE_MM512(unpackhi_epi64)(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = D2MOE_MM512(unpacklo_epi64)(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = D2MOE_MM512(unpackhi_epi64)(t[4 * i + 1], t[4 * i + 3]);
+  for (int i = 0; i < 4; ++i) {  // quads[4i + j], lane k: column 4k + j of rows 4i .. 4i + 3
+    quads[4 * i] = D2MOE_MM512(unpacklo_epi64)(pairs[4 * i], pairs[4 * i + 2]);
+    quads[4 * i + 1] = D2MOE_MM512(unpackhi_epi64)(pairs[4 * i], pairs[4 * i + 2]);
+    quads[4 * i + 2] = D2MOE_MM512(unpacklo_epi64)(pairs[4 * i + 1], pairs[4 * i + 3]);
+    quads[4 * i + 3] = D2MOE_MM512(unpackhi_epi64)(pairs[4 * i + 1], pairs[4 * i + 3]);
   }
   D2MOE_UNROLL
   for (int j = 0; j < 4; ++j) {
-    const VecI low = D2MOE_MM512(shuffle_i32x4)(r[j], r[4 + j], 0x44);
-    const VecI high = D2MOE_MM512(shuffle_i32x4)(r[j], r[4 + j], 0xEE);
-    const VecI low2 = D2MOE_MM512(shuffle_i32x4)(r[8 + j], r[12 + j], 0x44);
-    const VecI high2 = D2MOE_MM512(shuffle_i32x4)(r[8 + j], r[12 + j], 0xEE);
-    t[j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0x88);
-    t[4 + j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0xDD);
-    t[8 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0x88);
-    t[12 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0xDD);
+    const VecI low = D2MOE_MM512(shuffle_i32x4)(quads[j], quads[4 + j], 0x44);
+    const VecI high = D2MOE_MM512(shuffle_i32x4)(quads[j], quads[4 + j], 0xEE);
+    const VecI low2 = D2MOE_MM512(shuffle_i32x4)(quads[8 + j], quads[12 + j], 0x44);
+    const VecI high2 = D2MOE_MM512(shuffle_i32x4)(quads[8 + j], quads[12 + j], 0xEE);
+    columns[j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0x88);
+    columns[4 + j] = D2MOE_MM512(shuffle_i32x4)(low, low2, 0xDD);
+    columns[8 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0x88);
+    columns[12 + j] = D2MOE_MM512(shuffle_i32x4)(high, high2, 0xDD);
   }
-  D2MOE_UNROLL
-  for (int c = 0; c < 16; ++c) r[c] = t[c];
 }
 #endif
 
@@ -1273,8 +1271,8 @@ inline void transpose_words_16x16(VecI r[16]) {
 // 32-column word of the group, the 16 rows' words side by side, so tile t's word column c goes to the 64 bytes
 // of (group c / words, tile t, word c % words). Serial: offload I/O threads call it for every expert they bring,
 // beside the compute thread's OpenMP team. With AVX-512, 16 word columns of a tile at a time through a 16 x 16
-// transpose in registers: a word at a time took 1.4-1.9x as long, 12 % of a streamed engine's CPU at 8 requests
-// (benchmarks/results/streamed_pipeline.md).
+// transpose in registers: a word at a time took 1.1-1.2x as long on planes from memory, 1.4-1.7x from cache, and
+// was 12 % of a streamed engine's CPU at 8 requests (benchmarks/results/streamed_pipeline.md).
 void tile_plane(const at::Tensor& plane, int64_t group_size, at::Tensor out) {
   for (const at::Tensor* t : {&plane, static_cast<const at::Tensor*>(&out)})
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kByte && t->dim() == 2,
@@ -1295,13 +1293,13 @@ void tile_plane(const at::Tensor& plane, int64_t group_size, at::Tensor out) {
     int64_t c = 0;
 #if defined(__AVX512F__) || defined(D2MOE_SIMDE_AVX512)
     for (; c + 16 <= row_words; c += 16) {
-      VecI r[16];
+      VecI rows_in[16], columns[16];
       D2MOE_UNROLL
       for (int64_t i = 0; i < 16; ++i)
-        r[i] = i < valid ? D2MOE_MM512(loadu_si512)(first + i * row_bytes + c * 4) : D2MOE_MM512(setzero_si512)();
-      transpose_words_16x16(r);
+        rows_in[i] = i < valid ? D2MOE_MM512(loadu_si512)(first + i * row_bytes + c * 4) : D2MOE_MM512(setzero_si512)();
+      transpose_words_16x16(rows_in, columns);
       D2MOE_UNROLL
-      for (int64_t k = 0; k < 16; ++k) D2MOE_MM512(storeu_si512)(tile_word(t, c + k), r[k]);
+      for (int64_t k = 0; k < 16; ++k) D2MOE_MM512(storeu_si512)(tile_word(t, c + k), columns[k]);
     }
 #endif
     for (; c < row_words; ++c) {

@@ -8,6 +8,8 @@ per call, for every token count of ``--tokens``, timed for
 
 * the fused CPU backend at every width, once per build this CPU runs
   (``cpu_bitplanes``: AVX2, and AVX-512 where torch reports it; ``--isas``),
+* at 1 token, the fused backend's layer call as serving makes it (``layer_forward``: one token routed
+  top-8 among 64 experts, a fresh routing per call), reported per expert MLP (its time / 8),
 * with ``--int8``, the int8-activation backend (``cpu_int8``: integer dot products, AVX2) at every width,
 * the pure-torch reference (dequantizes on every call; 1 token, small shapes only),
 * bf16 ``torch.matmul`` (``F.linear``), torch's int8 weight-only kernel
@@ -23,7 +25,7 @@ roofline: the bytes a call reads at the copy bandwidth measured at start
 Weights are random bit planes / integers with plausible scales: speed does not
 depend on the values. Writes ``benchmarks/results/<name>.json`` and ``.png``,
 prints the table and the issue's kernel target (1 token, widths <= 4, within
-1.5x of the roofline).
+1.5x of the roofline), for one expert per call and for the layer call.
 
     python benchmarks/kernels.py [--shapes olmoe-1b-7b ...] [--tokens 1 2 4 ...] [--reps 15] [--threads 2]
     python benchmarks/kernels.py --shapes deepseek-v2-lite --tokens 1 8 64 --reps 25 --name kernels
@@ -57,6 +59,7 @@ SHAPES = {
 HIDDEN, INTER = SHAPES["deepseek-v2-lite"]
 GROUP = 128
 MIN_BITS, MAX_BITS = 2, 8
+EXPERTS, TOP_K = 64, 8  # a layer call's routing (OLMoE's): one token's top-8 among 64 experts
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_WIDTHS = (2, 4, 8)
 BIG_WEIGHTS = 10**8  # shapes above this many weights per expert run only --big-tokens
@@ -99,8 +102,9 @@ STATS = {"ms": "median", "ms_min": "fastest call"}
 class Method:
     """A way to run the expert MLP, over a pool of ``pool`` experts of ``nbytes`` each."""
 
-    def __init__(self, name, width, nbytes, pool, run):
+    def __init__(self, name, width, nbytes, pool, run, experts_per_call=1):
         self.name, self.width, self.nbytes, self.pool, self.run = name, width, nbytes, pool, run
+        self.experts_per_call = experts_per_call  # a layer call's TOP_K: timed per expert MLP, at 1 token only
         self.next = 0
         self.times: list[float] = []
 
@@ -110,7 +114,7 @@ class Method:
         start = clock()
         self.run(x, expert)
         if timed:
-            self.times.append(clock() - start)
+            self.times.append((clock() - start) / self.experts_per_call)
 
 
 def pool_size(nbytes: int, pool_mb: float) -> int:
@@ -191,7 +195,8 @@ def mwq_methods(
     """Every width of the fused backend's ``isas`` builds (each on its own resident layout), of the int8-activation
     backend, and the reference."""
     probe_gu, probe_d = random_stacked(2 * inter, hidden, 1), random_stacked(hidden, inter, 1)
-    n = pool_size(mwq_bytes(probe_gu, MIN_BITS) + mwq_bytes(probe_d, MIN_BITS), pool_mb)
+    # At least a layer's experts, which the layer calls route among.
+    n = max(EXPERTS, pool_size(mwq_bytes(probe_gu, MIN_BITS) + mwq_bytes(probe_d, MIN_BITS), pool_mb))
     gate_up, down = random_stacked(2 * inter, hidden, n), random_stacked(hidden, inter, n)
     outs: dict[int, torch.Tensor] = {}  # tokens -> output buffer, made once
     fused = load_backend("cpu_bitplanes")
@@ -223,7 +228,23 @@ def mwq_methods(
 
             nbytes = mwq_bytes(probe_gu, bits) + mwq_bytes(probe_d, bits)
             methods.append(Method(label, bits, nbytes, n, run))
+            if label.startswith("MWQ fused"):
+                methods.append(Method(label.replace("fused", "layer call"), bits, nbytes, n,
+                                      layer_call(backend, resident, bits, isa, n), experts_per_call=TOP_K))
     return methods
+
+
+def layer_call(backend, resident, bits: int, isa: str, pool: int):
+    """One token's layer call as serving makes it (the backend's ``layer_forward``: top-``TOP_K`` of the pool's
+    first ``EXPERTS`` experts, a fresh routing per call, all at width ``bits``)."""
+    routings = [torch.randperm(min(pool, EXPERTS), generator=torch.Generator().manual_seed(e))[:TOP_K].view(1, TOP_K)
+                for e in range(pool)]
+    weights, widths = torch.full((1, TOP_K), 1 / TOP_K), torch.full((1, TOP_K), bits, dtype=torch.int8)
+
+    def run(x, e):
+        with cpu_build(isa):
+            backend.layer_forward(x, weights, routings[e], widths, *resident)
+    return run
 
 
 def cpu_name() -> str:
@@ -268,7 +289,7 @@ def measure(
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-        mine = [m for m in methods if tokens == 1 or not m.name.endswith("reference")]
+        mine = [m for m in methods if tokens == 1 or not (m.experts_per_call > 1 or m.name.endswith("reference"))]
         for m in mine:  # warm-up: extension build, allocator, caches of the code
             m.times.clear()
             for _ in range(2):
@@ -389,7 +410,7 @@ def check_targets(rows: list[dict], stat: str) -> list[dict]:
     widths <= 4 within 1.5x of the bytes read at the measured copy bandwidth."""
     targets = []
     for r in rows:
-        if r["tokens"] != 1 or not r["method"].startswith("MWQ fused") or r["width"] > 4:
+        if r["tokens"] != 1 or not r["method"].startswith(("MWQ fused", "MWQ layer call")) or r["width"] > 4:
             continue
         ratio = r[stat] / r["roofline_ms"]
         ok = ratio <= ROOFLINE_TARGET

@@ -703,6 +703,30 @@ D2MOE_UNROLL
   if constexpr (FIRST + count < N) lookup_passes<N, TT, FIRST + count>(tile, words, group_tables, k, total);
 }
 
+// lookup_tiles asks for the tile kPrefetchTiles ahead of the one it reads (the next group's first past the
+// thread's last): a tile-group is 256 B a plane, too little work for the hardware prefetchers to run ahead, so
+// without it a one-token layer call waited on memory once per tile-group (OLMoE, width 2, 8 of 64 experts: 1.03
+// ms from memory against 0.63 from cache on two threads; with it 0.65; 2 or 8 tiles ahead no better).
+constexpr int64_t kPrefetchTiles = 4;
+template <int N>
+[[gnu::always_inline]] inline void prefetch_tile_group(const Projection& p, int64_t b, int64_t g, int64_t b0, int64_t b1) {
+  int64_t ahead = b + kPrefetchTiles, group = g;
+  if (ahead >= b1) {
+    ahead -= b1 - b0;
+    if (++group >= p.groups || ahead >= b1) return;  // past the projection, or a share of under kPrefetchTiles
+  }
+  const int64_t row = ahead * kPlaneTileRows, bytes = p.tile_group_bytes();
+  for (int i = 0; i < N; ++i) {
+    const uint8_t* tile = p.group_row(i, row, group);
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(tile + at);
+  }
+  const int64_t scale = p.scale_at(row, group);
+  __builtin_prefetch(p.base_scale + scale);
+  __builtin_prefetch(p.base_zero + scale);
+  for (int i = p.min_bits; i < N; ++i)
+    __builtin_prefetch(p.residual_codes[i - p.min_bits] + (group * p.tiles + ahead) * kTileCodeBytes);
+}
+
 // out[t, 16 b .. 16 b + 16) for TT tokens and the tiles b in [b0, b1) by lookup, N planes. Group by
 // group, so that the group's tables stay in L1 while every tile reads them; the sums so far wait in out;
 // the offset first, then the planes in order, whatever the passes.
@@ -713,6 +737,7 @@ void lookup_tiles(const Projection& p, const Lookup& lookup, float* out, int64_t
     const uint16_t* group_tables = lookup.tables.data() + 32 * table_parts(N) * 4 * TT * words_per_group * g;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * kPlaneTileRows;
+      prefetch_tile_group<N>(p, b, g, b0, b1);
       const LaneCoefs<N> k(p, r, g);
       // The tables are centred (lookup_tables): each plane's selected sum is short of half the group sum.
       Vec coef_sum = k.coef[0];

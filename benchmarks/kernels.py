@@ -237,7 +237,7 @@ def mwq_methods(
 def layer_call(backend, resident, bits: int, isa: str, pool: int):
     """One token's layer call as serving makes it (the backend's ``layer_forward``: top-``TOP_K`` of the pool's
     first ``EXPERTS`` experts, a fresh routing per call, all at width ``bits``)."""
-    routings = [torch.randperm(min(pool, EXPERTS), generator=torch.Generator().manual_seed(e))[:TOP_K].view(1, TOP_K)
+    routings = [torch.randperm(EXPERTS, generator=torch.Generator().manual_seed(e))[:TOP_K].view(1, TOP_K)
                 for e in range(pool)]
     weights, widths = torch.full((1, TOP_K), 1 / TOP_K), torch.full((1, TOP_K), bits, dtype=torch.int8)
 

@@ -120,12 +120,16 @@ struct Projection {
   int64_t scale_at(int64_t row, int64_t group) const {
     return tiled ? group * tiles * kPlaneTileRows + row : row * groups + group;
   }
+  // Tiled: where the kTileCodeBytes of a residual plane's scale codes of (the tile of `row`, group) start.
+  int64_t tile_codes_at(int64_t row, int64_t group) const {
+    return (group * tiles + row / kPlaneTileRows) * kTileCodeBytes;
+  }
   // Residual plane j's 4-bit scale code of (row, group): tiled, kTileCodeBytes per tile and group; else
   // code_row_bytes per row, the even group in the low half of a byte.
   int code(int j, int64_t row, int64_t group) const {
     if (tiled) {
       const int64_t in_tile = row % kPlaneTileRows;
-      const uint8_t byte = residual_codes[j][(group * tiles + row / kPlaneTileRows) * kTileCodeBytes + in_tile % kTileCodeBytes];
+      const uint8_t byte = residual_codes[j][tile_codes_at(row, group) + in_tile % kTileCodeBytes];
       return (byte >> (4 * (in_tile / kTileCodeBytes))) & 15;
     }
     return (residual_codes[j][row * code_row_bytes + group / 2] >> (4 * (group % 2))) & 15;
@@ -636,7 +640,7 @@ struct LaneCoefs {
     const Vec s = halves(p.base_scale);
     offset = vmul(vsub(vzero(), s), halves(p.base_zero));
     for (int i = 0; i < N && i < p.min_bits; ++i) coef[i] = vmul(s, vset1(float(1 << i)));
-    const int64_t code_at = (g * p.tiles + r / kPlaneTileRows) * kTileCodeBytes;
+    const int64_t code_at = p.tile_codes_at(r, g);
     for (int i = p.min_bits; i < N; ++i) {
       const int j = i - p.min_bits;
       // Bytes 0-7: rows 0-7 (the low halves), bytes 8-15: rows 8-15 (the high halves).
@@ -724,7 +728,7 @@ template <int N>
   __builtin_prefetch(p.base_scale + scale);
   __builtin_prefetch(p.base_zero + scale);
   for (int i = p.min_bits; i < N; ++i)
-    __builtin_prefetch(p.residual_codes[i - p.min_bits] + (group * p.tiles + ahead) * kTileCodeBytes);
+    __builtin_prefetch(p.residual_codes[i - p.min_bits] + p.tile_codes_at(row, group));
 }
 
 // out[t, 16 b .. 16 b + 16) for TT tokens and the tiles b in [b0, b1) by lookup, N planes. Group by
